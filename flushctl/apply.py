@@ -1,0 +1,176 @@
+"""`flushctl apply`: make the Postfix instance serve the configured domains.
+
+Order of work, so that nothing half-done ever goes live:
+1. read the instance and compute the plan (pure, ``settings.plan``);
+2. stage main.cf and master.cf in a scratch copy of the config directory,
+   apply the changes there and run ``postfix check`` on the copy;
+3. only then build the maps (postmap into temporary names, renamed into
+   place) and move the staged main.cf/master.cf over the real ones;
+4. reload Postfix if it runs.
+A second apply with the same config finds nothing to change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+
+from . import settings
+from .config import Config
+from .postfix import Postfix, PostfixError
+
+STATE_FILE = "applied.json"
+MANAGED = ("queue_directory", "mynetworks", "smtpd_relay_restrictions")
+
+
+class ApplyError(Exception):
+    pass
+
+
+@dataclass
+class ApplyReport:
+    changed_params: dict[str, str] = field(default_factory=dict)
+    service: str | None = None
+    maps: list[str] = field(default_factory=list)
+    reloaded: bool = False
+    dry_run: bool = False
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changed_params or self.service or self.maps)
+
+    def lines(self) -> list[str]:
+        verb = "would set" if self.dry_run else "set"
+        out = [f"{verb} {k} = {v}" for k, v in self.changed_params.items()]
+        if self.service:
+            out.append(f"{'would write' if self.dry_run else 'wrote'} master.cf: {self.service}")
+        out += [f"{'would build' if self.dry_run else 'built'} map {m}" for m in self.maps]
+        if self.reloaded:
+            out.append("reloaded postfix")
+        return out or ["nothing to change"]
+
+
+def _smtpd_chrooted(services: dict[str, str]) -> bool:
+    for entry in services.values():
+        fields = entry.split()
+        if fields[1] == "inet" and fields[7] == "smtpd" and fields[4] == "y":
+            return True
+    return False
+
+
+def _previous_ours(config: Config) -> set[str]:
+    try:
+        with open(os.path.join(config.state_directory, STATE_FILE)) as fh:
+            return set(json.load(fh).get("ours", []))
+    except (FileNotFoundError, ValueError):
+        return set()
+
+
+def _save_ours(config: Config, ours: list[str]) -> None:
+    os.makedirs(config.state_directory, mode=0o750, exist_ok=True)
+    path = os.path.join(config.state_directory, STATE_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump({"ours": ours}, fh)
+    os.replace(tmp, path)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return None
+
+
+def _changed_maps(config: Config, maps: dict[str, str]) -> list[str]:
+    directory = settings.map_dir(config)
+    changed = []
+    for name, text in maps.items():
+        path = os.path.join(directory, name)
+        if _read(path) != text or not os.path.exists(path + ".db"):
+            changed.append(name)
+    return changed
+
+
+def _build_maps(pf: Postfix, config: Config, maps: dict[str, str], names: list[str]) -> None:
+    directory = settings.map_dir(config)
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    for name in names:
+        final = os.path.join(directory, name)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(maps[name])
+            os.chmod(tmp, 0o644)
+            pf.postmap(f"hash:{tmp}")
+            os.replace(tmp + ".db", final + ".db")
+            os.replace(tmp, final)
+        finally:
+            for leftover in (tmp, tmp + ".db"):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
+
+
+def _stage(pf: Postfix, plan: settings.Plan) -> str:
+    """Copy main.cf and master.cf, apply the plan to the copy, check it."""
+    stage = tempfile.mkdtemp(prefix="flushctl-apply-")
+    try:
+        for name in ("main.cf", "master.cf"):
+            shutil.copy2(os.path.join(pf.config_directory, name), os.path.join(stage, name))
+        staged = Postfix(stage, pf.timeout)
+        staged.set(plan.params)
+        if plan.service:
+            staged.set_service(plan.service)
+        try:
+            staged.check()
+        except PostfixError as exc:
+            raise ApplyError(f"postfix check refused the new settings: {exc}") from None
+        return stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def apply(config: Config, dry_run: bool = False, reload: bool = True) -> ApplyReport:
+    pf = Postfix(config.config_directory)
+    if not os.path.isfile(os.path.join(config.config_directory, "main.cf")):
+        raise ApplyError(f"{config.config_directory}: no main.cf here "
+                         f"(check [postfix] config_directory in {config.path})")
+    data = settings.load_data()
+    list_names = list(data["lists"]) + list(data["conditional_lists"]) + list(data["parameters"])
+    raw = pf.get_explicit(*list_names, "smtpd_relay_restrictions")
+    expanded = pf.get(*MANAGED)
+    services = pf.services()
+    try:
+        plan = settings.plan(config, data, raw, expanded, services, _previous_ours(config),
+                             _smtpd_chrooted(services))
+    except settings.SettingsError as exc:
+        raise ApplyError(str(exc)) from None
+    report = ApplyReport(changed_params=dict(plan.params), service=plan.service,
+                         maps=_changed_maps(config, plan.maps), dry_run=dry_run)
+    if dry_run or not report.changed:
+        if not dry_run:
+            _save_ours(config, plan.ours)
+        return report
+
+    stage = _stage(pf, plan) if (plan.params or plan.service) else None
+    try:
+        _build_maps(pf, config, plan.maps, report.maps)
+        if stage:
+            for name in ("master.cf", "main.cf"):
+                target = os.path.join(config.config_directory, name)
+                tmp = target + ".flushctl-new"
+                shutil.copy2(os.path.join(stage, name), tmp)
+                os.replace(tmp, target)
+    finally:
+        if stage:
+            shutil.rmtree(stage, ignore_errors=True)
+    _save_ours(config, plan.ours)
+    if reload and pf.running():
+        pf.reload()
+        report.reloaded = True
+    return report

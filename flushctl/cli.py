@@ -1,0 +1,275 @@
+"""The `flushctl` command line: a thin click shell over ``OnDemand``.
+
+Data goes to stdout, errors to stderr as ``Error: ...``.  Exit codes:
+0 done; 1 error (bad config, Postfix failed, unknown domain); 2 usage;
+3 not released, the customer's server does not answer; 4 not released,
+the domain is paused; 5 ``flush --wait`` ended with mail still held.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+import click
+
+from . import config as config_mod
+from .ledger import Ledger
+from .postfix import PostfixError
+
+EXIT_ERROR = 1
+EXIT_UNREACHABLE = 3
+EXIT_PAUSED = 4
+EXIT_STILL_HELD = 5
+
+
+class CliError(click.ClickException):
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _fmt_time(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+
+
+def _fmt_bool(value: bool | None) -> str:
+    return "unknown" if value is None else ("yes" if value else "no")
+
+
+class Context:
+    def __init__(self, config_path: str | None):
+        self.path = config_mod.resolve_path(config_path)
+        self._config = None
+        self._ondemand = None
+
+    @property
+    def config(self) -> config_mod.Config:
+        if self._config is None:
+            try:
+                self._config = config_mod.load(self.path)
+            except config_mod.ConfigError as exc:
+                raise CliError(str(exc)) from None
+        return self._config
+
+    @property
+    def ondemand(self):
+        if self._ondemand is None:
+            from .ondemand import OnDemand
+            try:
+                self._ondemand = OnDemand(self.config)
+            except OSError as exc:
+                raise CliError(f"cannot open the ledger in {self.config.state_directory}: {exc}")
+        return self._ondemand
+
+    def domain(self, name: str) -> str:
+        try:
+            return self.config.domain(name).name
+        except KeyError as exc:
+            raise CliError(str(exc).strip("'\"")) from None
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+def _guard(fn):
+    """Turn library errors into `Error: ...` and the documented exit codes."""
+    import functools
+
+    from .ondemand import Refused
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Refused as exc:
+            code = EXIT_PAUSED if exc.code == "paused" else EXIT_UNREACHABLE
+            raise CliError(str(exc), code) from None
+        except PostfixError as exc:
+            raise CliError(str(exc)) from None
+        except KeyError as exc:
+            raise CliError(str(exc).strip("'\"")) from None
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", metavar="PATH",
+              help=f"config file (default: ${config_mod.ENV_VAR}, else {config_mod.DEFAULT_PATH})")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.pass_context
+def main(ctx, config_path, log_level):
+    """SMTP-on-demand for Postfix: hold a customer's mail while it is offline."""
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    ctx.obj = Context(config_path)
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="show what would change, change nothing")
+@pass_ctx
+@_guard
+def apply(ctx, dry_run):
+    """Make the Postfix instance serve the configured domains."""
+    from .apply import ApplyError, apply as do_apply
+    try:
+        report = do_apply(ctx.config, dry_run=dry_run)
+    except ApplyError as exc:
+        raise CliError(str(exc)) from None
+    for line in report.lines():
+        click.echo(line)
+
+
+@main.command("check-config")
+@pass_ctx
+def check_config(ctx):
+    """Validate the config file and say so."""
+    cfg = ctx.config
+    click.echo(f"{cfg.path}: ok, {len(cfg.domains)} domain(s)")
+
+
+@main.command()
+@pass_ctx
+def milter(ctx):
+    """Run the milter (foreground, until SIGTERM)."""
+    from flushctl_milter.app import run
+    try:
+        run(ctx.config, ctx.ondemand)
+    except PostfixError as exc:
+        raise CliError(str(exc)) from None
+
+
+@main.command()
+@click.argument("domain", required=False)
+@click.option("--json", "as_json", is_flag=True, help="print a JSON array")
+@pass_ctx
+@_guard
+def status(ctx, domain, as_json):
+    """What is held, per domain (exact against Postfix's queue)."""
+    od = ctx.ondemand
+    rows = [od.status(ctx.domain(domain))] if domain else od.status_all()
+    if as_json:
+        click.echo(json.dumps([r.as_json() for r in rows], indent=2))
+        return
+    click.echo(f"{'DOMAIN':<30} {'MESSAGES':>8} {'BYTES':>12} {'OLDEST':<19} "
+               f"{'REACHABLE':<9} {'LAST FLUSH':<19} STATE")
+    for r in rows:
+        state = "paused" if r.paused else "-"
+        click.echo(f"{r.domain:<30} {r.messages:>8} {r.bytes:>12} {_fmt_time(r.oldest_arrival):<19} "
+                   f"{_fmt_bool(r.reachable):<9} {_fmt_time(r.last_flush):<19} {state}")
+        if domain:
+            if r.last_flush_trigger:
+                click.echo(f"  last flush: {r.last_flush_trigger}: {r.last_flush_result}")
+            if r.last_error:
+                click.echo(f"  last probe: {r.last_error}")
+
+
+@main.command()
+@click.argument("domain")
+@click.option("--wait", is_flag=True, help="wait until nothing is held")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=600.0, show_default=True,
+              metavar="SECONDS", help="with --wait: give up after this long")
+@pass_ctx
+@_guard
+def flush(ctx, domain, wait, timeout):
+    """Release the domain's held mail now (after checking its server answers)."""
+    name = ctx.domain(domain)
+    od = ctx.ondemand
+    result = od.flush(name, trigger="admin")
+    click.echo(f"{name}: released {result.released} message(s) to {result.probe.target}")
+    if not wait:
+        return
+    if sys.stderr.isatty():
+        total = max(result.released, 1)
+        with click.progressbar(length=total, label=f"{name}: delivering",
+                               file=sys.stderr) as bar:
+            done = [0]
+
+            def progress(remaining):
+                step = max(0, total - remaining) - done[0]
+                if step > 0:
+                    bar.update(step)
+                    done[0] += step
+            ok = od.wait(name, timeout, progress)
+    else:
+        ok = od.wait(name, timeout)
+    remaining = od.status(name).messages
+    if not ok:
+        raise CliError(f"{name}: {remaining} message(s) still held", EXIT_STILL_HELD)
+    click.echo(f"{name}: nothing held")
+
+
+@main.command()
+@click.argument("domain")
+@pass_ctx
+@_guard
+def pause(ctx, domain):
+    """Stop every release of the domain's mail until `resume`."""
+    name = ctx.domain(domain)
+    reheld = ctx.ondemand.pause(name)
+    click.echo(f"{name}: paused" + (f" ({reheld} waiting message(s) put back on hold)"
+                                    if reheld else ""))
+
+
+@main.command()
+@click.argument("domain")
+@pass_ctx
+@_guard
+def resume(ctx, domain):
+    """Allow releases again."""
+    name = ctx.domain(domain)
+    ctx.ondemand.resume(name)
+    click.echo(f"{name}: resumed")
+
+
+@main.command()
+@click.argument("domain")
+@click.option("--yes", is_flag=True, help="really delete the mail")
+@pass_ctx
+@_guard
+def purge(ctx, domain, yes):
+    """Delete the domain's held mail (needs --yes)."""
+    name = ctx.domain(domain)
+    if not yes:
+        raise CliError(f"purge deletes every held message for {name}; add --yes to do it", 2)
+    count = ctx.ondemand.purge(name)
+    click.echo(f"{name}: deleted {count} message(s)")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="print a JSON array")
+@pass_ctx
+def domains(ctx, as_json):
+    """The configured customer domains."""
+    cfg = ctx.config
+    rows = []
+    for name in sorted(cfg.domains):
+        d = cfg.domains[name]
+        rows.append({
+            "domain": name,
+            "relay": d.relay.nexthop if d.relay else None,
+            "recipients": sorted(f"{l}@{name}" for l in d.recipients) if d.recipients else None,
+            "quota_messages": d.quota_messages,
+            "quota_bytes": d.quota_bytes,
+            "flush_from": [str(n) for n in d.flush_from],
+        })
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['domain']:<30} relay={r['relay'] or '(MX)'}"
+                   f" recipients={len(r['recipients']) if r['recipients'] else 'any'}"
+                   f" quota={r['quota_messages'] or '-'}/{r['quota_bytes'] or '-'}")
+
+
+@main.command()
+@pass_ctx
+@_guard
+def sweep(ctx):
+    """Put mail that failed after a release back on hold (the milter does this every few seconds)."""
+    for domain, result in ctx.ondemand.sweep_all().items():
+        click.echo(f"{domain}: reheld {result['reheld']}, in flight {result['in_flight']}")

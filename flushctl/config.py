@@ -1,0 +1,311 @@
+"""The flushctl configuration: one TOML file, validated once into frozen objects.
+
+``load(path)`` either returns a ``Config`` or raises ``ConfigError`` whose
+text is ``FILE: KEY: what is wrong``.  Nothing else in the program reads
+the file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import names
+
+DEFAULT_PATH = "/etc/flushctl/flushctl.toml"
+ENV_VAR = "FLUSHCTL_CONFIG"
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased for the admin."""
+
+
+@dataclass(frozen=True)
+class Listen:
+    """A listening address: a unix socket path or a TCP host and port."""
+
+    kind: str  # "unix" or "inet"
+    path: str = ""
+    host: str = ""
+    port: int = 0
+
+    @property
+    def milter_spec(self) -> str:
+        return f"unix:{self.path}" if self.kind == "unix" else f"inet:{self.host}:{self.port}"
+
+    @property
+    def pymilter_spec(self) -> str:
+        return f"unix:{self.path}" if self.kind == "unix" else f"inet:{self.port}@{self.host}"
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Relay:
+    """A next hop in Postfix syntax: ``[host]:port`` (no MX lookup) or ``host:port``."""
+
+    host: str
+    port: int
+    mx_lookup: bool
+
+    @property
+    def nexthop(self) -> str:
+        host = self.host if self.mx_lookup else f"[{self.host}]"
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    relay: Relay | None = None
+    recipients: frozenset[str] | None = None  # lower-cased local parts
+    quota_messages: int | None = None
+    quota_bytes: int | None = None
+    flush_from: tuple = ()  # ip_network objects; empty means anyone
+
+    def accepts_local_part(self, local: str) -> bool:
+        return self.recipients is None or local.lower() in self.recipients
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    config_directory: str
+    state_directory: str
+    milter_listen: Listen
+    finger_listen: HostPort
+    policy_listen: HostPort
+    poller_interval: int
+    probe_timeout: float
+    transport_name: str
+    domains: dict[str, Domain] = field(default_factory=dict)
+
+    def domain(self, name: str) -> Domain:
+        """The configured domain ``name``, or KeyError with a helpful text."""
+        try:
+            key = names.domain(name)
+        except ValueError as exc:
+            raise KeyError(str(exc)) from None
+        if key not in self.domains:
+            raise KeyError(f"{key}: not a configured domain (see `flushctl domains`)")
+        return self.domains[key]
+
+
+def resolve_path(option: str | None) -> str:
+    """--config, else $FLUSHCTL_CONFIG, else the default path."""
+    return option or os.environ.get(ENV_VAR) or DEFAULT_PATH
+
+
+# -- validation helpers -------------------------------------------------------
+
+class _Section:
+    """Typed access to one table of the file, every error naming its key."""
+
+    def __init__(self, path: str, prefix: str, table: Any):
+        self.path = path
+        self.prefix = prefix
+        if not isinstance(table, dict):
+            self.fail("", "must be a table")
+        self.table = table
+
+    def fail(self, key: str, text: str):
+        where = f"{self.prefix}.{key}" if key and self.prefix else (key or self.prefix)
+        raise ConfigError(f"{self.path}: {where}: {text}")
+
+    def check_keys(self, allowed: set[str]) -> None:
+        for key in self.table:
+            if key not in allowed:
+                self.fail(key, "unknown key (allowed: " + ", ".join(sorted(allowed)) + ")")
+
+    def get(self, key: str, kind, default=None, required: bool = False):
+        if key not in self.table:
+            if required:
+                self.fail(key, "missing")
+            return default
+        value = self.table[key]
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            self.fail(key, f"must be an integer, not {value!r}")
+        if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            self.fail(key, f"must be a number, not {value!r}")
+        if kind is str and not isinstance(value, str):
+            self.fail(key, f"must be a string, not {value!r}")
+        if kind is list and not isinstance(value, list):
+            self.fail(key, f"must be a list, not {value!r}")
+        return value
+
+    def absolute_path(self, key: str, default: str) -> str:
+        value = self.get(key, str, default)
+        if not value.startswith("/"):
+            self.fail(key, f"must be an absolute path, not {value!r}")
+        if any(c in value for c in "\n\0,= \t"):
+            self.fail(key, f"must not contain spaces, commas or '=': {value!r}")
+        return os.path.normpath(value)
+
+    def positive(self, key: str, kind, default=None, required=False):
+        value = self.get(key, kind, default, required)
+        if value is not None and value <= 0:
+            self.fail(key, f"must be greater than zero, not {value!r}")
+        return value
+
+
+def _host_port(section: _Section, key: str, default: str) -> HostPort:
+    value = section.get(key, str, default)
+    match = re.fullmatch(r"\[?([^\[\]]+?)\]?:(\d{1,5})", value)
+    if not match:
+        section.fail(key, f"must be HOST:PORT, not {value!r}")
+    host, port = match.group(1), int(match.group(2))
+    if not 0 < port < 65536:
+        section.fail(key, f"port out of range: {port}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            section.fail(key, f"host must be an IP address, not {host!r}")
+    return HostPort(host, port)
+
+
+def _listen(section: _Section, key: str, default: str) -> Listen:
+    value = section.get(key, str, default)
+    if value.startswith("unix:"):
+        path = value[5:]
+        if not path.startswith("/") or any(c in path for c in " \t\n\0,"):
+            section.fail(key, f"unix socket must be an absolute path without spaces: {value!r}")
+        return Listen("unix", path=os.path.normpath(path))
+    if value.startswith("inet:"):
+        hp = _host_port(_Section(section.path, section.prefix, {key: value[5:]}), key, "")
+        return Listen("inet", host=hp.host, port=hp.port)
+    section.fail(key, f'must be "unix:/PATH" or "inet:HOST:PORT", not {value!r}')
+
+
+def _relay(section: _Section, key: str) -> Relay | None:
+    value = section.get(key, str)
+    if value is None:
+        return None
+    match = re.fullmatch(r"(\[)?([A-Za-z0-9.:-]+?)(\])?(?::(\d{1,5}))?", value.strip())
+    if not match or bool(match.group(1)) != bool(match.group(3)):
+        section.fail(key, f'must be "[host]:port" or "host:port", not {value!r}')
+    host = match.group(2)
+    port = int(match.group(4) or 25)
+    if not 0 < port < 65536:
+        section.fail(key, f"port out of range: {port}")
+    bracketed = bool(match.group(1))
+    try:
+        ipaddress.ip_address(host)
+        is_ip = True
+    except ValueError:
+        is_ip = False
+        try:
+            host = names.domain(host)
+        except ValueError as exc:
+            section.fail(key, str(exc))
+    if is_ip and not bracketed:
+        section.fail(key, f"an IP address must be written in brackets: [{host}]:{port}")
+    return Relay(host=host, port=port, mx_lookup=not bracketed)
+
+
+def _domain(path: str, name: str, table: Any) -> Domain:
+    try:
+        key = names.domain(name)
+    except ValueError as exc:
+        raise ConfigError(f'{path}: domains."{name}": {exc}') from None
+    if key != name:
+        raise ConfigError(f'{path}: domains."{name}": write the domain as "{key}"')
+    sec = _Section(path, f'domains."{name}"', table)
+    sec.check_keys({"relay", "recipients", "quota_messages", "quota_bytes", "flush_from"})
+    recipients = sec.get("recipients", list)
+    rcpt_set = None
+    if recipients is not None:
+        rcpt_set = set()
+        for item in recipients:
+            if not isinstance(item, str):
+                sec.fail("recipients", f"entries must be strings, not {item!r}")
+            try:
+                local, dom = names.address(item)
+            except ValueError as exc:
+                sec.fail("recipients", str(exc))
+            if dom != key:
+                sec.fail("recipients", f"{item!r} is not an address in {key}")
+            rcpt_set.add(local.lower())
+        if not rcpt_set:
+            sec.fail("recipients", "an empty list would refuse all mail; leave the key out to accept any recipient")
+    networks = []
+    for item in sec.get("flush_from", list, []):
+        try:
+            networks.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError:
+            sec.fail("flush_from", f"not an IP network: {item!r}")
+    return Domain(
+        name=key,
+        relay=_relay(sec, "relay"),
+        recipients=frozenset(rcpt_set) if rcpt_set is not None else None,
+        quota_messages=sec.positive("quota_messages", int),
+        quota_bytes=sec.positive("quota_bytes", int),
+        flush_from=tuple(networks),
+    )
+
+
+def parse(text: str, path: str = "<config>") -> Config:
+    """Validate the TOML ``text``; ``path`` is used in error messages."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    top = _Section(path, "", data)
+    top.check_keys({"postfix", "state", "milter", "gateway", "poller", "domains"})
+    pf = _Section(path, "postfix", data.get("postfix", {}))
+    pf.check_keys({"config_directory", "transport"})
+    st = _Section(path, "state", data.get("state", {}))
+    st.check_keys({"directory"})
+    mi = _Section(path, "milter", data.get("milter", {}))
+    mi.check_keys({"listen"})
+    gw = _Section(path, "gateway", data.get("gateway", {}))
+    gw.check_keys({"finger_listen", "policy_listen"})
+    po = _Section(path, "poller", data.get("poller", {}))
+    po.check_keys({"interval", "probe_timeout"})
+
+    transport = pf.get("transport", str, "ondemand")
+    if not re.fullmatch(r"[a-z][a-z0-9_-]{0,30}", transport):
+        pf.fail("transport", f"must be a master.cf service name like ondemand, not {transport!r}")
+
+    domains_table = data.get("domains", {})
+    if not isinstance(domains_table, dict):
+        raise ConfigError(f"{path}: domains: must be a table of domains")
+    domains = {}
+    for name, table in domains_table.items():
+        dom = _domain(path, name, table)
+        domains[dom.name] = dom
+    return Config(
+        path=path,
+        config_directory=pf.absolute_path("config_directory", "/etc/postfix"),
+        state_directory=st.absolute_path("directory", "/var/lib/flushctl"),
+        milter_listen=_listen(mi, "listen", "unix:/var/spool/postfix/flushctl/milter.sock"),
+        finger_listen=_host_port(gw, "finger_listen", "0.0.0.0:79"),
+        policy_listen=_host_port(gw, "policy_listen", "127.0.0.1:10041"),
+        poller_interval=po.positive("interval", int, 60),
+        probe_timeout=po.positive("probe_timeout", float, 10.0),
+        transport_name=transport,
+        domains=domains,
+    )
+
+
+def load(path: str) -> Config:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file (give --config PATH or set {ENV_VAR})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    return parse(text, path)

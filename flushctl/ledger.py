@@ -1,0 +1,185 @@
+"""The ledger: which queued message belongs to which customer domain.
+
+An SQLite database in WAL mode under the state directory.  The milter adds
+one row per held message before it lets Postfix accept the message; the
+rows are an index into Postfix's queue, not a copy of it: every read that
+must be exact checks the queue file itself (see ``queuefiles``), and rows
+whose message is gone are pruned.  Per-domain totals are kept beside the
+rows in the same transaction, so a quota check is one row read.
+
+WAL with ``synchronous=NORMAL`` survives any crash of our processes; after
+a power loss the newest rows may be missing, which is what rebuilding from
+the queue's tag headers is for.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+FILENAME = "ledger.sqlite3"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    queue_id TEXT PRIMARY KEY,
+    domain   TEXT NOT NULL,
+    size     INTEGER NOT NULL,
+    arrival  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_domain ON messages (domain, arrival);
+CREATE TABLE IF NOT EXISTS domains (
+    domain             TEXT PRIMARY KEY,
+    messages           INTEGER NOT NULL DEFAULT 0,
+    bytes              INTEGER NOT NULL DEFAULT 0,
+    paused             INTEGER NOT NULL DEFAULT 0,
+    last_flush         REAL,
+    last_flush_trigger TEXT,
+    last_flush_result  TEXT,
+    releasing_until    REAL,
+    reachable          INTEGER,
+    last_probe         REAL,
+    last_error         TEXT
+);
+"""
+
+
+@dataclass(frozen=True)
+class Entry:
+    queue_id: str
+    domain: str
+    size: int
+    arrival: float
+
+
+@dataclass(frozen=True)
+class DomainState:
+    domain: str
+    messages: int = 0
+    bytes: int = 0
+    paused: bool = False
+    last_flush: float | None = None
+    last_flush_trigger: str | None = None
+    last_flush_result: str | None = None
+    releasing_until: float | None = None
+    reachable: bool | None = None
+    last_probe: float | None = None
+    last_error: str | None = None
+
+
+class Ledger:
+    def __init__(self, state_directory: str):
+        os.makedirs(state_directory, mode=0o750, exist_ok=True)
+        self.path = os.path.join(state_directory, FILENAME)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
+                                   check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=30000")
+        with self._tx():
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    self._db.execute(stmt)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self):
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _ensure_domain(self, db, domain: str) -> None:
+        db.execute("INSERT OR IGNORE INTO domains (domain) VALUES (?)", (domain,))
+
+    # -- messages ----------------------------------------------------------
+    def record(self, queue_id: str, domain: str, size: int, arrival: float | None = None) -> bool:
+        """Add a held message; False if the id was already recorded."""
+        when = time.time() if arrival is None else arrival
+        with self._tx() as db:
+            cur = db.execute("INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?)",
+                             (queue_id, domain, int(size), when))
+            if cur.rowcount == 0:
+                return False
+            self._ensure_domain(db, domain)
+            db.execute("UPDATE domains SET messages = messages + 1, bytes = bytes + ?"
+                       " WHERE domain = ?", (int(size), domain))
+            return True
+
+    def entries(self, domain: str) -> list[Entry]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT queue_id, domain, size, arrival FROM messages WHERE domain = ?"
+                " ORDER BY arrival", (domain,)).fetchall()
+        return [Entry(*row) for row in rows]
+
+    def forget(self, queue_ids) -> int:
+        """Drop rows (their messages are gone); totals follow."""
+        ids = list(queue_ids)
+        removed = 0
+        with self._tx() as db:
+            for qid in ids:
+                row = db.execute("DELETE FROM messages WHERE queue_id = ? RETURNING domain, size",
+                                 (qid,)).fetchone()
+                if row is None:
+                    continue
+                removed += 1
+                db.execute("UPDATE domains SET messages = messages - 1, bytes = bytes - ?"
+                           " WHERE domain = ?", (row[1], row[0]))
+        return removed
+
+    # -- domains -----------------------------------------------------------
+    def state(self, domain: str) -> DomainState:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT domain, messages, bytes, paused, last_flush, last_flush_trigger,"
+                " last_flush_result, releasing_until, reachable, last_probe, last_error"
+                " FROM domains WHERE domain = ?", (domain,)).fetchone()
+        if row is None:
+            return DomainState(domain)
+        values = list(row)
+        values[3] = bool(values[3])
+        values[8] = None if values[8] is None else bool(values[8])
+        return DomainState(*values)
+
+    def _update(self, domain: str, **fields) -> None:
+        cols = ", ".join(f"{name} = ?" for name in fields)
+        with self._tx() as db:
+            self._ensure_domain(db, domain)
+            db.execute(f"UPDATE domains SET {cols} WHERE domain = ?", (*fields.values(), domain))
+
+    def set_paused(self, domain: str, paused: bool) -> None:
+        self._update(domain, paused=int(paused))
+
+    def record_flush(self, domain: str, trigger: str, result: str,
+                     releasing_until: float | None, when: float | None = None) -> None:
+        self._update(domain, last_flush=time.time() if when is None else when,
+                     last_flush_trigger=trigger, last_flush_result=result,
+                     releasing_until=releasing_until)
+
+    def set_releasing_until(self, domain: str, until: float | None) -> None:
+        self._update(domain, releasing_until=until)
+
+    def record_probe(self, domain: str, reachable: bool, error: str | None,
+                     when: float | None = None) -> None:
+        self._update(domain, reachable=int(reachable), last_error=error,
+                     last_probe=time.time() if when is None else when)
+
+    def releasing_domains(self, now: float | None = None) -> list[str]:
+        when = time.time() if now is None else now
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT domain FROM domains WHERE releasing_until IS NOT NULL"
+                " AND releasing_until > ?", (when,)).fetchall()
+        return [r[0] for r in rows]

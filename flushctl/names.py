@@ -1,0 +1,72 @@
+"""Validation of the names that may reach a Postfix command line.
+
+Pure functions: a domain or a queue id either comes out normalised or a
+``ValueError`` says what is wrong with it.  Nothing that starts with ``-``
+or carries a shell metacharacter gets through.
+"""
+
+from __future__ import annotations
+
+import re
+
+_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+# Short ids are upper-case hex; long ids use Postfix's 52-letter safe alphabet
+# (digits and consonants) with a 'z' between time and inode number.
+_QUEUE_ID = re.compile(r"^[0-9A-Za-z]{6,32}$")
+
+
+def domain(value: str) -> str:
+    """Return ``value`` as a lower-case domain name, or raise ValueError."""
+    if not isinstance(value, str):
+        raise ValueError("a domain must be a string")
+    name = value.strip().lower().rstrip(".")
+    if not name:
+        raise ValueError("empty domain name")
+    if len(name) > 253:
+        raise ValueError(f"domain name too long: {value[:40]!r}...")
+    labels = name.split(".")
+    if len(labels) < 2:
+        raise ValueError(f"not a fully qualified domain name: {value!r}")
+    for label in labels:
+        if not _LABEL.match(label):
+            raise ValueError(f"invalid domain name: {value!r}")
+    if labels[-1].isdigit():
+        raise ValueError(f"invalid domain name (numeric top-level label): {value!r}")
+    return name
+
+
+def queue_id(value: str) -> str:
+    """Return ``value`` if it is a Postfix queue id, or raise ValueError."""
+    if not isinstance(value, str) or not _QUEUE_ID.match(value):
+        raise ValueError(f"not a Postfix queue id: {value!r}")
+    return value
+
+
+def address(value: str) -> tuple[str, str]:
+    """Split an email address into (local part, domain); domain normalised."""
+    addr = value.strip()
+    if addr.startswith("<") and addr.endswith(">"):
+        addr = addr[1:-1]
+    local, sep, dom = addr.rpartition("@")
+    if not sep or not local:
+        raise ValueError(f"not an address with a domain: {value!r}")
+    if any(c.isspace() or c in "<>,;" for c in local):
+        raise ValueError(f"invalid local part: {value!r}")
+    return local, domain(dom)
+
+
+def customer_of(rcpt_domain: str, customers) -> str | None:
+    """The configured customer domain that ``rcpt_domain`` belongs to.
+
+    Postfix matches subdomains of relay_domains by default
+    (parent_domain_matches_subdomains), so a subdomain belongs to its
+    nearest configured parent.
+    """
+    name = rcpt_domain.lower().rstrip(".")
+    while True:
+        if name in customers:
+            return name
+        _, dot, rest = name.partition(".")
+        if not dot or "." not in rest:
+            return None
+        name = rest

@@ -1,0 +1,248 @@
+"""The library behind every command: status, flush, pause, resume, purge.
+
+Held mail lives in Postfix's hold queue (the milter quarantines it), where
+it never expires.  A release probes the customer's server first: a message
+released with ``postsuper -H`` keeps its creation time, and Postfix returns
+a message to its sender as soon as an attempt fails after
+``maximal_queue_lifetime``; so nothing is released toward a server that
+does not answer, and whatever fails after a release is put back on hold
+(``sweep``) before Postfix tries it again.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from . import names
+from .config import Config, Domain
+from .ledger import Ledger
+from .postfix import Postfix
+from .probe import ProbeResult, probe
+from .queuefiles import QueueLayout
+
+# How long after a release the sweep watches the domain at least.
+RELEASE_WATCH = 900.0
+
+
+class Refused(Exception):
+    """A request that is understood but not carried out (paused, unreachable)."""
+
+    def __init__(self, text: str, code: str):
+        super().__init__(text)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where each of a domain's ledger entries is right now."""
+
+    by_queue: dict[str, list[str]] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    arrivals: dict[str, float] = field(default_factory=dict)
+    mtimes: dict[str, float] = field(default_factory=dict)
+    gone: list[str] = field(default_factory=list)
+
+    def ids(self, *queues: str) -> list[str]:
+        return [qid for q in queues for qid in self.by_queue.get(q, [])]
+
+    @property
+    def present(self) -> list[str]:
+        return [qid for ids in self.by_queue.values() for qid in ids]
+
+
+@dataclass(frozen=True)
+class Status:
+    domain: str
+    messages: int
+    bytes: int
+    oldest_arrival: float | None
+    reachable: bool | None
+    last_probe: float | None
+    last_error: str | None
+    last_flush: float | None
+    last_flush_trigger: str | None
+    last_flush_result: str | None
+    paused: bool
+    queues: dict[str, int]
+
+    def as_json(self) -> dict:
+        return {
+            "domain": self.domain, "messages": self.messages, "bytes": self.bytes,
+            "oldest_arrival": self.oldest_arrival, "reachable": self.reachable,
+            "last_probe": self.last_probe, "last_error": self.last_error,
+            "last_flush": self.last_flush, "last_flush_trigger": self.last_flush_trigger,
+            "last_flush_result": self.last_flush_result, "paused": self.paused,
+            "queues": self.queues,
+        }
+
+
+@dataclass(frozen=True)
+class FlushResult:
+    domain: str
+    released: int
+    probe: ProbeResult | None
+
+
+class OnDemand:
+    def __init__(self, config: Config, postfix: Postfix | None = None,
+                 layout: QueueLayout | None = None, ledger: Ledger | None = None):
+        self.config = config
+        self.postfix = postfix or Postfix(config.config_directory)
+        self._layout = layout
+        self.ledger = ledger or Ledger(config.state_directory)
+
+    @property
+    def layout(self) -> QueueLayout:
+        if self._layout is None:
+            self._layout = QueueLayout.from_params(self.postfix.get(
+                "queue_directory", "hash_queue_names", "hash_queue_depth"))
+        return self._layout
+
+    def domain(self, name: str) -> Domain:
+        return self.config.domain(name)
+
+    # -- reading -----------------------------------------------------------
+    def locate(self, domain: str) -> Located:
+        located = Located()
+        for entry in self.ledger.entries(domain):
+            found = self.layout.locate(entry.queue_id)
+            if found is None:
+                located.gone.append(entry.queue_id)
+                continue
+            queue, st = found
+            located.by_queue.setdefault(queue, []).append(entry.queue_id)
+            located.sizes[entry.queue_id] = entry.size
+            located.arrivals[entry.queue_id] = entry.arrival
+            located.mtimes[entry.queue_id] = st.st_mtime
+        if located.gone:
+            self.ledger.forget(located.gone)
+        return located
+
+    def status(self, domain: str) -> Status:
+        dom = self.domain(domain).name
+        located = self.locate(dom)
+        present = located.present
+        state = self.ledger.state(dom)
+        return Status(
+            domain=dom,
+            messages=len(present),
+            bytes=sum(located.sizes[q] for q in present),
+            oldest_arrival=min((located.arrivals[q] for q in present), default=None),
+            reachable=state.reachable, last_probe=state.last_probe, last_error=state.last_error,
+            last_flush=state.last_flush, last_flush_trigger=state.last_flush_trigger,
+            last_flush_result=state.last_flush_result, paused=state.paused,
+            queues={q: len(ids) for q, ids in sorted(located.by_queue.items())},
+        )
+
+    def status_all(self) -> list[Status]:
+        return [self.status(name) for name in sorted(self.config.domains)]
+
+    # -- releasing ---------------------------------------------------------
+    def probe(self, domain: str) -> ProbeResult:
+        dom = self.domain(domain)
+        result = probe(dom, timeout=self.config.probe_timeout)
+        self.ledger.record_probe(dom.name, result.reachable,
+                                 None if result.reachable else result.text(), result.when)
+        return result
+
+    def flush(self, domain: str, trigger: str = "admin") -> FlushResult:
+        """Release the domain's held mail toward its server, if that answers."""
+        dom = self.domain(domain).name
+        if self.ledger.state(dom).paused:
+            raise Refused(f"{dom}: paused; `flushctl resume {dom}` first", "paused")
+        result = self.probe(dom)
+        if not result.reachable:
+            self.ledger.record_flush(dom, trigger, f"not released: {result.text()}",
+                                     self.ledger.state(dom).releasing_until)
+            raise Refused(f"{dom}: mail server not reachable ({result.text()}); "
+                          "the mail stays held", "unreachable")
+        released = self._release(dom)
+        self.ledger.record_flush(dom, trigger, f"released {released}",
+                                 time.time() + RELEASE_WATCH)
+        return FlushResult(dom, released, result)
+
+    def _release(self, dom: str) -> int:
+        located = self.locate(dom)
+        held = located.ids("hold")
+        now = time.time()
+        # Mail that failed an earlier attempt has its retry time in the
+        # future; a deferred-queue scan would skip it, so it is sent one
+        # by one through the flush service instead.
+        waiting = [q for q in held if located.mtimes[q] > now]
+        stuck = [q for q in located.ids("deferred") if located.mtimes[q] > now]
+        self.postfix.release(held)
+        for qid in waiting + stuck:
+            self.postfix.flush_message(qid)
+        self.postfix.scan_deferred()
+        return len(held) + len(stuck)
+
+    def sweep(self, domain: str) -> dict[str, int]:
+        """Put mail that failed after a release back on hold; end the watch when done.
+
+        A message in the deferred queue with its retry time in the future
+        has had a failed attempt; one with a past retry time is waiting to
+        be delivered and is left alone.
+        """
+        dom = names.domain(domain)
+        located = self.locate(dom)
+        now = time.time()
+        failed = [q for q in located.ids("deferred") if located.mtimes[q] > now]
+        in_flight = len(located.ids("active", "incoming")) + \
+            len(located.ids("deferred")) - len(failed)
+        if failed:
+            self.postfix.hold(failed)
+        state = self.ledger.state(dom)
+        if in_flight == 0 and state.releasing_until and state.releasing_until < now:
+            self.ledger.set_releasing_until(dom, None)
+        elif in_flight and (state.releasing_until or 0) < now + 60:
+            self.ledger.set_releasing_until(dom, now + 60)
+        return {"reheld": len(failed), "in_flight": in_flight}
+
+    def sweep_all(self) -> dict[str, dict[str, int]]:
+        return {dom: self.sweep(dom) for dom in self.ledger.releasing_domains()}
+
+    def wait(self, domain: str, timeout: float, progress=None, interval: float = 0.5) -> bool:
+        """Wait until nothing of the domain is queued; True if it got there.
+
+        Gives up early when everything left is back on hold (its delivery
+        failed and the sweep put it back): nothing more will go out.
+        """
+        dom = self.domain(domain).name
+        deadline = time.monotonic() + timeout
+        while True:
+            located = self.locate(dom)
+            if progress:
+                progress(len(located.present))
+            if not located.present:
+                return True
+            now = time.time()
+            if any(located.mtimes[q] > now for q in located.ids("deferred")):
+                self.sweep(dom)
+            elif not located.ids("deferred", "active", "incoming"):
+                return False
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(interval)
+
+    # -- admin -------------------------------------------------------------
+    def pause(self, domain: str) -> int:
+        """Stop releases; mail waiting in the deferred queue goes back on hold."""
+        dom = self.domain(domain).name
+        self.ledger.set_paused(dom, True)
+        located = self.locate(dom)
+        waiting = located.ids("deferred")
+        self.postfix.hold(waiting)
+        return len(waiting)
+
+    def resume(self, domain: str) -> None:
+        self.ledger.set_paused(self.domain(domain).name, False)
+
+    def purge(self, domain: str) -> int:
+        dom = self.domain(domain).name
+        located = self.locate(dom)
+        ids = located.ids("hold", "deferred", "incoming", "active")
+        self.postfix.delete(ids)
+        self.locate(dom)  # prune what went
+        return len(ids)

@@ -1,0 +1,189 @@
+"""The one place that runs Postfix commands.
+
+Every call is an argument list (never a shell), has a timeout, passes
+``-c config_directory``, and takes only validated domains and queue ids.
+Failures come back as ``PostfixError`` carrying the command's own words.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from dataclasses import dataclass
+from typing import Iterable
+
+from . import names
+
+DEFAULT_TIMEOUT = 60.0
+SEARCH_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class PostfixError(Exception):
+    """A Postfix command failed; the text says which and why."""
+
+
+def _binary(name: str) -> str:
+    path = shutil.which(name, path=SEARCH_PATH)
+    if path is None:
+        raise PostfixError(f"{name}: not found (is Postfix installed?)")
+    return path
+
+
+@dataclass(frozen=True)
+class Postfix:
+    config_directory: str
+    timeout: float = DEFAULT_TIMEOUT
+
+    def _run(self, argv: list[str], stdin: str | None = None,
+             check: bool = True) -> subprocess.CompletedProcess:
+        for arg in argv[1:]:
+            if "\0" in arg or "\n" in arg:
+                raise PostfixError(f"refusing argument with control characters: {arg!r}")
+        try:
+            proc = subprocess.run(argv, input=stdin, capture_output=True, text=True,
+                                  timeout=self.timeout, check=False)
+        except subprocess.TimeoutExpired:
+            raise PostfixError(f"{argv[0]}: no answer within {self.timeout:.0f}s") from None
+        except OSError as exc:
+            raise PostfixError(f"{argv[0]}: {exc}") from None
+        if check and proc.returncode != 0:
+            err = (proc.stderr or proc.stdout).strip().splitlines()
+            tail = err[-1] if err else f"exit status {proc.returncode}"
+            raise PostfixError(f"{' '.join(argv[:4])}: {tail}")
+        return proc
+
+    # -- postconf ----------------------------------------------------------
+    def get(self, *params: str) -> dict[str, str]:
+        """Current values (``postconf -h``-style, unexpanded) of main.cf parameters."""
+        for p in params:
+            _param_name(p)
+        out = self._run([_binary("postconf"), "-c", self.config_directory, "-x", *params]).stdout
+        return _parse_postconf(out)
+
+    def get_raw(self, *params: str) -> dict[str, str]:
+        """Values as written in main.cf (``$name`` not expanded)."""
+        for p in params:
+            _param_name(p)
+        out = self._run([_binary("postconf"), "-c", self.config_directory, *params]).stdout
+        return _parse_postconf(out)
+
+    def get_explicit(self, *params: str) -> dict[str, str]:
+        """Values as written in main.cf; parameters left at their default are absent."""
+        for p in params:
+            _param_name(p)
+        out = self._run([_binary("postconf"), "-c", self.config_directory, "-n", *params],
+                        check=False).stdout
+        return _parse_postconf(out)
+
+    def set(self, settings: dict[str, str]) -> None:
+        if not settings:
+            return
+        args = []
+        for key, value in settings.items():
+            _param_name(key)
+            args.append(f"{key}={value}")
+        self._run([_binary("postconf"), "-c", self.config_directory, "-e", *args])
+
+    def services(self) -> dict[str, str]:
+        """master.cf services: ``name/type`` -> the whole entry, one line."""
+        out = self._run([_binary("postconf"), "-c", self.config_directory, "-M"]).stdout
+        result = {}
+        for line in out.splitlines():
+            fields = line.split()
+            if len(fields) >= 8:
+                result[f"{fields[0]}/{fields[1]}"] = " ".join(fields)
+        return result
+
+    def set_service(self, entry: str) -> None:
+        fields = entry.split()
+        if len(fields) < 8:
+            raise PostfixError(f"bad master.cf entry: {entry!r}")
+        key = f"{fields[0]}/{fields[1]}"
+        self._run([_binary("postconf"), "-c", self.config_directory, "-M", f"{key}={entry}"])
+
+    # -- postmap / postfix -------------------------------------------------
+    def postmap(self, map_spec: str) -> None:
+        if map_spec.startswith("-"):
+            raise PostfixError(f"bad map: {map_spec!r}")
+        self._run([_binary("postmap"), "-c", self.config_directory, map_spec])
+
+    def check(self) -> None:
+        self._run([_binary("postfix"), "-c", self.config_directory, "check"])
+
+    def running(self) -> bool:
+        proc = self._run([_binary("postfix"), "-c", self.config_directory, "status"], check=False)
+        return proc.returncode == 0
+
+    def reload(self) -> None:
+        self._run([_binary("postfix"), "-c", self.config_directory, "reload"])
+
+    # -- queue -------------------------------------------------------------
+    def _postsuper_ids(self, flag: str, ids: Iterable[str], queue: str | None = None) -> int:
+        id_list = [names.queue_id(i) for i in ids]
+        if not id_list:
+            return 0
+        argv = [_binary("postsuper"), "-c", self.config_directory, flag, "-"]
+        if queue is not None:
+            argv.append(_queue_name(queue))
+        self._run(argv, stdin="\n".join(id_list) + "\n")
+        return len(id_list)
+
+    def hold(self, ids: Iterable[str]) -> int:
+        return self._postsuper_ids("-h", ids)
+
+    def release(self, ids: Iterable[str]) -> int:
+        return self._postsuper_ids("-H", ids, "hold")
+
+    def delete(self, ids: Iterable[str]) -> int:
+        return self._postsuper_ids("-d", ids)
+
+    def flush_message(self, queue_id: str) -> None:
+        """Deliver one deferred message now, ignoring defer_transports."""
+        self._run([_binary("postqueue"), "-c", self.config_directory, "-i",
+                   names.queue_id(queue_id)])
+
+    def scan_deferred(self) -> None:
+        """Ask qmgr for a deferred-queue scan that ignores defer_transports once.
+
+        Only messages whose retry time has come are taken (no 'A' flag, so
+        this is not ``postqueue -f``).
+        """
+        self._run([_binary("postkick"), "-c", self.config_directory, "public", "qmgr", "FD"])
+
+    def list_queue(self) -> list[dict]:
+        """The whole queue as ``postqueue -j`` objects (O(queue): keep off hot paths)."""
+        out = self._run([_binary("postqueue"), "-c", self.config_directory, "-j"]).stdout
+        return parse_queue_json(out)
+
+
+def parse_queue_json(text: str) -> list[dict]:
+    result = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line:
+            result.append(json.loads(line))
+    return result
+
+
+def _parse_postconf(out: str) -> dict[str, str]:
+    result = {}
+    for line in out.splitlines():
+        key, sep, value = line.partition(" = ")
+        if sep:
+            result[key.strip()] = value.strip()
+        elif line.endswith(" ="):
+            result[line[:-2].strip()] = ""
+    return result
+
+
+def _param_name(name: str) -> str:
+    if not name or not all(c.isalnum() or c == "_" for c in name):
+        raise PostfixError(f"bad parameter name: {name!r}")
+    return name
+
+
+def _queue_name(name: str) -> str:
+    if name not in {"hold", "incoming", "active", "deferred", "maildrop"}:
+        raise PostfixError(f"bad queue name: {name!r}")
+    return name

@@ -1,0 +1,179 @@
+"""What the Postfix instance must look like for our config (pure).
+
+Reads the data in ``postfix/settings.toml`` and the current values of the
+instance, and says which main.cf parameters, which master.cf entry and
+which map files must change.  No I/O beyond reading that data file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+
+from .config import Config
+
+
+class SettingsError(Exception):
+    """The instance cannot be made safe without the admin's decision."""
+
+
+def load_data() -> dict:
+    text = resources.files("flushctl_postfix").joinpath("settings.toml").read_text()
+    return tomllib.loads(text)
+
+
+def map_dir(config: Config) -> str:
+    return os.path.join(config.config_directory, "flushctl")
+
+
+def split_list(value: str) -> list[str]:
+    """Split a Postfix list value (commas and/or white space; ``{...}`` kept whole)."""
+    tokens, current, depth = [], [], 0
+    for ch in value:
+        if ch == "{":
+            depth += 1
+        elif ch == "}" and depth:
+            depth -= 1
+        if depth == 0 and (ch == "," or ch.isspace()):
+            if current:
+                tokens.append("".join(current))
+                current = []
+            continue
+        current.append(ch)
+    if current:
+        tokens.append("".join(current))
+    return tokens
+
+
+def merge_list(ours: list[str], current: str, previous_ours: set[str]) -> str:
+    """Our entries first, then the admin's, without our stale ones or repeats."""
+    mine = set(ours) | previous_ours
+    rest = [t for t in split_list(current) if t not in mine]
+    seen, merged = set(), []
+    for token in ours + rest:
+        if token not in seen:
+            seen.add(token)
+            merged.append(token)
+    return ", ".join(merged)
+
+
+def milter_spec(config: Config, queue_directory: str, smtpd_chrooted: bool) -> str:
+    """The milter socket as smtpd must name it (inside its chroot, if any)."""
+    listen = config.milter_listen
+    if listen.kind == "inet" or not smtpd_chrooted:
+        return listen.milter_spec
+    queue = os.path.normpath(queue_directory)
+    if os.path.commonpath([queue, listen.path]) != queue:
+        raise SettingsError(
+            f"{config.path}: milter.listen: smtpd runs chrooted in {queue}, so the milter "
+            f"socket must be under it (for example unix:{queue}/flushctl/milter.sock)")
+    return "unix:" + listen.path[len(queue):]
+
+
+def render_maps(config: Config) -> dict[str, str]:
+    """Map source files (name -> text) for the configured domains."""
+    relay, transport, recipients = [], [], []
+    for name in sorted(config.domains):
+        dom = config.domains[name]
+        nexthop = dom.relay.nexthop if dom.relay else name
+        relay.append(f"{name}\tOK\n")
+        transport.append(f"{name}\t{config.transport_name}:{nexthop}\n")
+        transport.append(f".{name}\t{config.transport_name}:{nexthop}\n")
+        if dom.recipients is None:
+            recipients.append(f"@{name}\tOK\n")
+        else:
+            recipients.extend(f"{local}@{name}\tOK\n" for local in sorted(dom.recipients))
+    header = "# Written by flushctl apply from {}; do not edit.\n".format(config.path)
+    return {
+        "relay_domains": header + "".join(relay),
+        "transport": header + "".join(transport),
+        "relay_recipients": header + "".join(recipients),
+    }
+
+
+@dataclass(frozen=True)
+class Plan:
+    params: dict[str, str]          # main.cf parameters to set (only changes)
+    service: str | None             # master.cf entry to write, if it differs
+    maps: dict[str, str]            # every map source we own (written if changed)
+    ours: list[str]                 # list entries we own, for the next apply
+
+
+def _fill(template: str, values: dict[str, str]) -> str:
+    return template.format(**values)
+
+
+def check_mynetworks(expanded: str, data: dict) -> None:
+    forbidden = {ipaddress.ip_network(n.strip("[]").replace("]", ""), strict=False)
+                 for n in data["mynetworks"]["forbidden"]}
+    for token in split_list(expanded):
+        try:
+            net = ipaddress.ip_network(token.replace("[", "").replace("]", ""), strict=False)
+        except ValueError:
+            continue
+        if net in forbidden or net.prefixlen == 0:
+            raise SettingsError(
+                f"mynetworks contains {token}: that makes an open relay; narrow it first")
+
+
+def relay_restrictions_ok(expanded: str, data: dict) -> bool:
+    rules = data["relay_restrictions"]
+    tokens = split_list(expanded)
+    for token in tokens:
+        if token in rules["must_contain_one_of"]:
+            return True
+        if token in rules["never_before_it"]:
+            return False
+    return False
+
+
+def plan(config: Config, data: dict, raw: dict[str, str], expanded: dict[str, str],
+         services: dict[str, str], previous_ours: set[str], smtpd_chrooted: bool) -> Plan:
+    """Compare what is with what must be.
+
+    ``raw``: main.cf values as written; ``expanded``: the same, expanded
+    (for the safety checks); ``services``: ``postconf -M`` entries.
+    """
+    values = {
+        "transport": config.transport_name,
+        "map_dir": map_dir(config),
+        "milter": milter_spec(config, expanded["queue_directory"], smtpd_chrooted),
+    }
+    check_mynetworks(expanded.get("mynetworks", ""), data)
+
+    want: dict[str, str] = {}
+    ours: list[str] = []
+    for name, value in data["parameters"].items():
+        want[name] = _fill(value, values)
+    for name, templates in data["lists"].items():
+        mine = [_fill(t, values) for t in templates]
+        ours.extend(mine)
+        want[name] = merge_list(mine, raw.get(name, ""), previous_ours)
+    any_lists = any(d.recipients is not None for d in config.domains.values())
+    for name, templates in data["conditional_lists"].items():
+        mine = [_fill(t, values) for t in templates]
+        current = raw.get(name, "")
+        if any_lists:
+            ours.extend(mine)
+            admin_tokens = [t for t in split_list(current) if t not in set(mine) | previous_ours]
+            other_relay = [t for t in split_list(raw.get("relay_domains", ""))
+                           if t not in set(ours) | previous_ours]
+            if not admin_tokens and other_relay:
+                raise SettingsError(
+                    f"relay_domains also lists {', '.join(other_relay)} and {name} is empty: "
+                    f"setting {name} for our recipient lists would refuse all mail for those "
+                    f"domains; give them entries in {name} first")
+            want[name] = merge_list(mine, current, previous_ours)
+        else:
+            want[name] = merge_list([], current, previous_ours | set(mine))
+    if not relay_restrictions_ok(expanded.get("smtpd_relay_restrictions", ""), data):
+        want["smtpd_relay_restrictions"] = data["relay_restrictions"]["value"]
+
+    changes = {k: v for k, v in want.items() if raw.get(k, "") != v}
+    entry = _fill(data["service"]["entry"], values)
+    key = "/".join(entry.split()[:2])
+    service = None if " ".join(services.get(key, "").split()) == " ".join(entry.split()) else entry
+    return Plan(params=changes, service=service, maps=render_maps(config), ours=ours)

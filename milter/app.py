@@ -1,0 +1,202 @@
+"""The milter daemon: tag, account and hold every message for a customer domain.
+
+pymilter calls one ``OnDemandMilter`` object per SMTP connection, each in
+its own thread.  Decisions come from ``policy``; this module only talks
+to libmilter, the ledger and the queue.  Callbacks we do not need are
+negotiated away, headers and body are streamed without replies: on a
+unix socket the milter costs next to nothing per message.
+
+The same process runs the keeper: every few seconds it puts mail that
+failed after a release back on hold (``OnDemand.sweep_all``).
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import threading
+import time
+
+import Milter
+
+from flushctl.config import Config
+from flushctl.ondemand import OnDemand
+
+from . import policy
+
+log = logging.getLogger("flushctl.milter")
+
+QUOTA_RECHECK = 10.0  # seconds between exact recounts of a domain near its quota
+KEEPER_INTERVAL = 5.0
+
+
+class Shared:
+    """What every connection of one milter process shares."""
+
+    def __init__(self, config: Config, ondemand: OnDemand):
+        self.config = config
+        self.domains = config.domains
+        self.ondemand = ondemand
+        self.ledger = ondemand.ledger
+        self._recount_lock = threading.Lock()
+        self._recounted: dict[str, float] = {}
+
+    def totals(self, domain: str) -> tuple[int, int]:
+        """Held (messages, bytes) for a domain, exact whenever it matters.
+
+        The ledger's running totals can still include mail delivered since
+        the last prune; when they say "at the quota", recount from the
+        queue (at most every QUOTA_RECHECK seconds per domain).
+        """
+        state = self.ledger.state(domain)
+        totals = (state.messages, state.bytes)
+        if policy.over_quota(self.domains[domain], *totals):
+            with self._recount_lock:
+                due = time.monotonic() - self._recounted.get(domain, -1e9) > QUOTA_RECHECK
+                if due:
+                    self._recounted[domain] = time.monotonic()
+            if due:
+                self.ondemand.locate(domain)  # prunes what is gone
+                state = self.ledger.state(domain)
+                totals = (state.messages, state.bytes)
+        return totals
+
+
+class OnDemandMilter(Milter.Base):
+    shared: Shared  # set by run()
+
+    def __init__(self):
+        self._reset()
+
+    def _reset(self):
+        self.klass: str | None = None
+        self.size = 0
+        self.forged = 0
+
+    def _refuse(self, reply: policy.Reply) -> int:
+        self.setreply(reply.code, reply.dsn, reply.text)
+        return Milter.TEMPFAIL if reply.temporary else Milter.REJECT
+
+    @Milter.nocallback
+    def connect(self, hostname, family, hostaddr):
+        return Milter.CONTINUE
+
+    @Milter.nocallback
+    def hello(self, hostname):
+        return Milter.CONTINUE
+
+    def envfrom(self, mailfrom, *params):
+        self._reset()
+        return Milter.CONTINUE
+
+    def envrcpt(self, rcpt, *params):
+        try:
+            reply, self.klass = policy.decide_rcpt(rcpt, self.klass, self.shared.domains,
+                                                   self.shared.totals)
+        except Exception:
+            log.exception("event=error stage=rcpt")
+            return self._refuse(policy.LOCAL_PROBLEM)
+        if reply is not None:
+            log.info("event=refused rcpt=%s code=%s reason=%r", rcpt, reply.code, reply.text)
+            return self._refuse(reply)
+        return Milter.CONTINUE
+
+    @Milter.nocallback
+    def data(self):
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def header(self, name, value):
+        self.size += len(name) + len(value) + 4
+        if name.lower() == policy.HEADER.lower():
+            self.forged += 1
+        return Milter.CONTINUE
+
+    @Milter.nocallback
+    def eoh(self):
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def body(self, chunk):
+        self.size += len(chunk)
+        return Milter.CONTINUE
+
+    def eom(self):
+        klass = self.klass
+        if not klass:
+            return Milter.ACCEPT
+        try:
+            reply = policy.decide_eom(klass, self.size, self.shared.domains, self.shared.totals)
+            if reply is not None:
+                log.info("event=refused domain=%s code=%s reason=quota", klass, reply.code)
+                return self._refuse(reply)
+            queue_id = self.getsymval("i")
+            if not queue_id:
+                log.error("event=error stage=eom reason='no {i} macro'")
+                return self._refuse(policy.LOCAL_PROBLEM)
+            size = self.size + len(policy.HEADER) + len(klass) + 4
+            self.shared.ledger.record(queue_id, klass, size)
+            for index in range(self.forged, 0, -1):
+                self.chgheader(policy.HEADER, index, "")
+            self.addheader(policy.HEADER, klass)
+            self.quarantine(f"on-demand: held for {klass}")
+        except Exception:
+            log.exception("event=error stage=eom domain=%s", klass)
+            return self._refuse(policy.LOCAL_PROBLEM)
+        log.info("event=held queue_id=%s domain=%s size=%d", queue_id, klass, size)
+        return Milter.ACCEPT
+
+    def abort(self):
+        self._reset()
+        return Milter.CONTINUE
+
+    def close(self):
+        return Milter.CONTINUE
+
+
+def _keeper(ondemand: OnDemand, stop: threading.Event) -> None:
+    while not stop.wait(KEEPER_INTERVAL):
+        try:
+            for domain, result in ondemand.sweep_all().items():
+                if result["reheld"]:
+                    log.info("event=reheld domain=%s messages=%d", domain, result["reheld"])
+        except Exception:
+            log.exception("event=error stage=keeper")
+
+
+def _prepare_unix_socket(path: str) -> None:
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    try:
+        gid = grp.getgrnam("postfix").gr_gid
+    except KeyError:
+        gid = -1
+    # Only root and the postfix group may reach the socket; new files in
+    # the directory inherit its group (setgid bit).
+    os.chown(directory, 0 if os.geteuid() == 0 else -1, gid)
+    os.chmod(directory, 0o2750)
+    if os.path.exists(path):
+        os.unlink(path)
+
+
+def run(config: Config, ondemand: OnDemand | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (libmilter handles the signals)."""
+    od = ondemand or OnDemand(config)
+    od.layout  # read the queue layout now: fail early if Postfix is not there
+    OnDemandMilter.shared = Shared(config, od)
+    listen = config.milter_listen
+    if listen.kind == "unix":
+        _prepare_unix_socket(listen.path)
+        os.umask(0o007)
+    Milter.factory = OnDemandMilter
+    Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE)
+    stop = threading.Event()
+    keeper = threading.Thread(target=_keeper, args=(od, stop), name="keeper", daemon=True)
+    keeper.start()
+    log.info("event=start listen=%s domains=%d", listen.milter_spec, len(config.domains))
+    try:
+        Milter.runmilter("flushctl", listen.pymilter_spec, 240)
+    finally:
+        stop.set()
+        log.info("event=stop")

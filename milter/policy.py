@@ -1,0 +1,90 @@
+"""What the milter decides, as plain functions over data (no sockets).
+
+One message carries mail for one customer domain only, or for none: the
+hold queue holds whole messages, so a recipient of a second customer
+domain, or a non-customer recipient beside a customer one, is asked to
+come back in its own transaction (452 4.5.3; every SMTP client retries
+such recipients).  Unknown recipients of a domain with a recipient list
+get 550 5.1.1 at RCPT time (no backscatter); a domain at its quota gets
+452 4.2.2, never a bounce.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flushctl import names
+from flushctl.config import Domain
+
+HEADER = "X-OnDemand-Domain"
+OTHER = ""  # transaction class of mail for no customer domain
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: str
+    dsn: str
+    text: str
+
+    @property
+    def temporary(self) -> bool:
+        return self.code.startswith("4")
+
+
+SECOND_DOMAIN = Reply("452", "4.5.3", "one customer domain per message: "
+                      "send this recipient again in its own transaction")
+UNKNOWN_RECIPIENT = Reply("550", "5.1.1", "recipient address unknown here")
+QUOTA = Reply("452", "4.2.2", "the domain's held mail is at its quota: try again later")
+LOCAL_PROBLEM = Reply("451", "4.3.0", "temporary local problem: try again later")
+
+
+def recipient_class(rcpt: str, domains: dict[str, Domain]) -> tuple[str, str | None, str | None]:
+    """(class, local part, recipient domain): class is a customer domain or OTHER."""
+    try:
+        local, dom = names.address(rcpt)
+    except ValueError:
+        return OTHER, None, None
+    customer = names.customer_of(dom, domains)
+    return (customer, local, dom) if customer else (OTHER, None, None)
+
+
+def over_quota(dom: Domain, messages: int, held_bytes: int, size: int = 0) -> bool:
+    """Would one more message of ``size`` bytes go past the domain's quota?"""
+    if dom.quota_messages is not None and messages + 1 > dom.quota_messages:
+        return True
+    if dom.quota_bytes is not None and held_bytes + max(size, 1) > dom.quota_bytes:
+        return True
+    return False
+
+
+def decide_rcpt(rcpt: str, current: str | None, domains: dict[str, Domain],
+                totals) -> tuple[Reply | None, str | None]:
+    """Decide one RCPT TO.
+
+    ``current``: the transaction's class so far (None before the first
+    accepted recipient).  ``totals(domain)`` gives (messages, bytes) held
+    for a domain.  Returns (refusal or None, the class afterwards).
+    """
+    klass, local, rcpt_domain = recipient_class(rcpt, domains)
+    if current is not None and klass != current:
+        return SECOND_DOMAIN, current
+    if klass == OTHER:
+        return None, klass
+    dom = domains[klass]
+    # A subdomain's recipients are never on the parent's list.
+    if dom.recipients is not None and (rcpt_domain != dom.name
+                                       or not dom.accepts_local_part(local)):
+        return UNKNOWN_RECIPIENT, current
+    if over_quota(dom, *totals(klass)):
+        return QUOTA, current
+    return None, klass
+
+
+def decide_eom(klass: str | None, size: int, domains: dict[str, Domain],
+               totals) -> Reply | None:
+    """Last check before the message is held: does it still fit the quota?"""
+    if not klass:
+        return None
+    if over_quota(domains[klass], *totals(klass), size=size):
+        return QUOTA
+    return None
