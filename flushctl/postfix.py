@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -149,7 +150,16 @@ class Postfix:
         Only messages whose retry time has come are taken (no 'A' flag, so
         this is not ``postqueue -f``).
         """
-        self._run([_binary("postkick"), "-c", self.config_directory, "public", "qmgr", "FD"])
+        argv = [_binary("postkick"), "-c", self.config_directory, "public", "qmgr", "FD"]
+        # qmgr's fifo has no reader for a moment while master restarts qmgr.
+        for attempt in range(5):
+            try:
+                self._run(argv)
+                return
+            except PostfixError:
+                if attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     def list_queue(self) -> list[dict]:
         """The whole queue as ``postqueue -j`` objects (O(queue): keep off hot paths)."""

@@ -1,0 +1,214 @@
+"""Fixtures for integration tests: a private Postfix, our milter, smtp-sink.
+
+Everything binds to loopback on free ports and lives in temporary
+directories; each fixture stops what it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from instance import PostfixInstance, free_port  # noqa: E402
+
+FLUSHCTL = [sys.executable, "-m", "flushctl"]
+
+pytestmark = pytest.mark.integration
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.geteuid() != 0 or shutil.which("postfix", path="/usr/sbin:/usr/bin") is None:
+        skip = pytest.mark.skip(reason="needs root and an installed Postfix")
+        for item in items:
+            if "integration" in str(item.fspath):
+                item.add_marker(skip)
+
+
+def wait_until(predicate, timeout=20.0, interval=0.1, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _connectable(path: Path) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(path))
+        return True
+    except OSError:
+        return False
+
+
+class Sink:
+    """smtp-sink as the customer's mail server; -d keeps what it receives."""
+
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="flushctl-sink-"))
+        os.chmod(self.dir, 0o777)
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            ["smtp-sink", "-u", "nobody", "-d", str(self.dir) + "/%M%S.", "-h", "customer.test",
+             f"127.0.0.1:{self.port}", "64"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self._listening, 10, what="smtp-sink")
+        return self
+
+    def _listening(self):
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), 0.5):
+                return True
+        except OSError:
+            return False
+
+    def stop(self):
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def messages(self) -> list[str]:
+        out = []
+        for path in sorted(self.dir.rglob("*")):
+            if path.is_file():
+                out.append(path.read_text(errors="replace"))
+        return out
+
+    def cleanup(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@dataclass
+class Stack:
+    pf: PostfixInstance
+    config_path: Path
+    state_dir: Path
+    sink: Sink
+    milter: subprocess.Popen | None = None
+
+    def flushctl(self, *args, check=True, timeout=120):
+        env = dict(os.environ, FLUSHCTL_CONFIG=str(self.config_path))
+        proc = subprocess.run([*FLUSHCTL, *args], capture_output=True, text=True,
+                              env=env, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"flushctl {' '.join(args)} exited {proc.returncode}:\n"
+                                 f"{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def status(self, domain=None):
+        args = ["status", "--json"] + ([domain] if domain else [])
+        return json.loads(self.flushctl(*args).stdout)
+
+    def send(self, rcpts, sender="someone@sender.test", subject="test", body="hello\n",
+             extra_headers=""):
+        msg = (f"From: {sender}\nTo: {', '.join(rcpts)}\nSubject: {subject}\n"
+               f"{extra_headers}\n{body}")
+        with smtplib.SMTP("127.0.0.1", self.pf.smtpd_port, timeout=30) as smtp:
+            return smtp.sendmail(sender, rcpts, msg)
+
+    def start_milter(self):
+        sock = self.state_dir / "milter" / "milter.sock"
+        if sock.exists():
+            sock.unlink()
+        env = dict(os.environ, FLUSHCTL_CONFIG=str(self.config_path))
+        self.milter = subprocess.Popen([*FLUSHCTL, "milter"], env=env,
+                                       stdout=subprocess.DEVNULL,
+                                       stderr=open(self.state_dir / "milter.log", "ab"))
+        wait_until(lambda: _connectable(sock), 15, what="milter socket")
+
+    def stop_milter(self, sig=signal.SIGTERM):
+        if self.milter and self.milter.poll() is None:
+            self.milter.send_signal(sig)
+            try:
+                self.milter.wait(15)
+            except subprocess.TimeoutExpired:
+                self.milter.kill()
+                self.milter.wait()
+        self.milter = None
+
+    def queue(self):
+        return self.pf.queue()
+
+
+def write_config(path: Path, pf: PostfixInstance, state_dir: Path, domains: str) -> None:
+    path.write_text(f"""
+[postfix]
+config_directory = "{pf.config_directory}"
+[state]
+directory = "{state_dir}"
+[milter]
+listen = "unix:{state_dir}/milter/milter.sock"
+[poller]
+probe_timeout = 2
+{domains}
+""")
+
+
+def default_domains(sink_port: int) -> str:
+    return f"""
+[domains."customer.test"]
+relay = "[127.0.0.1]:{sink_port}"
+
+[domains."listed.test"]
+relay = "[127.0.0.1]:{sink_port}"
+recipients = ["alice@listed.test", "Bob@listed.test"]
+
+[domains."small.test"]
+relay = "[127.0.0.1]:{sink_port}"
+quota_messages = 2
+"""
+
+
+@pytest.fixture
+def make_stack():
+    """Build a running stack; ``extra_main`` tunes the private main.cf."""
+    built = []
+
+    def build(extra_main=None, domains=None, start_sink=False, milter=True):
+        sink = Sink()
+        pf = PostfixInstance.create(extra_main)
+        state_dir = pf.root / "state"
+        state_dir.mkdir()
+        config_path = pf.root / "flushctl.toml"
+        write_config(config_path, pf, state_dir, domains or default_domains(sink.port))
+        stack = Stack(pf=pf, config_path=config_path, state_dir=state_dir, sink=sink)
+        built.append(stack)
+        stack.flushctl("apply")
+        pf.start()
+        if milter:
+            stack.start_milter()
+        if start_sink:
+            sink.start()
+        return stack
+
+    yield build
+    for stack in built:
+        stack.stop_milter()
+        stack.sink.cleanup()
+        stack.pf.destroy()
+
+
+@pytest.fixture
+def stack(make_stack):
+    return make_stack()

@@ -1,0 +1,37 @@
+"""Mail for an offline customer is held, counted, and released by `flushctl flush`."""
+
+from conftest import wait_until
+
+
+def held_ids(stack, domain=None):
+    return [m["queue_id"] for m in stack.queue() if m["queue_name"] == "hold"]
+
+
+def test_held_counted_released_delivered_with_tag(stack):
+    for i in range(3):
+        stack.send(["user@customer.test"], subject=f"held {i}")
+    wait_until(lambda: len(held_ids(stack)) == 3, what="3 held messages")
+
+    [row] = stack.status("customer.test")
+    assert row["messages"] == 3
+    assert row["bytes"] > 0
+    assert row["oldest_arrival"] is not None
+    assert row["last_flush"] is None
+
+    # customer offline: nothing is released, the mail stays on hold
+    proc = stack.flushctl("flush", "customer.test", check=False)
+    assert proc.returncode == 3, proc.stderr
+    assert "not reachable" in proc.stderr
+    assert len(held_ids(stack)) == 3
+
+    stack.sink.start()
+    proc = stack.flushctl("flush", "customer.test", "--wait", "--timeout", "60")
+    assert "released 3" in proc.stdout
+    wait_until(lambda: len(stack.sink.messages()) == 3, what="3 deliveries")
+    for text in stack.sink.messages():
+        assert "X-OnDemand-Domain: customer.test" in text
+    assert stack.queue() == []
+    [row] = stack.status("customer.test")
+    assert row["messages"] == 0
+    assert row["last_flush"] is not None
+    assert row["reachable"] is True

@@ -1,0 +1,70 @@
+"""Held mail neither expires nor bounces, whatever maximal_queue_lifetime says."""
+
+import time
+
+from conftest import wait_until
+
+SHORT_LIFETIMES = {
+    "maximal_queue_lifetime": "4s",
+    "bounce_queue_lifetime": "4s",
+    "minimal_backoff_time": "1s",
+    "maximal_backoff_time": "2s",
+    "queue_run_delay": "1s",
+}
+
+
+def bounce_lines(stack):
+    return [line for line in stack.pf.log().splitlines()
+            if "status=expired" in line or "status=bounced" in line
+            or "non-delivery notification" in line]
+
+
+def test_offline_customer_keeps_mail_far_past_the_lifetime(make_stack):
+    stack = make_stack(extra_main=SHORT_LIFETIMES)
+    for i in range(3):
+        stack.send(["user@customer.test"], subject=f"keep {i}")
+    wait_until(lambda: len(stack.queue()) == 3, what="3 held")
+
+    # The customer stays offline for several lifetimes while releases are
+    # tried (by the admin here; finger, ETRN and the poller use the same path).
+    deadline = time.monotonic() + 16
+    attempts = 0
+    while time.monotonic() < deadline:
+        proc = stack.flushctl("flush", "customer.test", check=False)
+        assert proc.returncode == 3, proc.stdout + proc.stderr
+        attempts += 1
+        time.sleep(2)
+    assert attempts >= 5
+    queue = stack.queue()
+    assert len(queue) == 3
+    assert {m["queue_name"] for m in queue} == {"hold"}
+    assert bounce_lines(stack) == []
+
+    stack.sink.start()
+    stack.flushctl("flush", "customer.test", "--wait", "--timeout", "60")
+    wait_until(lambda: len(stack.sink.messages()) == 3, what="3 deliveries")
+    assert stack.queue() == []
+    assert bounce_lines(stack) == []
+    [row] = stack.status("customer.test")
+    assert row["messages"] == 0
+
+
+def test_mail_that_fails_after_a_release_goes_back_on_hold(make_stack):
+    """The server answers the probe, then refuses every recipient with 4xx."""
+    stack = make_stack(extra_main={**SHORT_LIFETIMES, "maximal_queue_lifetime": "1h",
+                                   "bounce_queue_lifetime": "1h"})
+    stack.send(["user@customer.test"])
+    wait_until(lambda: len(stack.queue()) == 1, what="held")
+    stack.sink.proc = None
+    import subprocess
+    stack.sink.proc = subprocess.Popen(
+        ["smtp-sink", "-u", "nobody", "-r", "rcpt", f"127.0.0.1:{stack.sink.port}", "16"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(stack.sink._listening, 10, what="refusing sink")
+    proc = stack.flushctl("flush", "customer.test", "--wait", "--timeout", "30", check=False)
+    assert proc.returncode == 5, proc.stdout + proc.stderr
+    [msg] = stack.queue()
+    assert msg["queue_name"] == "hold"
+    [row] = stack.status("customer.test")
+    assert row["messages"] == 1
+    assert bounce_lines(stack) == []
