@@ -1,0 +1,121 @@
+"""flushctl.queuefiles: where Postfix keeps a queue file."""
+
+import os
+
+import pytest
+
+from flushctl import queuefiles
+from flushctl.queuefiles import QueueLayout, hash_key, relative_path
+
+DEFAULT_HASHED = frozenset({"deferred", "defer"})
+
+
+# Real data from a Postfix 3.7 instance (enable_long_queue_ids = yes,
+# hash_queue_names = deferred, defer; hash_queue_depth = 1).
+REAL_LONG_IDS = [
+    ("4jcczJ2wnFzJ9C2", "64DE1"),
+    ("4jcczJ2xwpzJ9C3", "659FA"),
+    ("4jcczJ2v7dzJ9C1", "63C7D"),
+]
+
+
+@pytest.mark.parametrize("queue_id, key", REAL_LONG_IDS)
+def test_hash_key_long_ids_real_postfix(queue_id, key):
+    assert hash_key(queue_id) == key
+
+
+@pytest.mark.parametrize("queue_id, _key", REAL_LONG_IDS)
+def test_relative_path_long_ids_real_postfix(queue_id, _key):
+    assert relative_path("deferred", queue_id, DEFAULT_HASHED, 1) == f"deferred/6/{queue_id}"
+
+
+@pytest.mark.parametrize("queue_id", ["3F2A81C0B", "A1B2C3D4E5", "0F1E2D3C4B"])
+def test_hash_key_short_id_is_the_id(queue_id):
+    assert hash_key(queue_id) == queue_id
+
+
+def test_relative_path_short_id_uses_own_leading_chars():
+    assert relative_path("deferred", "3F2A81C0B", DEFAULT_HASHED, 1) == "deferred/3/3F2A81C0B"
+    assert relative_path("defer", "3F2A81C0B", DEFAULT_HASHED, 2) == "defer/3/F/3F2A81C0B"
+
+
+@pytest.mark.parametrize("queue", ["hold", "incoming", "active", "maildrop"])
+def test_unhashed_queue(queue):
+    assert relative_path(queue, "4jcczJ2wnFzJ9C2", DEFAULT_HASHED, 1) == f"{queue}/4jcczJ2wnFzJ9C2"
+    assert relative_path(queue, "3F2A81C0B", DEFAULT_HASHED, 2) == f"{queue}/3F2A81C0B"
+
+
+def test_depth_two_gives_two_levels():
+    assert relative_path("deferred", "4jcczJ2wnFzJ9C2", DEFAULT_HASHED, 2) == \
+        "deferred/6/4/4jcczJ2wnFzJ9C2"
+    assert relative_path("deferred", "4jcczJ2xwpzJ9C3", DEFAULT_HASHED, 2) == \
+        "deferred/6/5/4jcczJ2xwpzJ9C3"
+    assert relative_path("deferred", "4jcczJ2v7dzJ9C1", DEFAULT_HASHED, 3) == \
+        "deferred/6/3/C/4jcczJ2v7dzJ9C1"
+
+
+def test_depth_zero_hashed_queue_is_flat():
+    assert relative_path("deferred", "4jcczJ2wnFzJ9C2", DEFAULT_HASHED, 0) == \
+        "deferred/4jcczJ2wnFzJ9C2"
+
+
+def test_hold_hashed_when_listed():
+    hashed = frozenset({"hold", "deferred"})
+    assert relative_path("hold", "4jcczJ2wnFzJ9C2", hashed, 1) == "hold/6/4jcczJ2wnFzJ9C2"
+
+
+def test_usec_decoding_by_hand():
+    # 4 usec chars before the last 'z': "0001" -> 1, "0010" -> 52
+    assert hash_key("BBBBBB0001zB") == "00001"
+    assert hash_key("BBBBBB0010zB") == f"{52:05X}"
+    # 999999 usec, the largest Postfix writes, is "75pl" in base 52 -> F423F
+    assert hash_key("BBBBBB75plzB") == "F423F"
+
+
+def test_seconds_may_contain_z():
+    # 'z' is in the 52-letter alphabet for seconds and usec; the separator is
+    # the last 'z' (inode numbers use base 51, without 'z').
+    assert hash_key("4jzczJ2wnFzJ9C2") == hash_key("4jcczJ2wnFzJ9C2")
+
+
+def test_short_separator_position_is_not_long_id():
+    # a 'z' before position 10 cannot be the time/inode separator
+    assert hash_key("BBBBBzCD") == "BBBBBzCD"
+
+
+def test_layout_from_params_defaults():
+    layout = QueueLayout.from_params({"queue_directory": "/var/spool/postfix"})
+    assert layout == QueueLayout("/var/spool/postfix", DEFAULT_HASHED, 1)
+
+
+def test_layout_from_params_parses_list():
+    layout = QueueLayout.from_params({"queue_directory": "/q", "hash_queue_names":
+                                      "Deferred,defer  hold", "hash_queue_depth": "2"})
+    assert layout.hashed == frozenset({"deferred", "defer", "hold"})
+    assert layout.depth == 2
+    assert layout.path("deferred", "4jcczJ2wnFzJ9C2") == "/q/deferred/6/4/4jcczJ2wnFzJ9C2"
+    assert layout.path("hold", "4jcczJ2wnFzJ9C2") == "/q/hold/6/4/4jcczJ2wnFzJ9C2"
+    assert layout.path("active", "4jcczJ2wnFzJ9C2") == "/q/active/4jcczJ2wnFzJ9C2"
+
+
+def test_locate_finds_file_in_queue(tmp_path):
+    layout = QueueLayout(str(tmp_path), DEFAULT_HASHED, 1)
+    qid = "4jcczJ2wnFzJ9C2"
+    path = tmp_path / "deferred" / "6" / qid
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"x" * 10)
+    found = layout.locate(qid)
+    assert found is not None
+    queue, st = found
+    assert queue == "deferred"
+    assert st.st_size == 10
+
+    os.makedirs(tmp_path / "hold")
+    (tmp_path / "hold" / qid).write_bytes(b"")
+    path.unlink()
+    assert layout.locate(qid)[0] == "hold"
+
+
+def test_locate_gone(tmp_path):
+    layout = QueueLayout(str(tmp_path), DEFAULT_HASHED, 1)
+    assert layout.locate("4jcczJ2wnFzJ9C2") is None

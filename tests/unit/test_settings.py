@@ -1,0 +1,379 @@
+"""flushctl.settings: what the Postfix instance must look like (pure)."""
+
+import pytest
+
+from flushctl import config, settings
+from flushctl.settings import SettingsError
+
+DATA = settings.load_data()
+
+BASE = """
+[postfix]
+config_directory = "/etc/postfix"
+
+[milter]
+listen = "{listen}"
+"""
+
+CUSTOMER = """
+[domains."customer.example"]
+relay = "[mail.customer.example]:25"
+"""
+
+LISTED = """
+[domains."listed.example"]
+recipients = ["alice@listed.example", "Bob@listed.example"]
+"""
+
+OPEN = """
+[domains."open.example"]
+"""
+
+EXPANDED = {
+    "queue_directory": "/var/spool/postfix",
+    "mynetworks": "127.0.0.0/8",
+    "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+}
+
+MAP_DIR = "/etc/postfix/flushctl"
+OUR_MILTER = "unix:/var/spool/postfix/flushctl/milter.sock"
+
+
+def make_config(*domains, listen="unix:/var/spool/postfix/flushctl/milter.sock"):
+    return config.parse(BASE.format(listen=listen) + "".join(domains), "/etc/flushctl/t.toml")
+
+
+def run_plan(cfg, raw=None, expanded=None, services=None, previous_ours=frozenset(),
+             chrooted=False):
+    return settings.plan(cfg, DATA, dict(raw or {}), dict(expanded or EXPANDED),
+                         dict(services or {}), set(previous_ours), smtpd_chrooted=chrooted)
+
+
+# -- split_list ----------------------------------------------------------------
+
+@pytest.mark.parametrize("value, expected", [
+    ("", []),
+    ("   ", []),
+    ("a", ["a"]),
+    ("a,b", ["a", "b"]),
+    ("a, b", ["a", "b"]),
+    ("a b\tc\n d", ["a", "b", "c", "d"]),
+    (" ,a,, ,b, ", ["a", "b"]),
+    ("inline:{a=b, c=d}", ["inline:{a=b, c=d}"]),
+    ("hash:/x, inline:{a=b, c=d}, y", ["hash:/x", "inline:{a=b, c=d}", "y"]),
+    ("inline:{ {a = b}, {c = d} } z", ["inline:{ {a = b}, {c = d} }", "z"]),
+    ("permit_mynetworks,reject_unauth_destination",
+     ["permit_mynetworks", "reject_unauth_destination"]),
+])
+def test_split_list(value, expected):
+    assert settings.split_list(value) == expected
+
+
+# -- merge_list ----------------------------------------------------------------
+
+def test_merge_list_ours_first_admin_kept():
+    assert settings.merge_list(["ours"], "admin1, admin2", set()) == "ours, admin1, admin2"
+
+
+def test_merge_list_empty_current():
+    assert settings.merge_list(["a", "b"], "", set()) == "a, b"
+
+
+def test_merge_list_ours_moves_to_front():
+    assert settings.merge_list(["ours"], "admin1 ours admin2", set()) == "ours, admin1, admin2"
+
+
+def test_merge_list_drops_our_stale_entries():
+    merged = settings.merge_list(["new"], "old, admin, new", {"old", "new"})
+    assert merged == "new, admin"
+
+
+def test_merge_list_no_duplicates():
+    assert settings.merge_list(["a", "a"], "b, b, a, c", set()) == "a, b, c"
+
+
+def test_merge_list_keeps_inline_tables_whole():
+    merged = settings.merge_list(["ours"], "inline:{x=y, z=w}", set())
+    assert merged == "ours, inline:{x=y, z=w}"
+
+
+@pytest.mark.parametrize("current, previous", [
+    ("", set()),
+    ("admin1, admin2", set()),
+    ("old, admin, ours", {"old"}),
+    ("admin ours admin", {"ours"}),
+])
+def test_merge_list_idempotent(current, previous):
+    once = settings.merge_list(["ours", "ours2"], current, previous)
+    twice = settings.merge_list(["ours", "ours2"], once, previous)
+    assert once == twice
+
+
+def test_merge_list_nothing_of_ours():
+    assert settings.merge_list([], "ours, admin", {"ours"}) == "admin"
+    assert settings.merge_list([], "ours", {"ours"}) == ""
+
+
+# -- milter_spec ---------------------------------------------------------------
+
+def test_milter_spec_chrooted_inside_queue_dir():
+    cfg = make_config()
+    assert settings.milter_spec(cfg, "/var/spool/postfix", True) == "unix:/flushctl/milter.sock"
+    assert settings.milter_spec(cfg, "/var/spool/postfix/", True) == "unix:/flushctl/milter.sock"
+
+
+def test_milter_spec_chrooted_outside_queue_dir():
+    cfg = make_config(listen="unix:/run/flushctl/milter.sock")
+    with pytest.raises(SettingsError, match="milter.listen"):
+        settings.milter_spec(cfg, "/var/spool/postfix", True)
+
+
+def test_milter_spec_chrooted_sibling_prefix_is_outside():
+    cfg = make_config(listen="unix:/var/spool/postfix2/milter.sock")
+    with pytest.raises(SettingsError):
+        settings.milter_spec(cfg, "/var/spool/postfix", True)
+
+
+def test_milter_spec_not_chrooted_is_absolute():
+    cfg = make_config(listen="unix:/run/flushctl/milter.sock")
+    assert settings.milter_spec(cfg, "/var/spool/postfix", False) == \
+        "unix:/run/flushctl/milter.sock"
+
+
+@pytest.mark.parametrize("chrooted", [True, False])
+def test_milter_spec_inet_unchanged(chrooted):
+    cfg = make_config(listen="inet:127.0.0.1:8899")
+    assert settings.milter_spec(cfg, "/var/spool/postfix", chrooted) == "inet:127.0.0.1:8899"
+
+
+# -- render_maps ---------------------------------------------------------------
+
+def test_render_maps():
+    cfg = make_config(CUSTOMER, LISTED, OPEN)
+    maps = settings.render_maps(cfg)
+    assert set(maps) == {"relay_domains", "transport", "relay_recipients"}
+
+    transport = maps["transport"].splitlines()
+    assert transport[0].startswith("#")
+    assert "customer.example\tondemand:[mail.customer.example]:25" in transport
+    assert ".customer.example\tondemand:[mail.customer.example]:25" in transport
+    assert "listed.example\tondemand:listed.example" in transport
+    assert ".listed.example\tondemand:listed.example" in transport
+    assert len(transport) == 1 + 6
+
+    relay = maps["relay_domains"].splitlines()
+    assert relay[1:] == ["customer.example\tOK", "listed.example\tOK", "open.example\tOK"]
+
+    recipients = maps["relay_recipients"].splitlines()
+    assert recipients[1:] == [
+        "@customer.example\tOK",
+        "alice@listed.example\tOK",
+        "bob@listed.example\tOK",
+        "@open.example\tOK",
+    ]
+
+
+def test_render_maps_header_names_config_file():
+    maps = settings.render_maps(make_config(CUSTOMER))
+    for text in maps.values():
+        assert text.startswith("# Written by flushctl apply from /etc/flushctl/t.toml")
+
+
+def test_render_maps_custom_transport_name():
+    cfg = config.parse('[postfix]\ntransport = "hold-smtp"\n' + CUSTOMER)
+    transport = settings.render_maps(cfg)["transport"].splitlines()
+    assert "customer.example\thold-smtp:[mail.customer.example]:25" in transport
+
+
+# -- safety checks -------------------------------------------------------------
+
+@pytest.mark.parametrize("value", [
+    "0.0.0.0/0",
+    "::/0",
+    "[::]/0",
+    "127.0.0.0/8, 0.0.0.0/0",
+    "127.0.0.0/8 [::]/0",
+    "10.0.0.0/8\n  0.0.0.0/0",
+    "0.0.0.0/0.0.0.0",
+])
+def test_check_mynetworks_open_relay(value):
+    with pytest.raises(SettingsError, match="open relay"):
+        settings.check_mynetworks(value, DATA)
+
+
+@pytest.mark.parametrize("value", [
+    "",
+    "127.0.0.0/8",
+    "127.0.0.0/8 [::1]/128",
+    "127.0.0.0/8, 192.0.2.0/24, [2001:db8::]/32",
+    "hash:/etc/postfix/network_table",
+    "$myhostname",
+])
+def test_check_mynetworks_ok(value):
+    assert settings.check_mynetworks(value, DATA) is None
+
+
+@pytest.mark.parametrize("value, ok", [
+    ("permit_mynetworks, reject_unauth_destination", True),
+    ("permit_mynetworks, permit_sasl_authenticated, defer_unauth_destination", True),
+    ("reject_unauth_destination", True),
+    ("permit_mynetworks reject_unauth_destination permit", True),
+    ("", False),
+    ("permit_mynetworks", False),
+    ("permit_mynetworks, permit", False),
+    ("permit, reject_unauth_destination", False),
+    ("permit_mynetworks, permit, reject_unauth_destination", False),
+    ("permit_auth_destination, reject_unauth_destination", False),
+    ("permit_mynetworks, reject", False),
+])
+def test_relay_restrictions_ok(value, ok):
+    assert settings.relay_restrictions_ok(value, DATA) is ok
+
+
+# -- plan ----------------------------------------------------------------------
+
+def test_plan_fresh_instance():
+    cfg = make_config(CUSTOMER)
+    p = run_plan(cfg)
+    assert p.params == {
+        "relay_domains": f"hash:{MAP_DIR}/relay_domains",
+        "transport_maps": f"hash:{MAP_DIR}/transport",
+        "defer_transports": "ondemand",
+        "fast_flush_domains": f"hash:{MAP_DIR}/relay_domains",
+        "smtpd_milters": OUR_MILTER,
+        "enable_long_queue_ids": "yes",
+        "milter_default_action": "tempfail",
+        "smtpd_etrn_restrictions": "reject",
+    }
+    assert p.params["smtpd_etrn_restrictions"]
+    assert "relay_recipient_maps" not in p.params
+    assert "smtpd_relay_restrictions" not in p.params
+    assert p.service is not None
+    assert p.service.split() == ["ondemand", "unix", "-", "-", "n", "-", "-", "smtp"]
+    assert p.maps == settings.render_maps(cfg)
+    assert f"hash:{MAP_DIR}/relay_domains" in p.ours
+    assert OUR_MILTER in p.ours
+    assert "ondemand" in p.ours
+
+
+def test_plan_second_run_is_idempotent():
+    cfg = make_config(CUSTOMER)
+    first = run_plan(cfg)
+    raw = dict(first.params)
+    services = {"ondemand/unix": first.service}
+    second = run_plan(cfg, raw=raw, services=services)
+    assert second.params == {}
+    assert second.service is None
+    # and with the previous run's entries known as ours
+    third = run_plan(cfg, raw=raw, services=services, previous_ours=set(first.ours))
+    assert third.params == {}
+    assert third.service is None
+
+
+def test_plan_service_whitespace_insensitive():
+    cfg = make_config(CUSTOMER)
+    first = run_plan(cfg)
+    services = {"ondemand/unix": "ondemand   unix  -  -  n  -  -  smtp"}
+    assert run_plan(cfg, raw=first.params, services=services).service is None
+
+
+def test_plan_service_differs():
+    cfg = make_config(CUSTOMER)
+    services = {"ondemand/unix": "ondemand unix - - y - - smtp"}
+    assert run_plan(cfg, services=services).service == "ondemand unix - - n - - smtp"
+
+
+def test_plan_keeps_admin_milter_after_ours():
+    cfg = make_config(CUSTOMER)
+    p = run_plan(cfg, raw={"smtpd_milters": "inet:127.0.0.1:8891"})
+    assert p.params["smtpd_milters"] == f"{OUR_MILTER}, inet:127.0.0.1:8891"
+
+
+def test_plan_keeps_admin_entries_in_lists():
+    cfg = make_config(CUSTOMER)
+    raw = {"relay_domains": "admin.example", "transport_maps": "hash:/etc/postfix/transport"}
+    p = run_plan(cfg, raw=raw)
+    assert p.params["relay_domains"] == f"hash:{MAP_DIR}/relay_domains, admin.example"
+    assert p.params["transport_maps"] == \
+        f"hash:{MAP_DIR}/transport, hash:/etc/postfix/transport"
+
+
+def test_plan_drops_previous_entries_no_longer_ours():
+    cfg = make_config(CUSTOMER, listen="inet:127.0.0.1:8899")
+    raw = {"smtpd_milters": f"{OUR_MILTER}, inet:127.0.0.1:8891"}
+    p = run_plan(cfg, raw=raw, previous_ours={OUR_MILTER})
+    assert p.params["smtpd_milters"] == "inet:127.0.0.1:8899, inet:127.0.0.1:8891"
+
+
+def test_plan_chrooted_milter_path():
+    p = run_plan(make_config(CUSTOMER), chrooted=True)
+    assert p.params["smtpd_milters"] == "unix:/flushctl/milter.sock"
+
+
+def test_plan_chrooted_socket_outside_queue_fails():
+    cfg = make_config(CUSTOMER, listen="unix:/run/flushctl/milter.sock")
+    with pytest.raises(SettingsError):
+        run_plan(cfg, chrooted=True)
+
+
+def test_plan_open_mynetworks_refused():
+    expanded = dict(EXPANDED, mynetworks="0.0.0.0/0")
+    with pytest.raises(SettingsError, match="open relay"):
+        run_plan(make_config(CUSTOMER), expanded=expanded)
+
+
+def test_plan_fixes_unsafe_relay_restrictions():
+    expanded = dict(EXPANDED, smtpd_relay_restrictions="permit_mynetworks, permit")
+    p = run_plan(make_config(CUSTOMER), expanded=expanded)
+    assert p.params["smtpd_relay_restrictions"] == \
+        "permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination"
+
+
+def test_plan_relay_recipient_maps_only_with_lists():
+    without = run_plan(make_config(CUSTOMER, OPEN))
+    assert "relay_recipient_maps" not in without.params
+    assert f"hash:{MAP_DIR}/relay_recipients" not in without.ours
+
+    with_lists = run_plan(make_config(CUSTOMER, LISTED))
+    assert with_lists.params["relay_recipient_maps"] == f"hash:{MAP_DIR}/relay_recipients"
+    assert f"hash:{MAP_DIR}/relay_recipients" in with_lists.ours
+
+
+def test_plan_relay_recipient_maps_idempotent():
+    cfg = make_config(CUSTOMER, LISTED)
+    first = run_plan(cfg)
+    second = run_plan(cfg, raw=first.params, services={"ondemand/unix": first.service},
+                      previous_ours=set(first.ours))
+    assert second.params == {}
+    assert second.service is None
+
+
+def test_plan_relay_recipient_maps_keeps_admin_map():
+    cfg = make_config(CUSTOMER, LISTED)
+    raw = {"relay_domains": "admin.example",
+           "relay_recipient_maps": "hash:/etc/postfix/relay_recipients"}
+    p = run_plan(cfg, raw=raw)
+    assert p.params["relay_recipient_maps"] == \
+        f"hash:{MAP_DIR}/relay_recipients, hash:/etc/postfix/relay_recipients"
+
+
+def test_plan_refuses_recipient_maps_that_would_block_admin_domains():
+    cfg = make_config(CUSTOMER, LISTED)
+    with pytest.raises(SettingsError, match="admin.example"):
+        run_plan(cfg, raw={"relay_domains": "admin.example", "relay_recipient_maps": ""})
+
+
+def test_plan_admin_domains_fine_without_lists():
+    p = run_plan(make_config(CUSTOMER, OPEN), raw={"relay_domains": "admin.example"})
+    assert "relay_recipient_maps" not in p.params
+
+
+def test_plan_removes_our_recipient_map_when_lists_go_away():
+    ours = f"hash:{MAP_DIR}/relay_recipients"
+    p = run_plan(make_config(CUSTOMER),
+                 raw={"relay_recipient_maps": f"{ours}, hash:/etc/postfix/admin_rcpt"},
+                 previous_ours={ours})
+    assert p.params["relay_recipient_maps"] == "hash:/etc/postfix/admin_rcpt"
+
+    p = run_plan(make_config(CUSTOMER), raw={"relay_recipient_maps": ours})
+    assert p.params["relay_recipient_maps"] == ""
