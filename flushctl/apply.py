@@ -12,8 +12,10 @@ A second apply with the same config finds nothing to change.
 
 from __future__ import annotations
 
+import grp
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -78,6 +80,27 @@ def _save_ours(config: Config, ours: list[str]) -> None:
     os.replace(tmp, path)
 
 
+SECRET_FILE = "hold-secret"
+
+
+def hold_secret(state_directory: str) -> str:
+    """This installation's secret for the hold header ('' if none yet)."""
+    try:
+        with open(os.path.join(state_directory, SECRET_FILE)) as fh:
+            return fh.read().strip()
+    except FileNotFoundError:
+        return ""
+
+
+def _save_secret(state_directory: str, secret: str) -> None:
+    os.makedirs(state_directory, mode=0o750, exist_ok=True)
+    path = os.path.join(state_directory, SECRET_FILE)
+    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secret + "\n")
+    os.replace(path + ".tmp", path)
+
+
 def _read(path: str) -> str | None:
     try:
         with open(path) as fh:
@@ -91,7 +114,8 @@ def _changed_maps(config: Config, maps: dict[str, str]) -> list[str]:
     changed = []
     for name, text in maps.items():
         path = os.path.join(directory, name)
-        if _read(path) != text or not os.path.exists(path + ".db"):
+        if _read(path) != text or (name in settings.HASH_MAPS
+                                   and not os.path.exists(path + ".db")):
             changed.append(name)
     return changed
 
@@ -106,13 +130,24 @@ def _build_maps(pf: Postfix, config: Config, maps: dict[str, str], names: list[s
             with os.fdopen(fd, "w") as fh:
                 fh.write(maps[name])
             os.chmod(tmp, 0o644)
-            pf.postmap(f"hash:{tmp}")
-            os.replace(tmp + ".db", final + ".db")
+            if name in settings.HASH_MAPS:
+                pf.postmap(f"hash:{tmp}")
+                os.replace(tmp + ".db", final + ".db")
+            else:
+                _chgrp_postfix(tmp, 0o640)  # it names the hold secret
             os.replace(tmp, final)
         finally:
             for leftover in (tmp, tmp + ".db"):
                 if os.path.exists(leftover):
                     os.unlink(leftover)
+
+
+def _chgrp_postfix(path: str, mode: int) -> None:
+    try:
+        os.chown(path, 0, grp.getgrnam("postfix").gr_gid)
+    except (KeyError, PermissionError):
+        pass
+    os.chmod(path, mode)
 
 
 def _stage(pf: Postfix, plan: settings.Plan) -> str:
@@ -145,9 +180,13 @@ def apply(config: Config, dry_run: bool = False, reload: bool = True) -> ApplyRe
     raw = pf.get_explicit(*list_names, "smtpd_relay_restrictions")
     expanded = pf.get(*MANAGED)
     services = pf.services()
+    secret = hold_secret(config.state_directory)
+    new_secret = not secret
+    if new_secret:
+        secret = secrets.token_hex(16)
     try:
         plan = settings.plan(config, data, raw, expanded, services, _previous_ours(config),
-                             _smtpd_chrooted(services))
+                             _smtpd_chrooted(services), secret)
     except settings.SettingsError as exc:
         raise ApplyError(str(exc)) from None
     report = ApplyReport(changed_params=dict(plan.params), service=plan.service,
@@ -159,6 +198,8 @@ def apply(config: Config, dry_run: bool = False, reload: bool = True) -> ApplyRe
 
     stage = _stage(pf, plan) if (plan.params or plan.service) else None
     try:
+        if new_secret:
+            _save_secret(config.state_directory, secret)
         _build_maps(pf, config, plan.maps, report.maps)
         if stage:
             for name in ("master.cf", "main.cf"):

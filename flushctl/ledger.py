@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS messages (
     queue_id TEXT PRIMARY KEY,
     domain   TEXT NOT NULL,
     size     INTEGER NOT NULL,
-    arrival  REAL NOT NULL
+    arrival  REAL NOT NULL,
+    ctime    REAL
 );
 CREATE INDEX IF NOT EXISTS messages_by_domain ON messages (domain, arrival);
 CREATE TABLE IF NOT EXISTS domains (
@@ -53,6 +54,7 @@ class Entry:
     domain: str
     size: int
     arrival: float
+    ctime: float  # when Postfix's lifetime clock for this queue file started
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,9 @@ class Ledger:
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
                     self._db.execute(stmt)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(messages)")}
+            if "ctime" not in columns:
+                self._db.execute("ALTER TABLE messages ADD COLUMN ctime REAL")
 
     def close(self) -> None:
         with self._lock:
@@ -104,12 +109,14 @@ class Ledger:
         db.execute("INSERT OR IGNORE INTO domains (domain) VALUES (?)", (domain,))
 
     # -- messages ----------------------------------------------------------
-    def record(self, queue_id: str, domain: str, size: int, arrival: float | None = None) -> bool:
+    def record(self, queue_id: str, domain: str, size: int, arrival: float | None = None,
+               ctime: float | None = None) -> bool:
         """Add a held message; False if the id was already recorded."""
         when = time.time() if arrival is None else arrival
         with self._tx() as db:
-            cur = db.execute("INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?)",
-                             (queue_id, domain, int(size), when))
+            cur = db.execute("INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?)",
+                             (queue_id, domain, int(size), when,
+                              when if ctime is None else ctime))
             if cur.rowcount == 0:
                 return False
             self._ensure_domain(db, domain)
@@ -120,9 +127,21 @@ class Ledger:
     def entries(self, domain: str) -> list[Entry]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT queue_id, domain, size, arrival FROM messages WHERE domain = ?"
-                " ORDER BY arrival", (domain,)).fetchall()
+                "SELECT queue_id, domain, size, arrival, COALESCE(ctime, arrival)"
+                " FROM messages WHERE domain = ? ORDER BY arrival", (domain,)).fetchall()
         return [Entry(*row) for row in rows]
+
+    def known(self, queue_ids) -> set[str]:
+        """Which of these ids the ledger has."""
+        ids = list(queue_ids)
+        found: set[str] = set()
+        with self._lock:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                found.update(r[0] for r in self._db.execute(
+                    f"SELECT queue_id FROM messages WHERE queue_id IN ({marks})", chunk))
+        return found
 
     def forget(self, queue_ids) -> int:
         """Drop rows (their messages are gone); totals follow."""

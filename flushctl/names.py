@@ -28,7 +28,7 @@ def domain(value: str) -> str:
     if len(labels) < 2:
         raise ValueError(f"not a fully qualified domain name: {value!r}")
     for label in labels:
-        if not _LABEL.match(label):
+        if not _LABEL.fullmatch(label):
             raise ValueError(f"invalid domain name: {value!r}")
     if labels[-1].isdigit():
         raise ValueError(f"invalid domain name (numeric top-level label): {value!r}")
@@ -37,9 +37,13 @@ def domain(value: str) -> str:
 
 def queue_id(value: str) -> str:
     """Return ``value`` if it is a Postfix queue id, or raise ValueError."""
-    if not isinstance(value, str) or not _QUEUE_ID.match(value):
+    if not isinstance(value, str) or not _QUEUE_ID.fullmatch(value):
         raise ValueError(f"not a Postfix queue id: {value!r}")
     return value
+
+
+def is_queue_id(value: str) -> bool:
+    return bool(_QUEUE_ID.fullmatch(value))
 
 
 def address(value: str) -> tuple[str, str]:

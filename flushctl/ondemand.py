@@ -16,14 +16,18 @@ import time
 from dataclasses import dataclass, field
 
 from . import names
+from .settings import HOLD_HEADER
 from .config import Config, Domain
 from .ledger import Ledger
 from .postfix import Postfix
 from .probe import ProbeResult, probe
-from .queuefiles import QueueLayout
+from .queuefiles import QueueLayout, parse_duration, parse_postcat
 
 # How long after a release the sweep watches the domain at least.
 RELEASE_WATCH = 900.0
+# How long a refresh waits for pickup and cleanup to bring requeued mail back.
+REFRESH_WAIT = 60.0
+TAG_HEADER = "X-OnDemand-Domain"
 
 
 class Refused(Exception):
@@ -42,6 +46,7 @@ class Located:
     sizes: dict[str, int] = field(default_factory=dict)
     arrivals: dict[str, float] = field(default_factory=dict)
     mtimes: dict[str, float] = field(default_factory=dict)
+    ctimes: dict[str, float] = field(default_factory=dict)
     gone: list[str] = field(default_factory=list)
 
     def ids(self, *queues: str) -> list[str]:
@@ -91,6 +96,7 @@ class OnDemand:
         self.config = config
         self.postfix = postfix or Postfix(config.config_directory)
         self._layout = layout
+        self._stale_after: float | None = None
         self.ledger = ledger or Ledger(config.state_directory)
 
     @property
@@ -102,6 +108,19 @@ class OnDemand:
 
     def domain(self, name: str) -> Domain:
         return self.config.domain(name)
+
+    def stale_after(self) -> float:
+        """Seconds after which held mail is refreshed before a release.
+
+        Postfix returns a message once an attempt fails after
+        create_time + maximal_queue_lifetime (bounce_queue_lifetime for
+        bounces).  Held mail older than half of that gets a new clock
+        first, so a failed attempt right after a release never returns it.
+        """
+        if self._stale_after is None:
+            values = self.postfix.get("maximal_queue_lifetime", "bounce_queue_lifetime")
+            self._stale_after = min(parse_duration(v) for v in values.values()) / 2
+        return self._stale_after
 
     # -- reading -----------------------------------------------------------
     def locate(self, domain: str) -> Located:
@@ -116,6 +135,7 @@ class OnDemand:
             located.sizes[entry.queue_id] = entry.size
             located.arrivals[entry.queue_id] = entry.arrival
             located.mtimes[entry.queue_id] = st.st_mtime
+            located.ctimes[entry.queue_id] = entry.ctime
         if located.gone:
             self.ledger.forget(located.gone)
         return located
@@ -164,19 +184,78 @@ class OnDemand:
         return FlushResult(dom, released, result)
 
     def _release(self, dom: str) -> int:
+        # 1. Mail that failed after an earlier release and still waits in
+        #    the deferred queue goes back on hold first.
         located = self.locate(dom)
+        now = time.time()
+        failed = [q for q in located.ids("deferred") if located.mtimes[q] > now]
+        self.postfix.hold(failed)
+        # 2. Held mail whose lifetime clock is old gets a new one.
+        if failed:
+            located = self.locate(dom)
+        limit = time.time() - self.stale_after()
+        stale = [q for q in located.ids("hold") if located.ctimes[q] < limit]
+        if stale:
+            self.refresh(dom, stale)
+            located = self.locate(dom)
+        # 3. Release.  Mail with a retry time in the future (it failed an
+        #    attempt once) would be skipped by a deferred-queue scan, so it
+        #    goes one by one through the flush service.
         held = located.ids("hold")
         now = time.time()
-        # Mail that failed an earlier attempt has its retry time in the
-        # future; a deferred-queue scan would skip it, so it is sent one
-        # by one through the flush service instead.
         waiting = [q for q in held if located.mtimes[q] > now]
-        stuck = [q for q in located.ids("deferred") if located.mtimes[q] > now]
         self.postfix.release(held)
-        for qid in waiting + stuck:
+        for qid in waiting:
             self.postfix.flush_message(qid)
         self.postfix.scan_deferred()
-        return len(held) + len(stuck)
+        return len(held)
+
+    def refresh(self, dom: str, queue_ids: list[str]) -> int:
+        """Give held messages a new lifetime clock; the ledger follows their new ids.
+
+        ``postsuper -r`` sends them back through pickup and cleanup; the
+        hold header (header_checks) puts them straight back on hold, under
+        new queue ids, which ``adopt`` then finds by their tag header.
+        """
+        self.postfix.requeue(queue_ids)
+        deadline = time.monotonic() + REFRESH_WAIT
+        adopted = 0
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            if any(os.path.exists(self.layout.path("maildrop", q)) for q in queue_ids):
+                continue
+            adopted += self.adopt().get(dom, 0)
+            if adopted >= len(queue_ids):
+                break
+        self.locate(dom)  # the old ids are gone now: prune them
+        return adopted
+
+    def adopt(self) -> dict[str, int]:
+        """Record held messages that carry our tag but are not in the ledger.
+
+        Such messages come from a refresh, or from a ledger that lost rows.
+        Cost: one listing of the hold queue, one postcat for the unknown ids.
+        """
+        hold_dir = os.path.join(self.layout.queue_directory, "hold")
+        try:
+            present = [n for n in os.listdir(hold_dir) if names.is_queue_id(n)]
+        except FileNotFoundError:
+            return {}
+        unknown = sorted(set(present) - self.ledger.known(present))
+        counts: dict[str, int] = {}
+        if not unknown:
+            return counts
+        for msg in parse_postcat(self.postfix.read_messages(unknown)):
+            tags = msg.header(TAG_HEADER)
+            if len(tags) != 1 or not msg.header(HOLD_HEADER):
+                continue
+            dom = tags[0].lower()
+            if dom not in self.config.domains:
+                continue
+            if self.ledger.record(msg.queue_id, dom, msg.size, msg.arrival or time.time(),
+                                  msg.created or time.time()):
+                counts[dom] = counts.get(dom, 0) + 1
+        return counts
 
     def sweep(self, domain: str) -> dict[str, int]:
         """Put mail that failed after a release back on hold; end the watch when done.

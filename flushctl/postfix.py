@@ -139,6 +139,24 @@ class Postfix:
     def delete(self, ids: Iterable[str]) -> int:
         return self._postsuper_ids("-d", ids)
 
+    def requeue(self, ids: Iterable[str]) -> int:
+        """``postsuper -r``: back through pickup and cleanup, new id, new lifetime clock."""
+        count = self._postsuper_ids("-r", ids)
+        if count:
+            self._run([_binary("postkick"), "-c", self.config_directory, "public", "pickup", "W"])
+        return count
+
+    def read_messages(self, ids: Iterable[str], batch: int = 200) -> str:
+        """``postcat -e -h`` of queued messages (envelope and headers), by queue id."""
+        id_list = [names.queue_id(i) for i in ids]
+        out = []
+        for start in range(0, len(id_list), batch):
+            chunk = id_list[start:start + batch]
+            proc = self._run([_binary("postcat"), "-c", self.config_directory, "-e", "-h",
+                              "-q", *chunk], check=False)
+            out.append(proc.stdout)
+        return "".join(out)
+
     def flush_message(self, queue_id: str) -> None:
         """Deliver one deferred message now, ignoring defer_transports."""
         self._run([_binary("postqueue"), "-c", self.config_directory, "-i",

@@ -78,3 +78,74 @@ class QueueLayout:
         if found is None:
             found = self.locate_once(queue_id)
         return found
+
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    """What ``postcat -e -h`` says of one message."""
+
+    queue: str
+    queue_id: str
+    size: int
+    arrival: float | None
+    created: float | None
+    headers: tuple[tuple[str, str], ...]
+
+    def header(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+
+def _ctime(text: str) -> float | None:
+    import time
+    try:
+        return time.mktime(time.strptime(text.strip(), "%a %b %d %H:%M:%S %Y"))
+    except ValueError:
+        return None
+
+
+def parse_postcat(text: str) -> list[QueuedMessage]:
+    """Split ``postcat -e -h -q ID...`` output into messages (pure)."""
+    result = []
+    current = None
+    section = None
+    for line in text.splitlines():
+        if line.startswith("*** ") and line.endswith(" ***"):
+            title, _, where = line[4:-4].rpartition(" ")
+            queue, _, qid = where.partition("/")
+            if title == "ENVELOPE RECORDS":
+                if current:
+                    result.append(QueuedMessage(**current))
+                current = {"queue": queue, "queue_id": qid, "size": 0, "arrival": None,
+                           "created": None, "headers": ()}
+            section = title
+            continue
+        if current is None:
+            continue
+        if section == "ENVELOPE RECORDS":
+            key, _, value = line.partition(": ")
+            if key == "message_size":
+                current["size"] = int(value.split()[0])
+            elif key == "message_arrival_time":
+                current["arrival"] = _ctime(value)
+            elif key == "create_time":
+                current["created"] = _ctime(value)
+        elif section == "MESSAGE CONTENTS":
+            if line[:1] in (" ", "\t") and current["headers"]:
+                *rest, (k, v) = current["headers"]
+                current["headers"] = (*rest, (k, v + " " + line.strip()))
+            else:
+                key, sep, value = line.partition(":")
+                if sep:
+                    current["headers"] = (*current["headers"], (key.strip(), value.strip()))
+    if current:
+        result.append(QueuedMessage(**current))
+    return result
+
+
+def parse_duration(value: str) -> float:
+    """A Postfix time value ("5d", "300s", "4h", bare number = days) in seconds."""
+    value = value.strip()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    if value and value[-1] in units:
+        return float(value[:-1]) * units[value[-1]]
+    return float(value) * 86400

@@ -73,8 +73,17 @@ def milter_spec(config: Config, queue_directory: str, smtpd_chrooted: bool) -> s
     return "unix:" + listen.path[len(queue):]
 
 
-def render_maps(config: Config) -> dict[str, str]:
-    """Map source files (name -> text) for the configured domains."""
+HOLD_HEADER = "X-OnDemand-Hold"
+
+# Maps built with postmap; the others are regexp tables read as they are.
+HASH_MAPS = ("relay_domains", "transport", "relay_recipients")
+
+
+def render_maps(config: Config, secret: str = "") -> dict[str, str]:
+    """Map source files (name -> text) for the configured domains.
+
+    With ``secret``, also the two regexp tables behind the hold header.
+    """
     relay, transport, recipients = [], [], []
     for name in sorted(config.domains):
         dom = config.domains[name]
@@ -87,11 +96,15 @@ def render_maps(config: Config) -> dict[str, str]:
         else:
             recipients.extend(f"{local}@{name}\tOK\n" for local in sorted(dom.recipients))
     header = "# Written by flushctl apply from {}; do not edit.\n".format(config.path)
-    return {
+    maps = {
         "relay_domains": header + "".join(relay),
         "transport": header + "".join(transport),
         "relay_recipients": header + "".join(recipients),
     }
+    if secret:
+        maps["hold_tagged"] = header + f"/^{HOLD_HEADER}: {secret}$/ HOLD requeued on-demand mail\n"
+        maps["strip_hold"] = header + f"/^{HOLD_HEADER}:/ IGNORE\n"
+    return maps
 
 
 @dataclass(frozen=True)
@@ -131,7 +144,8 @@ def relay_restrictions_ok(expanded: str, data: dict) -> bool:
 
 
 def plan(config: Config, data: dict, raw: dict[str, str], expanded: dict[str, str],
-         services: dict[str, str], previous_ours: set[str], smtpd_chrooted: bool) -> Plan:
+         services: dict[str, str], previous_ours: set[str], smtpd_chrooted: bool,
+         secret: str = "") -> Plan:
     """Compare what is with what must be.
 
     ``raw``: main.cf values as written; ``expanded``: the same, expanded
@@ -176,4 +190,4 @@ def plan(config: Config, data: dict, raw: dict[str, str], expanded: dict[str, st
     entry = _fill(data["service"]["entry"], values)
     key = "/".join(entry.split()[:2])
     service = None if " ".join(services.get(key, "").split()) == " ".join(entry.split()) else entry
-    return Plan(params=changes, service=service, maps=render_maps(config), ours=ours)
+    return Plan(params=changes, service=service, maps=render_maps(config, secret), ours=ours)

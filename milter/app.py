@@ -20,8 +20,11 @@ import time
 
 import Milter
 
+from flushctl.apply import hold_secret
 from flushctl.config import Config
 from flushctl.ondemand import OnDemand
+from flushctl.postfix import PostfixError
+from flushctl.settings import HOLD_HEADER
 
 from . import policy
 
@@ -29,13 +32,15 @@ log = logging.getLogger("flushctl.milter")
 
 QUOTA_RECHECK = 10.0  # seconds between exact recounts of a domain near its quota
 KEEPER_INTERVAL = 5.0
+ADOPT_INTERVAL = 60.0
 
 
 class Shared:
     """What every connection of one milter process shares."""
 
-    def __init__(self, config: Config, ondemand: OnDemand):
+    def __init__(self, config: Config, ondemand: OnDemand, secret: str):
         self.config = config
+        self.secret = secret
         self.domains = config.domains
         self.ondemand = ondemand
         self.ledger = ondemand.ledger
@@ -140,6 +145,7 @@ class OnDemandMilter(Milter.Base):
             for index in range(self.forged, 0, -1):
                 self.chgheader(policy.HEADER, index, "")
             self.addheader(policy.HEADER, klass)
+            self.addheader(HOLD_HEADER, self.shared.secret)
             self.quarantine(f"on-demand: held for {klass}")
         except Exception:
             log.exception("event=error stage=eom domain=%s", klass)
@@ -156,11 +162,17 @@ class OnDemandMilter(Milter.Base):
 
 
 def _keeper(ondemand: OnDemand, stop: threading.Event) -> None:
+    """Re-hold what failed after a release; adopt tagged mail the ledger lacks."""
+    last_adopt = 0.0
     while not stop.wait(KEEPER_INTERVAL):
         try:
             for domain, result in ondemand.sweep_all().items():
                 if result["reheld"]:
                     log.info("event=reheld domain=%s messages=%d", domain, result["reheld"])
+            if time.monotonic() - last_adopt >= ADOPT_INTERVAL:
+                last_adopt = time.monotonic()
+                for domain, count in ondemand.adopt().items():
+                    log.info("event=adopted domain=%s messages=%d", domain, count)
         except Exception:
             log.exception("event=error stage=keeper")
 
@@ -184,7 +196,11 @@ def run(config: Config, ondemand: OnDemand | None = None) -> None:
     """Serve until SIGTERM/SIGINT (libmilter handles the signals)."""
     od = ondemand or OnDemand(config)
     od.layout  # read the queue layout now: fail early if Postfix is not there
-    OnDemandMilter.shared = Shared(config, od)
+    secret = hold_secret(config.state_directory)
+    if not secret:
+        raise PostfixError(f"{config.state_directory}: no hold secret yet; "
+                           "run `flushctl apply` first")
+    OnDemandMilter.shared = Shared(config, od, secret)
     listen = config.milter_listen
     if listen.kind == "unix":
         _prepare_unix_socket(listen.path)

@@ -252,10 +252,6 @@ def test_bad_config_names_file_and_key(text, key, words):
     assert words in message
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: names.domain accepts a label ending in a newline ('$' in _LABEL), so the "
-    "TOML key \"x\\n.example\" is accepted and later written into the map files "
-    "as two lines"))
 def test_domain_key_with_newline_is_refused():
     message = parse_error('[domains."x\\n.example"]\n')
     assert message.startswith(f"{PATH}: domains.")

@@ -1,0 +1,324 @@
+"""flushctl_milter.app: OnDemandMilter driven through pymilter's TestCtx.
+
+TestCtx (Milter/testctx.py) stands in for libmilter.  Two gaps are filled
+in a small subclass below:
+- TestCtx.quarantine() raises (``raise NotImplemented``), so we record it;
+- addheader()/chgheader() work on ``ctx._msg``, which only ``_feedFile``
+  sets; ``_feedFile`` itself cannot be used because our header()/body()
+  are @noreply and return NOREPLY, which ``_feedFile`` takes as a stop.
+  So the steps are driven one by one and ``_msg`` is set by hand.
+"""
+
+import email
+from io import BytesIO
+
+import Milter
+import pytest
+from Milter import testctx
+
+from flushctl import config
+from flushctl.ledger import Ledger
+from flushctl_milter import app, policy
+from flushctl_milter.app import OnDemandMilter, Shared
+
+CONFIG = """
+[domains."customer.example"]
+relay = "[mail.customer.example]:25"
+
+[domains."second.example"]
+
+[domains."listed.example"]
+recipients = ["alice@listed.example"]
+
+[domains."small.example"]
+quota_messages = 1
+
+[domains."tiny.example"]
+quota_bytes = 200
+"""
+
+QUEUE_ID = "4jcczJ2wnFzJ9C2"
+SECRET = "0123456789abcdef0123456789abcdef"
+HOLD_HEADER = "X-OnDemand-Hold"
+HEADER = "X-OnDemand-Domain"
+
+
+class FakeOnDemand:
+    def __init__(self, ledger):
+        self.ledger = ledger
+        self.located = []
+        self.on_locate = None
+
+    def locate(self, domain):
+        self.located.append(domain)
+        if self.on_locate:
+            self.on_locate(domain)
+
+
+class RecordingCtx(testctx.TestCtx):
+    def __init__(self):
+        super().__init__()
+        self.quarantined = []
+        self.added = []
+        self.changed = []
+
+    def quarantine(self, reason):  # TestCtx raises here
+        self.quarantined.append(reason)
+
+    def addheader(self, field, value, idx):
+        self.added.append((field, value))
+        return super().addheader(field, value, idx)
+
+    def chgheader(self, field, idx, value):
+        self.changed.append((field, idx, value))
+        return super().chgheader(field, idx, value)
+
+
+@pytest.fixture
+def cfg():
+    return config.parse(CONFIG, "/etc/flushctl/t.toml")
+
+
+@pytest.fixture
+def ondemand(tmp_path):
+    led = Ledger(str(tmp_path / "state"))
+    yield FakeOnDemand(led)
+    led.close()
+
+
+def make_shared(cfg, ondemand):
+    return Shared(cfg, ondemand, SECRET)
+
+
+def domain_headers(ctx):
+    return [(f, v) for f, v in ctx.added if f == HEADER]
+
+
+@pytest.fixture(autouse=True)
+def milter_setup(monkeypatch, cfg, ondemand):
+    monkeypatch.setattr(OnDemandMilter, "shared", make_shared(cfg, ondemand), raising=False)
+    monkeypatch.setattr(Milter, "factory", OnDemandMilter)
+
+
+MESSAGE = (
+    "From: sender@example.org\n"
+    "To: alice@customer.example\n"
+    "Subject: hello\n"
+    "\n"
+    "Hello there.\n"
+)
+
+
+def new_ctx(queue_id=QUEUE_ID):
+    ctx = RecordingCtx()
+    if queue_id is not None:
+        ctx._setsymval("i", queue_id)
+    assert ctx._connect() == Milter.CONTINUE
+    return ctx
+
+
+def send_data(ctx, text=MESSAGE):
+    """Headers, end of headers, body, end of message; the eom result."""
+    msg = email.message_from_string(text)
+    ctx._msg = msg
+    for name, value in msg.items():
+        assert ctx._header(name, value) in (Milter.CONTINUE, Milter.NOREPLY)
+    assert ctx._eoh() == Milter.CONTINUE
+    body = msg.get_payload().encode()
+    assert ctx._feed_body(BytesIO(body)) in (Milter.CONTINUE, Milter.NOREPLY)
+    return ctx._eom()
+
+
+def transaction(ctx, *rcpts, text=MESSAGE, sender="<sender@example.org>"):
+    assert ctx._envfrom(sender) == Milter.CONTINUE
+    for rcpt in rcpts:
+        assert ctx._envrcpt(rcpt) == Milter.CONTINUE
+    return send_data(ctx, text)
+
+
+def expected_size(text, klass):
+    msg = email.message_from_string(text)
+    size = sum(len(n) + len(v) + 4 for n, v in msg.items()) + len(msg.get_payload().encode())
+    return size + len(HEADER) + len(klass) + 4
+
+
+# -- customer mail is tagged, held and recorded --------------------------------
+
+def test_customer_message_is_tagged_quarantined_and_recorded(ondemand):
+    ctx = new_ctx()
+    rc = transaction(ctx, "<alice@customer.example>", "<bob@mx.customer.example>")
+    assert rc == Milter.ACCEPT
+    assert ctx._reply is None
+    assert domain_headers(ctx) == [(HEADER, "customer.example")]
+    assert ctx._msg.get_all(HEADER) == ["customer.example"]
+    assert [(f, v) for f, v in ctx.added if f == HOLD_HEADER] == [(HOLD_HEADER, SECRET)]
+    assert ctx.changed == []
+    assert len(ctx.quarantined) == 1
+    assert "customer.example" in ctx.quarantined[0]
+
+    (entry,) = ondemand.ledger.entries("customer.example")
+    assert entry.queue_id == QUEUE_ID
+    assert entry.domain == "customer.example"
+    assert entry.size == expected_size(MESSAGE, "customer.example")
+    state = ondemand.ledger.state("customer.example")
+    assert (state.messages, state.bytes) == (1, entry.size)
+
+
+def test_forged_header_is_deleted():
+    text = (f"{HEADER}: evil.example\n" + MESSAGE)
+    ctx = new_ctx()
+    assert transaction(ctx, "<alice@customer.example>", text=text) == Milter.ACCEPT
+    assert ctx.changed == [(HEADER, 1, "")]
+    assert domain_headers(ctx) == [(HEADER, "customer.example")]
+    assert ctx._msg.get_all(HEADER) == ["customer.example"]
+
+
+def test_two_forged_headers_deleted_from_the_last():
+    text = (f"{HEADER}: one.example\nx-ondemand-domain: two.example\n" + MESSAGE)
+    ctx = new_ctx()
+    assert transaction(ctx, "<alice@customer.example>", text=text) == Milter.ACCEPT
+    assert ctx.changed == [(HEADER, 2, ""), (HEADER, 1, "")]
+    assert ctx._msg.get_all(HEADER) == ["customer.example"]
+
+
+# -- refusals ------------------------------------------------------------------
+
+def test_second_customer_domain_gets_452(ondemand):
+    ctx = new_ctx()
+    assert ctx._envfrom("<sender@example.org>") == Milter.CONTINUE
+    assert ctx._envrcpt("<alice@customer.example>") == Milter.CONTINUE
+    assert ctx._envrcpt("<carol@second.example>") == Milter.TEMPFAIL
+    assert ctx._reply == ("452", "4.5.3", policy.SECOND_DOMAIN.text)
+    # the first recipient's message still goes through and is held
+    ctx._reply = None
+    assert send_data(ctx) == Milter.ACCEPT
+    assert domain_headers(ctx) == [(HEADER, "customer.example")]
+    assert [e.queue_id for e in ondemand.ledger.entries("customer.example")] == [QUEUE_ID]
+    assert ondemand.ledger.entries("second.example") == []
+
+
+def test_non_customer_beside_customer_gets_452():
+    ctx = new_ctx()
+    ctx._envfrom("<sender@example.org>")
+    assert ctx._envrcpt("<someone@stranger.example>") == Milter.CONTINUE
+    assert ctx._envrcpt("<alice@customer.example>") == Milter.TEMPFAIL
+    assert ctx._reply[:2] == ("452", "4.5.3")
+
+
+def test_unknown_listed_recipient_gets_550():
+    ctx = new_ctx()
+    ctx._envfrom("<sender@example.org>")
+    assert ctx._envrcpt("<mallory@listed.example>") == Milter.REJECT
+    assert ctx._reply[:2] == ("550", "5.1.1")
+    ctx._reply = None
+    assert ctx._envrcpt("<Alice@listed.example>") == Milter.CONTINUE
+    assert ctx._reply is None
+
+
+def test_quota_messages_at_rcpt(ondemand):
+    ondemand.ledger.record("AAAAAAAAAA", "small.example", 10)
+    ctx = new_ctx()
+    ctx._envfrom("<sender@example.org>")
+    assert ctx._envrcpt("<x@small.example>") == Milter.TEMPFAIL
+    assert ctx._reply[:2] == ("452", "4.2.2")
+    # near the quota the queue is recounted through ondemand.locate
+    assert ondemand.located == ["small.example"]
+
+
+def test_quota_recount_can_free_room(ondemand):
+    ondemand.ledger.record("AAAAAAAAAA", "small.example", 10)
+    # the message was delivered meanwhile: the recount prunes it
+    ondemand.on_locate = lambda domain: ondemand.ledger.forget(["AAAAAAAAAA"])
+    ctx = new_ctx()
+    ctx._envfrom("<sender@example.org>")
+    assert ctx._envrcpt("<x@small.example>") == Milter.CONTINUE
+    assert ondemand.located == ["small.example"]
+
+
+def test_quota_recount_rate_limited(ondemand):
+    ondemand.ledger.record("AAAAAAAAAA", "small.example", 10)
+    shared = OnDemandMilter.shared
+    assert shared.totals("small.example") == (1, 10)
+    assert shared.totals("small.example") == (1, 10)
+    assert ondemand.located == ["small.example"]     # once within QUOTA_RECHECK
+    assert app.QUOTA_RECHECK > 0
+
+
+def test_quota_bytes_at_eom(ondemand):
+    ctx = new_ctx()
+    text = MESSAGE + "x" * 300 + "\n"
+    rc = transaction(ctx, "<x@tiny.example>", text=text)
+    assert rc == Milter.TEMPFAIL
+    assert ctx._reply[:2] == ("452", "4.2.2")
+    assert ctx.added == []
+    assert ctx.quarantined == []
+    assert ondemand.ledger.entries("tiny.example") == []
+
+
+def test_small_message_fits_byte_quota(ondemand):
+    ctx = new_ctx()
+    assert transaction(ctx, "<x@tiny.example>", text="Subject: s\n\nhi\n") == Milter.ACCEPT
+    assert len(ondemand.ledger.entries("tiny.example")) == 1
+
+
+# -- mail for nobody in particular ---------------------------------------------
+
+def test_non_customer_mail_untouched(ondemand):
+    ctx = new_ctx()
+    rc = transaction(ctx, "<someone@stranger.example>", "<other@elsewhere.example>")
+    assert rc == Milter.ACCEPT
+    assert ctx.added == []
+    assert ctx.changed == []
+    assert ctx.quarantined == []
+    assert ctx._msg.get_all(HEADER) is None
+    assert ondemand.ledger.entries("stranger.example") == []
+    with ondemand.ledger._lock:
+        assert ondemand.ledger._db.execute("SELECT COUNT(*) FROM messages").fetchone() == (0,)
+
+
+# -- missing queue id ----------------------------------------------------------
+
+def test_missing_queue_id_macro_tempfails(ondemand):
+    ctx = new_ctx(queue_id=None)
+    rc = transaction(ctx, "<alice@customer.example>")
+    assert rc == Milter.TEMPFAIL
+    assert ctx._reply[:2] == ("451", "4.3.0")
+    assert ctx.added == []
+    assert ctx.quarantined == []
+    assert ondemand.ledger.entries("customer.example") == []
+
+
+def test_duplicate_queue_id_still_accepted(ondemand):
+    # the ledger already knows this id (e.g. a retried eom): the row is not doubled
+    ondemand.ledger.record(QUEUE_ID, "customer.example", 5, arrival=1.0)
+    ctx = new_ctx()
+    assert transaction(ctx, "<alice@customer.example>") == Milter.ACCEPT
+    assert ondemand.ledger.state("customer.example").messages == 1
+
+
+# -- several transactions on one connection ------------------------------------
+
+def test_class_resets_between_transactions(ondemand):
+    ctx = new_ctx()
+    assert transaction(ctx, "<alice@customer.example>") == Milter.ACCEPT
+    ctx._setsymval("i", "4jcczJ2xwpzJ9C3")
+    ctx.added.clear()
+    assert transaction(ctx, "<carol@second.example>") == Milter.ACCEPT
+    assert domain_headers(ctx) == [(HEADER, "second.example")]
+    assert [e.queue_id for e in ondemand.ledger.entries("second.example")] == \
+        ["4jcczJ2xwpzJ9C3"]
+    ctx._setsymval("i", "4jcczJ2v7dzJ9C1")
+    ctx.added.clear()
+    assert transaction(ctx, "<someone@stranger.example>") == Milter.ACCEPT
+    assert ctx.added == []
+
+
+def test_abort_resets_class():
+    ctx = new_ctx()
+    ctx._envfrom("<sender@example.org>")
+    assert ctx._envrcpt("<alice@customer.example>") == Milter.CONTINUE
+    milter = ctx.getpriv()
+    assert milter.klass == "customer.example"
+    assert milter.abort() == Milter.CONTINUE
+    assert milter.klass is None
+    assert milter.size == 0
