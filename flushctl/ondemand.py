@@ -198,15 +198,16 @@ class OnDemand:
         if stale:
             self.refresh(dom, stale)
             located = self.locate(dom)
-        # 3. Release.  Mail with a retry time in the future (it failed an
-        #    attempt once) would be skipped by a deferred-queue scan, so it
-        #    goes one by one through the flush service.
+        # 3. Release.  A message that failed an attempt once has its retry
+        #    time (the file's mtime) in the future, and a deferred-queue scan
+        #    would pass it by: it is made due now first, as the flush
+        #    service does for `postqueue -i`.
         held = located.ids("hold")
         now = time.time()
-        waiting = [q for q in held if located.mtimes[q] > now]
+        for qid in held:
+            if located.mtimes[qid] > now:
+                self.layout.make_due(qid, now)
         self.postfix.release(held)
-        for qid in waiting:
-            self.postfix.flush_message(qid)
         self.postfix.scan_deferred()
         return len(held)
 

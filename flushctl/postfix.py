@@ -157,11 +157,6 @@ class Postfix:
             out.append(proc.stdout)
         return "".join(out)
 
-    def flush_message(self, queue_id: str) -> None:
-        """Deliver one deferred message now, ignoring defer_transports."""
-        self._run([_binary("postqueue"), "-c", self.config_directory, "-i",
-                   names.queue_id(queue_id)])
-
     def scan_deferred(self) -> None:
         """Ask qmgr for a deferred-queue scan that ignores defer_transports once.
 

@@ -60,6 +60,13 @@ class QueueLayout:
         return os.path.join(self.queue_directory,
                             relative_path(queue, queue_id, self.hashed, self.depth))
 
+    def make_due(self, queue_id: str, when: float) -> None:
+        """Set a held message's retry time (its file's mtime) to ``when``."""
+        try:
+            os.utime(self.path("hold", queue_id), (when, when))
+        except FileNotFoundError:
+            pass
+
     def locate_once(self, queue_id: str) -> tuple[str, os.stat_result] | None:
         for queue in QUEUES:
             try:

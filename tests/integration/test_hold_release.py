@@ -35,3 +35,24 @@ def test_held_counted_released_delivered_with_tag(stack):
     assert row["messages"] == 0
     assert row["last_flush"] is not None
     assert row["reachable"] is True
+
+
+def test_mail_that_failed_once_is_released_again_at_once(stack):
+    """After a failed release the retry time lies minutes ahead; the next release ignores it."""
+    import subprocess
+
+    stack.send(["user@customer.test"])
+    wait_until(lambda: len(held_ids(stack)) == 1, what="held")
+    stack.sink.proc = subprocess.Popen(
+        ["smtp-sink", "-u", "nobody", "-r", "rcpt", f"127.0.0.1:{stack.sink.port}", "16"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(stack.sink._listening, 10, what="refusing sink")
+    proc = stack.flushctl("flush", "customer.test", "--wait", "--timeout", "30", check=False)
+    assert proc.returncode == 5, proc.stdout + proc.stderr
+    assert len(held_ids(stack)) == 1  # back on hold, retry time 300 s ahead
+
+    stack.sink.stop()
+    stack.sink.start()
+    stack.flushctl("flush", "customer.test", "--wait", "--timeout", "20")
+    assert len(stack.sink.messages()) == 1
+    assert stack.queue() == []
