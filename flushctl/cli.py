@@ -9,6 +9,7 @@ the domain is paused; 5 ``flush --wait`` ended with mail still held.
 from __future__ import annotations
 
 import json
+import sqlite3
 import logging
 import sys
 import time
@@ -62,7 +63,7 @@ class Context:
             from .ondemand import OnDemand
             try:
                 self._ondemand = OnDemand(self.config)
-            except OSError as exc:
+            except (OSError, sqlite3.Error) as exc:
                 raise CliError(f"cannot open the ledger in {self.config.state_directory}: {exc}")
         return self._ondemand
 
@@ -93,6 +94,8 @@ def _guard(fn):
             raise CliError(str(exc)) from None
         except KeyError as exc:
             raise CliError(str(exc).strip("'\"")) from None
+        except sqlite3.Error as exc:
+            raise CliError(f"ledger: {exc}") from None
     return wrapper
 
 
@@ -180,6 +183,9 @@ def flush(ctx, domain, wait, timeout):
     name = ctx.domain(domain)
     od = ctx.ondemand
     result = od.flush(name, trigger="admin")
+    if result.probe is None:
+        click.echo(f"{name}: nothing held")
+        return
     click.echo(f"{name}: released {result.released} message(s) to {result.probe.target}")
     if not wait:
         return

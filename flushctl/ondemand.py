@@ -172,6 +172,8 @@ class OnDemand:
         dom = self.domain(domain).name
         if self.ledger.state(dom).paused:
             raise Refused(f"{dom}: paused; `flushctl resume {dom}` first", "paused")
+        if not self.locate(dom).present:
+            return FlushResult(dom, 0, None)
         result = self.probe(dom)
         if not result.reachable:
             self.ledger.record_flush(dom, trigger, f"not released: {result.text()}",

@@ -168,15 +168,3 @@ class PostfixInstance:
             return self.log_file.read_text(errors="replace")
         except FileNotFoundError:
             return ""
-
-    def wait_for(self, predicate, timeout: float = 20.0, interval: float = 0.1,
-                 what: str = "condition"):
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; log tail:\n"
-                                     + self.log()[-3000:])
-            time.sleep(interval)
