@@ -15,12 +15,11 @@ from __future__ import annotations
 import grp
 import json
 import os
-import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 
-from . import settings
+from . import holdsecret, settings
 from .config import Config
 from .postfix import Postfix, PostfixError
 
@@ -78,27 +77,6 @@ def _save_ours(config: Config, ours: list[str]) -> None:
     with open(tmp, "w") as fh:
         json.dump({"ours": ours}, fh)
     os.replace(tmp, path)
-
-
-SECRET_FILE = "hold-secret"
-
-
-def hold_secret(state_directory: str) -> str:
-    """This installation's secret for the hold header ('' if none yet)."""
-    try:
-        with open(os.path.join(state_directory, SECRET_FILE)) as fh:
-            return fh.read().strip()
-    except FileNotFoundError:
-        return ""
-
-
-def _save_secret(state_directory: str, secret: str) -> None:
-    os.makedirs(state_directory, mode=0o750, exist_ok=True)
-    path = os.path.join(state_directory, SECRET_FILE)
-    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secret + "\n")
-    os.replace(path + ".tmp", path)
 
 
 def _read(path: str) -> str | None:
@@ -180,15 +158,15 @@ def apply(config: Config, dry_run: bool = False, reload: bool = True) -> ApplyRe
     raw = pf.get_explicit(*list_names, "smtpd_relay_restrictions")
     expanded = pf.get(*MANAGED)
     services = pf.services()
-    secret = hold_secret(config.state_directory)
-    new_secret = not secret
-    if new_secret:
-        secret = secrets.token_hex(16)
+    stored = holdsecret.stored(config.state_directory)
+    secret = stored or holdsecret.in_table(settings.hold_table(config)) or holdsecret.new()
     try:
         plan = settings.plan(config, data, raw, expanded, services, _previous_ours(config),
                              _smtpd_chrooted(services), secret)
     except settings.SettingsError as exc:
         raise ApplyError(str(exc)) from None
+    if not dry_run and secret != stored:
+        holdsecret.save(config.state_directory, secret)
     report = ApplyReport(changed_params=dict(plan.params), service=plan.service,
                          maps=_changed_maps(config, plan.maps), dry_run=dry_run)
     if dry_run or not report.changed:
@@ -198,8 +176,6 @@ def apply(config: Config, dry_run: bool = False, reload: bool = True) -> ApplyRe
 
     stage = _stage(pf, plan) if (plan.params or plan.service) else None
     try:
-        if new_secret:
-            _save_secret(config.state_directory, secret)
         _build_maps(pf, config, plan.maps, report.maps)
         if stage:
             for name in ("master.cf", "main.cf"):

@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass, field
 
 from . import names
-from .settings import HOLD_HEADER
+from . import holdsecret
+from .settings import HOLD_HEADER, hold_table
 from .config import Config, Domain
 from .ledger import Ledger
 from .postfix import Postfix
@@ -220,6 +221,16 @@ class OnDemand:
         hold header (header_checks) puts them straight back on hold, under
         new queue ids, which ``adopt`` then finds by their tag header.
         """
+        # Only mail that carries the current hold header comes back on hold:
+        # anything else would leave the hold queue untracked.  Such mail is
+        # released as it is (see README: held before the header existed).
+        secret = holdsecret.read(self.config.state_directory, hold_table(self.config))
+        if not secret:
+            return 0
+        queue_ids = [m.queue_id for m in parse_postcat(self.postfix.read_messages(queue_ids))
+                     if m.queue == "hold" and secret in m.header(HOLD_HEADER)]
+        if not queue_ids:
+            return 0
         self.postfix.requeue(queue_ids)
         deadline = time.monotonic() + REFRESH_WAIT
         adopted = 0

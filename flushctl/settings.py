@@ -29,6 +29,11 @@ def map_dir(config: Config) -> str:
     return os.path.join(config.config_directory, "flushctl")
 
 
+def hold_table(config: Config) -> str:
+    """The header_checks table that holds requeued on-demand mail."""
+    return os.path.join(map_dir(config), "hold_tagged")
+
+
 def split_list(value: str) -> list[str]:
     """Split a Postfix list value (commas and/or white space; ``{...}`` kept whole)."""
     tokens, current, depth = [], [], 0

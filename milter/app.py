@@ -20,11 +20,11 @@ import time
 
 import Milter
 
-from flushctl.apply import hold_secret
+from flushctl import holdsecret
 from flushctl.config import Config
 from flushctl.ondemand import OnDemand
 from flushctl.postfix import PostfixError
-from flushctl.settings import HOLD_HEADER
+from flushctl.settings import HOLD_HEADER, hold_table
 
 from . import policy
 
@@ -196,7 +196,7 @@ def run(config: Config, ondemand: OnDemand | None = None) -> None:
     """Serve until SIGTERM/SIGINT (libmilter handles the signals)."""
     od = ondemand or OnDemand(config)
     od.layout  # read the queue layout now: fail early if Postfix is not there
-    secret = hold_secret(config.state_directory)
+    secret = holdsecret.read(config.state_directory, hold_table(config))
     if not secret:
         raise PostfixError(f"{config.state_directory}: no hold secret yet; "
                            "run `flushctl apply` first")
