@@ -8,6 +8,7 @@ which map files must change.  No I/O beyond reading that data file.
 from __future__ import annotations
 
 import ipaddress
+import re
 import os
 import tomllib
 from dataclasses import dataclass
@@ -89,7 +90,7 @@ def render_maps(config: Config, secret: str = "") -> dict[str, str]:
 
     With ``secret``, also the two regexp tables behind the hold header.
     """
-    relay, transport, recipients = [], [], []
+    relay, transport, recipients, any_user = [], [], [], []
     for name in sorted(config.domains):
         dom = config.domains[name]
         nexthop = dom.relay.nexthop if dom.relay else name
@@ -97,7 +98,7 @@ def render_maps(config: Config, secret: str = "") -> dict[str, str]:
         transport.append(f"{name}\t{config.transport_name}:{nexthop}\n")
         transport.append(f".{name}\t{config.transport_name}:{nexthop}\n")
         if dom.recipients is None:
-            recipients.append(f"@{name}\tOK\n")
+            any_user.append(f"/@(.+\\.)?{re.escape(name)}$/\tOK\n")
         else:
             recipients.extend(f"{local}@{name}\tOK\n" for local in sorted(dom.recipients))
     header = "# Written by flushctl apply from {}; do not edit.\n".format(config.path)
@@ -105,6 +106,7 @@ def render_maps(config: Config, secret: str = "") -> dict[str, str]:
         "relay_domains": header + "".join(relay),
         "transport": header + "".join(transport),
         "relay_recipients": header + "".join(recipients),
+        "relay_recipient_domains": header + "".join(any_user),
     }
     if secret:
         maps["hold_tagged"] = header + f"/^{HOLD_HEADER}: {secret}$/ HOLD requeued on-demand mail\n"

@@ -166,11 +166,20 @@ def test_render_maps():
 
     recipients = maps["relay_recipients"].splitlines()
     assert recipients[1:] == [
-        "@customer.example\tOK",
         "alice@listed.example\tOK",
         "bob@listed.example\tOK",
-        "@open.example\tOK",
     ]
+    # domains without a list: the domain and its subdomains, any user
+    any_user = maps["relay_recipient_domains"].splitlines()
+    assert any_user[1:] == [
+        "/@(.+\\.)?customer\\.example$/\tOK",
+        "/@(.+\\.)?open\\.example$/\tOK",
+    ]
+    import re
+    pattern = re.compile(any_user[1].split("/")[1], re.IGNORECASE)
+    assert pattern.search("x@customer.example") and pattern.search("x@a.b.customer.example")
+    assert not pattern.search("x@notcustomer.example")
+    assert not pattern.search("x@customer.example.evil")
 
 
 def test_render_maps_header_names_config_file():
@@ -351,7 +360,8 @@ def test_plan_relay_recipient_maps_only_with_lists():
     assert f"hash:{MAP_DIR}/relay_recipients" not in without.ours
 
     with_lists = run_plan(make_config(CUSTOMER, LISTED))
-    assert with_lists.params["relay_recipient_maps"] == f"hash:{MAP_DIR}/relay_recipients"
+    assert with_lists.params["relay_recipient_maps"] == \
+        f"hash:{MAP_DIR}/relay_recipients, regexp:{MAP_DIR}/relay_recipient_domains"
     assert f"hash:{MAP_DIR}/relay_recipients" in with_lists.ours
 
 
@@ -370,7 +380,8 @@ def test_plan_relay_recipient_maps_keeps_admin_map():
            "relay_recipient_maps": "hash:/etc/postfix/relay_recipients"}
     p = run_plan(cfg, raw=raw)
     assert p.params["relay_recipient_maps"] == \
-        f"hash:{MAP_DIR}/relay_recipients, hash:/etc/postfix/relay_recipients"
+        f"hash:{MAP_DIR}/relay_recipients, regexp:{MAP_DIR}/relay_recipient_domains, " \
+        "hash:/etc/postfix/relay_recipients"
 
 
 def test_plan_refuses_recipient_maps_that_would_block_admin_domains():

@@ -1,0 +1,49 @@
+"""No open relay, and no ETRN for strangers, on an instance after `apply`.
+
+XCLIENT (allowed for loopback in this private instance only) lets the test
+speak as a client from outside mynetworks.
+"""
+
+import subprocess
+
+import pytest
+
+from conftest import wait_until
+
+
+@pytest.fixture
+def outside_stack(make_stack):
+    return make_stack(extra_main={"smtpd_authorized_xclient_hosts": "127.0.0.1"})
+
+
+def swaks(stack, *args):
+    proc = subprocess.run(
+        ["swaks", "--server", f"127.0.0.1:{stack.pf.smtpd_port}", "--timeout", "20",
+         "--xclient-addr", "192.0.2.7", "--xclient-name", "[UNAVAILABLE]",
+         "--from", "stranger@outside.test", *args],
+        capture_output=True, text=True, timeout=60)
+    return proc.stdout + proc.stderr
+
+
+def test_outside_client_cannot_relay_but_can_reach_customers(outside_stack):
+    out = swaks(outside_stack, "--to", "victim@elsewhere.test")
+    assert "<** 554 5.7.1" in out and "Relay access denied" in out, out
+    out = swaks(outside_stack, "--to", "user@customer.test")
+    assert "<-  250 2.0.0 Ok: queued" in out, out
+    wait_until(lambda: len(outside_stack.queue()) == 1, what="held")
+    assert outside_stack.queue()[0]["queue_name"] == "hold"
+
+
+def test_subdomain_mail_is_held_for_the_parent_domain(stack):
+    stack.send(["user@office.customer.test"])
+    wait_until(lambda: len(stack.queue()) == 1, what="held")
+    assert stack.queue()[0]["queue_name"] == "hold"
+    assert stack.status("customer.test")[0]["messages"] == 1
+
+
+def test_etrn_is_never_open(stack):
+    import smtplib
+    with smtplib.SMTP("127.0.0.1", stack.pf.smtpd_port, timeout=20) as smtp:
+        smtp.ehlo("client.test")
+        code, msg = smtp.docmd("ETRN", "customer.test")
+    assert code == 554, (code, msg)
