@@ -147,6 +147,17 @@ def milter(ctx):
 
 
 @main.command()
+@pass_ctx
+def gateway(ctx):
+    """Run the finger and ETRN gateway (foreground, until SIGTERM)."""
+    from .gateway import run
+    try:
+        run(ctx.config, ctx.ondemand)
+    except OSError as exc:
+        raise CliError(f"gateway: cannot listen: {exc}") from None
+
+
+@main.command()
 @click.argument("domain", required=False)
 @click.option("--json", "as_json", is_flag=True, help="print a JSON array")
 @pass_ctx
@@ -166,7 +177,8 @@ def status(ctx, domain, as_json):
                    f"{_fmt_bool(r.reachable):<9} {_fmt_time(r.last_flush):<19} {state}")
         if domain:
             if r.last_flush_trigger:
-                click.echo(f"  last flush: {r.last_flush_trigger}: {r.last_flush_result}")
+                who = f" from {r.last_flush_client}" if r.last_flush_client else ""
+                click.echo(f"  last flush: {r.last_flush_trigger}{who}: {r.last_flush_result}")
             if r.last_error:
                 click.echo(f"  last probe: {r.last_error}")
 

@@ -81,6 +81,15 @@ class Domain:
 
 
 @dataclass(frozen=True)
+class GatewaySettings:
+    release_window: float = 60.0   # triggers this soon after a release share it
+    max_connections: int = 512     # per listener; more are closed at once
+    idle_timeout: float = 10.0     # seconds a client may take to send its request
+    rate_burst: int = 30           # triggers a client may send at once
+    rate_per_minute: float = 60.0  # and then per minute
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     config_directory: str
@@ -90,6 +99,7 @@ class Config:
     policy_listen: HostPort
     poller_interval: int
     probe_timeout: float
+    gateway: "GatewaySettings"
     transport_name: str
     domains: dict[str, Domain] = field(default_factory=dict)
 
@@ -272,7 +282,8 @@ def parse(text: str, path: str = "<config>") -> Config:
     mi = _Section(path, "milter", data.get("milter", {}))
     mi.check_keys({"listen"})
     gw = _Section(path, "gateway", data.get("gateway", {}))
-    gw.check_keys({"finger_listen", "policy_listen"})
+    gw.check_keys({"finger_listen", "policy_listen", "release_window", "max_connections",
+                   "idle_timeout", "rate_burst", "rate_per_minute"})
     po = _Section(path, "poller", data.get("poller", {}))
     po.check_keys({"interval", "probe_timeout"})
 
@@ -295,6 +306,13 @@ def parse(text: str, path: str = "<config>") -> Config:
         finger_listen=_host_port(gw, "finger_listen", "0.0.0.0:79"),
         policy_listen=_host_port(gw, "policy_listen", "127.0.0.1:10041"),
         poller_interval=po.positive("interval", int, 60),
+        gateway=GatewaySettings(
+            release_window=gw.positive("release_window", float, 60.0),
+            max_connections=gw.positive("max_connections", int, 512),
+            idle_timeout=gw.positive("idle_timeout", float, 10.0),
+            rate_burst=gw.positive("rate_burst", int, 30),
+            rate_per_minute=gw.positive("rate_per_minute", float, 60.0),
+        ),
         probe_timeout=po.positive("probe_timeout", float, 10.0),
         transport_name=transport,
         domains=domains,

@@ -40,12 +40,20 @@ CREATE TABLE IF NOT EXISTS domains (
     last_flush         REAL,
     last_flush_trigger TEXT,
     last_flush_result  TEXT,
+    last_flush_client  TEXT,
     releasing_until    REAL,
     reachable          INTEGER,
     last_probe         REAL,
     last_error         TEXT
 );
 """
+
+
+# Columns added after the first release of the schema: (table, column, type).
+_ADDED_COLUMNS = (
+    ("messages", "ctime", "REAL"),
+    ("domains", "last_flush_client", "TEXT"),
+)
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,7 @@ class DomainState:
     last_flush: float | None = None
     last_flush_trigger: str | None = None
     last_flush_result: str | None = None
+    last_flush_client: str | None = None
     releasing_until: float | None = None
     reachable: bool | None = None
     last_probe: float | None = None
@@ -86,9 +95,10 @@ class Ledger:
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
                     self._db.execute(stmt)
-            columns = {row[1] for row in self._db.execute("PRAGMA table_info(messages)")}
-            if "ctime" not in columns:
-                self._db.execute("ALTER TABLE messages ADD COLUMN ctime REAL")
+            for table, column, kind in _ADDED_COLUMNS:
+                columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                if column not in columns:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -163,13 +173,14 @@ class Ledger:
         with self._lock:
             row = self._db.execute(
                 "SELECT domain, messages, bytes, paused, last_flush, last_flush_trigger,"
-                " last_flush_result, releasing_until, reachable, last_probe, last_error"
+                " last_flush_result, last_flush_client, releasing_until, reachable,"
+                " last_probe, last_error"
                 " FROM domains WHERE domain = ?", (domain,)).fetchone()
         if row is None:
             return DomainState(domain)
         values = list(row)
         values[3] = bool(values[3])
-        values[8] = None if values[8] is None else bool(values[8])
+        values[9] = None if values[9] is None else bool(values[9])
         return DomainState(*values)
 
     def _update(self, domain: str, **fields) -> None:
@@ -182,10 +193,11 @@ class Ledger:
         self._update(domain, paused=int(paused))
 
     def record_flush(self, domain: str, trigger: str, result: str,
-                     releasing_until: float | None, when: float | None = None) -> None:
+                     releasing_until: float | None, when: float | None = None,
+                     client: str | None = None) -> None:
         self._update(domain, last_flush=time.time() if when is None else when,
                      last_flush_trigger=trigger, last_flush_result=result,
-                     releasing_until=releasing_until)
+                     last_flush_client=client, releasing_until=releasing_until)
 
     def set_releasing_until(self, domain: str, until: float | None) -> None:
         self._update(domain, releasing_until=until)

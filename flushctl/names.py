@@ -35,6 +35,27 @@ def domain(value: str) -> str:
     return name
 
 
+def wire_domain(value: str) -> str:
+    """A domain from the network (finger, ETRN): case-insensitive, IDNA-aware.
+
+    ``#`` and ``@`` prefixes (RFC 1985 ETRN forms) are stripped.  A name in
+    Unicode is turned into its ASCII (A-label) form before validation.
+    """
+    if not isinstance(value, str):
+        raise ValueError("a domain must be a string")
+    name = value.strip()
+    if name[:1] in ("#", "@"):
+        name = name[1:]
+    if not name or len(name) > 255:
+        raise ValueError("bad domain length")
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError(f"not a valid international domain name: {value!r}") from None
+    return domain(name)
+
+
 def queue_id(value: str) -> str:
     """Return ``value`` if it is a Postfix queue id, or raise ValueError."""
     if not isinstance(value, str) or not _QUEUE_ID.fullmatch(value):

@@ -70,6 +70,7 @@ class Status:
     last_flush: float | None
     last_flush_trigger: str | None
     last_flush_result: str | None
+    last_flush_client: str | None
     paused: bool
     queues: dict[str, int]
 
@@ -79,7 +80,8 @@ class Status:
             "oldest_arrival": self.oldest_arrival, "reachable": self.reachable,
             "last_probe": self.last_probe, "last_error": self.last_error,
             "last_flush": self.last_flush, "last_flush_trigger": self.last_flush_trigger,
-            "last_flush_result": self.last_flush_result, "paused": self.paused,
+            "last_flush_result": self.last_flush_result,
+            "last_flush_client": self.last_flush_client, "paused": self.paused,
             "queues": self.queues,
         }
 
@@ -153,7 +155,8 @@ class OnDemand:
             oldest_arrival=min((located.arrivals[q] for q in present), default=None),
             reachable=state.reachable, last_probe=state.last_probe, last_error=state.last_error,
             last_flush=state.last_flush, last_flush_trigger=state.last_flush_trigger,
-            last_flush_result=state.last_flush_result, paused=state.paused,
+            last_flush_result=state.last_flush_result,
+            last_flush_client=state.last_flush_client, paused=state.paused,
             queues={q: len(ids) for q, ids in sorted(located.by_queue.items())},
         )
 
@@ -168,7 +171,8 @@ class OnDemand:
                                  None if result.reachable else result.text(), result.when)
         return result
 
-    def flush(self, domain: str, trigger: str = "admin") -> FlushResult:
+    def flush(self, domain: str, trigger: str = "admin", client: str | None = None
+              ) -> FlushResult:
         """Release the domain's held mail toward its server, if that answers."""
         dom = self.domain(domain).name
         if self.ledger.state(dom).paused:
@@ -178,12 +182,12 @@ class OnDemand:
         result = self.probe(dom)
         if not result.reachable:
             self.ledger.record_flush(dom, trigger, f"not released: {result.text()}",
-                                     self.ledger.state(dom).releasing_until)
+                                     self.ledger.state(dom).releasing_until, client=client)
             raise Refused(f"{dom}: mail server not reachable ({result.text()}); "
                           "the mail stays held", "unreachable")
         released = self._release(dom)
         self.ledger.record_flush(dom, trigger, f"released {released}",
-                                 time.time() + RELEASE_WATCH)
+                                 time.time() + RELEASE_WATCH, client=client)
         return FlushResult(dom, released, result)
 
     def _release(self, dom: str) -> int:

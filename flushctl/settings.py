@@ -162,6 +162,7 @@ def plan(config: Config, data: dict, raw: dict[str, str], expanded: dict[str, st
         "transport": config.transport_name,
         "map_dir": map_dir(config),
         "milter": milter_spec(config, expanded["queue_directory"], smtpd_chrooted),
+        "policy": str(config.policy_listen),
     }
     check_mynetworks(expanded.get("mynetworks", ""), data)
 

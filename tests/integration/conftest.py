@@ -48,6 +48,14 @@ def wait_until(predicate, timeout=20.0, interval=0.1, what="condition"):
         time.sleep(interval)
 
 
+def _tcp_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), 0.5):
+            return True
+    except OSError:
+        return False
+
+
 def _connectable(path: Path) -> bool:
     try:
         with socket.socket(socket.AF_UNIX) as sock:
@@ -106,6 +114,37 @@ class Stack:
     state_dir: Path
     sink: Sink
     milter: subprocess.Popen | None = None
+    gateway: subprocess.Popen | None = None
+
+    @property
+    def cfg(self):
+        from flushctl import config
+        return config.load(str(self.config_path))
+
+    def start_gateway(self):
+        env = dict(os.environ, FLUSHCTL_CONFIG=str(self.config_path))
+        self.gateway = subprocess.Popen([*FLUSHCTL, "gateway"], env=env,
+                                        stdout=subprocess.DEVNULL,
+                                        stderr=open(self.state_dir / "gateway.log", "ab"))
+        cfg = self.cfg
+        for hp in (cfg.finger_listen, cfg.policy_listen):
+            wait_until(lambda: _tcp_open(hp.host, hp.port), 15, what=f"gateway on {hp}")
+
+    def stop_gateway(self):
+        if self.gateway and self.gateway.poll() is None:
+            self.gateway.terminate()
+            try:
+                self.gateway.wait(15)
+            except subprocess.TimeoutExpired:
+                self.gateway.kill()
+                self.gateway.wait()
+        self.gateway = None
+
+    def gateway_log(self) -> str:
+        try:
+            return (self.state_dir / "gateway.log").read_text()
+        except FileNotFoundError:
+            return ""
 
     def flushctl(self, *args, check=True, timeout=120):
         env = dict(os.environ, FLUSHCTL_CONFIG=str(self.config_path))
@@ -151,7 +190,29 @@ class Stack:
         return self.pf.queue()
 
 
-def write_config(path: Path, pf: PostfixInstance, state_dir: Path, domains: str) -> None:
+def free_finger_address() -> str:
+    """A loopback address whose port 79 is free: finger clients only speak to port 79."""
+    import random
+    for _ in range(50):
+        addr = f"127.{random.randint(1, 254)}.{random.randint(0, 254)}.{random.randint(1, 254)}"
+        with socket.socket() as sock:
+            try:
+                sock.bind((addr, 79))
+                return addr
+            except OSError:
+                continue
+    raise RuntimeError("no free loopback address for port 79")
+
+
+@dataclass(frozen=True)
+class Ports:
+    finger_host: str
+    policy_port: int
+
+
+def write_config(path: Path, pf: PostfixInstance, state_dir: Path, domains: str,
+                 ports: "Ports | None" = None, gateway_extra: str = "") -> None:
+    ports = ports or Ports(free_finger_address(), free_port())
     path.write_text(f"""
 [postfix]
 config_directory = "{pf.config_directory}"
@@ -159,6 +220,10 @@ config_directory = "{pf.config_directory}"
 directory = "{state_dir}"
 [milter]
 listen = "unix:{state_dir}/milter/milter.sock"
+[gateway]
+finger_listen = "{ports.finger_host}:79"
+policy_listen = "127.0.0.1:{ports.policy_port}"
+{gateway_extra}
 [poller]
 probe_timeout = 2
 {domains}
@@ -182,28 +247,34 @@ quota_messages = 2
 
 @pytest.fixture
 def make_stack():
-    """Build a running stack; ``extra_main`` tunes the private main.cf."""
+    """Build a running stack; ``extra_main`` tunes the private main.cf,
+    ``domains(sink_port)`` gives the [domains] tables."""
     built = []
 
-    def build(extra_main=None, domains=None, start_sink=False, milter=True):
+    def build(extra_main=None, domains=None, start_sink=False, milter=True, gateway=False,
+              gateway_extra=""):
         sink = Sink()
         pf = PostfixInstance.create(extra_main)
         state_dir = pf.root / "state"
         state_dir.mkdir()
         config_path = pf.root / "flushctl.toml"
-        write_config(config_path, pf, state_dir, domains or default_domains(sink.port))
+        write_config(config_path, pf, state_dir, (domains or default_domains)(sink.port),
+                     gateway_extra=gateway_extra)
         stack = Stack(pf=pf, config_path=config_path, state_dir=state_dir, sink=sink)
         built.append(stack)
         stack.flushctl("apply")
         pf.start()
         if milter:
             stack.start_milter()
+        if gateway:
+            stack.start_gateway()
         if start_sink:
             sink.start()
         return stack
 
     yield build
     for stack in built:
+        stack.stop_gateway()
         stack.stop_milter()
         stack.sink.cleanup()
         stack.pf.destroy()

@@ -242,7 +242,8 @@ def test_relay_restrictions_ok(value, ok):
 # -- plan ----------------------------------------------------------------------
 
 def fill(template, milter=OUR_MILTER):
-    return template.format(transport="ondemand", map_dir=MAP_DIR, milter=milter)
+    return template.format(transport="ondemand", map_dir=MAP_DIR, milter=milter,
+                           policy="127.0.0.1:10041")
 
 
 SERVICE = fill(DATA["service"]["entry"])

@@ -1,0 +1,77 @@
+"""Who may trigger a release, and how often (pure; the clock is passed in).
+
+- a domain's ``flush_from`` networks (empty: anyone) decide who may;
+- a per-client token bucket stops floods; its size and refill are far
+  above ordinary use (a dozen triggers a minute);
+- triggers for one domain inside ``release_window`` seconds of the last
+  release share its result instead of starting another.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from .config import Domain
+
+ALLOWED = "allowed"
+NOT_ALLOWED = "not allowed"  # unknown domain or client outside flush_from: one answer for both
+RATE_LIMITED = "rate limited"
+
+
+def client_allowed(dom: Domain | None, client: str, peers=()) -> bool:
+    if dom is None:
+        return False
+    try:
+        addr = ipaddress.ip_address(client)
+    except ValueError:
+        return False
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if any(addr in net for net in peers):
+        return True
+    if not dom.flush_from:
+        return True
+    return any(addr in net for net in dom.flush_from)
+
+
+@dataclass
+class TokenBucket:
+    capacity: float
+    per_second: float
+    tokens: float
+    stamp: float
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.per_second)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+@dataclass
+class Gate:
+    domains: dict[str, Domain]
+    per_minute: float = 60.0      # refill; a burst of ``burst`` is allowed at once
+    burst: float = 30.0
+    max_clients: int = 10000      # remembered buckets; the oldest go first
+    buckets: dict[str, TokenBucket] = field(default_factory=dict)
+
+    def check(self, client: str, domain: str, now: float) -> str:
+        """ALLOWED, NOT_ALLOWED or RATE_LIMITED for one trigger."""
+        if not self._take(client, now):
+            return RATE_LIMITED
+        if not client_allowed(self.domains.get(domain), client):
+            return NOT_ALLOWED
+        return ALLOWED
+
+    def _take(self, client: str, now: float) -> bool:
+        bucket = self.buckets.get(client)
+        if bucket is None:
+            if len(self.buckets) >= self.max_clients:
+                del self.buckets[next(iter(self.buckets))]  # the longest known
+            bucket = self.buckets[client] = TokenBucket(self.burst, self.per_minute / 60.0,
+                                                        self.burst, now)
+        return bucket.take(now)

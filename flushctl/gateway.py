@@ -1,0 +1,281 @@
+"""`flushctl gateway`: finger and ETRN release a domain's held mail.
+
+One asyncio process serves two listeners:
+- finger (RFC 1288) on ``[gateway] finger_listen``: one query line, one
+  short answer, then the connection closes;
+- Postfix's policy delegation protocol on ``[gateway] policy_listen``:
+  smtpd asks it for every ETRN (``check_policy_service`` in
+  smtpd_etrn_restrictions, set by ``flushctl apply``).
+
+Parsing lives in ``finger`` and ``policyproto``, authorisation and rate
+limits in ``gate``; the release itself is ``OnDemand.flush``, run in a
+worker thread.  Every listener caps its connections, the length of what
+it reads and the time a client may take; a bad request closes that one
+connection and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass
+
+from . import finger, names, policyproto
+from .config import Config
+from .gate import ALLOWED, NOT_ALLOWED, Gate
+from .ondemand import OnDemand, Refused, Status
+
+log = logging.getLogger("flushctl.gateway")
+
+RELEASED = "released"
+NOTHING = "nothing held"
+UNREACHABLE = "unreachable"
+PAUSED = "paused"
+FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: str
+    released: int
+    target: str
+    detail: str
+    before: Status | None  # what was held when the release began
+    shared: bool = False    # answered from a release another trigger started
+
+
+class Releaser:
+    """At most one release per domain at a time; triggers inside the window share it."""
+
+    def __init__(self, ondemand: OnDemand, window: float):
+        self.ondemand = ondemand
+        self.window = window
+        self._inflight: dict[str, asyncio.Future] = {}
+        self._recent: dict[str, tuple[float, Outcome]] = {}
+
+    async def trigger(self, domain: str, how: str, client: str) -> Outcome:
+        recent = self._recent.get(domain)
+        if recent and time.monotonic() - recent[0] < self.window:
+            return _shared(recent[1])
+        if domain in self._inflight:
+            return _shared(await asyncio.shield(self._inflight[domain]))
+        future = asyncio.get_running_loop().create_future()
+        self._inflight[domain] = future
+        try:
+            outcome = await asyncio.to_thread(self._release, domain, how, client)
+        finally:
+            del self._inflight[domain]
+        self._recent[domain] = (time.monotonic(), outcome)
+        future.set_result(outcome)
+        return outcome
+
+    def _release(self, domain: str, how: str, client: str) -> Outcome:
+        od = self.ondemand
+        try:
+            before = od.status(domain)
+        except Exception:
+            log.exception("event=error stage=status domain=%s", domain)
+            return Outcome(FAILED, 0, "", "status failed", None)
+        try:
+            result = od.flush(domain, trigger=how, client=client)
+        except Refused as exc:
+            kind = PAUSED if exc.code == "paused" else UNREACHABLE
+            return Outcome(kind, 0, "", str(exc), before)
+        except Exception as exc:
+            log.exception("event=error stage=release domain=%s", domain)
+            return Outcome(FAILED, 0, "", str(exc), before)
+        if result.probe is None:
+            return Outcome(NOTHING, 0, "", "", before)
+        return Outcome(RELEASED, result.released, result.probe.target, "", before)
+
+
+def _shared(outcome: Outcome) -> Outcome:
+    return Outcome(outcome.kind, outcome.released, outcome.target, outcome.detail,
+                   outcome.before, shared=True)
+
+
+def finger_reply(domain: str, outcome: Outcome, verbose: bool) -> list[str]:
+    """The plain lines a customer reads after fingering its domain."""
+    st = outcome.before
+    lines = []
+    if st is None or st.messages == 0:
+        lines.append(f"{domain}: no mail held.")
+    else:
+        age = finger.age_text(time.time() - st.oldest_arrival) if st.oldest_arrival else "-"
+        lines.append(f"{domain}: {st.messages} message(s), {st.bytes} bytes held; "
+                     f"oldest {age}.")
+    if outcome.kind == RELEASED:
+        lines.append(f"Delivery started to your mail server ({outcome.target}).")
+    elif outcome.kind == UNREACHABLE:
+        lines.append("Delivery not started: your mail server does not answer; "
+                     "your mail stays held.")
+    elif outcome.kind == PAUSED:
+        lines.append("Delivery not started: releases for this domain are paused here.")
+    elif outcome.kind == FAILED:
+        lines.append("Delivery not started: temporary problem here; try again later.")
+    if verbose and st is not None and st.last_flush:
+        when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(st.last_flush))
+        lines.append(f"Previous release: {when} ({st.last_flush_trigger}).")
+    return lines
+
+
+def etrn_action(domain: str, outcome: Outcome) -> str:
+    if outcome.kind in (RELEASED, NOTHING):
+        return "OK"
+    if outcome.kind == UNREACHABLE:
+        return f"458 4.4.1 <{domain}>: unable to queue messages: your mail server does not answer"
+    if outcome.kind == PAUSED:
+        return f"458 4.7.1 <{domain}>: releases for this domain are paused here"
+    return "451 4.3.0 temporary problem here; try again later"
+
+
+class Gateway:
+    def __init__(self, config: Config, ondemand: OnDemand):
+        self.config = config
+        self.settings = config.gateway
+        self.gate = Gate(config.domains, per_minute=self.settings.rate_per_minute,
+                         burst=self.settings.rate_burst)
+        self.releaser = Releaser(ondemand, self.settings.release_window)
+        self.open = {"finger": 0, "policy": 0}
+
+    def _log(self, how: str, client: str, domain: str, result: str) -> None:
+        log.info("event=trigger how=%s client=%s domain=%s result=%s",
+                 how, client, domain or "-", result.replace(" ", "_"))
+
+    async def _decide(self, how: str, client: str, domain: str) -> tuple[str, Outcome | None]:
+        verdict = self.gate.check(client, domain, time.monotonic())
+        if verdict != ALLOWED:
+            self._log(how, client, domain, verdict)
+            return verdict, None
+        outcome = await self.releaser.trigger(domain, how, client)
+        self._log(how, client, domain,
+                  outcome.kind + (" (shared)" if outcome.shared else "")
+                  + (f" {outcome.released}" if outcome.kind == RELEASED else ""))
+        return verdict, outcome
+
+    # -- finger --------------------------------------------------------------
+    async def handle_finger(self, reader: asyncio.StreamReader,
+                            writer: asyncio.StreamWriter) -> None:
+        client = _peer(writer)
+        if self.open["finger"] >= self.settings.max_connections:
+            writer.close()
+            return
+        self.open["finger"] += 1
+        try:
+            try:
+                line = await asyncio.wait_for(reader.readuntil(b"\n"), self.settings.idle_timeout)
+            except asyncio.IncompleteReadError as exc:
+                line = exc.partial  # no newline before the client closed its side
+            except (asyncio.LimitOverrunError, ValueError):
+                line = b"x" * (finger.MAX_LINE + 1)
+            except asyncio.TimeoutError:
+                self._log("finger", client, "", "timeout")
+                return
+            lines = await self._finger_lines(client, finger.parse(line))
+            writer.write(finger.lines_to_bytes(lines))
+            await asyncio.wait_for(writer.drain(), self.settings.idle_timeout)
+        except (ConnectionError, asyncio.TimeoutError):
+            pass
+        except Exception:
+            log.exception("event=error stage=finger client=%s", client)
+        finally:
+            self.open["finger"] -= 1
+            writer.close()
+
+    async def _finger_lines(self, client: str, query: finger.Query) -> list[str]:
+        if query.kind == finger.EMPTY:
+            return [finger.SERVICE_LINE]
+        if query.kind == finger.FORWARD:
+            self._log("finger", client, "", "forwarding refused")
+            return [finger.FORWARD_LINE]
+        if query.kind == finger.INVALID:
+            self._log("finger", client, "", "invalid query")
+            return [finger.INVALID_LINE]
+        verdict, outcome = await self._decide("finger", client, query.domain)
+        if verdict == NOT_ALLOWED:
+            return [finger.NOT_SERVED.format(domain=query.domain)]
+        if outcome is None:
+            return [finger.BUSY_LINE]
+        return finger_reply(query.domain, outcome, query.verbose)
+
+    # -- policy (ETRN) -------------------------------------------------------
+    async def handle_policy(self, reader: asyncio.StreamReader,
+                            writer: asyncio.StreamWriter) -> None:
+        if self.open["policy"] >= self.settings.max_connections:
+            writer.close()
+            return
+        self.open["policy"] += 1
+        try:
+            while True:
+                try:
+                    # smtpd keeps the connection open between requests
+                    block = await asyncio.wait_for(reader.readuntil(b"\n\n"),
+                                                   self.config.gateway.idle_timeout * 30)
+                except (asyncio.IncompleteReadError, asyncio.TimeoutError):
+                    return
+                except (asyncio.LimitOverrunError, ValueError):
+                    log.warning("event=refused how=etrn reason=request_too_long")
+                    return
+                try:
+                    request = policyproto.parse(block)
+                except policyproto.ProtocolError as exc:
+                    log.warning("event=refused how=etrn reason=%r", str(exc))
+                    return
+                writer.write(policyproto.answer(await self._policy_action(request)))
+                await writer.drain()
+        except ConnectionError:
+            pass
+        except Exception:
+            log.exception("event=error stage=policy")
+        finally:
+            self.open["policy"] -= 1
+            writer.close()
+
+    async def _policy_action(self, request: policyproto.Request) -> str:
+        if request.state != "ETRN":
+            return policyproto.DUNNO
+        client = request.client_address
+        try:
+            domain = names.wire_domain(request.etrn_domain)
+        except ValueError:
+            self._log("etrn", client, "", "invalid domain")
+            return "501 5.5.4 invalid domain name"
+        verdict, outcome = await self._decide("etrn", client, domain)
+        if verdict == NOT_ALLOWED:
+            return f"459 4.7.1 <{domain}>: not served here"
+        if outcome is None:
+            return "450 4.7.1 too many requests; try again later"
+        return etrn_action(domain, outcome)
+
+    # -- running -------------------------------------------------------------
+    async def serve(self, ready=None) -> None:
+        fl, pl = self.config.finger_listen, self.config.policy_listen
+        finger_server = await asyncio.start_server(
+            self.handle_finger, fl.host, fl.port, limit=finger.MAX_LINE + 2,
+            reuse_address=True, backlog=1024)
+        policy_server = await asyncio.start_server(
+            self.handle_policy, pl.host, pl.port, limit=policyproto.MAX_REQUEST,
+            reuse_address=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        log.info("event=start finger=%s policy=%s domains=%d", fl, pl,
+                 len(self.config.domains))
+        if ready:
+            ready()
+        async with finger_server, policy_server:
+            await stop.wait()
+        log.info("event=stop")
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    return peer[0] if isinstance(peer, tuple) and peer else "unknown"
+
+
+def run(config: Config, ondemand: OnDemand | None = None) -> None:
+    gateway = Gateway(config, ondemand or OnDemand(config))
+    asyncio.run(gateway.serve())

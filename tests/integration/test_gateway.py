@@ -1,0 +1,199 @@
+"""finger and ETRN release held mail through the gateway, with real clients."""
+
+import re
+import smtplib
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import wait_until
+
+
+def domains(sink_port):
+    return f"""
+[domains."customer.test"]
+relay = "[127.0.0.1]:{sink_port}"
+
+[domains."guarded.test"]
+relay = "[127.0.0.1]:{sink_port}"
+flush_from = ["192.0.2.0/24"]
+"""
+
+
+@pytest.fixture
+def gw(make_stack):
+    stack = make_stack(gateway=True, gateway_extra="release_window = 0.5")
+    stack.cfg  # noqa: B018 - config must load
+    return stack
+
+
+def finger_addr(stack):
+    return stack.cfg.finger_listen.host
+
+
+def run_finger(stack, query, *options):
+    proc = subprocess.run(["finger", *options, f"{query}@{finger_addr(stack)}"],
+                          capture_output=True, text=True, timeout=60)
+    return proc.stdout + proc.stderr
+
+
+def hold(stack, n, domain="customer.test"):
+    before = len(stack.queue())
+    for i in range(n):
+        stack.send([f"user{i}@{domain}"])
+    wait_until(lambda: len(stack.queue()) == before + n, what=f"{n} held")
+
+
+def raw_finger(stack, payload: bytes, timeout=10) -> bytes:
+    with socket.create_connection((finger_addr(stack), 79), timeout) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+    return data
+
+
+def test_finger_releases_and_reports(gw):
+    hold(gw, 2)
+    gw.sink.start()
+    out = run_finger(gw, "customer.test")
+    assert "customer.test: 2 message(s)" in out, out
+    assert "Delivery started" in out, out
+    wait_until(lambda: len(gw.sink.messages()) == 2, what="2 deliveries")
+    [row] = gw.status("customer.test")
+    assert row["last_flush_trigger"] == "finger"
+    assert row["last_flush_client"].startswith("127.")
+    assert "how=finger" in gw.gateway_log() and "result=released" in gw.gateway_log()
+
+
+def test_finger_verbose_and_unreachable(gw):
+    hold(gw, 1)
+    out = run_finger(gw, "customer.test", "-l")  # the Debian client sends /W for -l
+    assert "customer.test: 1 message(s)" in out, out
+    assert "does not answer" in out, out
+    assert len(gw.queue()) == 1 and gw.queue()[0]["queue_name"] == "hold"
+
+
+def test_finger_never_lists_customers(gw):
+    assert "not served here" in run_finger(gw, "nothere.test")
+    empty = run_finger(gw, "")
+    assert "SMTP-on-demand" in empty and "customer.test" not in empty
+    forward = raw_finger(gw, b"someone@elsewhere.test\r\n").decode()
+    assert "forwarding service denied" in forward
+
+
+def test_unauthorised_client_is_refused_on_both_paths(make_stack):
+    stack = make_stack(gateway=True, domains=domains)
+    hold(stack, 1, "guarded.test")
+    stack.sink.start()
+    out = run_finger(stack, "guarded.test")
+    assert "guarded.test: not served here." in out, out
+    assert "1 message" not in out
+    with smtplib.SMTP("127.0.0.1", stack.pf.smtpd_port, timeout=60) as smtp:
+        smtp.ehlo("client.test")
+        code, msg = smtp.docmd("ETRN", "guarded.test")
+    assert code == 459, (code, msg)
+    time.sleep(1)
+    assert stack.sink.messages() == []
+    assert stack.queue()[0]["queue_name"] == "hold"
+    # the same answer as for a domain we do not serve: nothing leaks
+    assert run_finger(stack, "nothere.test").replace("nothere", "guarded") == out
+
+
+@pytest.mark.parametrize("form", ["customer.test", "#customer.test", "@customer.test"])
+def test_etrn_forms_release(gw, form):
+    hold(gw, 1)
+    gw.sink.start()
+    with smtplib.SMTP("127.0.0.1", gw.pf.smtpd_port, timeout=60) as smtp:
+        smtp.ehlo("client.test")
+        code, msg = smtp.docmd("ETRN", form)
+    assert code == 250, (code, msg)
+    wait_until(lambda: len(gw.sink.messages()) == 1, what="delivery after ETRN")
+    assert gw.status("customer.test")[0]["last_flush_trigger"] == "etrn"
+
+
+def test_etrn_with_customer_offline_says_so(gw):
+    hold(gw, 1)
+    with smtplib.SMTP("127.0.0.1", gw.pf.smtpd_port, timeout=60) as smtp:
+        smtp.ehlo("client.test")
+        code, msg = smtp.docmd("ETRN", "customer.test")
+    assert code == 458, (code, msg)
+    assert gw.queue()[0]["queue_name"] == "hold"
+
+
+def test_fetchmail_etrn(gw):
+    hold(gw, 2)
+    gw.sink.start()
+    proc = subprocess.run(
+        ["fetchmail", "-f", "/dev/null", "-p", "ETRN", "--fetchdomains", "customer.test",
+         "-P", str(gw.pf.smtpd_port), "127.0.0.1"],
+        capture_output=True, text=True, timeout=120)
+    assert "Queuing for customer.test started" in proc.stdout + proc.stderr, proc.stderr
+    wait_until(lambda: len(gw.sink.messages()) == 2, what="2 deliveries after fetchmail")
+    assert "how=etrn" in gw.gateway_log()
+    assert gw.status("customer.test")[0]["last_flush_trigger"] == "etrn"
+
+
+def test_many_triggers_one_release(make_stack):
+    stack = make_stack(gateway=True, gateway_extra="release_window = 30")
+    hold(stack, 3)
+    stack.sink.start()
+    results = []
+
+    def one():
+        results.append(raw_finger(stack, b"customer.test\r\n", timeout=60).decode())
+
+    threads = [threading.Thread(target=one) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert len(results) == 12
+    assert all("Delivery started" in r for r in results), results
+    log = stack.gateway_log()
+    assert len(re.findall(r"result=released_3", log)) == 1, log
+    wait_until(lambda: len(stack.sink.messages()) == 3, what="3 deliveries")
+
+
+def test_rate_limit_stops_a_flood_but_not_ordinary_use(make_stack):
+    stack = make_stack(gateway=True, gateway_extra="rate_burst = 12\nrate_per_minute = 12")
+    answers = [raw_finger(stack, b"customer.test\r\n").decode() for _ in range(12)]
+    assert not any("Too many" in a for a in answers)
+    flood = [raw_finger(stack, b"customer.test\r\n").decode() for _ in range(5)]
+    assert any("Too many requests" in a for a in flood)
+
+
+def test_hostile_input_gets_nowhere(gw):
+    hold(gw, 1)
+    # 100 KB line, binary, no newline, forwarding
+    assert b"Invalid query" in raw_finger(gw, b"a" * 100_000 + b"\r\n")
+    assert b"Invalid query" in raw_finger(gw, bytes(range(256)) + b"\r\n")
+    assert b"Invalid query" in raw_finger(gw, b"\x00customer.test\r\n")
+    assert b"customer.test" in raw_finger(gw, b"customer.test")  # no newline, then EOF
+    assert b"forwarding" in raw_finger(gw, b"a@b@c\r\n")
+    # 200 idle connections do not keep another client waiting
+    idle = []
+    try:
+        for _ in range(200):
+            idle.append(socket.create_connection((finger_addr(gw), 79), 5))
+        start = time.monotonic()
+        answer = raw_finger(gw, b"\r\n", timeout=5)
+        assert b"SMTP-on-demand" in answer
+        assert time.monotonic() - start < 3
+    finally:
+        for sock in idle:
+            sock.close()
+    # policy socket: garbage closes that connection only
+    port = gw.cfg.policy_listen.port
+    with socket.create_connection(("127.0.0.1", port), 5) as sock:
+        sock.sendall(b"\xff\xfe garbage\n\n")
+        assert sock.recv(100) == b""
+    with socket.create_connection(("127.0.0.1", port), 5) as sock:
+        sock.sendall(b"request=smtpd_access_policy\nprotocol_state=RCPT\n\n")
+        assert sock.recv(100) == b"action=DUNNO\n\n"
+    assert gw.gateway.poll() is None  # still serving
+    assert gw.queue()[0]["queue_name"] == "hold"
