@@ -6,7 +6,8 @@
 # - installs Postfix and the build dependencies
 # - installs the project into /opt/flushctl (a virtualenv), flushctl on PATH
 # - writes /etc/flushctl/flushctl.toml if it does not exist yet
-# - runs `flushctl apply` on /etc/postfix, starts Postfix and the milter
+# - runs `flushctl apply` on /etc/postfix, starts Postfix, the milter and the
+#   finger/ETRN gateway
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 prefix=/opt/flushctl
@@ -56,18 +57,28 @@ if ! postfix status >/dev/null 2>&1; then
     fi
 fi
 
-# The milter: a background daemon (under systemd the Ansible role installs units).
-pidfile=/run/flushctl-milter.pid
-start-stop-daemon --stop --quiet --pidfile "$pidfile" --remove-pidfile --retry TERM/10 || true
-start-stop-daemon --start --background --make-pidfile --pidfile "$pidfile" \
-    --output /var/log/flushctl/milter.log \
-    --exec "$prefix/bin/flushctl" -- --config "$config" milter
+# The daemons run in the background (under systemd the Ansible role installs units).
+start_daemon() {
+    local name=$1
+    local pidfile=/run/flushctl-$name.pid
+    start-stop-daemon --stop --quiet --pidfile "$pidfile" --remove-pidfile --retry TERM/10 || true
+    start-stop-daemon --start --background --make-pidfile --pidfile "$pidfile" \
+        --output "/var/log/flushctl/$name.log" \
+        --exec "$prefix/bin/flushctl" -- --config "$config" "$name"
+}
+start_daemon milter
+start_daemon gateway
 for _ in $(seq 50); do
     [ -S /var/spool/postfix/flushctl/milter.sock ] && break
     sleep 0.2
 done
 if [ ! -S /var/spool/postfix/flushctl/milter.sock ]; then
     echo "Error: the milter did not start; see /var/log/flushctl/milter.log" >&2
+    exit 1
+fi
+sleep 1
+if ! start-stop-daemon --status --pidfile /run/flushctl-gateway.pid; then
+    echo "Error: the gateway did not start; see /var/log/flushctl/gateway.log" >&2
     exit 1
 fi
 echo "flushctl is running: try 'flushctl status'"

@@ -47,27 +47,41 @@ class Outcome:
 
 
 class Releaser:
-    """At most one release per domain at a time; triggers inside the window share it."""
+    """At most one release per domain at a time; triggers inside the window share it.
+
+    Triggers that arrive while a release runs wait for it and get its
+    result; triggers within ``window`` seconds after a release get its
+    result too, as long as no new mail has arrived for the domain since.
+    """
 
     def __init__(self, ondemand: OnDemand, window: float):
         self.ondemand = ondemand
         self.window = window
         self._inflight: dict[str, asyncio.Future] = {}
-        self._recent: dict[str, tuple[float, Outcome]] = {}
+        self._recent: dict[str, tuple[float, Outcome, float]] = {}
 
     async def trigger(self, domain: str, how: str, client: str) -> Outcome:
+        # A release a moment ago answers for this trigger too, unless mail
+        # has arrived since: then there is something new to release.
         recent = self._recent.get(domain)
-        if recent and time.monotonic() - recent[0] < self.window:
+        if recent and time.monotonic() - recent[0] < self.window \
+                and not self.ondemand.ledger.arrived_since(domain, recent[2]):
             return _shared(recent[1])
         if domain in self._inflight:
             return _shared(await asyncio.shield(self._inflight[domain]))
         future = asyncio.get_running_loop().create_future()
         self._inflight[domain] = future
+        started = time.time()
         try:
             outcome = await asyncio.to_thread(self._release, domain, how, client)
         finally:
             del self._inflight[domain]
-        self._recent[domain] = (time.monotonic(), outcome)
+        # Only a release is worth sharing; "nothing held" or "server down"
+        # may change any moment, and the next trigger looks again.
+        if outcome.kind == RELEASED:
+            self._recent[domain] = (time.monotonic(), outcome, started)
+        else:
+            self._recent.pop(domain, None)
         future.set_result(outcome)
         return outcome
 

@@ -141,6 +141,14 @@ class Ledger:
                 " FROM messages WHERE domain = ? ORDER BY arrival", (domain,)).fetchall()
         return [Entry(*row) for row in rows]
 
+    def arrived_since(self, domain: str, when: float) -> bool:
+        """Has mail for the domain been recorded with an arrival after ``when``?"""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM messages WHERE domain = ? AND arrival > ? LIMIT 1",
+                (domain, when)).fetchone()
+        return row is not None
+
     def known(self, queue_ids) -> set[str]:
         """Which of these ids the ledger has."""
         ids = list(queue_ids)

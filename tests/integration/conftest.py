@@ -140,6 +140,21 @@ class Stack:
                 self.gateway.wait()
         self.gateway = None
 
+    def finger(self, query: str, *options: str) -> str:
+        """The Debian finger client against our gateway.
+
+        The client only speaks to the port /etc/services names for finger,
+        so it runs in a private mount namespace where that file says ours.
+        """
+        services = self.state_dir / "services"
+        services.write_text(f"finger\t\t{self.cfg.finger_listen.port}/tcp\n")
+        proc = subprocess.run(
+            ["unshare", "--mount", "sh", "-c",
+             'mount --bind "$0" /etc/services && exec finger "$@"', str(services),
+             *options, f"{query}@127.0.0.1"],
+            capture_output=True, text=True, timeout=60)
+        return proc.stdout + proc.stderr
+
     def gateway_log(self) -> str:
         try:
             return (self.state_dir / "gateway.log").read_text()
@@ -190,29 +205,15 @@ class Stack:
         return self.pf.queue()
 
 
-def free_finger_address() -> str:
-    """A loopback address whose port 79 is free: finger clients only speak to port 79."""
-    import random
-    for _ in range(50):
-        addr = f"127.{random.randint(1, 254)}.{random.randint(0, 254)}.{random.randint(1, 254)}"
-        with socket.socket() as sock:
-            try:
-                sock.bind((addr, 79))
-                return addr
-            except OSError:
-                continue
-    raise RuntimeError("no free loopback address for port 79")
-
-
 @dataclass(frozen=True)
 class Ports:
-    finger_host: str
+    finger_port: int
     policy_port: int
 
 
 def write_config(path: Path, pf: PostfixInstance, state_dir: Path, domains: str,
                  ports: "Ports | None" = None, gateway_extra: str = "") -> None:
-    ports = ports or Ports(free_finger_address(), free_port())
+    ports = ports or Ports(free_port(), free_port())
     path.write_text(f"""
 [postfix]
 config_directory = "{pf.config_directory}"
@@ -221,7 +222,7 @@ directory = "{state_dir}"
 [milter]
 listen = "unix:{state_dir}/milter/milter.sock"
 [gateway]
-finger_listen = "{ports.finger_host}:79"
+finger_listen = "127.0.0.1:{ports.finger_port}"
 policy_listen = "127.0.0.1:{ports.policy_port}"
 {gateway_extra}
 [poller]

@@ -31,13 +31,12 @@ def gw(make_stack):
 
 
 def finger_addr(stack):
-    return stack.cfg.finger_listen.host
+    listen = stack.cfg.finger_listen
+    return listen.host, listen.port
 
 
 def run_finger(stack, query, *options):
-    proc = subprocess.run(["finger", *options, f"{query}@{finger_addr(stack)}"],
-                          capture_output=True, text=True, timeout=60)
-    return proc.stdout + proc.stderr
+    return stack.finger(query, *options)
 
 
 def hold(stack, n, domain="customer.test"):
@@ -48,7 +47,7 @@ def hold(stack, n, domain="customer.test"):
 
 
 def raw_finger(stack, payload: bytes, timeout=10) -> bytes:
-    with socket.create_connection((finger_addr(stack), 79), timeout) as sock:
+    with socket.create_connection(finger_addr(stack), timeout) as sock:
         sock.sendall(payload)
         sock.shutdown(socket.SHUT_WR)
         data = b""
@@ -179,7 +178,7 @@ def test_hostile_input_gets_nowhere(gw):
     idle = []
     try:
         for _ in range(200):
-            idle.append(socket.create_connection((finger_addr(gw), 79), 5))
+            idle.append(socket.create_connection(finger_addr(gw), 5))
         start = time.monotonic()
         answer = raw_finger(gw, b"\r\n", timeout=5)
         assert b"SMTP-on-demand" in answer
@@ -197,3 +196,17 @@ def test_hostile_input_gets_nowhere(gw):
         assert sock.recv(100) == b"action=DUNNO\n\n"
     assert gw.gateway.poll() is None  # still serving
     assert gw.queue()[0]["queue_name"] == "hold"
+
+
+def test_new_mail_is_released_by_the_next_trigger_inside_the_window(make_stack):
+    stack = make_stack(gateway=True, gateway_extra="release_window = 60")
+    stack.sink.start()
+    assert "no mail held" in run_finger(stack, "customer.test")
+    hold(stack, 1)
+    out = run_finger(stack, "customer.test")
+    assert "Delivery started" in out, out
+    wait_until(lambda: len(stack.sink.messages()) == 1, what="first delivery")
+    hold(stack, 1)
+    out = run_finger(stack, "customer.test")
+    assert "customer.test: 1 message(s)" in out and "Delivery started" in out, out
+    wait_until(lambda: len(stack.sink.messages()) == 2, what="second delivery")
