@@ -48,6 +48,16 @@ def wait_until(predicate, timeout=20.0, interval=0.1, what="condition"):
         time.sleep(interval)
 
 
+def _stop(proc: subprocess.Popen | None, sig=signal.SIGTERM) -> None:
+    if proc and proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def _tcp_open(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), 0.5):
@@ -121,23 +131,21 @@ class Stack:
         from flushctl import config
         return config.load(str(self.config_path))
 
-    def start_gateway(self):
+    def _daemon(self, name: str) -> subprocess.Popen:
+        """Start `flushctl NAME` in the background, its log in the state directory."""
         env = dict(os.environ, FLUSHCTL_CONFIG=str(self.config_path))
-        self.gateway = subprocess.Popen([*FLUSHCTL, "gateway"], env=env,
-                                        stdout=subprocess.DEVNULL,
-                                        stderr=open(self.state_dir / "gateway.log", "ab"))
+        with open(self.state_dir / f"{name}.log", "ab") as log:
+            return subprocess.Popen([*FLUSHCTL, name], env=env, stdout=subprocess.DEVNULL,
+                                    stderr=log)
+
+    def start_gateway(self):
+        self.gateway = self._daemon("gateway")
         cfg = self.cfg
         for hp in (cfg.finger_listen, cfg.policy_listen):
             wait_until(lambda: _tcp_open(hp.host, hp.port), 15, what=f"gateway on {hp}")
 
     def stop_gateway(self):
-        if self.gateway and self.gateway.poll() is None:
-            self.gateway.terminate()
-            try:
-                self.gateway.wait(15)
-            except subprocess.TimeoutExpired:
-                self.gateway.kill()
-                self.gateway.wait()
+        _stop(self.gateway)
         self.gateway = None
 
     def finger(self, query: str, *options: str) -> str:
@@ -185,20 +193,11 @@ class Stack:
         sock = self.state_dir / "milter" / "milter.sock"
         if sock.exists():
             sock.unlink()
-        env = dict(os.environ, FLUSHCTL_CONFIG=str(self.config_path))
-        self.milter = subprocess.Popen([*FLUSHCTL, "milter"], env=env,
-                                       stdout=subprocess.DEVNULL,
-                                       stderr=open(self.state_dir / "milter.log", "ab"))
+        self.milter = self._daemon("milter")
         wait_until(lambda: _connectable(sock), 15, what="milter socket")
 
     def stop_milter(self, sig=signal.SIGTERM):
-        if self.milter and self.milter.poll() is None:
-            self.milter.send_signal(sig)
-            try:
-                self.milter.wait(15)
-            except subprocess.TimeoutExpired:
-                self.milter.kill()
-                self.milter.wait()
+        _stop(self.milter, sig)
         self.milter = None
 
     def queue(self):
