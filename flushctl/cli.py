@@ -158,6 +158,27 @@ def gateway(ctx):
 
 
 @main.command()
+@click.option("--once", is_flag=True, help="one cycle, print what it did, exit")
+@click.option("--json", "as_json", is_flag=True, help="with --once: print a JSON array")
+@pass_ctx
+@_guard
+def poller(ctx, once, as_json):
+    """Probe domains that hold mail; release when their server answers (foreground)."""
+    from .poller import run_forever, run_once
+    if not once:
+        run_forever(ctx.ondemand)
+        return
+    entries = run_once(ctx.ondemand)
+    if as_json:
+        click.echo(json.dumps([e.as_json() for e in entries], indent=2))
+        return
+    for e in entries:
+        extra = f" ({e.released})" if e.released else ""
+        click.echo(f"{e.domain:<30} {e.probe.outcome:<12} {e.action}{extra}"
+                   f"  {e.probe.target} {e.probe.detail}".rstrip())
+
+
+@main.command()
 @click.argument("domain", required=False)
 @click.option("--json", "as_json", is_flag=True, help="print a JSON array")
 @pass_ctx

@@ -99,6 +99,9 @@ class Config:
     policy_listen: HostPort
     poller_interval: int
     probe_timeout: float
+    poller_concurrency: int
+    own_hosts: tuple
+    nameservers: tuple  # (ip, port) pairs; empty: the system's resolv.conf
     gateway: "GatewaySettings"
     transport_name: str
     domains: dict[str, Domain] = field(default_factory=dict)
@@ -285,7 +288,27 @@ def parse(text: str, path: str = "<config>") -> Config:
     gw.check_keys({"finger_listen", "policy_listen", "release_window", "max_connections",
                    "idle_timeout", "rate_burst", "rate_per_minute"})
     po = _Section(path, "poller", data.get("poller", {}))
-    po.check_keys({"interval", "probe_timeout"})
+    po.check_keys({"interval", "probe_timeout", "concurrency", "own_hosts", "nameservers"})
+    own_hosts = []
+    for item in po.get("own_hosts", list, []):
+        try:
+            own_hosts.append(names.domain(str(item)))
+        except ValueError as exc:
+            po.fail("own_hosts", str(exc))
+    nameservers = []
+    for item in po.get("nameservers", list, []):
+        text = str(item)
+        host, port = (text, 53)
+        match = re.fullmatch(r"\[?([0-9A-Fa-f:.]+?)\]?(?::(\d{1,5}))?", text)
+        if match and (":" not in match.group(1) or text.startswith("[") or not match.group(2)):
+            host, port = match.group(1), int(match.group(2) or 53)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            po.fail("nameservers", f"not an IP address (with optional :port): {text!r}")
+        if not 0 < port < 65536:
+            po.fail("nameservers", f"port out of range: {text!r}")
+        nameservers.append((host, port))
 
     transport = pf.get("transport", str, "ondemand")
     if not re.fullmatch(r"[a-z][a-z0-9_-]{0,30}", transport):
@@ -314,6 +337,9 @@ def parse(text: str, path: str = "<config>") -> Config:
             rate_per_minute=gw.positive("rate_per_minute", float, 60.0),
         ),
         probe_timeout=po.positive("probe_timeout", float, 10.0),
+        poller_concurrency=po.positive("concurrency", int, 100),
+        own_hosts=tuple(own_hosts),
+        nameservers=tuple(nameservers),
         transport_name=transport,
         domains=domains,
     )

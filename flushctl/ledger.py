@@ -215,6 +215,14 @@ class Ledger:
         self._update(domain, reachable=int(reachable), last_error=error,
                      last_probe=time.time() if when is None else when)
 
+    def domains_with_mail(self) -> list[str]:
+        """Unpaused domains whose running totals show held mail."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT domain FROM domains WHERE messages > 0 AND paused = 0"
+                " ORDER BY domain").fetchall()
+        return [r[0] for r in rows]
+
     def releasing_domains(self, now: float | None = None) -> list[str]:
         when = time.time() if now is None else now
         with self._lock:

@@ -20,8 +20,8 @@ from . import holdsecret
 from .settings import HOLD_HEADER, hold_table
 from .config import Config, Domain
 from .ledger import Ledger
-from .postfix import Postfix
-from .probe import ProbeResult, probe
+from .postfix import Postfix, PostfixError
+from .probe import Prober, ProbeResult, probe
 from .queuefiles import QueueLayout, parse_duration, parse_postcat
 
 # How long after a release the sweep watches the domain at least.
@@ -100,6 +100,7 @@ class OnDemand:
         self.postfix = postfix or Postfix(config.config_directory)
         self._layout = layout
         self._stale_after: float | None = None
+        self._prober: Prober | None = None
         self.ledger = ledger or Ledger(config.state_directory)
 
     @property
@@ -164,22 +165,41 @@ class OnDemand:
         return [self.status(name) for name in sorted(self.config.domains)]
 
     # -- releasing ---------------------------------------------------------
+    @property
+    def prober(self) -> Prober:
+        """One prober (and DNS cache) for this process; our own hosts left out."""
+        if self._prober is None:
+            own = set(self.config.own_hosts)
+            try:
+                own.add(self.postfix.get("myhostname")["myhostname"].lower())
+            except (PostfixError, KeyError):
+                pass
+            self._prober = Prober(self.config.probe_timeout, own, self.config.nameservers)
+        return self._prober
+
+    def record_probe(self, domain: str, result: ProbeResult) -> None:
+        self.ledger.record_probe(domain, result.reachable,
+                                 None if result.reachable else result.text(), result.when)
+
     def probe(self, domain: str) -> ProbeResult:
         dom = self.domain(domain)
-        result = probe(dom, timeout=self.config.probe_timeout)
-        self.ledger.record_probe(dom.name, result.reachable,
-                                 None if result.reachable else result.text(), result.when)
+        result = probe(dom, self.prober)
+        self.record_probe(dom.name, result)
         return result
 
-    def flush(self, domain: str, trigger: str = "admin", client: str | None = None
-              ) -> FlushResult:
-        """Release the domain's held mail toward its server, if that answers."""
+    def flush(self, domain: str, trigger: str = "admin", client: str | None = None,
+              probed: ProbeResult | None = None) -> FlushResult:
+        """Release the domain's held mail toward its server, if that answers.
+
+        ``probed``: a probe the caller has just made (the poller), instead
+        of probing again.
+        """
         dom = self.domain(domain).name
         if self.ledger.state(dom).paused:
             raise Refused(f"{dom}: paused; `flushctl resume {dom}` first", "paused")
         if not self.locate(dom).present:
             return FlushResult(dom, 0, None)
-        result = self.probe(dom)
+        result = probed if probed is not None else self.probe(dom)
         if not result.reachable:
             self.ledger.record_flush(dom, trigger, f"not released: {result.text()}",
                                      self.ledger.state(dom).releasing_until, client=client)
@@ -274,6 +294,17 @@ class OnDemand:
                                   msg.created or time.time()):
                 counts[dom] = counts.get(dom, 0) + 1
         return counts
+
+    def in_flight(self, domain: str) -> bool:
+        """Is mail of the domain being delivered right now (a release still at work)?"""
+        located = self.locate(domain)
+        now = time.time()
+        return bool(located.ids("active", "incoming")) or any(
+            located.mtimes[q] <= now for q in located.ids("deferred"))
+
+    def holding(self) -> list[str]:
+        """Configured, unpaused domains the ledger says hold mail (no queue scan)."""
+        return [d for d in self.ledger.domains_with_mail() if d in self.config.domains]
 
     def sweep(self, domain: str) -> dict[str, int]:
         """Put mail that failed after a release back on hold; end the watch when done.

@@ -1,18 +1,27 @@
 """Does the customer's mail server answer?  Outcomes are values, not exceptions.
 
-A probe connects to each candidate address in turn and waits for a 220
-greeting, then says QUIT.  Where the candidates come from: the domain's
-``relay`` (``[host]:port`` as is; ``host:port`` through its MX records),
-else the domain's own MX records.
+Where to knock: the domain's ``relay`` if set (``[host]:port`` as is,
+``host:port`` through host's MX records), else the domain's own MX
+records; our own MX hosts are left out; then each host's A and AAAA
+records, in MX preference order.  A knock is a TCP connection and a 220
+greeting within the timeout, then QUIT.
+
+DNS goes through dnspython with its answers cached for their TTL; the
+nameservers can be set (tests use a local server).  NXDOMAIN and Null MX
+mean "nowhere to deliver": a result like any other.
 """
 
 from __future__ import annotations
 
-import socket
+import asyncio
+import ipaddress
 import time
 from dataclasses import dataclass
 
+import dns.asyncresolver
 import dns.exception
+import dns.nameserver
+import dns.rdatatype
 import dns.resolver
 
 from .config import Domain
@@ -40,83 +49,122 @@ class ProbeResult:
         return f"{self.outcome}{where}" + (f": {self.detail}" if self.detail else "")
 
 
-def mx_hosts(domain: str, own_hosts: frozenset[str], resolver=None) -> tuple[list[str], str]:
-    """MX hosts in preference order without our own; (hosts, problem)."""
-    res = resolver or dns.resolver.Resolver()
-    try:
-        answer = res.resolve(domain, "MX")
-    except dns.resolver.NXDOMAIN:
-        return [], f"{domain}: no such domain"
-    except dns.resolver.NoAnswer:
-        return [domain], ""  # RFC 5321 implicit MX
-    except (dns.exception.DNSException, OSError) as exc:
-        return [], f"{domain}: DNS lookup failed: {exc.__class__.__name__}"
-    records = sorted(answer, key=lambda r: r.preference)
-    hosts = [str(r.exchange).rstrip(".").lower() for r in records]
-    if hosts == [""]:
+def choose_mx(domain: str, records: list[tuple[int, str]], own_hosts: frozenset[str]
+              ) -> tuple[list[str], str]:
+    """MX hosts to try, in preference order, without ours; and a problem text."""
+    ordered = [host.rstrip(".").lower() for _, host in sorted(records, key=lambda r: r[0])]
+    if not ordered or ordered == [""]:
         return [], f"{domain}: null MX (the domain accepts no mail)"
-    hosts = [h for h in hosts if h not in own_hosts]
+    hosts = [h for h in ordered if h and h not in own_hosts]
     if not hosts:
         return [], f"{domain}: every MX host is one of ours"
     return hosts, ""
 
 
-def targets(dom: Domain, own_hosts: frozenset[str] = frozenset(), resolver=None
-            ) -> tuple[list[tuple[str, int]], str]:
-    """(host, port) pairs to try, and a problem text when there are none."""
-    if dom.relay is not None and not dom.relay.mx_lookup:
-        return [(dom.relay.host, dom.relay.port)], ""
-    lookup = dom.relay.host if dom.relay is not None else dom.name
-    port = dom.relay.port if dom.relay is not None else 25
-    hosts, problem = mx_hosts(lookup, own_hosts, resolver)
-    return [(h, port) for h in hosts], problem
-
-
-def _greeting(host: str, port: int, timeout: float) -> tuple[str, str]:
+def is_ip(host: str) -> bool:
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        return NO_ADDRESS, str(exc)
-    last = (NO_ADDRESS, f"{host} has no address")
-    for family, stype, proto, _, addr in infos:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+class Prober:
+    """Probes with one resolver and its TTL cache; safe to share across probes."""
+
+    def __init__(self, timeout: float = 10.0, own_hosts=(), nameservers=()):
+        self.timeout = timeout
+        self.own_hosts = frozenset(h.rstrip(".").lower() for h in own_hosts)
+        if nameservers:
+            resolver = dns.asyncresolver.Resolver(configure=False)
+            resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port)
+                                    for host, port in nameservers]
+        else:
+            resolver = dns.asyncresolver.Resolver()
+        resolver.cache = dns.resolver.LRUCache(100_000)
+        resolver.lifetime = timeout
+        self.resolver = resolver
+
+    async def _query(self, name: str, rdtype: str):
+        """(answer or None, problem text); NoAnswer is (None, '')."""
         try:
-            with socket.socket(family, stype, proto) as sock:
-                sock.settimeout(timeout)
-                sock.connect(addr)
-                reply = b""
-                while not reply.endswith(b"\n") and len(reply) < 4096:
-                    chunk = sock.recv(1024)
-                    if not chunk:
-                        break
-                    reply += chunk
-                # multi-line greeting: the last line starts "220 "
-                lines = reply.decode("ascii", "replace").splitlines()
-                if lines and lines[0].startswith("220"):
-                    try:
-                        sock.sendall(b"QUIT\r\n")
-                    except OSError:
-                        pass
-                    return REACHABLE, lines[0][:80]
-                last = (BAD_GREETING, (lines[0] if lines else "connection closed")[:80])
-        except socket.timeout:
-            last = (TIMEOUT, f"no greeting within {timeout:g}s")
+            return await self.resolver.resolve(name, rdtype), ""
+        except dns.resolver.NXDOMAIN:
+            return None, f"{name}: no such domain"
+        except dns.resolver.NoAnswer:
+            return None, ""
+        except (dns.exception.DNSException, OSError) as exc:
+            return None, f"{name}: DNS lookup failed ({exc.__class__.__name__})"
+
+    async def hosts(self, dom: Domain) -> tuple[list[tuple[str, int]], str]:
+        """(host, port) pairs to try, and a problem text when there are none."""
+        if dom.relay is not None and not dom.relay.mx_lookup:
+            return [(dom.relay.host, dom.relay.port)], ""
+        name = dom.relay.host if dom.relay is not None else dom.name
+        port = dom.relay.port if dom.relay is not None else 25
+        answer, problem = await self._query(name, "MX")
+        if answer is None:
+            if problem:
+                return [], problem
+            return [(name, port)], ""  # no MX records: the name itself (RFC 5321)
+        hosts, problem = choose_mx(name, [(r.preference, str(r.exchange)) for r in answer],
+                                   self.own_hosts)
+        return [(h, port) for h in hosts], problem
+
+    async def addresses(self, host: str) -> tuple[list[str], str]:
+        if is_ip(host):
+            return [host], ""
+        found, problems = [], []
+        for rdtype in ("A", "AAAA"):
+            answer, problem = await self._query(host, rdtype)
+            if answer is not None:
+                found.extend(r.address for r in answer)
+            elif problem:
+                problems.append(problem)
+        if not found:
+            return [], problems[0] if problems else f"{host}: no address records"
+        return found, ""
+
+    async def greet(self, address: str, port: int) -> tuple[str, str]:
+        writer = None
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(address, port), self.timeout)
+            line = await asyncio.wait_for(reader.readline(), self.timeout)
+            text = line.decode("ascii", "replace").strip()
+            if not text.startswith("220"):
+                return BAD_GREETING, (text or "connection closed")[:80]
+            writer.write(b"QUIT\r\n")
+            await asyncio.wait_for(writer.drain(), self.timeout)
+            return REACHABLE, text[:80]
+        except asyncio.TimeoutError:
+            return TIMEOUT, f"no greeting within {self.timeout:g}s"
         except ConnectionRefusedError:
-            last = (REFUSED, "connection refused")
+            return REFUSED, "connection refused"
         except OSError as exc:
-            last = (REFUSED, exc.strerror or str(exc))
-    return last
+            return REFUSED, exc.strerror or str(exc)
+        finally:
+            if writer is not None:
+                writer.close()
+
+    async def probe(self, dom: Domain) -> ProbeResult:
+        now = time.time()
+        candidates, problem = await self.hosts(dom)
+        result = ProbeResult(NO_ADDRESS, "", problem, now)
+        for host, port in candidates:
+            addresses, problem = await self.addresses(host)
+            if not addresses:
+                result = ProbeResult(NO_ADDRESS, f"{host}:{port}", problem, now)
+                continue
+            for address in addresses:
+                outcome, detail = await self.greet(address, port)
+                target = f"{host}:{port}" if host == address else f"{host}[{address}]:{port}"
+                result = ProbeResult(outcome, target, detail, now)
+                if outcome == REACHABLE:
+                    return result
+        return result
 
 
-def probe(dom: Domain, timeout: float = 10.0, own_hosts: frozenset[str] = frozenset(),
-          resolver=None) -> ProbeResult:
-    now = time.time()
-    candidates, problem = targets(dom, own_hosts, resolver)
-    if not candidates:
-        return ProbeResult(NO_ADDRESS, "", problem, now)
-    result = ProbeResult(NO_ADDRESS, "", problem, now)
-    for host, port in candidates:
-        outcome, detail = _greeting(host, port, timeout)
-        result = ProbeResult(outcome, f"{host}:{port}", detail, now)
-        if outcome == REACHABLE:
-            return result
-    return result
+def probe(dom: Domain, prober: Prober) -> ProbeResult:
+    """One probe from synchronous code (its own event loop)."""
+    return asyncio.run(prober.probe(dom))

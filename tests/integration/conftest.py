@@ -78,7 +78,8 @@ def _connectable(path: Path) -> bool:
 class Sink:
     """smtp-sink as the customer's mail server; -d keeps what it receives."""
 
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1"):
+        self.host = host
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="flushctl-sink-"))
         os.chmod(self.dir, 0o777)
@@ -87,14 +88,14 @@ class Sink:
     def start(self):
         self.proc = subprocess.Popen(
             ["smtp-sink", "-u", "nobody", "-d", str(self.dir) + "/%M%S.", "-h", "customer.test",
-             f"127.0.0.1:{self.port}", "64"],
+             f"{self.host}:{self.port}", "64"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(self._listening, 10, what="smtp-sink")
         return self
 
     def _listening(self):
         try:
-            with socket.create_connection(("127.0.0.1", self.port), 0.5):
+            with socket.create_connection((self.host, self.port), 0.5):
                 return True
         except OSError:
             return False
@@ -125,6 +126,7 @@ class Stack:
     sink: Sink
     milter: subprocess.Popen | None = None
     gateway: subprocess.Popen | None = None
+    poller: subprocess.Popen | None = None
 
     @property
     def cfg(self):
@@ -137,6 +139,13 @@ class Stack:
         with open(self.state_dir / f"{name}.log", "ab") as log:
             return subprocess.Popen([*FLUSHCTL, name], env=env, stdout=subprocess.DEVNULL,
                                     stderr=log)
+
+    def start_poller(self):
+        self.poller = self._daemon("poller")
+
+    def stop_poller(self):
+        _stop(self.poller)
+        self.poller = None
 
     def start_gateway(self):
         self.gateway = self._daemon("gateway")
@@ -211,7 +220,8 @@ class Ports:
 
 
 def write_config(path: Path, pf: PostfixInstance, state_dir: Path, domains: str,
-                 ports: "Ports | None" = None, gateway_extra: str = "") -> None:
+                 ports: "Ports | None" = None, gateway_extra: str = "",
+                 poller_extra: str = "") -> None:
     ports = ports or Ports(free_port(), free_port())
     path.write_text(f"""
 [postfix]
@@ -226,6 +236,7 @@ policy_listen = "127.0.0.1:{ports.policy_port}"
 {gateway_extra}
 [poller]
 probe_timeout = 2
+{poller_extra}
 {domains}
 """)
 
@@ -252,14 +263,14 @@ def make_stack():
     built = []
 
     def build(extra_main=None, domains=None, start_sink=False, milter=True, gateway=False,
-              gateway_extra=""):
+              gateway_extra="", poller_extra=""):
         sink = Sink()
         pf = PostfixInstance.create(extra_main)
         state_dir = pf.root / "state"
         state_dir.mkdir()
         config_path = pf.root / "flushctl.toml"
         write_config(config_path, pf, state_dir, (domains or default_domains)(sink.port),
-                     gateway_extra=gateway_extra)
+                     gateway_extra=gateway_extra, poller_extra=poller_extra)
         stack = Stack(pf=pf, config_path=config_path, state_dir=state_dir, sink=sink)
         built.append(stack)
         stack.flushctl("apply")
@@ -274,6 +285,7 @@ def make_stack():
 
     yield build
     for stack in built:
+        stack.stop_poller()
         stack.stop_gateway()
         stack.stop_milter()
         stack.sink.cleanup()
