@@ -7,10 +7,12 @@ us; anything else is answered DUNNO.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 MAX_REQUEST = 32 * 1024  # bytes; a real request is well under 2 KB
 MAX_ATTRIBUTES = 200
+_NAME = re.compile(r"(?=[A-Za-z0-9_]*[A-Za-z0-9])[A-Za-z0-9_]{1,64}")
 
 
 class ProtocolError(ValueError):
@@ -48,7 +50,7 @@ def parse(block: bytes) -> Request:
         if not line:
             continue
         name, sep, value = line.partition("=")
-        if not sep or not name or not name.replace("_", "").isalnum():
+        if not sep or not _NAME.fullmatch(name):
             raise ProtocolError(f"not an attribute line: {line[:60]!r}")
         if len(attrs) >= MAX_ATTRIBUTES:
             raise ProtocolError("too many attributes")
