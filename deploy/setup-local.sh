@@ -7,7 +7,7 @@
 # - installs the project into /opt/flushctl (a virtualenv), flushctl on PATH
 # - writes /etc/flushctl/flushctl.toml if it does not exist yet
 # - runs `flushctl apply` on /etc/postfix, starts Postfix, the milter and the
-#   finger/ETRN gateway
+#   finger/ETRN gateway and the reachability poller
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 prefix=/opt/flushctl
@@ -68,6 +68,7 @@ start_daemon() {
 }
 start_daemon milter
 start_daemon gateway
+start_daemon poller
 for _ in $(seq 50); do
     [ -S /var/spool/postfix/flushctl/milter.sock ] && break
     sleep 0.2
