@@ -201,8 +201,7 @@ class OnDemand:
             return FlushResult(dom, 0, None)
         result = probed if probed is not None else self.probe(dom)
         if not result.reachable:
-            self.ledger.record_flush(dom, trigger, f"not released: {result.text()}",
-                                     self.ledger.state(dom).releasing_until, client=client)
+            # not a release: the probe result (status: last_error) says why
             raise Refused(f"{dom}: mail server not reachable ({result.text()}); "
                           "the mail stays held", "unreachable")
         released = self._release(dom)
@@ -281,11 +280,13 @@ class OnDemand:
             return {}
         unknown = sorted(set(present) - self.ledger.known(present))
         counts: dict[str, int] = {}
-        if not unknown:
+        secret = holdsecret.read(self.config.state_directory, hold_table(self.config))
+        if not unknown or not secret:
             return counts
         for msg in parse_postcat(self.postfix.read_messages(unknown)):
             tags = msg.header(TAG_HEADER)
-            if len(tags) != 1 or not msg.header(HOLD_HEADER):
+            # only what our milter held: the tag and the hold header with our secret
+            if len(tags) != 1 or secret not in msg.header(HOLD_HEADER):
                 continue
             dom = tags[0].lower()
             if dom not in self.config.domains:

@@ -23,6 +23,9 @@ def test_held_counted_released_delivered_with_tag(stack):
     assert proc.returncode == 3, proc.stderr
     assert "not reachable" in proc.stderr
     assert len(held_ids(stack)) == 3
+    [row] = stack.status("customer.test")
+    assert row["last_flush"] is None  # nothing was released
+    assert row["reachable"] is False and "refused" in row["last_error"]
 
     stack.sink.start()
     proc = stack.flushctl("flush", "customer.test", "--wait", "--timeout", "60")
