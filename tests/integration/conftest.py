@@ -284,12 +284,18 @@ def make_stack():
         return stack
 
     yield build
+    # every daemon a test did not stop itself must still be serving at its end
+    died = [f"{name} exited {proc.returncode}" for stack in built
+            for name, proc in (("milter", stack.milter), ("gateway", stack.gateway),
+                               ("poller", stack.poller))
+            if proc is not None and proc.poll() is not None]
     for stack in built:
         stack.stop_poller()
         stack.stop_gateway()
         stack.stop_milter()
         stack.sink.cleanup()
         stack.pf.destroy()
+    assert not died, died
 
 
 @pytest.fixture
