@@ -35,6 +35,19 @@ def client_allowed(dom: Domain | None, client: str, peers=()) -> bool:
     return any(addr in net for net in dom.flush_from)
 
 
+def bucket_key(client: str) -> str:
+    """IPv6 clients share a bucket per /64: one host can change its address within it."""
+    try:
+        addr = ipaddress.ip_address(client)
+    except ValueError:
+        return client
+    if addr.version == 4:
+        return str(addr)
+    if addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{addr}/64", strict=False))
+
+
 @dataclass
 class TokenBucket:
     capacity: float
@@ -68,6 +81,7 @@ class Gate:
         return ALLOWED
 
     def _take(self, client: str, now: float) -> bool:
+        client = bucket_key(client)
         bucket = self.buckets.get(client)
         if bucket is None:
             if len(self.buckets) >= self.max_clients:

@@ -248,3 +248,14 @@ def test_under_the_rate_is_never_limited(burst, per_minute):
     interval = 60.0 / per_minute      # one trigger per refilled token
     for i in range(100):
         assert gate.check("192.0.2.1", "open.example", i * interval * 1.001) == ALLOWED
+
+
+def test_ipv6_clients_share_a_bucket_per_64():
+    from flushctl.gate import RATE_LIMITED, Gate, bucket_key
+    assert bucket_key("2001:db8:1:2::5") == bucket_key("2001:db8:1:2:ffff::9")
+    assert bucket_key("2001:db8:1:3::5") != bucket_key("2001:db8:1:2::5")
+    assert bucket_key("::ffff:192.0.2.5") == "192.0.2.5"
+    gate = Gate({}, per_minute=1, burst=2)
+    gate.check("2001:db8:1:2::1", "x.example", 0.0)
+    gate.check("2001:db8:1:2::2", "x.example", 0.0)
+    assert gate.check("2001:db8:1:2::3", "x.example", 0.0) == RATE_LIMITED
