@@ -204,12 +204,10 @@ class OnDemand:
             # not a release: the probe result (status: last_error) says why
             raise Refused(f"{dom}: mail server not reachable ({result.text()}); "
                           "the mail stays held", "unreachable")
-        released = self._release(dom)
-        self.ledger.record_flush(dom, trigger, f"released {released}",
-                                 time.time() + RELEASE_WATCH, client=client)
+        released = self._release(dom, trigger, client)
         return FlushResult(dom, released, result)
 
-    def _release(self, dom: str) -> int:
+    def _release(self, dom: str, trigger: str, client: str | None) -> int:
         # 1. Mail that failed after an earlier release and still waits in
         #    the deferred queue goes back on hold first.
         located = self.locate(dom)
@@ -233,6 +231,9 @@ class OnDemand:
         for qid in held:
             if located.mtimes[qid] > now:
                 self.layout.make_due(qid, now)
+        # Recorded before the mail moves, so nobody sees a delivery without it.
+        self.ledger.record_flush(dom, trigger, f"released {len(held)}",
+                                 time.time() + RELEASE_WATCH, client=client)
         self.postfix.release(held)
         self.postfix.scan_deferred()
         return len(held)

@@ -69,7 +69,8 @@ relay = "[127.0.0.1]:{down_port}"
     [row] = stack.status("customer.test")
     assert row["reachable"] is True
     assert row["last_flush_trigger"] == "poller"
-    assert row["messages"] == 0
+    wait_until(lambda: stack.status("customer.test")[0]["messages"] == 0, timeout=10,
+               what="nothing held")
     # the customer still offline keeps its mail, untouched
     time.sleep(3)
     assert len(held(stack, "down.test")) == 1
