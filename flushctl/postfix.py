@@ -37,13 +37,15 @@ class Postfix:
     timeout: float = DEFAULT_TIMEOUT
 
     def _run(self, argv: list[str], stdin: str | None = None,
-             check: bool = True) -> subprocess.CompletedProcess:
+             check: bool = True, keep_sigpipe_ignored: bool = False
+             ) -> subprocess.CompletedProcess:
         for arg in argv[1:]:
             if "\0" in arg or "\n" in arg:
                 raise PostfixError(f"refusing argument with control characters: {arg!r}")
         try:
             proc = subprocess.run(argv, input=stdin, capture_output=True, text=True,
-                                  timeout=self.timeout, check=False)
+                                  timeout=self.timeout, check=False,
+                                  restore_signals=not keep_sigpipe_ignored)
         except subprocess.TimeoutExpired:
             raise PostfixError(f"{argv[0]}: no answer within {self.timeout:.0f}s") from None
         except OSError as exc:
@@ -143,7 +145,7 @@ class Postfix:
         """``postsuper -r``: back through pickup and cleanup, new id, new lifetime clock."""
         count = self._postsuper_ids("-r", ids)
         if count:
-            self._run([_binary("postkick"), "-c", self.config_directory, "public", "pickup", "W"])
+            self._kick("pickup", "W")
         return count
 
     def read_messages(self, ids: Iterable[str], batch: int = 200) -> str:
@@ -163,11 +165,21 @@ class Postfix:
         Only messages whose retry time has come are taken (no 'A' flag, so
         this is not ``postqueue -f``).
         """
-        argv = [_binary("postkick"), "-c", self.config_directory, "public", "qmgr", "FD"]
-        # qmgr's fifo has no reader for a moment while master restarts qmgr.
+        self._kick("qmgr", "FD")
+
+    def _kick(self, service: str, request: str) -> None:
+        """postkick, robustly.
+
+        postkick writes the request and then one more byte; a server that
+        has read the request may close first, and the last write then
+        kills postkick with SIGPIPE although the request arrived.  With
+        SIGPIPE left ignored (as Python has it) that write just fails.
+        A refused connection (the service restarting) is tried again.
+        """
+        argv = [_binary("postkick"), "-c", self.config_directory, "public", service, request]
         for attempt in range(5):
             try:
-                self._run(argv)
+                self._run(argv, keep_sigpipe_ignored=True)
                 return
             except PostfixError:
                 if attempt == 4:
