@@ -1,0 +1,67 @@
+"""The deployment test: the Ansible playbook against this machine, as an admin runs it.
+
+It changes the machine's own Postfix (port 25) and starts the daemons
+(finger on port 79), so it runs only where that is wanted: in CI
+(CI=true) or with FLUSHCTL_DEPLOY_TEST=1, as root.
+"""
+
+import json
+import os
+import re
+import smtplib
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BOOTSTRAP = ROOT / "ansible" / "bootstrap.sh"
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not (os.environ.get("CI") == "true"
+                              or os.environ.get("FLUSHCTL_DEPLOY_TEST") == "1"),
+    reason="changes this machine's Postfix: runs in CI or with FLUSHCTL_DEPLOY_TEST=1")
+
+
+def playbook():
+    proc = subprocess.run([str(BOOTSTRAP)], capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+    recap = re.search(r"localhost\s+:\s+ok=\d+\s+changed=(\d+)\s+unreachable=0\s+failed=0",
+                      proc.stdout)
+    assert recap, proc.stdout[-3000:]
+    return int(recap.group(1))
+
+
+def status():
+    out = subprocess.run(["/usr/local/sbin/flushctl", "status", "--json", "customer.example"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    return json.loads(out)[0]
+
+
+def test_playbook_deploys_a_working_host_and_converges():
+    playbook()
+    assert playbook() == 0  # the second run changes nothing
+
+    before = status()["messages"]
+    with smtplib.SMTP("127.0.0.1", 25, timeout=60) as smtp:
+        refused = smtp.sendmail("someone@sender.example", ["alice@customer.example"],
+                                "Subject: deploy test\n\nheld, please\n")
+    assert refused == {}
+    deadline = time.monotonic() + 30
+    while status()["messages"] < before + 1:
+        assert time.monotonic() < deadline, "the message was not held"
+        time.sleep(0.5)
+    queue = subprocess.run(["postqueue", "-j"], capture_output=True, text=True,
+                           check=True).stdout
+    held = [json.loads(line) for line in queue.splitlines() if line.strip()]
+    assert any(m["queue_name"] == "hold" and m["recipients"][0]["address"]
+               == "alice@customer.example" for m in held)
+
+    finger = subprocess.run(["finger", "customer.example@127.0.0.1"], capture_output=True,
+                            text=True, timeout=60).stdout
+    assert "customer.example:" in finger and "message(s)" in finger, finger
+    assert "does not answer" in finger  # nothing listens at the example relay
+
+    subprocess.run(["/usr/local/sbin/flushctl", "purge", "customer.example", "--yes"],
+                   check=True, capture_output=True, timeout=60)
