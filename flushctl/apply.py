@@ -155,7 +155,7 @@ def apply(config: Config, dry_run: bool = False, reload: bool = True) -> ApplyRe
                          f"(check [postfix] config_directory in {config.path})")
     data = settings.load_data()
     list_names = list(data["lists"]) + list(data["conditional_lists"]) + list(data["parameters"])
-    raw = pf.get_explicit(*list_names, "smtpd_relay_restrictions")
+    raw = pf.get_explicit(*list_names, "smtpd_relay_restrictions", "mynetworks")
     expanded = pf.get(*MANAGED)
     services = pf.services()
     stored = holdsecret.stored(config.state_directory)

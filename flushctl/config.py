@@ -102,6 +102,7 @@ class Config:
     poller_concurrency: int
     own_hosts: tuple
     nameservers: tuple  # (ip, port) pairs; empty: the system's resolv.conf
+    relay_networks: tuple  # customer networks that may relay outbound mail through us
     gateway: "GatewaySettings"
     transport_name: str
     domains: dict[str, Domain] = field(default_factory=dict)
@@ -277,7 +278,18 @@ def parse(text: str, path: str = "<config>") -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     top = _Section(path, "", data)
-    top.check_keys({"postfix", "state", "milter", "gateway", "poller", "domains"})
+    top.check_keys({"postfix", "state", "milter", "gateway", "poller", "relay", "domains"})
+    rl = _Section(path, "relay", data.get("relay", {}))
+    rl.check_keys({"networks"})
+    relay_networks = []
+    for item in rl.get("networks", list, []):
+        try:
+            net = ipaddress.ip_network(str(item), strict=False)
+        except ValueError:
+            rl.fail("networks", f"not an IP network: {item!r}")
+        if net.prefixlen == 0:
+            rl.fail("networks", f"{item} covers everyone: that is an open relay")
+        relay_networks.append(net)
     pf = _Section(path, "postfix", data.get("postfix", {}))
     pf.check_keys({"config_directory", "transport"})
     st = _Section(path, "state", data.get("state", {}))
@@ -340,6 +352,7 @@ def parse(text: str, path: str = "<config>") -> Config:
         poller_concurrency=po.positive("concurrency", int, 100),
         own_hosts=tuple(own_hosts),
         nameservers=tuple(nameservers),
+        relay_networks=tuple(relay_networks),
         transport_name=transport,
         domains=domains,
     )

@@ -126,6 +126,13 @@ def _fill(template: str, values: dict[str, str]) -> str:
     return template.format(**values)
 
 
+def postfix_network(net) -> str:
+    """An ip_network as mynetworks writes it (IPv6 in brackets)."""
+    if net.version == 6:
+        return f"[{net.network_address}]/{net.prefixlen}"
+    return str(net)
+
+
 def check_mynetworks(expanded: str, data: dict) -> None:
     forbidden = {ipaddress.ip_network(n.strip("[]").replace("]", ""), strict=False)
                  for n in data["mynetworks"]["forbidden"]}
@@ -191,6 +198,16 @@ def plan(config: Config, data: dict, raw: dict[str, str], expanded: dict[str, st
             want[name] = merge_list(mine, current, previous_ours)
         else:
             want[name] = merge_list([], current, previous_ours | set(mine))
+    nets = [postfix_network(n) for n in config.relay_networks]
+    ours.extend(nets)
+    current = raw.get("mynetworks", "")
+    if nets:
+        # an unset mynetworks means this host only; keep loopback when we set it
+        base = current or "127.0.0.0/8, [::1]/128"
+        want["mynetworks"] = merge_list(nets, base, previous_ours)
+        check_mynetworks(want["mynetworks"], data)
+    elif set(split_list(current)) & previous_ours:
+        want["mynetworks"] = merge_list([], current, previous_ours)
     if not relay_restrictions_ok(expanded.get("smtpd_relay_restrictions", ""), data):
         want["smtpd_relay_restrictions"] = data["relay_restrictions"]["value"]
 

@@ -43,6 +43,10 @@ def test_playbook_deploys_a_working_host_and_converges():
     playbook()
     assert playbook() == 0  # the second run changes nothing
 
+    mynetworks = subprocess.run(["postconf", "-h", "mynetworks"], capture_output=True,
+                                text=True, check=True).stdout
+    assert "198.51.100.0/24" in mynetworks  # flushctl_relay_networks from the example vars
+
     before = status()["messages"]
     with smtplib.SMTP("127.0.0.1", 25, timeout=60) as smtp:
         refused = smtp.sendmail("someone@sender.example", ["alice@customer.example"],

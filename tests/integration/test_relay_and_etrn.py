@@ -13,16 +13,32 @@ from conftest import wait_until
 
 @pytest.fixture
 def outside_stack(make_stack):
-    return make_stack(extra_main={"smtpd_authorized_xclient_hosts": "127.0.0.1"})
+    return make_stack(extra_main={"smtpd_authorized_xclient_hosts": "127.0.0.1",
+                                  "mynetworks": "127.0.0.1/32"})
 
 
-def swaks(stack, *args):
+def swaks(stack, *args, client="192.0.2.7"):
     proc = subprocess.run(
         ["swaks", "--server", f"127.0.0.1:{stack.pf.smtpd_port}", "--timeout", "20",
-         "--xclient-addr", "192.0.2.7", "--xclient-name", "[UNAVAILABLE]",
+         "--xclient-addr", client, "--xclient-name", "[UNAVAILABLE]",
          "--from", "stranger@outside.test", *args],
         capture_output=True, text=True, timeout=60)
     return proc.stdout + proc.stderr
+
+
+def test_customer_networks_relay_and_nobody_else(make_stack):
+    """[relay] networks: the customers' own networks send outbound mail through us."""
+    from conftest import default_domains
+
+    def domains(port):
+        return '[relay]\nnetworks = ["198.51.100.0/24"]\n' + default_domains(port)
+    stack = make_stack(extra_main={"smtpd_authorized_xclient_hosts": "127.0.0.1",
+                                   "mynetworks": "127.0.0.1/32"}, domains=domains)
+    assert "198.51.100.0/24" in stack.pf.postconf("-h", "mynetworks")
+    out = swaks(stack, "--to", "friend@elsewhere.test", client="198.51.100.9")
+    assert "<-  250 2.0.0 Ok: queued" in out, out
+    out = swaks(stack, "--to", "friend@elsewhere.test", client="203.0.113.9")
+    assert "<** 554 5.7.1" in out and "Relay access denied" in out, out
 
 
 def test_outside_client_cannot_relay_but_can_reach_customers(outside_stack):
