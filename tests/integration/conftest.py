@@ -37,6 +37,23 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+# Lifetimes of seconds: what would expire or bounce does so within a test.
+SHORT_LIFETIMES = {
+    "maximal_queue_lifetime": "4s",
+    "bounce_queue_lifetime": "4s",
+    "minimal_backoff_time": "1s",
+    "maximal_backoff_time": "2s",
+    "queue_run_delay": "1s",
+}
+
+
+def bounce_lines(stack) -> list[str]:
+    """Log lines of mail that expired, bounced or made a sender notification."""
+    return [line for line in stack.pf.log().splitlines()
+            if "status=expired" in line or "status=bounced" in line
+            or "non-delivery notification" in line]
+
+
 def wait_until(predicate, timeout=20.0, interval=0.1, what="condition"):
     deadline = time.monotonic() + timeout
     while True:

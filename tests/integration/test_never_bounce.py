@@ -3,22 +3,7 @@
 import subprocess
 import time
 
-from conftest import wait_until
-
-SHORT_LIFETIMES = {
-    "maximal_queue_lifetime": "4s",
-    "bounce_queue_lifetime": "4s",
-    "minimal_backoff_time": "1s",
-    "maximal_backoff_time": "2s",
-    "queue_run_delay": "1s",
-}
-
-
-def bounce_lines(stack):
-    return [line for line in stack.pf.log().splitlines()
-            if "status=expired" in line or "status=bounced" in line
-            or "non-delivery notification" in line]
-
+from conftest import SHORT_LIFETIMES, bounce_lines, wait_until
 
 def test_offline_customer_keeps_mail_far_past_the_lifetime(make_stack):
     stack = make_stack(extra_main=SHORT_LIFETIMES)

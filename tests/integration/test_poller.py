@@ -7,24 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Sink, free_port, wait_until
+from conftest import SHORT_LIFETIMES, Sink, bounce_lines, free_port, wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dnsserver import DNSServer  # noqa: E402
-
-SHORT_LIFETIMES = {
-    "maximal_queue_lifetime": "4s",
-    "bounce_queue_lifetime": "4s",
-    "minimal_backoff_time": "1s",
-    "maximal_backoff_time": "2s",
-    "queue_run_delay": "1s",
-}
-
-
-def bounce_lines(stack):
-    return [line for line in stack.pf.log().splitlines()
-            if "status=expired" in line or "status=bounced" in line]
-
 
 def held(stack, domain):
     return [m for m in stack.queue() if m["queue_name"] == "hold"
