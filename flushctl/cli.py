@@ -114,13 +114,15 @@ def main(ctx, config_path, log_level):
 
 @main.command()
 @click.option("--dry-run", is_flag=True, help="show what would change, change nothing")
+@click.option("--no-reload", is_flag=True,
+              help="leave the reload of a running Postfix to the caller")
 @pass_ctx
 @_guard
-def apply(ctx, dry_run):
+def apply(ctx, dry_run, no_reload):
     """Make the Postfix instance serve the configured domains."""
     from .apply import ApplyError, apply as do_apply
     try:
-        report = do_apply(ctx.config, dry_run=dry_run)
+        report = do_apply(ctx.config, dry_run=dry_run, reload=not no_reload)
     except ApplyError as exc:
         raise CliError(str(exc)) from None
     for line in report.lines():
