@@ -17,7 +17,6 @@ import time
 import click
 
 from . import config as config_mod
-from .ledger import Ledger
 from .postfix import PostfixError
 
 EXIT_ERROR = 1

@@ -7,7 +7,6 @@ Failures come back as ``PostfixError`` carrying the command's own words.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import time
@@ -62,13 +61,6 @@ class Postfix:
         for p in params:
             _param_name(p)
         out = self._run([_binary("postconf"), "-c", self.config_directory, "-x", *params]).stdout
-        return _parse_postconf(out)
-
-    def get_raw(self, *params: str) -> dict[str, str]:
-        """Values as written in main.cf (``$name`` not expanded)."""
-        for p in params:
-            _param_name(p)
-        out = self._run([_binary("postconf"), "-c", self.config_directory, *params]).stdout
         return _parse_postconf(out)
 
     def get_explicit(self, *params: str) -> dict[str, str]:
@@ -185,20 +177,6 @@ class Postfix:
                 if attempt == 4:
                     raise
                 time.sleep(0.2 * (attempt + 1))
-
-    def list_queue(self) -> list[dict]:
-        """The whole queue as ``postqueue -j`` objects (O(queue): keep off hot paths)."""
-        out = self._run([_binary("postqueue"), "-c", self.config_directory, "-j"]).stdout
-        return parse_queue_json(out)
-
-
-def parse_queue_json(text: str) -> list[dict]:
-    result = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line:
-            result.append(json.loads(line))
-    return result
 
 
 def _parse_postconf(out: str) -> dict[str, str]:

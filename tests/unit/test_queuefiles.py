@@ -4,7 +4,6 @@ import os
 
 import pytest
 
-from flushctl import queuefiles
 from flushctl.queuefiles import QueueLayout, hash_key, relative_path
 
 DEFAULT_HASHED = frozenset({"deferred", "defer"})
