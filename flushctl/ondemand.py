@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from . import names
 from . import holdsecret
-from .settings import HOLD_HEADER, hold_table
+from .settings import HOLD_HEADER, TAG_HEADER, hold_table
 from .config import Config, Domain
 from .ledger import Ledger
 from .postfix import Postfix, PostfixError
@@ -28,7 +28,6 @@ from .queuefiles import QueueLayout, parse_duration, parse_postcat
 RELEASE_WATCH = 900.0
 # How long a refresh waits for pickup and cleanup to bring requeued mail back.
 REFRESH_WAIT = 60.0
-TAG_HEADER = "X-OnDemand-Domain"
 
 
 class Refused(Exception):

@@ -79,6 +79,7 @@ def milter_spec(config: Config, queue_directory: str, smtpd_chrooted: bool) -> s
     return "unix:" + listen.path[len(queue):]
 
 
+TAG_HEADER = "X-OnDemand-Domain"   # names the customer domain of a held message
 HOLD_HEADER = "X-OnDemand-Hold"
 
 # Maps built with postmap; the others are regexp tables read as they are.

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 from flushctl import names
 from flushctl.config import Domain
+from flushctl.settings import TAG_HEADER
 
-HEADER = "X-OnDemand-Domain"
+HEADER = TAG_HEADER
 OTHER = ""  # transaction class of mail for no customer domain
 
 
