@@ -34,20 +34,23 @@ class ApplyError(Exception):
 @dataclass
 class ApplyReport:
     changed_params: dict[str, str] = field(default_factory=dict)
-    service: str | None = None
+    services: list[str] = field(default_factory=list)
+    removed_services: list[str] = field(default_factory=list)
     maps: list[str] = field(default_factory=list)
     reloaded: bool = False
     dry_run: bool = False
 
     @property
     def changed(self) -> bool:
-        return bool(self.changed_params or self.service or self.maps)
+        return bool(self.changed_params or self.services or self.removed_services or self.maps)
 
     def lines(self) -> list[str]:
         verb = "would set" if self.dry_run else "set"
         out = [f"{verb} {k} = {v}" for k, v in self.changed_params.items()]
-        if self.service:
-            out.append(f"{'would write' if self.dry_run else 'wrote'} master.cf: {self.service}")
+        out += [f"{'would write' if self.dry_run else 'wrote'} master.cf: {entry}"
+                for entry in self.services]
+        out += [f"{'would remove' if self.dry_run else 'removed'} master.cf: {key}"
+                for key in self.removed_services]
         out += [f"{'would build' if self.dry_run else 'built'} map {m}" for m in self.maps]
         if self.reloaded:
             out.append("reloaded postfix")
@@ -62,20 +65,22 @@ def _smtpd_chrooted(services: dict[str, str]) -> bool:
     return False
 
 
-def _previous_ours(config: Config) -> set[str]:
+def _previous(config: Config) -> tuple[set[str], frozenset[str]]:
+    """What the last apply owned: list entries, and master.cf services."""
     try:
         with open(os.path.join(config.state_directory, STATE_FILE)) as fh:
-            return set(json.load(fh).get("ours", []))
+            data = json.load(fh)
     except (FileNotFoundError, ValueError):
-        return set()
+        return set(), frozenset()
+    return set(data.get("ours", [])), frozenset(data.get("services", []))
 
 
-def _save_ours(config: Config, ours: list[str]) -> None:
+def _save_ours(config: Config, plan: settings.Plan) -> None:
     os.makedirs(config.state_directory, mode=0o750, exist_ok=True)
     path = os.path.join(config.state_directory, STATE_FILE)
     tmp = path + ".tmp"
     with open(tmp, "w") as fh:
-        json.dump({"ours": ours}, fh)
+        json.dump({"ours": plan.ours, "services": plan.our_services}, fh)
     os.replace(tmp, path)
 
 
@@ -136,8 +141,10 @@ def _stage(pf: Postfix, plan: settings.Plan) -> str:
             shutil.copy2(os.path.join(pf.config_directory, name), os.path.join(stage, name))
         staged = Postfix(stage, pf.timeout)
         staged.set(plan.params)
-        if plan.service:
-            staged.set_service(plan.service)
+        for entry in plan.services:
+            staged.set_service(entry)
+        for key in plan.remove_services:
+            staged.remove_service(key)
         try:
             staged.check()
         except PostfixError as exc:
@@ -146,6 +153,20 @@ def _stage(pf: Postfix, plan: settings.Plan) -> str:
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def _check_submission(config: Config) -> None:
+    """What postfix check does not look at: the certificate and key must be there."""
+    sub = config.submission
+    if sub is None:
+        return
+    for key, path in (("tls_cert_file", sub.tls_cert_file), ("tls_key_file", sub.tls_key_file)):
+        if not os.path.isfile(path):
+            raise ApplyError(f"{config.path}: submission.{key}: {path}: no such file")
+    conf = os.path.join(settings.sasl_config_directory(config), sub.sasl_path + ".conf")
+    if sub.sasl_type == "cyrus" and not os.path.isfile(conf):
+        raise ApplyError(f"{config.path}: submission: no Cyrus SASL configuration {conf} "
+                         f"(pwcheck_method, mech_list: see the README)")
 
 
 def apply(config: Config, dry_run: bool = False, reload: bool = True) -> ApplyReport:
@@ -160,21 +181,23 @@ def apply(config: Config, dry_run: bool = False, reload: bool = True) -> ApplyRe
     services = pf.services()
     stored = holdsecret.stored(config.state_directory)
     secret = stored or holdsecret.in_table(settings.hold_table(config)) or holdsecret.new()
+    _check_submission(config)
+    previous_ours, previous_services = _previous(config)
     try:
-        plan = settings.plan(config, data, raw, expanded, services, _previous_ours(config),
-                             _smtpd_chrooted(services), secret)
+        plan = settings.plan(config, data, raw, expanded, services, previous_ours,
+                             _smtpd_chrooted(services), secret, previous_services)
     except settings.SettingsError as exc:
         raise ApplyError(str(exc)) from None
     if not dry_run and secret != stored:
         holdsecret.save(config.state_directory, secret)
-    report = ApplyReport(changed_params=dict(plan.params), service=plan.service,
-                         maps=_changed_maps(config, plan.maps), dry_run=dry_run)
+    report = ApplyReport(changed_params=dict(plan.params), services=list(plan.services),
+                         removed_services=list(plan.remove_services), maps=_changed_maps(config, plan.maps), dry_run=dry_run)
     if dry_run or not report.changed:
         if not dry_run:
-            _save_ours(config, plan.ours)
+            _save_ours(config, plan)
         return report
 
-    stage = _stage(pf, plan) if (plan.params or plan.service) else None
+    stage = _stage(pf, plan) if (plan.params or plan.services or plan.remove_services) else None
     try:
         _build_maps(pf, config, plan.maps, report.maps)
         if stage:
@@ -186,7 +209,7 @@ def apply(config: Config, dry_run: bool = False, reload: bool = True) -> ApplyRe
     finally:
         if stage:
             shutil.rmtree(stage, ignore_errors=True)
-    _save_ours(config, plan.ours)
+    _save_ours(config, plan)
     if reload and pf.running():
         pf.reload()
         report.reloaded = True

@@ -152,8 +152,11 @@ def milter(ctx):
 def gateway(ctx):
     """Run the finger and ETRN gateway (foreground, until SIGTERM)."""
     from .gateway import run
+    from .privsep import PrivsepError
     try:
-        run(ctx.config, ctx.ondemand)
+        run(ctx.config)
+    except PrivsepError as exc:
+        raise CliError(str(exc)) from None
     except OSError as exc:
         raise CliError(f"gateway: cannot listen: {exc}") from None
 

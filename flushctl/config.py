@@ -87,6 +87,21 @@ class GatewaySettings:
     idle_timeout: float = 10.0     # seconds a client may take to send its request
     rate_burst: int = 30           # triggers a client may send at once
     rate_per_minute: float = 60.0  # and then per minute
+    user: str = "nobody"           # the network side runs as this user; "" keeps one process
+
+
+@dataclass(frozen=True)
+class Submission:
+    """SASL-authenticated submission for customers' outbound mail (optional)."""
+
+    listen: str                 # master.cf service name: "submission", "PORT" or "HOST:PORT"
+    sasl_type: str              # "cyrus" or "dovecot"
+    sasl_path: str              # smtpd_sasl_path: "smtpd" (cyrus), "private/auth" (dovecot)
+    tls_cert_file: str
+    tls_key_file: str
+
+
+SASL_PATHS = {"cyrus": "smtpd", "dovecot": "private/auth"}
 
 
 @dataclass(frozen=True)
@@ -106,6 +121,7 @@ class Config:
     gateway: "GatewaySettings"
     transport_name: str
     domains: dict[str, Domain] = field(default_factory=dict)
+    submission: Submission | None = None
 
     def domain(self, name: str) -> Domain:
         """The configured domain ``name``, or KeyError with a helpful text."""
@@ -160,8 +176,8 @@ class _Section:
             self.fail(key, f"must be a list, not {value!r}")
         return value
 
-    def absolute_path(self, key: str, default: str) -> str:
-        value = self.get(key, str, default)
+    def absolute_path(self, key: str, default: str, required: bool = False) -> str:
+        value = self.get(key, str, default, required)
         if not value.startswith("/"):
             self.fail(key, f"must be an absolute path, not {value!r}")
         if any(c in value for c in "\n\0,= \t"):
@@ -230,6 +246,30 @@ def _relay(section: _Section, key: str) -> Relay | None:
     return Relay(host=host, port=port, mx_lookup=not bracketed)
 
 
+def _submission(path: str, data: dict) -> Submission | None:
+    if "submission" not in data:
+        return None
+    sec = _Section(path, "submission", data["submission"])
+    sec.check_keys({"listen", "sasl_type", "sasl_path", "tls_cert_file", "tls_key_file"})
+    listen = sec.get("listen", str, "submission")
+    match = re.fullmatch(r"(?:(\[?[0-9A-Fa-f.:]+\]?|localhost):)?(\d{1,5}|submission)", listen)
+    if not match or (match.group(2).isdigit() and not 0 < int(match.group(2)) < 65536):
+        sec.fail("listen", f'must be "submission", "PORT" or "HOST:PORT", not {listen!r}')
+    sasl_type = sec.get("sasl_type", str, "cyrus")
+    if sasl_type not in SASL_PATHS:
+        sec.fail("sasl_type", f'must be "cyrus" or "dovecot", not {sasl_type!r}')
+    sasl_path = sec.get("sasl_path", str, SASL_PATHS[sasl_type])
+    if not re.fullmatch(r"[A-Za-z0-9_./:-]{1,200}", sasl_path):
+        sec.fail("sasl_path", f"not a SASL path Postfix can use: {sasl_path!r}")
+    return Submission(
+        listen=listen,
+        sasl_type=sasl_type,
+        sasl_path=sasl_path,
+        tls_cert_file=sec.absolute_path("tls_cert_file", "", required=True),
+        tls_key_file=sec.absolute_path("tls_key_file", "", required=True),
+    )
+
+
 def _domain(path: str, name: str, table: Any) -> Domain:
     try:
         key = names.domain(name)
@@ -278,7 +318,8 @@ def parse(text: str, path: str = "<config>") -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     top = _Section(path, "", data)
-    top.check_keys({"postfix", "state", "milter", "gateway", "poller", "relay", "domains"})
+    top.check_keys({"postfix", "state", "milter", "gateway", "poller", "relay", "submission",
+                    "domains"})
     rl = _Section(path, "relay", data.get("relay", {}))
     rl.check_keys({"networks"})
     relay_networks = []
@@ -298,7 +339,12 @@ def parse(text: str, path: str = "<config>") -> Config:
     mi.check_keys({"listen"})
     gw = _Section(path, "gateway", data.get("gateway", {}))
     gw.check_keys({"finger_listen", "policy_listen", "release_window", "max_connections",
-                   "idle_timeout", "rate_burst", "rate_per_minute"})
+                   "idle_timeout", "rate_burst", "rate_per_minute", "user"})
+    gateway_user = gw.get("user", str, "nobody")
+    if gateway_user and not re.fullmatch(r"[a-z_][a-z0-9_.-]{0,31}", gateway_user):
+        gw.fail("user", f"not a user name: {gateway_user!r}")
+    if gateway_user == "root":
+        gw.fail("user", 'the network side must not run as root; name an unprivileged user, or "" for one process')
     po = _Section(path, "poller", data.get("poller", {}))
     po.check_keys({"interval", "probe_timeout", "concurrency", "own_hosts", "nameservers"})
     own_hosts = []
@@ -347,6 +393,7 @@ def parse(text: str, path: str = "<config>") -> Config:
             idle_timeout=gw.positive("idle_timeout", float, 10.0),
             rate_burst=gw.positive("rate_burst", int, 30),
             rate_per_minute=gw.positive("rate_per_minute", float, 60.0),
+            user=gateway_user,
         ),
         probe_timeout=po.positive("probe_timeout", float, 10.0),
         poller_concurrency=po.positive("concurrency", int, 100),
@@ -355,6 +402,7 @@ def parse(text: str, path: str = "<config>") -> Config:
         relay_networks=tuple(relay_networks),
         transport_name=transport,
         domains=domains,
+        submission=_submission(path, data),
     )
 
 

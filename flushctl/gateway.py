@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
-from . import finger, names, policyproto
+from . import finger, names, policyproto, privsep
 from .config import Config
 from .gate import ALLOWED, NOT_ALLOWED, Gate
 from .ondemand import OnDemand, Refused, Status
@@ -105,6 +107,16 @@ class Releaser:
         return Outcome(RELEASED, result.released, result.probe.target, "", before)
 
 
+def encode_outcome(outcome: Outcome) -> dict:
+    return asdict(outcome)
+
+
+def decode_outcome(data: dict) -> Outcome:
+    before = data.get("before")
+    return Outcome(data["kind"], data["released"], data["target"], data["detail"],
+                   Status(**before) if before is not None else None, data["shared"])
+
+
 def _shared(outcome: Outcome) -> Outcome:
     return Outcome(outcome.kind, outcome.released, outcome.target, outcome.detail,
                    outcome.before, shared=True)
@@ -146,12 +158,18 @@ def etrn_action(domain: str, outcome: Outcome) -> str:
 
 
 class Gateway:
-    def __init__(self, config: Config, ondemand: OnDemand):
+    """The network side: listeners, parsing, authorisation, rate limits.
+
+    ``releaser`` is a ``Releaser`` when everything runs in one process, or
+    a ``privsep.RemoteReleaser`` in the unprivileged child.
+    """
+
+    def __init__(self, config: Config, releaser):
         self.config = config
         self.settings = config.gateway
         self.gate = Gate(config.domains, per_minute=self.settings.rate_per_minute,
                          burst=self.settings.rate_burst)
-        self.releaser = Releaser(ondemand, self.settings.release_window)
+        self.releaser = releaser
         self.open = {"finger": 0, "policy": 0}
 
     def _log(self, how: str, client: str, domain: str, result: str) -> None:
@@ -163,7 +181,10 @@ class Gateway:
         if verdict != ALLOWED:
             self._log(how, client, domain, verdict)
             return verdict, None
-        outcome = await self.releaser.trigger(domain, how, client)
+        try:
+            outcome = await self.releaser.trigger(domain, how, client)
+        except privsep.PrivsepError as exc:
+            outcome = Outcome(FAILED, 0, "", str(exc), None)
         self._log(how, client, domain,
                   outcome.kind + (" (shared)" if outcome.shared else "")
                   + (f" {outcome.released}" if outcome.kind == RELEASED else ""))
@@ -264,20 +285,20 @@ class Gateway:
         return etrn_action(domain, outcome)
 
     # -- running -------------------------------------------------------------
-    async def serve(self, ready=None) -> None:
-        fl, pl = self.config.finger_listen, self.config.policy_listen
+    async def serve(self, sockets, ready=None, closed: asyncio.Event | None = None) -> None:
+        """Serve the bound ``sockets`` (finger, policy) until SIGTERM or ``closed``."""
+        finger_sock, policy_sock = sockets
         finger_server = await asyncio.start_server(
-            self.handle_finger, fl.host, fl.port, limit=finger.MAX_LINE + 2,
-            reuse_address=True, backlog=1024)
+            self.handle_finger, sock=finger_sock, limit=finger.MAX_LINE + 2)
         policy_server = await asyncio.start_server(
-            self.handle_policy, pl.host, pl.port, limit=policyproto.MAX_REQUEST,
-            reuse_address=True)
-        stop = asyncio.Event()
+            self.handle_policy, sock=policy_sock, limit=policyproto.MAX_REQUEST)
+        stop = closed or asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        log.info("event=start finger=%s policy=%s domains=%d", fl, pl,
-                 len(self.config.domains))
+        log.info("event=start finger=%s policy=%s domains=%d user=%s",
+                 self.config.finger_listen, self.config.policy_listen,
+                 len(self.config.domains), _user())
         if ready:
             ready()
         async with finger_server, policy_server:
@@ -290,6 +311,46 @@ def _peer(writer: asyncio.StreamWriter) -> str:
     return peer[0] if isinstance(peer, tuple) and peer else "unknown"
 
 
+def _user() -> str:
+    try:
+        import pwd
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+def bind(config: Config) -> list:
+    return [privsep.bind(config.finger_listen, backlog=1024),
+            privsep.bind(config.policy_listen, backlog=128)]
+
+
 def run(config: Config, ondemand: OnDemand | None = None) -> None:
-    gateway = Gateway(config, ondemand or OnDemand(config))
-    asyncio.run(gateway.serve())
+    """Bind, then serve: split in two when started as root with ``[gateway] user``."""
+    user = config.gateway.user
+    entry = privsep.account(user) if user and os.geteuid() == 0 else None
+    sockets = bind(config)
+    window = config.gateway.release_window
+
+    def releaser() -> Releaser:
+        try:
+            return Releaser(ondemand or OnDemand(config), window)
+        except (OSError, sqlite3.Error) as exc:
+            raise privsep.PrivsepError(
+                f"cannot open the ledger in {config.state_directory}: {exc}") from None
+
+    if entry is None:
+        asyncio.run(Gateway(config, releaser()).serve(sockets))
+        return
+
+    def child(socks, channel):
+        async def main():
+            remote = privsep.RemoteReleaser(channel, decode_outcome)
+            await remote.start()
+            await Gateway(config, remote).serve(socks, closed=remote.closed)
+        asyncio.run(main())
+
+    def parent(channel):
+        asyncio.run(privsep.serve_releases(channel, releaser(), config.domains,
+                                           encode_outcome))
+
+    privsep.run_split(sockets, entry, child, parent)

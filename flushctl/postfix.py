@@ -7,6 +7,7 @@ Failures come back as ``PostfixError`` carrying the command's own words.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import time
@@ -96,6 +97,12 @@ class Postfix:
             raise PostfixError(f"bad master.cf entry: {entry!r}")
         key = f"{fields[0]}/{fields[1]}"
         self._run([_binary("postconf"), "-c", self.config_directory, "-M", f"{key}={entry}"])
+
+    def remove_service(self, key: str) -> None:
+        """Delete the master.cf entry ``name/type``."""
+        if not re.fullmatch(r"[A-Za-z0-9_.:\[\]-]+/(inet|unix|fifo|pass|unix-dgram)", key):
+            raise PostfixError(f"bad master.cf service key: {key!r}")
+        self._run([_binary("postconf"), "-c", self.config_directory, "-M", "-X", key])
 
     # -- postmap / postfix -------------------------------------------------
     def postmap(self, map_spec: str) -> None:

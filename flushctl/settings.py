@@ -118,9 +118,11 @@ def render_maps(config: Config, secret: str = "") -> dict[str, str]:
 @dataclass(frozen=True)
 class Plan:
     params: dict[str, str]          # main.cf parameters to set (only changes)
-    service: str | None             # master.cf entry to write, if it differs
+    services: list[str]             # master.cf entries to write (only changes)
+    remove_services: list[str]      # master.cf services (name/type) we wrote and no longer want
     maps: dict[str, str]            # every map source we own (written if changed)
     ours: list[str]                 # list entries we own, for the next apply
+    our_services: list[str]         # master.cf services (name/type) we own, for the next apply
 
 
 def _fill(template: str, values: dict[str, str]) -> str:
@@ -158,9 +160,35 @@ def relay_restrictions_ok(expanded: str, data: dict) -> bool:
     return False
 
 
+def sasl_config_directory(config: Config) -> str:
+    """Where Cyrus SASL reads SASL_PATH.conf: Debian's Postfix always reads
+    CONFIG_DIRECTORY/sasl; other builds follow cyrus_sasl_config_path."""
+    return os.path.join(config.config_directory, "sasl")
+
+
+def service_key(entry: str) -> str:
+    """``name/type`` of a master.cf entry."""
+    return "/".join(entry.split()[:2])
+
+
+def wanted_services(config: Config, data: dict, values: dict[str, str]) -> list[str]:
+    """Every master.cf entry we want, as one line each (``-o`` options included)."""
+    entries = [_fill(data["service"]["entry"], values)]
+    sub = config.submission
+    if sub is not None:
+        subvalues = {"listen": sub.listen, "sasl_type": sub.sasl_type,
+                     "sasl_path": sub.sasl_path,
+                     "sasl_config_directory": sasl_config_directory(config),
+                     "tls_cert_file": sub.tls_cert_file, "tls_key_file": sub.tls_key_file}
+        spec = data["submission"]
+        entries.append(" ".join([_fill(spec["entry"], subvalues)]
+                                + [f"-o {_fill(o, subvalues)}" for o in spec["options"]]))
+    return entries
+
+
 def plan(config: Config, data: dict, raw: dict[str, str], expanded: dict[str, str],
          services: dict[str, str], previous_ours: set[str], smtpd_chrooted: bool,
-         secret: str = "") -> Plan:
+         secret: str = "", previous_services: frozenset[str] = frozenset()) -> Plan:
     """Compare what is with what must be.
 
     ``raw``: main.cf values as written; ``expanded``: the same, expanded
@@ -213,7 +241,16 @@ def plan(config: Config, data: dict, raw: dict[str, str], expanded: dict[str, st
         want["smtpd_relay_restrictions"] = data["relay_restrictions"]["value"]
 
     changes = {k: v for k, v in want.items() if raw.get(k, "") != v}
-    entry = _fill(data["service"]["entry"], values)
-    key = "/".join(entry.split()[:2])
-    service = None if " ".join(services.get(key, "").split()) == " ".join(entry.split()) else entry
-    return Plan(params=changes, service=service, maps=render_maps(config, secret), ours=ours)
+    entries = wanted_services(config, data, values)
+    keys = [service_key(e) for e in entries]
+    for entry in entries[1:]:
+        key = service_key(entry)
+        if key in services and key not in previous_services:
+            raise SettingsError(
+                f"master.cf already has a {key} service that flushctl did not write; "
+                f"remove it, or give [submission] listen another port")
+    write = [e for e in entries
+             if " ".join(services.get(service_key(e), "").split()) != " ".join(e.split())]
+    remove = sorted(k for k in previous_services if k not in keys and k in services)
+    return Plan(params=changes, services=write, remove_services=remove,
+                maps=render_maps(config, secret), ours=ours, our_services=keys)

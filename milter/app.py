@@ -177,19 +177,34 @@ def _keeper(ondemand: OnDemand, stop: threading.Event) -> None:
             log.exception("event=error stage=keeper")
 
 
+def _postfix_gid() -> int:
+    try:
+        return grp.getgrnam("postfix").gr_gid
+    except KeyError:
+        return -1
+
+
 def _prepare_unix_socket(path: str) -> None:
+    """Only root and the postfix group may reach the socket: its directory
+    is root:postfix 0750 (no setgid bit: systemd's RestrictSUIDSGID forbids
+    it), and the socket itself gets group postfix as soon as it exists."""
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
-    try:
-        gid = grp.getgrnam("postfix").gr_gid
-    except KeyError:
-        gid = -1
-    # Only root and the postfix group may reach the socket; new files in
-    # the directory inherit its group (setgid bit).
+    gid = _postfix_gid()
     os.chown(directory, 0 if os.geteuid() == 0 else -1, gid)
-    os.chmod(directory, 0o2750)
+    os.chmod(directory, 0o750)
     if os.path.exists(path):
         os.unlink(path)
+    original = Milter.milter.opensocket
+
+    def opensocket(rmsock):
+        # runmilter opens the socket, then serves: give it to Postfix in between
+        result = original(rmsock)
+        os.chown(path, -1, gid)
+        os.chmod(path, 0o660)
+        return result
+
+    Milter.milter.opensocket = opensocket
 
 
 def run(config: Config, ondemand: OnDemand | None = None) -> None:

@@ -25,6 +25,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from instance import PostfixInstance, free_port  # noqa: E402
 
 FLUSHCTL = [sys.executable, "-m", "flushctl"]
+ROOT = Path(__file__).resolve().parent.parent.parent
+UNIT = ROOT / "ansible/roles/flushctl/templates/flushctl@.service.j2"
+
+
+def unit_capabilities() -> str:
+    """The systemd unit's CapabilityBoundingSet, in setpriv's words."""
+    for line in UNIT.read_text().splitlines():
+        if line.startswith("CapabilityBoundingSet="):
+            caps = line.split("=", 1)[1].split()
+            return ",".join(["-all"] + ["+" + c.removeprefix("CAP_").lower() for c in caps])
+    raise AssertionError(f"{UNIT}: no CapabilityBoundingSet")
+
+
+# Daemons run as the unit runs them: only its capabilities, no new privileges.
+DAEMON = ["setpriv", "--no-new-privs", "--bounding-set", unit_capabilities(),
+          "--inh-caps", "-all", *FLUSHCTL]
 
 pytestmark = pytest.mark.integration
 
@@ -154,7 +170,7 @@ class Stack:
         """Start `flushctl NAME` in the background, its log in the state directory."""
         env = dict(os.environ, FLUSHCTL_CONFIG=str(self.config_path))
         with open(self.state_dir / f"{name}.log", "ab") as log:
-            return subprocess.Popen([*FLUSHCTL, name], env=env, stdout=subprocess.DEVNULL,
+            return subprocess.Popen([*DAEMON, name], env=env, stdout=subprocess.DEVNULL,
                                     stderr=log)
 
     def start_poller(self):
@@ -280,9 +296,11 @@ def make_stack():
     built = []
 
     def build(extra_main=None, domains=None, start_sink=False, milter=True, gateway=False,
-              gateway_extra="", poller_extra=""):
+              gateway_extra="", poller_extra="", prepare=None):
         sink = Sink()
         pf = PostfixInstance.create(extra_main)
+        if prepare:
+            prepare(pf)  # files the config names, before the first apply
         state_dir = pf.root / "state"
         state_dir.mkdir()
         config_path = pf.root / "flushctl.toml"

@@ -210,3 +210,56 @@ def test_new_mail_is_released_by_the_next_trigger_inside_the_window(make_stack):
     out = run_finger(stack, "customer.test")
     assert "customer.test: 1 message(s)" in out and "Delivery started" in out, out
     wait_until(lambda: len(stack.sink.messages()) == 2, what="second delivery")
+
+
+# -- privilege separation ------------------------------------------------------
+
+def _listener(port):
+    import psutil
+    for conn in psutil.net_connections("tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port:
+            return psutil.Process(conn.pid)
+    raise AssertionError(f"nobody listens on {port}")
+
+
+def test_network_side_runs_unprivileged(gw):
+    """Started as root, the gateway serves the network as `nobody`; only its
+    parent keeps root, and it releases nothing the child could not ask for."""
+    import psutil
+    parent = psutil.Process(gw.gateway.pid)
+    assert parent.uids().real == 0
+    [child] = parent.children()
+    assert child.username() == "nobody" and child.uids().effective != 0
+    assert child.gids().effective != 0
+    for port in (gw.cfg.finger_listen.port, gw.cfg.policy_listen.port):
+        assert _listener(port).pid == child.pid
+    assert "user=nobody" in gw.gateway_log()
+    # releases still work through the split
+    hold(gw, 1)
+    gw.sink.start()
+    assert "Delivery started" in run_finger(gw, "customer.test")
+    wait_until(lambda: len(gw.sink.messages()) == 1, what="delivery")
+
+
+def test_split_ends_together(gw):
+    """Either half dying ends the other, so a supervisor restarts the whole."""
+    import psutil
+    parent = psutil.Process(gw.gateway.pid)
+    [child] = parent.children()
+    child.kill()
+    assert gw.gateway.wait(15) != 0
+    assert "unprivileged worker ended" in gw.gateway_log()
+    gw.start_gateway()
+    parent = psutil.Process(gw.gateway.pid)
+    [child] = parent.children()
+    gw.gateway.terminate()
+    assert gw.gateway.wait(15) == 0
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    gw.gateway = None
+
+
+def test_gateway_user_must_exist(make_stack):
+    stack = make_stack(gateway=False, gateway_extra='user = "no-such-user-here"')
+    proc = stack.flushctl("gateway", check=False, timeout=30)
+    assert proc.returncode == 1
+    assert "user 'no-such-user-here' does not exist" in proc.stderr

@@ -82,3 +82,28 @@ def test_milter_down_means_tempfail_never_untagged(stack):
     stack.send(["a@customer.test"])
     wait_until(lambda: len(stack.queue()) == 1, what="held after restart")
     assert stack.queue()[0]["queue_name"] == "hold"
+
+
+def test_socket_reachable_by_postfix_only(stack):
+    """root:postfix, no setgid bit (systemd's RestrictSUIDSGID forbids it),
+    and nobody else can connect; Postfix can, as the test above shows."""
+    import grp
+    import os
+    import stat
+    import subprocess
+
+    path = stack.cfg.milter_listen.path
+    postfix_gid = grp.getgrnam("postfix").gr_gid
+    for p, mode in ((os.path.dirname(path), 0o750), (path, 0o660)):
+        st = os.stat(p)
+        assert (st.st_uid, st.st_gid) == (0, postfix_gid), p
+        assert stat.S_IMODE(st.st_mode) == mode, (p, oct(st.st_mode))
+    probe = ("import socket,sys; s=socket.socket(socket.AF_UNIX); "
+             "s.connect(sys.argv[1]); print('connected')")
+    as_nobody = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                                "/usr/bin/python3", "-c", probe, path], capture_output=True, text=True)
+    assert "connected" not in as_nobody.stdout and "Permission denied" in as_nobody.stderr
+    as_postfix = subprocess.run(["setpriv", "--reuid=postfix", "--regid=postfix",
+                                 "--init-groups", "/usr/bin/python3", "-c", probe, path],
+                                capture_output=True, text=True)
+    assert as_postfix.stdout.strip() == "connected", as_postfix.stderr

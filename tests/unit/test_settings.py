@@ -273,8 +273,8 @@ def test_plan_fresh_instance():
         assert p.params[name] == ", ".join(fill(t) for t in templates)
     assert "relay_recipient_maps" not in p.params
     assert "smtpd_relay_restrictions" not in p.params
-    assert p.service == SERVICE
-    assert p.service.split()[:8] == ["ondemand", "unix", "-", "-", "n", "-", "-", "smtp"]
+    assert p.services == [SERVICE]
+    assert p.services[0].split()[:8] == ["ondemand", "unix", "-", "-", "n", "-", "-", "smtp"]
     assert p.maps == settings.render_maps(cfg)
     assert f"hash:{MAP_DIR}/relay_domains" in p.ours
     assert OUR_MILTER in p.ours
@@ -285,28 +285,28 @@ def test_plan_second_run_is_idempotent():
     cfg = make_config(CUSTOMER)
     first = run_plan(cfg)
     raw = dict(first.params)
-    services = {"ondemand/unix": first.service}
+    services = {"ondemand/unix": first.services[0]}
     second = run_plan(cfg, raw=raw, services=services)
     assert second.params == {}
-    assert second.service is None
+    assert second.services == []
     # and with the previous run's entries known as ours
     third = run_plan(cfg, raw=raw, services=services, previous_ours=set(first.ours))
     assert third.params == {}
-    assert third.service is None
+    assert third.services == []
 
 
 def test_plan_service_whitespace_insensitive():
     cfg = make_config(CUSTOMER)
     first = run_plan(cfg)
     services = {"ondemand/unix": "   ".join(SERVICE.split()) + "\n"}
-    assert run_plan(cfg, raw=first.params, services=services).service is None
+    assert run_plan(cfg, raw=first.params, services=services).services == []
 
 
 def test_plan_service_differs():
     cfg = make_config(CUSTOMER)
     services = {"ondemand/unix": SERVICE.replace(" n ", " y ", 1)}
     assert services["ondemand/unix"] != SERVICE
-    assert run_plan(cfg, services=services).service == SERVICE
+    assert run_plan(cfg, services=services).services == [SERVICE]
 
 
 def test_plan_keeps_admin_milter_after_ours():
@@ -369,10 +369,10 @@ def test_plan_relay_recipient_maps_only_with_lists():
 def test_plan_relay_recipient_maps_idempotent():
     cfg = make_config(CUSTOMER, LISTED)
     first = run_plan(cfg)
-    second = run_plan(cfg, raw=first.params, services={"ondemand/unix": first.service},
+    second = run_plan(cfg, raw=first.params, services={"ondemand/unix": first.services[0]},
                       previous_ours=set(first.ours))
     assert second.params == {}
-    assert second.service is None
+    assert second.services == []
 
 
 def test_plan_relay_recipient_maps_keeps_admin_map():
@@ -405,3 +405,85 @@ def test_plan_removes_our_recipient_map_when_lists_go_away():
 
     p = run_plan(make_config(CUSTOMER), raw={"relay_recipient_maps": ours})
     assert p.params["relay_recipient_maps"] == ""
+
+
+# -- optional submission service -------------------------------------------------
+
+SUBMISSION = """
+[submission]
+listen = "2587"
+tls_cert_file = "/etc/ssl/certs/mx.pem"
+tls_key_file = "/etc/ssl/private/mx.key"
+"""
+
+
+def submission_plan(previous=frozenset(), services=None, extra=SUBMISSION):
+    cfg = make_config(CUSTOMER + extra)
+    return settings.plan(cfg, DATA, {}, dict(EXPANDED), dict(services or {}), set(),
+                         smtpd_chrooted=False, previous_services=frozenset(previous))
+
+
+def test_submission_entry():
+    p = submission_plan()
+    [ondemand, sub] = p.services
+    assert ondemand == SERVICE
+    assert sub.split()[:8] == ["2587", "inet", "n", "-", "n", "-", "-", "smtpd"]
+    options = dict(o.split("=", 1) for o in sub.split()[9::2])
+    assert sub.split()[8::2] == ["-o"] * len(options)
+    assert options["smtpd_tls_security_level"] == "encrypt"     # TLS before anything
+    assert options["smtpd_tls_auth_only"] == "yes"               # no password in clear
+    assert options["smtpd_relay_restrictions"] == "permit_sasl_authenticated,reject"
+    assert options["smtpd_sasl_type"] == "cyrus" and options["smtpd_sasl_path"] == "smtpd"
+    assert options["cyrus_sasl_config_path"] == "/etc/postfix/sasl"
+    assert options["smtpd_tls_cert_file"] == "/etc/ssl/certs/mx.pem"
+    assert options["smtpd_etrn_restrictions"] == "reject"
+    assert p.our_services == ["ondemand/unix", "2587/inet"]
+    assert p.remove_services == []
+
+
+def test_submission_dovecot():
+    p = submission_plan(extra=SUBMISSION + 'sasl_type = "dovecot"\n')
+    assert "-o smtpd_sasl_path=private/auth" in p.services[1]
+    assert "-o smtpd_sasl_type=dovecot" in p.services[1]
+
+
+def test_submission_idempotent():
+    first = submission_plan()
+    services = {settings.service_key(e): e for e in first.services}
+    second = submission_plan(previous=first.our_services, services=services)
+    assert second.services == [] and second.remove_services == []
+
+
+def test_submission_removed_when_unconfigured():
+    first = submission_plan()
+    services = {settings.service_key(e): e for e in first.services}
+    services["smtp/inet"] = "smtp inet n - y - - smtpd"
+    p = settings.plan(make_config(CUSTOMER), DATA, {}, dict(EXPANDED), services, set(),
+                      smtpd_chrooted=False, previous_services=frozenset(first.our_services))
+    assert p.remove_services == ["2587/inet"]       # ours, and no longer wanted
+    assert p.our_services == ["ondemand/unix"]
+
+
+def test_submission_never_takes_over_an_admin_service():
+    admin = {"2587/inet": "2587 inet n - y - - smtpd -o smtpd_sasl_auth_enable=yes"}
+    with pytest.raises(SettingsError, match="did not write"):
+        submission_plan(services=admin)
+    # nor removes one it did not write
+    p = settings.plan(make_config(CUSTOMER), DATA, {}, dict(EXPANDED), admin, set(),
+                      smtpd_chrooted=False)
+    assert p.remove_services == []
+
+
+@pytest.mark.parametrize("bad, message", [
+    ('[submission]\ntls_key_file = "/k"\n', "tls_cert_file: missing"),
+    ('[submission]\nlisten = "99999"\ntls_cert_file = "/c"\ntls_key_file = "/k"\n', "listen"),
+    ('[submission]\nlisten = "587 -o x=y"\ntls_cert_file = "/c"\ntls_key_file = "/k"\n', "listen"),
+    ('[submission]\nsasl_type = "pam"\ntls_cert_file = "/c"\ntls_key_file = "/k"\n', "sasl_type"),
+    ('[submission]\nsasl_path = "a b"\ntls_cert_file = "/c"\ntls_key_file = "/k"\n', "sasl_path"),
+    ('[submission]\ntls_cert_file = "c.pem"\ntls_key_file = "/k"\n', "absolute path"),
+    ('[submission]\ntls_cert_file = "/c,d"\ntls_key_file = "/k"\n', "commas"),
+    ('[submission]\nport = 587\ntls_cert_file = "/c"\ntls_key_file = "/k"\n', "unknown key"),
+])
+def test_submission_config_errors(bad, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.parse(bad)

@@ -1,0 +1,211 @@
+"""Privilege separation for the gateway: the network side runs unprivileged.
+
+Releasing mail needs ``postsuper``, which Postfix reserves for root; the
+gateway also binds port 79.  Neither needs root in the code that reads
+what strangers send.  So the gateway binds its listeners as root, then
+forks: the child drops to ``[gateway] user`` and serves finger and the
+policy protocol (parsing, authorisation, rate limits), and the parent,
+still root, carries out releases the child asks for over a socketpair,
+one JSON line each way, and nothing else.  The parent checks every
+request again (a configured domain, a known trigger, a short client
+address): a child taken over by an attacker can ask for what a finger
+query could anyway, and no more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import pwd
+import signal
+import socket
+
+from . import names
+from .config import HostPort
+
+log = logging.getLogger("flushctl.gateway")
+
+MAX_MESSAGE = 64 * 1024
+TRIGGERS = ("finger", "etrn")
+
+
+class PrivsepError(Exception):
+    pass
+
+
+def bind(hp: HostPort, backlog: int) -> socket.socket:
+    """A listening TCP socket on ``hp`` (as root, before privileges go)."""
+    infos = socket.getaddrinfo(hp.host, hp.port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def account(user: str) -> pwd.struct_passwd:
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise PrivsepError(f"gateway: user {user!r} does not exist "
+                           "(create it, or set [gateway] user)") from None
+    if entry.pw_uid == 0:
+        raise PrivsepError(f"gateway: user {user!r} is root; name an unprivileged user")
+    return entry
+
+
+def drop_privileges(entry: pwd.struct_passwd) -> None:
+    """Become ``entry`` for good: groups, gid, then uid; no way back."""
+    os.setgroups([])
+    os.setresgid(entry.pw_gid, entry.pw_gid, entry.pw_gid)
+    os.setresuid(entry.pw_uid, entry.pw_uid, entry.pw_uid)
+    if os.getuid() == 0 or os.geteuid() == 0:
+        raise PrivsepError("gateway: could not give up root")
+    os.chdir("/")
+
+
+# -- the child's side ---------------------------------------------------------
+
+class RemoteReleaser:
+    """In the unprivileged child: asks the parent to release, awaits the outcome."""
+
+    def __init__(self, sock: socket.socket, decode):
+        self.sock = sock
+        self.decode = decode
+        self.closed = asyncio.Event()
+        self._pending: dict[int, asyncio.Future] = {}
+        self._next = 0
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def start(self) -> None:
+        reader, self._writer = await asyncio.open_unix_connection(sock=self.sock,
+                                                                  limit=MAX_MESSAGE)
+        asyncio.get_running_loop().create_task(self._read(reader))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while line := await reader.readline():
+                reply = json.loads(line)
+                future = self._pending.pop(reply["id"], None)
+                if future and not future.done():
+                    future.set_result(self.decode(reply["outcome"]))
+        except (ConnectionError, ValueError, KeyError) as exc:
+            log.error("event=error stage=privsep reason=%r", str(exc))
+        finally:
+            # The parent is gone: nobody can release any more; stop.
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(PrivsepError("release service gone"))
+            self.closed.set()
+
+    async def trigger(self, domain: str, how: str, client: str):
+        if self.closed.is_set():
+            raise PrivsepError("release service gone")
+        self._next += 1
+        future = asyncio.get_running_loop().create_future()
+        self._pending[self._next] = future
+        request = {"id": self._next, "domain": domain, "how": how, "client": client}
+        self._writer.write(json.dumps(request).encode() + b"\n")
+        await self._writer.drain()
+        return await future
+
+
+# -- the parent's side --------------------------------------------------------
+
+def check_request(request, domains) -> tuple[int, str, str, str]:
+    """Validate one request from the child; ValueError if it is not one we serve."""
+    if not isinstance(request, dict) or set(request) != {"id", "domain", "how", "client"}:
+        raise ValueError("malformed request")
+    rid, domain, how, client = (request["id"], request["domain"], request["how"],
+                                request["client"])
+    if not isinstance(rid, int) or isinstance(rid, bool):
+        raise ValueError("malformed id")
+    if how not in TRIGGERS:
+        raise ValueError(f"unknown trigger {how!r}")
+    if not isinstance(domain, str) or names.domain(domain) != domain or domain not in domains:
+        raise ValueError(f"not a configured domain: {domain!r}")
+    if not isinstance(client, str):
+        raise ValueError("malformed client")
+    if client != "unknown":
+        ipaddress.ip_address(client)
+    return rid, domain, how, client
+
+
+async def serve_releases(sock: socket.socket, releaser, domains, encode) -> None:
+    """In the root parent: carry out the child's requests until it hangs up."""
+    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_MESSAGE)
+    tasks = set()
+
+    async def one(rid, domain, how, client):
+        outcome = await releaser.trigger(domain, how, client)
+        writer.write(json.dumps({"id": rid, "outcome": encode(outcome)}).encode() + b"\n")
+        await writer.drain()
+
+    try:
+        while line := await reader.readline():
+            try:
+                args = check_request(json.loads(line), domains)
+            except ValueError as exc:
+                # Not something the child we started would send: stop serving it.
+                log.error("event=refused how=privsep reason=%r", str(exc))
+                break
+            task = asyncio.get_running_loop().create_task(one(*args))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+    except (ConnectionError, ValueError) as exc:
+        log.error("event=error stage=privsep reason=%r", str(exc))
+    finally:
+        writer.close()
+        for task in tasks:
+            task.cancel()
+
+
+def run_split(sockets, entry, serve_child, serve_parent) -> None:
+    """Fork: the child drops to ``entry`` and runs ``serve_child(sockets, channel)``,
+    the parent keeps root and runs ``serve_parent(channel)``; each ends the other."""
+    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            parent_end.close()
+            drop_privileges(entry)
+            serve_child(sockets, child_end)
+            status = 0
+        except BaseException:
+            log.exception("event=error stage=gateway_child")
+        finally:
+            logging.shutdown()
+            os._exit(status)
+    child_end.close()
+    for sock in sockets:
+        sock.close()
+
+    def forward(signum, _frame):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    try:
+        serve_parent(parent_end)
+    finally:
+        forward(signal.SIGTERM, None)
+        _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code not in (0, -signal.SIGTERM, -signal.SIGINT):
+        raise PrivsepError(f"gateway: the unprivileged worker ended with status {code}")
