@@ -171,12 +171,14 @@ def service_key(entry: str) -> str:
     return "/".join(entry.split()[:2])
 
 
-def wanted_services(config: Config, data: dict, values: dict[str, str]) -> list[str]:
+def wanted_services(config: Config, data: dict, values: dict[str, str],
+                    smtpd_chrooted: bool) -> list[str]:
     """Every master.cf entry we want, as one line each (``-o`` options included)."""
     entries = [_fill(data["service"]["entry"], values)]
     sub = config.submission
     if sub is not None:
-        subvalues = {"listen": sub.listen, "sasl_type": sub.sasl_type,
+        subvalues = {"listen": sub.listen, "chroot": "y" if smtpd_chrooted else "n",
+                     "sasl_type": sub.sasl_type,
                      "sasl_path": sub.sasl_path,
                      "sasl_config_directory": sasl_config_directory(config),
                      "tls_cert_file": sub.tls_cert_file, "tls_key_file": sub.tls_key_file}
@@ -241,7 +243,7 @@ def plan(config: Config, data: dict, raw: dict[str, str], expanded: dict[str, st
         want["smtpd_relay_restrictions"] = data["relay_restrictions"]["value"]
 
     changes = {k: v for k, v in want.items() if raw.get(k, "") != v}
-    entries = wanted_services(config, data, values)
+    entries = wanted_services(config, data, values, smtpd_chrooted)
     keys = [service_key(e) for e in entries]
     for entry in entries[1:]:
         key = service_key(entry)

@@ -8,11 +8,13 @@ It changes the machine's own Postfix (port 25) and starts the daemons
 import json
 import os
 import re
+import secrets
 import smtplib
 import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,8 +26,14 @@ pytestmark = pytest.mark.skipif(
     reason="changes this machine's Postfix: runs in CI or with FLUSHCTL_DEPLOY_TEST=1")
 
 
-def playbook():
-    proc = subprocess.run([str(BOOTSTRAP)], capture_output=True, text=True, timeout=1800)
+EXAMPLE_VARS = ROOT / "ansible" / "example-vars.yml"
+LOGIN = "carol@customer.example"
+PASSWORD = secrets.token_urlsafe(12)
+
+
+def playbook(extra_vars: Path):
+    proc = subprocess.run([str(BOOTSTRAP), "-e", f"@{EXAMPLE_VARS}", "-e", f"@{extra_vars}"],
+                          capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
     recap = re.search(r"localhost\s+:\s+ok=\d+\s+changed=(\d+)\s+unreachable=0\s+failed=0",
                       proc.stdout)
@@ -39,9 +47,20 @@ def status():
     return json.loads(out)[0]
 
 
-def test_playbook_deploys_a_working_host_and_converges():
-    playbook()
-    assert playbook() == 0  # the second run changes nothing
+def swaks(*args):
+    proc = subprocess.run(["swaks", "--server", "127.0.0.1:587", "--timeout", "30", "--tls",
+                           "--from", LOGIN, "--to", "friend@elsewhere.example", *args],
+                          capture_output=True, text=True, timeout=90)
+    return proc.stdout + proc.stderr
+
+
+def test_playbook_deploys_a_working_host_and_converges(tmp_path):
+    # the example vars, plus SASL submission with one login
+    extra = tmp_path / "submission.json"
+    extra.write_text(json.dumps({"flushctl_submission_enabled": True,
+                                 "flushctl_submission_users": {LOGIN: PASSWORD}}))
+    playbook(extra)
+    assert playbook(extra) == 0  # the second run changes nothing
 
     mynetworks = subprocess.run(["postconf", "-h", "mynetworks"], capture_output=True,
                                 text=True, check=True).stdout
@@ -69,3 +88,20 @@ def test_playbook_deploys_a_working_host_and_converges():
 
     subprocess.run(["/usr/local/sbin/flushctl", "purge", "customer.example", "--yes"],
                    check=True, capture_output=True, timeout=60)
+
+    # the gateway serves port 79 as the unprivileged user the role made
+    [listener] = {c.pid for c in psutil.net_connections("tcp")
+                  if c.status == psutil.CONN_LISTEN and c.laddr.port == 79}
+    assert psutil.Process(listener).username() == "flushctl"
+
+    # submission: a customer that logs in relays; nobody else does
+    out = swaks()
+    assert "<~* 554 5.7.1" in out and "Access denied" in out, out
+    out = swaks("--auth", "PLAIN", "--auth-user", LOGIN, "--auth-password", "wrong")
+    assert "<~* 535 5.7.8" in out, out
+    out = swaks("--auth", "PLAIN", "--auth-user", LOGIN, "--auth-password", PASSWORD)
+    assert "<~  235 2.7.0 Authentication successful" in out, out
+    queued = re.search(r"<~  250 2.0.0 Ok: queued as (\w+)", out)
+    assert queued, out
+    # it went out toward elsewhere.example (no internet here): take it back
+    subprocess.run(["postsuper", "-d", queued.group(1)], capture_output=True, timeout=60)

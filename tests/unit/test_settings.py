@@ -487,3 +487,10 @@ def test_submission_never_takes_over_an_admin_service():
 def test_submission_config_errors(bad, message):
     with pytest.raises(config.ConfigError, match=message):
         config.parse(bad)
+
+
+def test_submission_chrooted_like_smtpd():
+    cfg = make_config(CUSTOMER + SUBMISSION)
+    chrooted = settings.plan(cfg, DATA, {}, dict(EXPANDED), {}, set(), smtpd_chrooted=True)
+    assert chrooted.services[1].split()[4] == "y"
+    assert submission_plan().services[1].split()[4] == "n"
