@@ -71,6 +71,11 @@ class Releaser:
             return _shared(recent[1])
         if domain in self._inflight:
             return _shared(await asyncio.shield(self._inflight[domain]))
+        # Most queries find nothing held: one row read answers them here,
+        # without a worker thread or the queue.
+        empty = self.ondemand.status_if_empty(domain)
+        if empty is not None:
+            return Outcome(NOTHING, 0, "", "", empty)
         future = asyncio.get_running_loop().create_future()
         self._inflight[domain] = future
         started = time.time()

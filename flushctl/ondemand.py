@@ -146,8 +146,20 @@ class OnDemand:
     def status(self, domain: str) -> Status:
         dom = self.domain(domain).name
         located = self.locate(dom)
-        present = located.present
+        return self._status(dom, located, self.ledger.state(dom))
+
+    def status_if_empty(self, domain: str) -> Status | None:
+        """The status of a domain the ledger records nothing for, from one row
+        read (no queue access); None when it may hold mail or is paused."""
+        dom = self.domain(domain).name
         state = self.ledger.state(dom)
+        if state.messages > 0 or state.paused:
+            return None
+        return self._status(dom, Located(), state)
+
+    @staticmethod
+    def _status(dom: str, located: Located, state) -> Status:
+        present = located.present
         return Status(
             domain=dom,
             messages=len(present),

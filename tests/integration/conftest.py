@@ -1,46 +1,19 @@
-"""Fixtures for integration tests: a private Postfix, our milter, smtp-sink.
-
-Everything binds to loopback on free ports and lives in temporary
-directories; each fixture stops what it started.
-"""
+"""Fixtures for integration tests: a private Postfix, our daemons, smtp-sink
+(the machinery lives in tests/stack.py, shared with the benchmarks)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
-import smtplib
-import socket
-import subprocess
 import sys
-import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from instance import PostfixInstance, free_port  # noqa: E402
-
-FLUSHCTL = [sys.executable, "-m", "flushctl"]
-ROOT = Path(__file__).resolve().parent.parent.parent
-UNIT = ROOT / "ansible/roles/flushctl/templates/flushctl@.service.j2"
-
-
-def unit_capabilities() -> str:
-    """The systemd unit's CapabilityBoundingSet, in setpriv's words."""
-    for line in UNIT.read_text().splitlines():
-        if line.startswith("CapabilityBoundingSet="):
-            caps = line.split("=", 1)[1].split()
-            return ",".join(["-all"] + ["+" + c.removeprefix("CAP_").lower() for c in caps])
-    raise AssertionError(f"{UNIT}: no CapabilityBoundingSet")
-
-
-# Daemons run as the unit runs them: only its capabilities, no new privileges.
-DAEMON = ["setpriv", "--no-new-privs", "--bounding-set", unit_capabilities(),
-          "--inh-caps", "-all", *FLUSHCTL]
+from instance import free_port  # noqa: E402,F401
+from stack import (Sink, Stack, build_stack, default_domains, wait_until,  # noqa: E402,F401
+                   write_config)
 
 pytestmark = pytest.mark.integration
 
@@ -70,266 +43,22 @@ def bounce_lines(stack) -> list[str]:
             or "non-delivery notification" in line]
 
 
-def wait_until(predicate, timeout=20.0, interval=0.1, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-def _stop(proc: subprocess.Popen | None, sig=signal.SIGTERM) -> None:
-    if proc and proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _tcp_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), 0.5):
-            return True
-    except OSError:
-        return False
-
-
-def _connectable(path: Path) -> bool:
-    try:
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.connect(str(path))
-        return True
-    except OSError:
-        return False
-
-
-class Sink:
-    """smtp-sink as the customer's mail server; -d keeps what it receives."""
-
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1"):
-        self.host = host
-        self.port = port or free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="flushctl-sink-"))
-        os.chmod(self.dir, 0o777)
-        self.proc = None
-
-    def start(self):
-        self.proc = subprocess.Popen(
-            ["smtp-sink", "-u", "nobody", "-d", str(self.dir) + "/%M%S.", "-h", "customer.test",
-             f"{self.host}:{self.port}", "64"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(self._listening, 10, what="smtp-sink")
-        return self
-
-    def _listening(self):
-        try:
-            with socket.create_connection((self.host, self.port), 0.5):
-                return True
-        except OSError:
-            return False
-
-    def stop(self):
-        if self.proc:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
-
-    def messages(self) -> list[str]:
-        out = []
-        for path in sorted(self.dir.rglob("*")):
-            if path.is_file():
-                out.append(path.read_text(errors="replace"))
-        return out
-
-    def cleanup(self):
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-@dataclass
-class Stack:
-    pf: PostfixInstance
-    config_path: Path
-    state_dir: Path
-    sink: Sink
-    milter: subprocess.Popen | None = None
-    gateway: subprocess.Popen | None = None
-    poller: subprocess.Popen | None = None
-
-    @property
-    def cfg(self):
-        from flushctl import config
-        return config.load(str(self.config_path))
-
-    def _daemon(self, name: str) -> subprocess.Popen:
-        """Start `flushctl NAME` in the background, its log in the state directory."""
-        env = dict(os.environ, FLUSHCTL_CONFIG=str(self.config_path))
-        with open(self.state_dir / f"{name}.log", "ab") as log:
-            return subprocess.Popen([*DAEMON, name], env=env, stdout=subprocess.DEVNULL,
-                                    stderr=log)
-
-    def start_poller(self):
-        self.poller = self._daemon("poller")
-
-    def stop_poller(self):
-        _stop(self.poller)
-        self.poller = None
-
-    def start_gateway(self):
-        self.gateway = self._daemon("gateway")
-        cfg = self.cfg
-        for hp in (cfg.finger_listen, cfg.policy_listen):
-            wait_until(lambda: _tcp_open(hp.host, hp.port), 15, what=f"gateway on {hp}")
-
-    def stop_gateway(self):
-        _stop(self.gateway)
-        self.gateway = None
-
-    def finger(self, query: str, *options: str) -> str:
-        """The Debian finger client against our gateway.
-
-        The client only speaks to the port /etc/services names for finger,
-        so it runs in a private mount namespace where that file says ours.
-        """
-        services = self.state_dir / "services"
-        services.write_text(f"finger\t\t{self.cfg.finger_listen.port}/tcp\n")
-        proc = subprocess.run(
-            ["unshare", "--mount", "sh", "-c",
-             'mount --bind "$0" /etc/services && exec finger "$@"', str(services),
-             *options, f"{query}@127.0.0.1"],
-            capture_output=True, text=True, timeout=60)
-        return proc.stdout + proc.stderr
-
-    def gateway_log(self) -> str:
-        try:
-            return (self.state_dir / "gateway.log").read_text()
-        except FileNotFoundError:
-            return ""
-
-    def flushctl(self, *args, check=True, timeout=120):
-        env = dict(os.environ, FLUSHCTL_CONFIG=str(self.config_path))
-        proc = subprocess.run([*FLUSHCTL, *args], capture_output=True, text=True,
-                              env=env, timeout=timeout)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"flushctl {' '.join(args)} exited {proc.returncode}:\n"
-                                 f"{proc.stdout}\n{proc.stderr}")
-        return proc
-
-    def status(self, domain=None):
-        args = ["status", "--json"] + ([domain] if domain else [])
-        return json.loads(self.flushctl(*args).stdout)
-
-    def send(self, rcpts, sender="someone@sender.test", subject="test", body="hello\n",
-             extra_headers=""):
-        msg = (f"From: {sender}\nTo: {', '.join(rcpts)}\nSubject: {subject}\n"
-               f"{extra_headers}\n{body}")
-        with smtplib.SMTP("127.0.0.1", self.pf.smtpd_port, timeout=30) as smtp:
-            return smtp.sendmail(sender, rcpts, msg)
-
-    def start_milter(self):
-        sock = self.state_dir / "milter" / "milter.sock"
-        if sock.exists():
-            sock.unlink()
-        self.milter = self._daemon("milter")
-        wait_until(lambda: _connectable(sock), 15, what="milter socket")
-
-    def stop_milter(self, sig=signal.SIGTERM):
-        _stop(self.milter, sig)
-        self.milter = None
-
-    def queue(self):
-        return self.pf.queue()
-
-
-@dataclass(frozen=True)
-class Ports:
-    finger_port: int
-    policy_port: int
-
-
-def write_config(path: Path, pf: PostfixInstance, state_dir: Path, domains: str,
-                 ports: "Ports | None" = None, gateway_extra: str = "",
-                 poller_extra: str = "") -> None:
-    ports = ports or Ports(free_port(), free_port())
-    path.write_text(f"""
-[postfix]
-config_directory = "{pf.config_directory}"
-[state]
-directory = "{state_dir}"
-[milter]
-listen = "unix:{state_dir}/milter/milter.sock"
-[gateway]
-finger_listen = "127.0.0.1:{ports.finger_port}"
-policy_listen = "127.0.0.1:{ports.policy_port}"
-{gateway_extra}
-[poller]
-probe_timeout = 2
-{poller_extra}
-{domains}
-""")
-
-
-def default_domains(sink_port: int) -> str:
-    return f"""
-[domains."customer.test"]
-relay = "[127.0.0.1]:{sink_port}"
-
-[domains."listed.test"]
-relay = "[127.0.0.1]:{sink_port}"
-recipients = ["alice@listed.test", "Bob@listed.test"]
-
-[domains."small.test"]
-relay = "[127.0.0.1]:{sink_port}"
-quota_messages = 2
-"""
-
 
 @pytest.fixture
 def make_stack():
-    """Build a running stack; ``extra_main`` tunes the private main.cf,
-    ``domains(sink_port)`` gives the [domains] tables."""
+    """Build running stacks (see stack.build_stack); each is torn down at the end."""
     built = []
 
-    def build(extra_main=None, domains=None, start_sink=False, milter=True, gateway=False,
-              gateway_extra="", poller_extra="", prepare=None):
-        sink = Sink()
-        pf = PostfixInstance.create(extra_main)
-        if prepare:
-            prepare(pf)  # files the config names, before the first apply
-        state_dir = pf.root / "state"
-        state_dir.mkdir()
-        config_path = pf.root / "flushctl.toml"
-        write_config(config_path, pf, state_dir, (domains or default_domains)(sink.port),
-                     gateway_extra=gateway_extra, poller_extra=poller_extra)
-        stack = Stack(pf=pf, config_path=config_path, state_dir=state_dir, sink=sink)
+    def build(**kwargs):
+        stack = build_stack(**kwargs)
         built.append(stack)
-        stack.flushctl("apply")
-        pf.start()
-        if milter:
-            stack.start_milter()
-        if gateway:
-            stack.start_gateway()
-        if start_sink:
-            sink.start()
         return stack
 
     yield build
     # every daemon a test did not stop itself must still be serving at its end
-    died = [f"{name} exited {proc.returncode}" for stack in built
-            for name, proc in (("milter", stack.milter), ("gateway", stack.gateway),
-                               ("poller", stack.poller))
-            if proc is not None and proc.poll() is not None]
+    died = [line for stack in built for line in stack.dead_daemons()]
     for stack in built:
-        stack.stop_poller()
-        stack.stop_gateway()
-        stack.stop_milter()
-        stack.sink.cleanup()
-        stack.pf.destroy()
+        stack.destroy()
     assert not died, died
 
 

@@ -1,0 +1,106 @@
+"""What the benchmarks share: timing, medians, the table, queue filling."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from stack import Stack, build_stack, wait_until  # noqa: E402,F401
+
+
+@dataclass
+class Row:
+    """One line of the table: a measure, its figures, the target and the verdict."""
+
+    measure: str
+    what: str
+    ours: str
+    baseline: str
+    ratio: str
+    target: str
+    ok: bool | None   # None: reported, no target
+
+    def cells(self) -> list[str]:
+        verdict = "-" if self.ok is None else ("ok" if self.ok else "MISSED")
+        return [self.measure, self.what, self.ours, self.baseline, self.ratio, self.target,
+                verdict]
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, *args, **kwargs) -> Row:
+        row = Row(*args, **kwargs)
+        self.rows.append(row)
+        print("  " + " | ".join(row.cells()), flush=True)
+        return row
+
+    def table(self) -> str:
+        head = ["measure", "what", "ours", "Postfix alone", "ratio", "target", ""]
+        rows = [head] + [r.cells() for r in self.rows]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines = []
+        for n, r in enumerate(rows):
+            lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+            if n == 0:
+                lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        return "\n".join(lines)
+
+
+def median(values) -> float:
+    return statistics.median(values)
+
+
+def log(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def alternate(rounds: int, ours, baseline) -> tuple[list[float], list[float]]:
+    """Run baseline and ours in turn, ``rounds`` times each, starting with
+    the baseline; return their measurements."""
+    a, b = [], []
+    for _ in range(rounds):
+        b.append(baseline())
+        a.append(ours())
+    return a, b
+
+
+def smtp_source(stack: Stack, rcpt: str, messages: int, sessions: int,
+                size: int = 2048) -> float:
+    """smtp-source into the instance; seconds it took."""
+    argv = ["smtp-source", "-s", str(sessions), "-m", str(messages), "-l", str(size),
+            "-f", "sender@bench.test", "-t", rcpt, f"127.0.0.1:{stack.pf.smtpd_port}"]
+    start = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
+    took = time.perf_counter() - start
+    if proc.returncode != 0 or proc.stderr.strip():
+        raise RuntimeError(f"smtp-source: {proc.returncode}: {proc.stderr[-500:]}")
+    return took
+
+
+def count_queue(stack: Stack, *queues: str) -> int:
+    total = 0
+    for queue in queues:
+        for _, _, files in os.walk(stack.pf.queue_directory / queue):
+            total += len(files)
+    return total
+
+
+def fill(stack: Stack, domains: list[str], per_domain: int, parallel: int = 8) -> None:
+    """Hold ``per_domain`` messages for each domain (through SMTP and the milter)."""
+    before = count_queue(stack, "hold")
+    with ThreadPoolExecutor(parallel) as pool:
+        list(pool.map(lambda d: smtp_source(stack, f"user@{d}", per_domain, 4), domains))
+    want = before + per_domain * len(domains)
+    wait_until(lambda: count_queue(stack, "hold") >= want, 600, 0.5,
+               what=f"{want} messages held")
