@@ -125,6 +125,8 @@ class Config:
 
     def domain(self, name: str) -> Domain:
         """The configured domain ``name``, or KeyError with a helpful text."""
+        if name in self.domains:  # already in canonical form (the keys are)
+            return self.domains[name]
         try:
             key = names.domain(name)
         except ValueError as exc:

@@ -22,7 +22,7 @@ import os
 import signal
 import sqlite3
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from . import finger, names, policyproto, privsep
 from .config import Config
@@ -113,7 +113,9 @@ class Releaser:
 
 
 def encode_outcome(outcome: Outcome) -> dict:
-    return asdict(outcome)
+    return {"kind": outcome.kind, "released": outcome.released, "target": outcome.target,
+            "detail": outcome.detail, "shared": outcome.shared,
+            "before": outcome.before.as_json() if outcome.before is not None else None}
 
 
 def decode_outcome(data: dict) -> Outcome:
@@ -196,33 +198,11 @@ class Gateway:
         return verdict, outcome
 
     # -- finger --------------------------------------------------------------
-    async def handle_finger(self, reader: asyncio.StreamReader,
-                            writer: asyncio.StreamWriter) -> None:
-        client = _peer(writer)
-        if self.open["finger"] >= self.settings.max_connections:
-            writer.close()
-            return
-        self.open["finger"] += 1
-        try:
-            try:
-                line = await asyncio.wait_for(reader.readuntil(b"\n"), self.settings.idle_timeout)
-            except asyncio.IncompleteReadError as exc:
-                line = exc.partial  # no newline before the client closed its side
-            except (asyncio.LimitOverrunError, ValueError):
-                line = b"x" * (finger.MAX_LINE + 1)
-            except asyncio.TimeoutError:
-                self._log("finger", client, "", "timeout")
-                return
-            lines = await self._finger_lines(client, finger.parse(line))
-            writer.write(finger.lines_to_bytes(lines))
-            await asyncio.wait_for(writer.drain(), self.settings.idle_timeout)
-        except (ConnectionError, asyncio.TimeoutError):
-            pass
-        except Exception:
-            log.exception("event=error stage=finger client=%s", client)
-        finally:
-            self.open["finger"] -= 1
-            writer.close()
+    # A Protocol rather than streams: a finger connection is one short line
+    # in and a few lines out, and at thousands of queries a second the
+    # stream objects and their per-connection task cost more than the query.
+    def finger_protocol(self) -> "FingerConnection":
+        return FingerConnection(self)
 
     async def _finger_lines(self, client: str, query: finger.Query) -> list[str]:
         if query.kind == finger.EMPTY:
@@ -293,8 +273,8 @@ class Gateway:
     async def serve(self, sockets, ready=None, closed: asyncio.Event | None = None) -> None:
         """Serve the bound ``sockets`` (finger, policy) until SIGTERM or ``closed``."""
         finger_sock, policy_sock = sockets
-        finger_server = await asyncio.start_server(
-            self.handle_finger, sock=finger_sock, limit=finger.MAX_LINE + 2)
+        finger_server = await asyncio.get_running_loop().create_server(
+            self.finger_protocol, sock=finger_sock)
         policy_server = await asyncio.start_server(
             self.handle_policy, sock=policy_sock, limit=policyproto.MAX_REQUEST)
         stop = closed or asyncio.Event()
@@ -311,8 +291,81 @@ class Gateway:
         log.info("event=stop")
 
 
-def _peer(writer: asyncio.StreamWriter) -> str:
-    peer = writer.get_extra_info("peername")
+class FingerConnection(asyncio.Protocol):
+    """One finger client: read one line (or what came before EOF), answer, close."""
+
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+        self.transport = None
+        self.buffer = b""
+        self.answered = False
+        self.timer = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        gw = self.gateway
+        if gw.open["finger"] >= gw.settings.max_connections:
+            self.answered = True
+            transport.abort()
+            return
+        gw.open["finger"] += 1
+        self.counted = True
+        self.client = _peer(transport)
+        self.timer = asyncio.get_running_loop().call_later(gw.settings.idle_timeout,
+                                                           self._timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        if self.answered:
+            return
+        self.buffer += data
+        newline = self.buffer.find(b"\n")
+        if newline >= 0:
+            self._answer(self.buffer[:newline + 1])
+        elif len(self.buffer) > finger.MAX_LINE:
+            self._answer(b"x" * (finger.MAX_LINE + 1))
+
+    def eof_received(self) -> bool:
+        if not self.answered:
+            self._answer(self.buffer)  # no newline before the client closed its side
+        return True  # keep the transport: the answer still has to go out
+
+    def _timed_out(self) -> None:
+        if not self.answered:
+            self.gateway._log("finger", self.client, "", "timeout")
+        self.answered = True
+        self.transport.abort()
+
+    def _answer(self, line: bytes) -> None:
+        self.answered = True
+        self.timer.cancel()
+        asyncio.get_running_loop().create_task(self._reply(finger.parse(line)))
+
+    async def _reply(self, query: finger.Query) -> None:
+        try:
+            lines = await self.gateway._finger_lines(self.client, query)
+        except Exception:
+            log.exception("event=error stage=finger client=%s", self.client)
+            self.transport.abort()
+            return
+        if self.transport.is_closing():
+            return
+        self.transport.write(finger.lines_to_bytes(lines))
+        self.transport.close()
+        if self.transport.get_write_buffer_size():
+            # a client that does not read its answer gets idle_timeout to do so
+            self.timer = asyncio.get_running_loop().call_later(
+                self.gateway.settings.idle_timeout, self.transport.abort)
+
+    def connection_lost(self, exc) -> None:
+        if getattr(self, "counted", False):
+            self.counted = False
+            self.gateway.open["finger"] -= 1
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+def _peer(transport) -> str:
+    peer = transport.get_extra_info("peername")
     return peer[0] if isinstance(peer, tuple) and peer else "unknown"
 
 
