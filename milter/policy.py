@@ -49,6 +49,11 @@ def recipient_class(rcpt: str, domains: dict[str, Domain]) -> tuple[str, str | N
     return (customer, local, dom) if customer else (OTHER, None, None)
 
 
+def has_quota(dom: Domain) -> bool:
+    """Does the domain have a quota at all? (Without one, no totals are read.)"""
+    return dom.quota_messages is not None or dom.quota_bytes is not None
+
+
 def over_quota(dom: Domain, messages: int, held_bytes: int, size: int = 0) -> bool:
     """Would one more message of ``size`` bytes go past the domain's quota?"""
     if dom.quota_messages is not None and messages + 1 > dom.quota_messages:
@@ -76,7 +81,7 @@ def decide_rcpt(rcpt: str, current: str | None, domains: dict[str, Domain],
     if dom.recipients is not None and (rcpt_domain != dom.name
                                        or not dom.accepts_local_part(local)):
         return UNKNOWN_RECIPIENT, current
-    if over_quota(dom, *totals(klass)):
+    if has_quota(dom) and over_quota(dom, *totals(klass)):
         return QUOTA, current
     return None, klass
 
@@ -86,6 +91,7 @@ def decide_eom(klass: str | None, size: int, domains: dict[str, Domain],
     """Last check before the message is held: does it still fit the quota?"""
     if not klass:
         return None
-    if over_quota(domains[klass], *totals(klass), size=size):
+    dom = domains[klass]
+    if has_quota(dom) and over_quota(dom, *totals(klass), size=size):
         return QUOTA
     return None

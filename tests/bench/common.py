@@ -6,6 +6,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -68,11 +69,37 @@ def log(text: str) -> None:
 def alternate(rounds: int, ours, baseline) -> tuple[list[float], list[float]]:
     """Run baseline and ours in turn, ``rounds`` times each, starting with
     the baseline; return their measurements."""
-    a, b = [], []
+    results = rotate(rounds, {"baseline": baseline, "ours": ours})
+    return results["ours"], results["baseline"]
+
+
+def rotate(rounds: int, runs: dict) -> dict[str, list[float]]:
+    """Run each of ``runs`` (name -> function) in turn, ``rounds`` times;
+    their measurements by name, round by round."""
+    results = {name: [] for name in runs}
     for _ in range(rounds):
-        b.append(baseline())
-        a.append(ours())
-    return a, b
+        for name, fn in runs.items():
+            results[name].append(fn())
+    return results
+
+
+def paired_ratio(values: list[float], baseline: list[float]) -> float:
+    """Median of round-by-round ratios: each pair ran back to back, so a
+    machine that drifts between rounds does not skew the result."""
+    return median([v / b for v, b in zip(values, baseline)])
+
+
+def compile_c(source: str, *libs: str) -> str:
+    """Compile tests/bench/SOURCE with the system's cc into a temporary
+    directory, once per run; the program's path."""
+    if source not in _COMPILED:
+        out = Path(tempfile.mkdtemp(prefix="flushctl-bench-")) / Path(source).stem
+        subprocess.run(["cc", "-O2", "-o", str(out), str(HERE / source), *libs], check=True)
+        _COMPILED[source] = str(out)
+    return _COMPILED[source]
+
+
+_COMPILED: dict[str, str] = {}
 
 
 def smtp_source(stack: Stack, rcpt: str, messages: int, sessions: int,

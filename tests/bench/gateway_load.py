@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import re
 import subprocess
-import tempfile
-from pathlib import Path
 
 import psutil
 
-from common import HERE, Report, build_stack, log, smtp_source
+from common import Report, build_stack, compile_c, log, smtp_source
 from stack import wait_until
 
 QUERY_DOMAINS = [f"q{i:03d}.test" for i in range(100)]
@@ -29,16 +27,7 @@ def domains(port: int) -> str:
 
 
 def client() -> str:
-    """fingerload, compiled once into a temporary directory."""
-    global _CLIENT
-    if _CLIENT is None:
-        out = Path(tempfile.mkdtemp(prefix="flushctl-fingerload-")) / "fingerload"
-        subprocess.run(["cc", "-O2", "-o", str(out), str(HERE / "fingerload.c")], check=True)
-        _CLIENT = str(out)
-    return _CLIENT
-
-
-_CLIENT = None
+    return compile_c("fingerload.c")
 
 
 def load(host, port, queries, clients, duration=3600.0, total=0):
