@@ -178,6 +178,7 @@ class Gateway:
                          burst=self.settings.rate_burst)
         self.releaser = releaser
         self.open = {"finger": 0, "policy": 0}
+        self.tasks: set[asyncio.Task] = set()
 
     def _log(self, how: str, client: str, domain: str, result: str) -> None:
         log.info("event=trigger how=%s client=%s domain=%s result=%s",
@@ -299,6 +300,8 @@ class FingerConnection(asyncio.Protocol):
         self.transport = None
         self.buffer = b""
         self.answered = False
+        self.counted = False
+        self.client = "unknown"
         self.timer = None
 
     def connection_made(self, transport) -> None:
@@ -338,7 +341,10 @@ class FingerConnection(asyncio.Protocol):
     def _answer(self, line: bytes) -> None:
         self.answered = True
         self.timer.cancel()
-        asyncio.get_running_loop().create_task(self._reply(finger.parse(line)))
+        # the loop keeps only weak references to tasks: hold this one until done
+        task = asyncio.get_running_loop().create_task(self._reply(finger.parse(line)))
+        self.gateway.tasks.add(task)
+        task.add_done_callback(self.gateway.tasks.discard)
 
     async def _reply(self, query: finger.Query) -> None:
         try:
@@ -357,7 +363,7 @@ class FingerConnection(asyncio.Protocol):
                 self.gateway.settings.idle_timeout, self.transport.abort)
 
     def connection_lost(self, exc) -> None:
-        if getattr(self, "counted", False):
+        if self.counted:
             self.counted = False
             self.gateway.open["finger"] -= 1
         if self.timer is not None:

@@ -87,11 +87,12 @@ class RemoteReleaser:
         self._pending: dict[int, asyncio.Future] = {}
         self._next = 0
         self._writer: asyncio.StreamWriter | None = None
+        self._reader: asyncio.Task | None = None
 
     async def start(self) -> None:
         reader, self._writer = await asyncio.open_unix_connection(sock=self.sock,
                                                                   limit=MAX_MESSAGE)
-        asyncio.get_running_loop().create_task(self._read(reader))
+        self._reader = asyncio.get_running_loop().create_task(self._read(reader))
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
