@@ -1,7 +1,8 @@
 """The `flushctl` command line: a thin click shell over ``OnDemand``.
 
 Data goes to stdout, errors to stderr as ``Error: ...``.  Exit codes:
-0 done; 1 error (bad config, Postfix failed, unknown domain); 2 usage;
+0 done; 1 error (bad config, Postfix failed, unknown domain; `check`
+found a problem); 2 usage;
 3 not released, the customer's server does not answer; 4 not released,
 the domain is paused; 5 ``flush --wait`` ended with mail still held.
 """
@@ -281,6 +282,25 @@ def purge(ctx, domain, yes):
         raise CliError(f"purge deletes every held message for {name}; add --yes to do it", 2)
     count = ctx.ondemand.purge(name)
     click.echo(f"{name}: deleted {count} message(s)")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="print a JSON object")
+@pass_ctx
+@_guard
+def check(ctx, as_json):
+    """Is everything in place and running? One line per problem (exit 1)."""
+    from .check import check as run_check
+    report = run_check(ctx.ondemand)
+    if as_json:
+        click.echo(json.dumps(report.as_json(), indent=2))
+    else:
+        for line in report.problems:
+            click.echo(line)
+        if not report.problems:
+            click.echo(f"all well: {', '.join(report.checks)}")
+    if report.problems:
+        click.get_current_context().exit(EXIT_ERROR)
 
 
 @main.command()
