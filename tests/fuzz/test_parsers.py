@@ -1,0 +1,90 @@
+"""Fuzzing the two parsers that read what strangers send: the finger query
+line and the policy request (ETRN). Tens of thousands of inputs, seeded
+(a failure names its seed), built from valid requests by mutation and
+from raw bytes; every outcome must be one the gateway handles.
+
+    FLUSHCTL_FUZZ=200000 tests/run tests/fuzz     # a longer run
+"""
+
+import os
+import random
+
+from flushctl import finger, names, policyproto
+from flushctl.gate import ALLOWED, Gate
+from flushctl.gateway import etrn_action, Outcome, NOTHING
+
+COUNT = int(os.environ.get("FLUSHCTL_FUZZ", "30000"))
+SEED = int(os.environ.get("FLUSHCTL_FUZZ_SEED", "1985"))
+
+FINGER_SEEDS = [b"customer.example\r\n", b"/W customer.example\r\n", b"\r\n", b"x@y\r\n",
+                "bücher.example\r\n".encode(), b"CUSTOMER.EXAMPLE.\r\n", b"/w\r\n"]
+POLICY_SEED = (b"request=smtpd_access_policy\nprotocol_state=ETRN\nprotocol_name=ESMTP\n"
+               b"client_address=192.0.2.7\nclient_name=client.example\n"
+               b"etrn_domain=customer.example\ninstance=1a2b.3c4d\n")
+ALPHABET = b"\x00\r\n\t =@#/.:-_\xff\xc3\xa9aZ9\x7f"
+
+
+def mutate(rng: random.Random, data: bytes) -> bytes:
+    data = bytearray(data)
+    for _ in range(rng.randint(1, 8)):
+        op = rng.randrange(5)
+        pos = rng.randrange(len(data) + 1)
+        if op == 0:
+            data[pos:pos] = bytes([rng.choice(ALPHABET)]) * rng.choice((1, 1, 2, 64, 600))
+        elif op == 1 and data:
+            del data[pos:pos + rng.randint(1, 10)]
+        elif op == 2 and data:
+            data[min(pos, len(data) - 1)] = rng.randrange(256)
+        elif op == 3:
+            data[pos:pos] = os.urandom(rng.randint(1, 20))
+        else:
+            data = data * rng.choice((2, 50))
+        del data[100_000:]   # 100 KB lines at most, as a hostile client might send
+    return bytes(data)
+
+
+def test_finger_parser_fuzz():
+    rng = random.Random(SEED)
+    kinds = {}
+    for n in range(COUNT):
+        line = mutate(rng, rng.choice(FINGER_SEEDS)) if n % 4 else os.urandom(rng.randint(0, 700))
+        query = finger.parse(line)
+        kinds[query.kind] = kinds.get(query.kind, 0) + 1
+        assert query.kind in (finger.EMPTY, finger.DOMAIN, finger.FORWARD, finger.INVALID)
+        if query.kind == finger.DOMAIN:
+            assert names.domain(query.domain) == query.domain     # canonical, ASCII
+            assert query.domain.isascii() and len(query.domain) <= 253
+        reply = finger.lines_to_bytes([finger.NOT_SERVED.format(domain=query.domain)])
+        assert b"\n" not in reply[:-2]                             # one line, always
+    print(f"finger: {COUNT} fuzzed lines (seed {SEED}): {dict(sorted(kinds.items()))}")
+    assert kinds.get(finger.DOMAIN) and kinds.get(finger.INVALID)
+
+
+def test_policy_parser_fuzz():
+    rng = random.Random(SEED + 1)
+    gate = Gate({}, per_minute=60, burst=30)
+    parsed = refused = etrn = 0
+    for n in range(COUNT):
+        block = mutate(rng, POLICY_SEED) if n % 4 else os.urandom(rng.randint(0, 2000))
+        try:
+            request = policyproto.parse(block)
+        except policyproto.ProtocolError:
+            refused += 1
+            continue
+        parsed += 1
+        assert len(request.attrs) <= policyproto.MAX_ATTRIBUTES
+        if request.state != "ETRN":
+            continue
+        etrn += 1
+        try:
+            domain = names.wire_domain(request.etrn_domain)
+        except ValueError:
+            continue
+        assert names.domain(domain) == domain
+        # an unknown domain is never allowed, whatever the client address says
+        assert gate.check(request.client_address, domain, 0.0) != ALLOWED
+        action = etrn_action(domain, Outcome(NOTHING, 0, "", "", None))
+        assert policyproto.answer(action).count(b"\n") == 2
+    print(f"policy: {COUNT} fuzzed requests (seed {SEED + 1}): {parsed} parsed "
+          f"({etrn} ETRN), {refused} refused as not the protocol")
+    assert parsed and refused and etrn
