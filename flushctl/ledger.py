@@ -14,6 +14,7 @@ the queue's tag headers is for.
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -22,6 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 FILENAME = "ledger.sqlite3"
+
+log = logging.getLogger("flushctl.ledger")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -82,23 +85,70 @@ class DomainState:
 
 
 class Ledger:
+    """The ledger file, and one connection to it shared by a process's threads.
+
+    A ledger removed or replaced under a running process is noticed on the
+    next use (one stat) and opened afresh; one that is not a database any
+    more is set aside and started afresh. ``generation`` counts the files
+    this object has opened: when it moves, the queue is the only truth
+    left, and ``OnDemand`` rebuilds the rows from the tag headers.
+    """
+
     def __init__(self, state_directory: str):
         os.makedirs(state_directory, mode=0o750, exist_ok=True)
         self.path = os.path.join(state_directory, FILENAME)
         self._lock = threading.RLock()
+        self.generation = 0
+        self.fresh = False  # did our last open create the file?
+        self._open()
+
+    def _open(self) -> None:
+        self.fresh = not os.path.exists(self.path)
+        try:
+            self._connect()
+        except sqlite3.DatabaseError:
+            aside = f"{self.path}.corrupt-{int(time.time())}"
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(self.path + suffix):
+                    os.replace(self.path + suffix, aside + suffix)
+            log.warning("event=ledger_corrupt path=%s kept_as=%s", self.path, aside)
+            self.fresh = True
+            self._connect()
+        self.generation += 1
+
+    def _connect(self) -> None:
         self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
                                    check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=30000")
-        with self._tx():
-            for stmt in _SCHEMA.split(";"):
-                if stmt.strip():
-                    self._db.execute(stmt)
-            for table, column, kind in _ADDED_COLUMNS:
-                columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-                if column not in columns:
-                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=30000")
+            with self._tx():
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        self._db.execute(stmt)
+                for table, column, kind in _ADDED_COLUMNS:
+                    columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                    if column not in columns:
+                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        except sqlite3.DatabaseError:
+            self._db.close()
+            raise
+        self._inode = os.stat(self.path).st_ino
+
+    def check_file(self) -> bool:
+        """Open the ledger afresh if its file was removed or replaced; True if so."""
+        try:
+            inode = os.stat(self.path).st_ino
+        except FileNotFoundError:
+            inode = None
+        if inode == self._inode:
+            return False
+        with self._lock:
+            log.warning("event=ledger_replaced path=%s", self.path)
+            self._db.close()
+            self._open()
+        return True
 
     def close(self) -> None:
         with self._lock:

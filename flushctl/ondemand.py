@@ -101,6 +101,17 @@ class OnDemand:
         self._stale_after: float | None = None
         self._prober: Prober | None = None
         self.ledger = ledger or Ledger(config.state_directory)
+        # a ledger file new to us (first run, removed, corrupt) is rebuilt
+        # from the queue's tag headers before it is trusted
+        self._rebuilt = 0 if self.ledger.fresh else self.ledger.generation
+
+    def rebuild_if_needed(self) -> dict[str, int]:
+        """Rebuild the ledger from the hold queue if its file is new to us."""
+        self.ledger.check_file()
+        if self._rebuilt == self.ledger.generation:
+            return {}
+        self._rebuilt = self.ledger.generation
+        return self.adopt()
 
     @property
     def layout(self) -> QueueLayout:
@@ -127,6 +138,7 @@ class OnDemand:
 
     # -- reading -----------------------------------------------------------
     def locate(self, domain: str) -> Located:
+        self.rebuild_if_needed()
         located = Located()
         for entry in self.ledger.entries(domain):
             found = self.layout.locate(entry.queue_id)
@@ -152,6 +164,7 @@ class OnDemand:
         """The status of a domain the ledger records nothing for, from one row
         read (no queue access); None when it may hold mail or is paused."""
         dom = self.domain(domain).name
+        self.rebuild_if_needed()
         state = self.ledger.state(dom)
         if state.messages > 0 or state.paused:
             return None
@@ -317,6 +330,7 @@ class OnDemand:
 
     def holding(self) -> list[str]:
         """Configured, unpaused domains the ledger says hold mail (no queue scan)."""
+        self.rebuild_if_needed()
         return [d for d in self.ledger.domains_with_mail() if d in self.config.domains]
 
     def sweep(self, domain: str) -> dict[str, int]:

@@ -166,6 +166,9 @@ def _keeper(ondemand: OnDemand, stop: threading.Event) -> None:
     last_adopt = 0.0
     while not stop.wait(KEEPER_INTERVAL):
         try:
+            # a ledger removed or broken under us: open it afresh, rebuild it
+            for domain, count in ondemand.rebuild_if_needed().items():
+                log.info("event=rebuilt domain=%s messages=%d", domain, count)
             for domain, result in ondemand.sweep_all().items():
                 if result["reheld"]:
                     log.info("event=reheld domain=%s messages=%d", domain, result["reheld"])
