@@ -36,7 +36,7 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
         elif op == 2 and data:
             data[min(pos, len(data) - 1)] = rng.randrange(256)
         elif op == 3:
-            data[pos:pos] = os.urandom(rng.randint(1, 20))
+            data[pos:pos] = rng.randbytes(rng.randint(1, 20))
         else:
             data = data * rng.choice((2, 50))
         del data[100_000:]   # 100 KB lines at most, as a hostile client might send
@@ -47,7 +47,7 @@ def test_finger_parser_fuzz():
     rng = random.Random(SEED)
     kinds = {}
     for n in range(COUNT):
-        line = mutate(rng, rng.choice(FINGER_SEEDS)) if n % 4 else os.urandom(rng.randint(0, 700))
+        line = mutate(rng, rng.choice(FINGER_SEEDS)) if n % 4 else rng.randbytes(rng.randint(0, 700))
         query = finger.parse(line)
         kinds[query.kind] = kinds.get(query.kind, 0) + 1
         assert query.kind in (finger.EMPTY, finger.DOMAIN, finger.FORWARD, finger.INVALID)
@@ -65,7 +65,7 @@ def test_policy_parser_fuzz():
     gate = Gate({}, per_minute=60, burst=30)
     parsed = refused = etrn = 0
     for n in range(COUNT):
-        block = mutate(rng, POLICY_SEED) if n % 4 else os.urandom(rng.randint(0, 2000))
+        block = mutate(rng, POLICY_SEED) if n % 4 else rng.randbytes(rng.randint(0, 2000))
         try:
             request = policyproto.parse(block)
         except policyproto.ProtocolError:
