@@ -191,7 +191,8 @@ def apply(config: Config, dry_run: bool = False, reload: bool = True) -> ApplyRe
     if not dry_run and secret != stored:
         holdsecret.save(config.state_directory, secret)
     report = ApplyReport(changed_params=dict(plan.params), services=list(plan.services),
-                         removed_services=list(plan.remove_services), maps=_changed_maps(config, plan.maps), dry_run=dry_run)
+                         removed_services=list(plan.remove_services),
+                         maps=_changed_maps(config, plan.maps), dry_run=dry_run)
     if dry_run or not report.changed:
         if not dry_run:
             _save_ours(config, plan)

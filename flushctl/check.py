@@ -125,7 +125,7 @@ def _mx(config: Config, own: set[str], report: Report) -> None:
     prober = Prober(timeout=5.0, nameservers=config.nameservers)
 
     async def one(name: str) -> str:
-        answer, problem = await prober._query(name, "MX")
+        answer, problem = await prober.query(name, "MX")
         if answer is None:
             return f"mx: {name}: {problem or 'no MX records'}; we are not its backup MX"
         hosts = sorted(str(r.exchange).rstrip(".").lower() for r in answer)
@@ -144,10 +144,5 @@ def check(od: OnDemand) -> Report:
     _postfix(od, report)
     _daemons(od.config, report)
     _ledger(od, report)
-    own = set(od.config.own_hosts)
-    try:
-        own.add(od.postfix.get("myhostname")["myhostname"].lower())
-    except (PostfixError, KeyError):
-        pass
-    _mx(od.config, own, report)
+    _mx(od.config, od.own_hosts(), report)
     return report

@@ -193,13 +193,18 @@ class OnDemand:
     def prober(self) -> Prober:
         """One prober (and DNS cache) for this process; our own hosts left out."""
         if self._prober is None:
-            own = set(self.config.own_hosts)
-            try:
-                own.add(self.postfix.get("myhostname")["myhostname"].lower())
-            except (PostfixError, KeyError):
-                pass
-            self._prober = Prober(self.config.probe_timeout, own, self.config.nameservers)
+            self._prober = Prober(self.config.probe_timeout, self.own_hosts(),
+                                  self.config.nameservers)
         return self._prober
+
+    def own_hosts(self) -> set[str]:
+        """Our MX hosts: [poller] own_hosts and Postfix's myhostname."""
+        own = set(self.config.own_hosts)
+        try:
+            own.add(self.postfix.get("myhostname")["myhostname"].lower())
+        except (PostfixError, KeyError):
+            pass
+        return own
 
     def record_probe(self, domain: str, result: ProbeResult) -> None:
         self.ledger.record_probe(domain, result.reachable,

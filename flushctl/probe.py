@@ -85,7 +85,7 @@ class Prober:
         resolver.lifetime = timeout
         self.resolver = resolver
 
-    async def _query(self, name: str, rdtype: str):
+    async def query(self, name: str, rdtype: str):
         """(answer or None, problem text); NoAnswer is (None, '')."""
         try:
             return await self.resolver.resolve(name, rdtype), ""
@@ -102,7 +102,7 @@ class Prober:
             return [(dom.relay.host, dom.relay.port)], ""
         name = dom.relay.host if dom.relay is not None else dom.name
         port = dom.relay.port if dom.relay is not None else 25
-        answer, problem = await self._query(name, "MX")
+        answer, problem = await self.query(name, "MX")
         if answer is None:
             if problem:
                 return [], problem
@@ -116,7 +116,7 @@ class Prober:
             return [host], ""
         found, problems = [], []
         for rdtype in ("A", "AAAA"):
-            answer, problem = await self._query(host, rdtype)
+            answer, problem = await self.query(host, rdtype)
             if answer is not None:
                 found.extend(r.address for r in answer)
             elif problem:
