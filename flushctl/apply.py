@@ -4,9 +4,14 @@ Order of work, so that nothing half-done ever goes live:
 1. read the instance and compute the plan (pure, ``settings.plan``);
 2. stage main.cf and master.cf in a scratch copy of the config directory,
    apply the changes there and run ``postfix check`` on the copy;
-3. only then build the maps (postmap into temporary names, renamed into
-   place) and move the staged main.cf/master.cf over the real ones;
+3. only then build the maps under temporary names (postmap), and move
+   maps, main.cf, master.cf and our applied.json into place, each old file
+   kept aside under a hard link;
 4. reload Postfix if it runs.
+If any step of 3 or 4 fails, every old file is put back (and Postfix
+reloaded with them if the new ones had been loaded): an apply happens
+whole or not at all. A killed apply is completed by the next one, which
+starts from what it finds.
 A second apply with the same config finds nothing to change.
 """
 
@@ -75,13 +80,17 @@ def _previous(config: Config) -> tuple[set[str], frozenset[str]]:
     return set(data.get("ours", [])), frozenset(data.get("services", []))
 
 
-def _save_ours(config: Config, plan: settings.Plan) -> None:
+def _write_ours(config: Config, plan: settings.Plan) -> str:
+    """applied.json's new text under a temporary name; returns that name."""
     os.makedirs(config.state_directory, mode=0o750, exist_ok=True)
-    path = os.path.join(config.state_directory, STATE_FILE)
-    tmp = path + ".tmp"
+    tmp = os.path.join(config.state_directory, STATE_FILE + ".tmp")
     with open(tmp, "w") as fh:
         json.dump({"ours": plan.ours, "services": plan.our_services}, fh)
-    os.replace(tmp, path)
+    return tmp
+
+
+def _save_ours(config: Config, plan: settings.Plan) -> None:
+    os.replace(_write_ours(config, plan), os.path.join(config.state_directory, STATE_FILE))
 
 
 def _read(path: str) -> str | None:
@@ -103,26 +112,73 @@ def _changed_maps(config: Config, maps: dict[str, str]) -> list[str]:
     return changed
 
 
-def _build_maps(pf: Postfix, config: Config, maps: dict[str, str], names: list[str]) -> None:
+class _Swap:
+    """Files moved into place with the old ones kept aside, all undone on failure.
+
+    Each ``put`` hard-links the current file to ``NAME.flushctl-old`` before
+    renaming the new one over it; ``undo`` puts every old file back (and
+    removes files that did not exist before); ``commit`` drops the old ones.
+    """
+
+    SUFFIX = ".flushctl-old"
+
+    def __init__(self) -> None:
+        self.done: list[tuple[str, str | None]] = []
+
+    def put(self, new: str, target: str) -> None:
+        backup = None
+        if os.path.exists(target):
+            backup = target + self.SUFFIX
+            if os.path.lexists(backup):
+                os.unlink(backup)
+            os.link(target, backup)
+        self.done.append((target, backup))
+        os.replace(new, target)
+
+    def undo(self) -> list[str]:
+        """Put the old files back; returns what could not be restored."""
+        failed = []
+        for target, backup in reversed(self.done):
+            try:
+                if backup and os.path.exists(target) and os.path.samefile(backup, target):
+                    os.unlink(backup)   # never replaced (rename of two links is a no-op)
+                elif backup:
+                    os.replace(backup, target)
+                elif os.path.lexists(target):
+                    os.unlink(target)
+            except OSError as exc:
+                failed.append(f"{target}: {exc}")
+        self.done.clear()
+        return failed
+
+    def commit(self) -> None:
+        for _, backup in self.done:
+            if backup and os.path.lexists(backup):
+                os.unlink(backup)
+        self.done.clear()
+
+
+def _prepare_maps(pf: Postfix, config: Config, maps: dict[str, str], names: list[str],
+                  scratch: list[str]) -> list[tuple[str, str]]:
+    """Write and postmap each changed map under a temporary name; nothing live
+    changes. Returns (temporary, final) pairs to move into place, .db first."""
     directory = settings.map_dir(config)
     os.makedirs(directory, mode=0o755, exist_ok=True)
+    moves = []
     for name in names:
         final = os.path.join(directory, name)
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(maps[name])
-            os.chmod(tmp, 0o644)
-            if name in settings.HASH_MAPS:
-                pf.postmap(f"hash:{tmp}")
-                os.replace(tmp + ".db", final + ".db")
-            else:
-                _chgrp_postfix(tmp, 0o640)  # it names the hold secret
-            os.replace(tmp, final)
-        finally:
-            for leftover in (tmp, tmp + ".db"):
-                if os.path.exists(leftover):
-                    os.unlink(leftover)
+        scratch += [tmp, tmp + ".db"]
+        with os.fdopen(fd, "w") as fh:
+            fh.write(maps[name])
+        os.chmod(tmp, 0o644)
+        if name in settings.HASH_MAPS:
+            pf.postmap(f"hash:{tmp}")
+            moves.append((tmp + ".db", final + ".db"))
+        else:
+            _chgrp_postfix(tmp, 0o640)  # it names the hold secret
+        moves.append((tmp, final))
+    return moves
 
 
 def _chgrp_postfix(path: str, mode: int) -> None:
@@ -199,19 +255,53 @@ def apply(config: Config, dry_run: bool = False, reload: bool = True) -> ApplyRe
         return report
 
     stage = _stage(pf, plan) if (plan.params or plan.services or plan.remove_services) else None
+    _commit(pf, config, plan, report, stage, reload)
+    return report
+
+
+def _commit(pf: Postfix, config: Config, plan: settings.Plan, report: ApplyReport,
+            stage: str | None, reload: bool) -> None:
+    """Put maps, master.cf, main.cf and applied.json in place and reload, or,
+    if any step fails, put every old file back (and reload the old settings
+    if the new ones were already loaded): all or nothing."""
+    swap = _Swap()
+    scratch: list[str] = []
+    reloading = False
     try:
-        _build_maps(pf, config, plan.maps, report.maps)
+        moves = _prepare_maps(pf, config, plan.maps, report.maps, scratch)
         if stage:
             for name in ("master.cf", "main.cf"):
                 target = os.path.join(config.config_directory, name)
-                tmp = target + ".flushctl-new"
-                shutil.copy2(os.path.join(stage, name), tmp)
-                os.replace(tmp, target)
+                scratch.append(target + ".flushctl-new")
+                shutil.copy2(os.path.join(stage, name), target + ".flushctl-new")
+                moves.append((target + ".flushctl-new", target))
+        ours = _write_ours(config, plan)
+        scratch.append(ours)
+        moves.append((ours, os.path.join(config.state_directory, STATE_FILE)))
+        for new, target in moves:
+            swap.put(new, target)
+        if reload and pf.running():
+            reloading = True
+            pf.reload()
+            report.reloaded = True
+    except BaseException as exc:
+        lost = swap.undo()
+        if reloading:
+            try:
+                pf.reload()
+            except PostfixError as again:
+                lost.append(f"reloading the old settings: {again}")
+        if lost:
+            raise ApplyError(f"apply failed ({exc}) and could not put everything back: "
+                             + "; ".join(lost)) from exc
+        if isinstance(exc, (OSError, PostfixError)):
+            raise ApplyError(f"apply failed, nothing changed: {exc}") from exc
+        raise
+    else:
+        swap.commit()
     finally:
+        for leftover in scratch:
+            if os.path.lexists(leftover):
+                os.unlink(leftover)
         if stage:
             shutil.rmtree(stage, ignore_errors=True)
-    _save_ours(config, plan)
-    if reload and pf.running():
-        pf.reload()
-        report.reloaded = True
-    return report

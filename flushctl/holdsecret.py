@@ -51,6 +51,10 @@ def save(state_directory: str, secret: str) -> None:
     os.makedirs(state_directory, mode=0o750, exist_ok=True)
     path = os.path.join(state_directory, FILENAME)
     fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secret + "\n")
-    os.replace(path + ".tmp", path)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secret + "\n")
+        os.replace(path + ".tmp", path)
+    except BaseException:
+        os.unlink(path + ".tmp")
+        raise

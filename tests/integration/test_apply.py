@@ -104,3 +104,81 @@ def test_open_mynetworks_is_refused_before_anything_changes():
         assert fingerprint(stack.pf) == before
     finally:
         stack.pf.destroy()
+
+
+def _state_fingerprint(stack):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in stack.state_dir.iterdir() if p.is_file() and p.name != "hold-secret"}
+
+
+class InjectedFault(OSError):
+    pass
+
+
+def test_apply_fails_whole_at_every_failure_point(monkeypatch):
+    """Every file move and every Postfix command apply makes is failed in
+    turn, on a running instance: each time the config directory, the maps and
+    our state are exactly as before and Postfix runs the old settings; the
+    run that meets no fault applies everything."""
+    import os
+    import shutil
+
+    from flushctl import apply as apply_mod, config as config_mod
+    from flushctl.postfix import Postfix
+
+    stack = fresh_stack()
+    stack.pf.start()
+    try:
+        cfg = config_mod.load(str(stack.config_path))
+        real = {"replace": os.replace, "link": os.link, "copy2": shutil.copy2,
+                "_run": Postfix._run}
+        calls = {"n": 0, "fail_at": 0, "failed": None}
+
+        def faulty(name):
+            def call(*args, **kwargs):
+                calls["n"] += 1
+                if calls["n"] == calls["fail_at"]:
+                    what = args[1][0].rsplit("/", 1)[-1] + " " + args[1][-1] \
+                        if name == "_run" else f"{name} {args[-1]}"
+                    calls["failed"] = what
+                    raise InjectedFault(f"injected fault at call {calls['n']}: {what}")
+                return real[name](*args, **kwargs)
+            return call
+
+        monkeypatch.setattr(os, "replace", faulty("replace"))
+        monkeypatch.setattr(os, "link", faulty("link"))
+        monkeypatch.setattr(shutil, "copy2", faulty("copy2"))
+        monkeypatch.setattr(Postfix, "_run", faulty("_run"))
+
+        before, state_before = fingerprint(stack.pf), _state_fingerprint(stack)
+        points = []
+        for k in range(1, 200):
+            calls.update(n=0, fail_at=k, failed=None)
+            try:
+                report = apply_mod.apply(cfg)
+            except Exception as exc:  # noqa: BLE001 - the fault may surface as any error
+                assert calls["failed"], f"apply failed with no fault injected: {exc}"
+                assert "injected fault" in str(exc), exc
+                points.append(calls["failed"])
+                assert fingerprint(stack.pf) == before, f"half-applied after {calls['failed']}"
+                assert _state_fingerprint(stack) == state_before, calls["failed"]
+                assert stack.pf.run("postfix", "-c", str(stack.pf.config_directory),
+                                    "status", check=False).returncode == 0, calls["failed"]
+                continue
+            assert calls["failed"] is None
+            break
+        else:
+            raise AssertionError("apply never got through")
+        monkeypatch.undo()
+        print(f"apply failed at each of {len(points)} points, nothing changed each time: "
+              + ", ".join(points))
+        assert len(points) > 20 and any("reload" in p for p in points)
+        assert any("main.cf" in p for p in points) and any(".db" in p for p in points)
+        # the run without a fault applied it all, and Postfix runs it
+        assert report.reloaded and "relay_domains" in report.changed_params
+        assert "defer_transports = ondemand" in stack.pf.postconf("-n")
+        assert not [p for p in stack.pf.config_directory.rglob("*")
+                    if p.name.endswith((".flushctl-old", ".flushctl-new"))]
+        stack.pf.run("postfix", "-c", str(stack.pf.config_directory), "status")
+    finally:
+        stack.pf.destroy()
