@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 FILENAME = "ledger.sqlite3"
 
+# only these errors mean the file is not a usable database (a full disk does not)
+CORRUPT = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 log = logging.getLogger("flushctl.ledger")
 
 _SCHEMA = """
@@ -106,7 +108,9 @@ class Ledger:
         self.fresh = not os.path.exists(self.path)
         try:
             self._connect()
-        except sqlite3.DatabaseError:
+        except sqlite3.DatabaseError as exc:
+            if getattr(exc, "sqlite_errorcode", None) not in CORRUPT:
+                raise   # a full disk, a lock, permissions: not a reason to start afresh
             aside = f"{self.path}.corrupt-{int(time.time())}"
             for suffix in ("", "-wal", "-shm"):
                 if os.path.exists(self.path + suffix):

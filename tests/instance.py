@@ -54,6 +54,7 @@ class PostfixInstance:
     name: str
     started: bool = False
     extra_main: dict[str, str] = field(default_factory=dict)
+    mounts: list[Path] = field(default_factory=list)
 
     @property
     def config_directory(self) -> Path:
@@ -157,7 +158,18 @@ class PostfixInstance:
             if self.postfix("status", check=False).returncode != 0:
                 break
             time.sleep(0.1)
+        for path in reversed(self.mounts):
+            subprocess.run(["umount", str(path)], check=False, capture_output=True)
+        self.mounts.clear()
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def mount_small_filesystem(self, path: Path, size_mib: int) -> None:
+        """A tmpfs of SIZE at PATH (under this instance's root), unmounted by
+        destroy: a file system that can be filled without touching the machine's."""
+        path.mkdir(exist_ok=True)
+        self.run("mount", "-t", "tmpfs", "-o", f"size={size_mib}m,mode=0755",
+                 "flushctl-test", str(path))
+        self.mounts.append(path)
 
     def queue(self) -> list[dict]:
         out = self.run("postqueue", "-c", str(self.config_directory), "-j").stdout

@@ -282,9 +282,13 @@ def build_stack(extra_main=None, domains=None, start_sink=False, milter=True, ga
     sink = Sink()
     pf = PostfixInstance.create(extra_main)
     if prepare:
-        prepare(pf)
+        try:
+            prepare(pf)
+        except BaseException:
+            pf.destroy()
+            raise
     state_dir = pf.root / "state"
-    state_dir.mkdir()
+    state_dir.mkdir(exist_ok=True)   # prepare may have mounted something there
     config_path = pf.root / "flushctl.toml"
     write_config(config_path, pf, state_dir, (domains or default_domains)(sink.port),
                  gateway_extra=gateway_extra, poller_extra=poller_extra)

@@ -37,10 +37,13 @@ SHORT_LIFETIMES = {
 
 
 def bounce_lines(stack) -> list[str]:
-    """Log lines of mail that expired, bounced or made a sender notification."""
+    """Log lines of mail that expired, bounced or made a sender notification
+    (not Postfix's own notices to the postmaster, e.g. of a full disk, which
+    the private instance has nowhere to deliver)."""
     return [line for line in stack.pf.log().splitlines()
-            if "status=expired" in line or "status=bounced" in line
-            or "non-delivery notification" in line]
+            if ("status=expired" in line or "status=bounced" in line
+                or "non-delivery notification" in line)
+            and "orig_to=<postmaster>" not in line]
 
 
 

@@ -2,6 +2,7 @@
 message that got 250 is held and counted, every other one got a 4xx,
 none a 5xx, none bounced."""
 
+import os
 import re
 import signal
 import smtplib
@@ -15,14 +16,15 @@ SENDERS = 6
 KILLS = 3
 
 
-def _send_loop(stack, n: int, stop: threading.Event, outcomes: list, lock: threading.Lock):
+def _send_loop(stack, n: int, stop: threading.Event, outcomes: list, lock: threading.Lock,
+               body: str = "body\n", prefix: str = ""):
     i = 0
     while not stop.is_set():
         i += 1
-        rcpt = f"user{n}x{i}@customer.test"
+        rcpt = f"{prefix}user{n}x{i}@customer.test"
         try:
             with smtplib.SMTP("127.0.0.1", stack.pf.smtpd_port, timeout=30) as smtp:
-                smtp.sendmail("load@sender.test", [rcpt], f"Subject: load {n}/{i}\n\nbody\n")
+                smtp.sendmail("load@sender.test", [rcpt], f"Subject: load {n}/{i}\n\n{body}")
             code = 250
         except smtplib.SMTPRecipientsRefused as exc:
             code = exc.recipients[rcpt][0]
@@ -36,14 +38,24 @@ def _send_loop(stack, n: int, stop: threading.Event, outcomes: list, lock: threa
             time.sleep(0.05)  # a real client would not hammer a tempfailing server
 
 
-def test_milter_killed_under_load_loses_nothing(stack):
-    outcomes: list = []
+def _senders(stack, outcomes: list, body: str = "body\n", prefix: str = ""):
+    """Start SENDERS parallel SMTP clients; returns their stop event and threads."""
     lock = threading.Lock()
     stop = threading.Event()
-    senders = [threading.Thread(target=_send_loop, args=(stack, n, stop, outcomes, lock))
+    senders = [threading.Thread(target=_send_loop, args=(stack, n, stop, outcomes, lock, body, prefix))
                for n in range(SENDERS)]
     for t in senders:
         t.start()
+    return stop, senders
+
+
+def _held_rcpts(stack) -> set[str]:
+    return {m["recipients"][0]["address"] for m in stack.queue() if m["queue_name"] == "hold"}
+
+
+def test_milter_killed_under_load_loses_nothing(stack):
+    outcomes: list = []
+    stop, senders = _senders(stack, outcomes)
     try:
         for _ in range(KILLS):
             time.sleep(1.5)
@@ -63,11 +75,8 @@ def test_milter_killed_under_load_loses_nothing(stack):
     assert len(accepted) > 50 and others, "the load and the kills must both have happened"
     assert all(code == 0 or 400 <= code < 500 for code in others), sorted(set(others))
 
-    def held_rcpts():
-        return {m["recipients"][0]["address"] for m in stack.queue()
-                if m["queue_name"] == "hold"}
-    wait_until(lambda: held_rcpts() >= accepted, 30, what="every accepted message held")
-    assert held_rcpts() == accepted            # nothing refused got in, nothing accepted is lost
+    wait_until(lambda: _held_rcpts(stack) >= accepted, 30, what="every accepted message held")
+    assert _held_rcpts(stack) == accepted            # nothing refused got in, nothing accepted is lost
     assert stack.status("customer.test")[0]["messages"] == len(accepted)   # and counted
     assert bounce_lines(stack) == []
 
@@ -172,3 +181,102 @@ def test_ledger_removed_or_corrupted_is_rebuilt_from_the_queue(stack):
     print(f"ledger removed, then corrupted, with {held} messages held: rebuilt both times, "
           "status exact")
     assert held == 7
+
+
+def _fill(path, leave: int) -> int:
+    """Fill PATH's file system until about LEAVE bytes are free; returns the bytes written."""
+    chunk = b"\0" * (1 << 20)
+    written = 0
+    with open(path / "filler", "ab") as fh:
+        while True:
+            st = os.statvfs(path)
+            free = st.f_bavail * st.f_frsize - leave
+            if free <= 0:
+                break
+            try:
+                fh.write(chunk[:min(free, len(chunk))])
+                fh.flush()
+            except OSError:   # full already
+                break
+            written += min(free, len(chunk))
+    return written
+
+
+def _load_until_refused(stack, outcomes: list, body: str, prefix: str, refusals: int,
+                        seconds: float):
+    stop, senders = _senders(stack, outcomes, body, prefix)
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and \
+                sum(1 for _, code in list(outcomes) if code != 250) < refusals:
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        for t in senders:
+            t.join(120)
+
+
+def test_full_file_systems_tempfail_and_never_half_accept(make_stack):
+    """The queue file system, then the state file system (the ledger), filled
+    under parallel load: every 250 is held and counted, everything else got a
+    4xx, nothing sits half-written in the queue, and once space is back mail
+    flows again with the counts exact."""
+    def small_disks(pf):
+        pf.mount_small_filesystem(pf.queue_directory, 48)
+        pf.mount_small_filesystem(pf.root / "state", 8)
+    # smtpd wants 1.5 x message_size_limit free at MAIL FROM: 1.5 MB, less than
+    # what 6 parallel 600 KB messages need, so some queue file writes fail too
+    stack = make_stack(prepare=small_disks, extra_main={"message_size_limit": "1000000"})
+    state, spool = stack.state_dir, stack.pf.queue_directory
+    report = []
+
+    # the ledger's file system full: the milter cannot record, so it tempfails
+    outcomes_state: list = []
+    _fill(state, 0)
+    _load_until_refused(stack, outcomes_state, "small\n", "s", refusals=20, seconds=20)
+    report.append(("state full", outcomes_state))
+    (state / "filler").unlink()
+
+    # the queue's file system near full, messages of 600 KB: smtpd refuses
+    # MAIL FROM (452) or cleanup cannot write the queue file (451)
+    outcomes_queue: list = []
+    _fill(spool, 6 << 20)
+    big = ("x" * 75 + "\n") * 8000
+    _load_until_refused(stack, outcomes_queue, big, "q", refusals=20, seconds=60)
+    report.append(("queue full", outcomes_queue))
+    (spool / "filler").unlink()
+
+    # space back: mail flows again
+    outcomes_after: list = []
+    stop, senders = _senders(stack, outcomes_after, prefix="a")
+    time.sleep(2)
+    stop.set()
+    for t in senders:
+        t.join(60)
+    report.append(("space back", outcomes_after))
+
+    for name, outcomes in report:
+        codes = sorted({code for _, code in outcomes})
+        print(f"{name}: {len(outcomes)} sent, "
+              f"{sum(1 for _, c in outcomes if c == 250)} accepted, replies {codes}")
+    for name, outcomes in report[:2]:
+        refused = [code for _, code in outcomes if code != 250]
+        assert len(refused) >= 20, f"{name}: the disk never filled"
+        assert all(code == 0 or 400 <= code < 500 for code in refused), (name, sorted(set(refused)))
+    assert any(code == 250 for _, code in outcomes_after), "mail does not flow again"
+
+    accepted = {rcpt for outcomes in (o for _, o in report) for rcpt, code in outcomes
+                if code == 250}
+    wait_until(lambda: _held_rcpts(stack) >= accepted, 60, what="every accepted message held")
+    # outside the hold queue at most Postfix's notices of the full disk to the postmaster
+    elsewhere = [(m["queue_name"], m["sender"], [r["address"] for r in m["recipients"]])
+                 for m in stack.queue() if m["queue_name"] != "hold"]
+    assert all(r.startswith("postmaster@") for _, _, rcpts in elsewhere for r in rcpts), \
+        elsewhere
+    assert _held_rcpts(stack) == accepted            # nothing refused got in, nothing lost
+    assert stack.status("customer.test")[0]["messages"] == len(accepted)
+    half = [p for sub in ("incoming", "active", "maildrop") for p in (spool / sub).rglob("*")
+            if p.is_file()]
+    assert half == [], half                          # no half-written queue file left
+    assert bounce_lines(stack) == []
+    print(f"{len(accepted)} accepted in all, every one held and counted; nothing bounced")
