@@ -235,6 +235,8 @@ def test_full_file_systems_tempfail_and_never_half_accept(make_stack):
     _fill(state, 0)
     _load_until_refused(stack, outcomes_state, "small\n", "s", refusals=20, seconds=20)
     report.append(("state full", outcomes_state))
+    status = stack.flushctl("status", "--json", check=False)   # a reader meets a full disk
+    assert not list(state.glob("ledger.sqlite3.corrupt-*")), "a full disk is not corruption"
     (state / "filler").unlink()
 
     # the queue's file system near full, messages of 600 KB: smtpd refuses
@@ -279,4 +281,5 @@ def test_full_file_systems_tempfail_and_never_half_accept(make_stack):
             if p.is_file()]
     assert half == [], half                          # no half-written queue file left
     assert bounce_lines(stack) == []
+    print(f"status with the state disk full: exit {status.returncode} {status.stderr.strip()}")
     print(f"{len(accepted)} accepted in all, every one held and counted; nothing bounced")
