@@ -327,11 +327,23 @@ class OnDemand:
         return counts
 
     def in_flight(self, domain: str) -> bool:
-        """Is mail of the domain being delivered right now (a release still at work)?"""
+        """Is mail of the domain being delivered right now (a release still at work)?
+
+        Released mail that is due in the deferred queue while none of the
+        domain's mail is active may be a release cut short: its releaser
+        died after ``postsuper -H`` but before asking qmgr to scan, and the
+        mail would wait for qmgr's own scan.  qmgr is asked again (harmless
+        if the first request was on its way) and the release counts as
+        still at work.
+        """
         located = self.locate(domain)
+        if located.ids("active", "incoming"):
+            return True
         now = time.time()
-        return bool(located.ids("active", "incoming")) or any(
-            located.mtimes[q] <= now for q in located.ids("deferred"))
+        if any(located.mtimes[q] <= now for q in located.ids("deferred")):
+            self.postfix.scan_deferred()
+            return True
+        return False
 
     def holding(self) -> list[str]:
         """Configured, unpaused domains the ledger says hold mail (no queue scan)."""

@@ -141,8 +141,9 @@ class Stack:
         """Start `flushctl NAME` in the background, its log in the state directory."""
         env = dict(os.environ, FLUSHCTL_CONFIG=str(self.config_path))
         with open(self.state_dir / f"{name}.log", "ab") as log:
+            # its own process group, so a test can kill it with its children
             return subprocess.Popen([*DAEMON, name], env=env, stdout=subprocess.DEVNULL,
-                                    stderr=log)
+                                    stderr=log, start_new_session=True)
 
     def start_poller(self):
         self.poller = self._daemon("poller")

@@ -10,6 +10,8 @@ import subprocess
 import threading
 import time
 
+import pytest
+
 from conftest import bounce_lines, wait_until
 
 SENDERS = 6
@@ -144,6 +146,63 @@ def test_gateway_killed_mid_release_then_postfix_restarted(make_stack):
     print(f"{HELD} held; gateway killed and Postfix restarted mid-release after "
           f"{len(first)} deliveries; all {HELD} delivered, {duplicates} twice "
           "(a delivery cut off by the Postfix stop is retried: SMTP is at-least-once)")
+    assert stack.status("customer.test")[0]["messages"] == 0
+    assert bounce_lines(stack) == []
+
+
+def _kill_mid_release(stack, proc, total: int) -> int:
+    """SIGKILL PROC's whole process group (its postsuper too) as soon as the
+    hold queue starts to empty; returns how many were still held then."""
+    hold = stack.pf.queue_directory / "hold"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        left = sum(1 for _ in os.scandir(hold))
+        if left < total:
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    return left
+
+
+@pytest.mark.parametrize("trigger", ["poller", "gateway"])
+def test_our_daemon_killed_mid_release_loses_and_duplicates_nothing(make_stack, trigger):
+    """Only our process dies (with the postsuper it runs), Postfix stays up:
+    after a restart and the next trigger every message is delivered exactly
+    once."""
+    stack = make_stack(gateway=trigger == "gateway",
+                       poller_extra="interval = 1" if trigger == "poller" else "")
+    _hold_many(stack, HELD)
+    if trigger == "poller":
+        stack.start_poller()        # probes, finds the customer down
+        time.sleep(1.5)
+        stack.sink.start()          # the next probe answers: release
+        victim = stack.poller
+    else:
+        stack.sink.start()
+        threading.Thread(target=stack.finger, args=("customer.test",), daemon=True).start()
+        victim = stack.gateway
+    left = _kill_mid_release(stack, victim, HELD)
+    if trigger == "poller":
+        stack.poller = None
+        stack.start_poller()        # it releases again by itself
+    else:
+        stack.gateway = None
+        stack.start_gateway()
+        time.sleep(1)
+        assert "Delivery started" in stack.finger("customer.test")
+
+    try:
+        wait_until(lambda: len(stack.sink.messages()) >= HELD and not stack.queue(), 120, 0.5,
+                   what="all delivered")
+    finally:
+        queues = {}
+        for m in stack.queue():
+            queues[m["queue_name"]] = queues.get(m["queue_name"], 0) + 1
+        print(f"{trigger}: {len(stack.sink.messages())} delivered, still queued: {queues}")
+    ids = _delivered_ids(stack)
+    print(f"{trigger}: killed with {left} of {HELD} still held; after restart all "
+          f"{len(set(ids))} delivered, {len(ids) - len(set(ids))} twice")
+    assert len(ids) == len(set(ids)) == HELD          # each exactly once
     assert stack.status("customer.test")[0]["messages"] == 0
     assert bounce_lines(stack) == []
 
