@@ -8,6 +8,11 @@ from raw bytes; every outcome must be one the gateway handles.
 
 import os
 import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from flushctl import finger, names, policyproto
 from flushctl.gate import ALLOWED, Gate
@@ -43,48 +48,83 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
     return bytes(data)
 
 
+def check_finger_line(line: bytes) -> str:
+    """Parse one finger query line; every outcome must be one the gateway handles."""
+    query = finger.parse(line)
+    assert query.kind in (finger.EMPTY, finger.DOMAIN, finger.FORWARD, finger.INVALID)
+    if query.kind == finger.DOMAIN:
+        assert names.domain(query.domain) == query.domain     # canonical, ASCII
+        assert query.domain.isascii() and len(query.domain) <= 253
+    reply = finger.lines_to_bytes([finger.NOT_SERVED.format(domain=query.domain)])
+    assert b"\n" not in reply[:-2]                             # one line, always
+    return query.kind
+
+
+def check_policy_block(block: bytes, gate: Gate) -> str:
+    """Parse one policy request; 'refused', 'parsed' or 'etrn' (an ETRN request)."""
+    try:
+        request = policyproto.parse(block)
+    except policyproto.ProtocolError:
+        return "refused"
+    assert len(request.attrs) <= policyproto.MAX_ATTRIBUTES
+    if request.state != "ETRN":
+        return "parsed"
+    try:
+        domain = names.wire_domain(request.etrn_domain)
+    except ValueError:
+        return "etrn"
+    assert names.domain(domain) == domain
+    # an unknown domain is never allowed, whatever the client address says
+    assert gate.check(request.client_address, domain, 0.0) != ALLOWED
+    action = etrn_action(domain, Outcome(NOTHING, 0, "", "", None))
+    assert policyproto.answer(action).count(b"\n") == 2
+    return "etrn"
+
+
+def empty_gate() -> Gate:
+    return Gate({}, per_minute=60, burst=30)
+
+
 def test_finger_parser_fuzz():
     rng = random.Random(SEED)
     kinds = {}
     for n in range(COUNT):
         line = mutate(rng, rng.choice(FINGER_SEEDS)) if n % 4 else rng.randbytes(rng.randint(0, 700))
-        query = finger.parse(line)
-        kinds[query.kind] = kinds.get(query.kind, 0) + 1
-        assert query.kind in (finger.EMPTY, finger.DOMAIN, finger.FORWARD, finger.INVALID)
-        if query.kind == finger.DOMAIN:
-            assert names.domain(query.domain) == query.domain     # canonical, ASCII
-            assert query.domain.isascii() and len(query.domain) <= 253
-        reply = finger.lines_to_bytes([finger.NOT_SERVED.format(domain=query.domain)])
-        assert b"\n" not in reply[:-2]                             # one line, always
+        kind = check_finger_line(line)
+        kinds[kind] = kinds.get(kind, 0) + 1
     print(f"finger: {COUNT} fuzzed lines (seed {SEED}): {dict(sorted(kinds.items()))}")
     assert kinds.get(finger.DOMAIN) and kinds.get(finger.INVALID)
 
 
 def test_policy_parser_fuzz():
     rng = random.Random(SEED + 1)
-    gate = Gate({}, per_minute=60, burst=30)
-    parsed = refused = etrn = 0
+    gate = empty_gate()
+    counts = {"refused": 0, "parsed": 0, "etrn": 0}
     for n in range(COUNT):
         block = mutate(rng, POLICY_SEED) if n % 4 else rng.randbytes(rng.randint(0, 2000))
-        try:
-            request = policyproto.parse(block)
-        except policyproto.ProtocolError:
-            refused += 1
-            continue
-        parsed += 1
-        assert len(request.attrs) <= policyproto.MAX_ATTRIBUTES
-        if request.state != "ETRN":
-            continue
-        etrn += 1
-        try:
-            domain = names.wire_domain(request.etrn_domain)
-        except ValueError:
-            continue
-        assert names.domain(domain) == domain
-        # an unknown domain is never allowed, whatever the client address says
-        assert gate.check(request.client_address, domain, 0.0) != ALLOWED
-        action = etrn_action(domain, Outcome(NOTHING, 0, "", "", None))
-        assert policyproto.answer(action).count(b"\n") == 2
+        counts[check_policy_block(block, gate)] += 1
+    refused, etrn = counts["refused"], counts["etrn"]
+    parsed = counts["parsed"] + etrn
     print(f"policy: {COUNT} fuzzed requests (seed {SEED + 1}): {parsed} parsed "
           f"({etrn} ETRN), {refused} refused as not the protocol")
     assert parsed and refused and etrn
+
+
+@pytest.mark.parametrize("target", ["finger", "policy"])
+def test_coverage_guided_fuzz(target, tmp_path):
+    """atheris (libFuzzer) from the valid requests as seeds, COUNT runs."""
+    pytest.importorskip("atheris")
+    seeds = FINGER_SEEDS if target == "finger" else [POLICY_SEED, POLICY_SEED + b"\n"]
+    for n, seed in enumerate(seeds):
+        (tmp_path / f"seed{n}").write_bytes(seed)
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("coverage_guided.py")), target,
+         str(tmp_path), f"-runs={COUNT}", f"-seed={SEED}", "-max_len=4096",
+         f"-artifact_prefix={tmp_path}/"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = [line for line in proc.stderr.splitlines() if line.startswith("Done ")]
+    last = [line for line in proc.stderr.splitlines() if "cov:" in line][-1]
+    print(f"{target}: coverage-guided (atheris, seed {SEED}): {done[0] if done else '?'}; "
+          f"{last.split('#', 1)[-1].strip()}")
+    assert done
