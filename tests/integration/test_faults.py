@@ -83,7 +83,7 @@ def test_milter_killed_under_load_loses_nothing(stack):
     assert bounce_lines(stack) == []
 
 
-HELD = 1000
+HELD = 2000
 
 
 def _hold_many(stack, n: int) -> None:
