@@ -186,12 +186,17 @@ def poller(ctx, once, as_json):
 @main.command()
 @click.argument("domain", required=False)
 @click.option("--json", "as_json", is_flag=True, help="print a JSON array")
+@click.option("--cluster", "of_cluster", is_flag=True,
+              help="also what every peer of [cluster] holds (asked with finger ?DOMAIN)")
 @pass_ctx
 @_guard
-def status(ctx, domain, as_json):
+def status(ctx, domain, as_json, of_cluster):
     """What is held, per domain (exact against Postfix's queue)."""
     od = ctx.ondemand
     rows = [od.status(ctx.domain(domain))] if domain else od.status_all()
+    if of_cluster:
+        _cluster_status(ctx, rows, as_json)
+        return
     if as_json:
         click.echo(json.dumps([r.as_json() for r in rows], indent=2))
         return
@@ -209,6 +214,34 @@ def status(ctx, domain, as_json):
                 click.echo(f"  last probe: {r.last_error}")
 
 
+def _cluster_status(ctx, local, as_json) -> None:
+    import asyncio
+
+    from . import cluster
+    cfg = ctx.config
+    if cfg.cluster is None:
+        raise CliError(f"{cfg.path}: no [cluster] section: this host has no peers")
+    rows = asyncio.run(cluster.cluster_status(cfg.cluster, local,
+                                              ctx.ondemand.ledger.forwards()))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'DOMAIN':<30} {'HOST':<28} {'MESSAGES':>8} {'BYTES':>12} {'OLDEST':<19} "
+               f"{'REACHABLE':<9} NOTE")
+    for r in rows:
+        if r["error"]:
+            numbers = f"{'?':>8} {'?':>12} {'-':<19} {'-':<9} no answer: {r['error']}"
+        else:
+            numbers = (f"{r['messages']:>8} {r['bytes']:>12} "
+                       f"{_fmt_time(r['oldest_arrival']):<19} {_fmt_bool(r['reachable']):<9}")
+        note = ""
+        if r["pending"]:
+            p = r["pending"]
+            note = (f" ETRN pending since {_fmt_time(p['since'])}, {p['attempts']} attempt(s)"
+                    + (f": {p['last_error']}" if p["last_error"] else ""))
+        click.echo(f"{r['domain']:<30} {r['host']:<28} {numbers}{note}".rstrip())
+
+
 @main.command()
 @click.argument("domain")
 @click.option("--wait", is_flag=True, help="wait until nothing is held")
@@ -221,6 +254,8 @@ def flush(ctx, domain, wait, timeout):
     name = ctx.domain(domain)
     od = ctx.ondemand
     result = od.flush(name, trigger="admin")
+    if result.forwarded:
+        click.echo(f"{name}: sent on to {result.forwarded} peer(s) as ETRN (by the gateway)")
     if result.probe is None:
         click.echo(f"{name}: nothing held")
         return

@@ -105,6 +105,28 @@ SASL_PATHS = {"cyrus": "smtpd", "dovecot": "private/auth"}
 
 
 @dataclass(frozen=True)
+class Peer:
+    """Another backup MX of this cluster: where its Postfix takes ETRN."""
+
+    host: str   # a host name or an IP address
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """[cluster]: every release here is sent on to the peers as ETRN."""
+
+    peers: tuple[Peer, ...]
+    finger_port: int = 79          # the peers' finger port (status --cluster)
+    source: str | None = None      # local address for connections to peers
+    retry_for: float = 7200.0      # seconds a peer that does not acknowledge is retried
+    helo: str | None = None        # EHLO name; default: this host's name
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     config_directory: str
@@ -122,6 +144,7 @@ class Config:
     transport_name: str
     domains: dict[str, Domain] = field(default_factory=dict)
     submission: Submission | None = None
+    cluster: Cluster | None = None
 
     def domain(self, name: str) -> Domain:
         """The configured domain ``name``, or KeyError with a helpful text."""
@@ -272,6 +295,52 @@ def _submission(path: str, data: dict) -> Submission | None:
     )
 
 
+def _cluster(path: str, data: dict) -> Cluster | None:
+    if "cluster" not in data:
+        return None
+    sec = _Section(path, "cluster", data["cluster"])
+    sec.check_keys({"peers", "finger_port", "source", "retry_for", "helo"})
+    peers = []
+    for item in sec.get("peers", list, required=True):
+        text = str(item)
+        match = re.fullmatch(r"(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9.-]+))(?::(\d{1,5}))?", text)
+        port = int(match.group(3) or 25) if match else 0
+        if not match or not 0 < port < 65536:
+            sec.fail("peers", f'must be "HOST", "HOST:PORT" or "[IPv6]:PORT", not {text!r}')
+        host = match.group(1) or match.group(2)
+        try:
+            host = str(ipaddress.ip_address(host))
+        except ValueError:
+            try:
+                host = names.domain(host)
+            except ValueError as exc:
+                sec.fail("peers", str(exc))
+        peer = Peer(host, port)
+        if peer in peers:
+            sec.fail("peers", f"{text} is listed twice")
+        peers.append(peer)
+    if not peers:
+        sec.fail("peers", "an empty list: leave [cluster] out for a single MX host")
+    finger_port = sec.positive("finger_port", int, 79)
+    if finger_port > 65535:
+        sec.fail("finger_port", f"port out of range: {finger_port}")
+    source = sec.get("source", str)
+    if source is not None:
+        try:
+            source = str(ipaddress.ip_address(source))
+        except ValueError:
+            sec.fail("source", f"must be an IP address of this host, not {source!r}")
+    retry_for = sec.positive("retry_for", float, 7200.0)
+    helo = sec.get("helo", str)
+    if helo is not None:
+        try:
+            helo = names.domain(helo)
+        except ValueError as exc:
+            sec.fail("helo", str(exc))
+    return Cluster(peers=tuple(peers), finger_port=finger_port, source=source,
+                   retry_for=float(retry_for), helo=helo)
+
+
 def _domain(path: str, name: str, table: Any) -> Domain:
     try:
         key = names.domain(name)
@@ -321,7 +390,7 @@ def parse(text: str, path: str = "<config>") -> Config:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     top = _Section(path, "", data)
     top.check_keys({"postfix", "state", "milter", "gateway", "poller", "relay", "submission",
-                    "domains"})
+                    "cluster", "domains"})
     rl = _Section(path, "relay", data.get("relay", {}))
     rl.check_keys({"networks"})
     relay_networks = []
@@ -405,6 +474,7 @@ def parse(text: str, path: str = "<config>") -> Config:
         transport_name=transport,
         domains=domains,
         submission=_submission(path, data),
+        cluster=_cluster(path, data),
     )
 
 

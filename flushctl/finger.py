@@ -3,11 +3,14 @@
 A query line is ``[/W] [name] [@host...]``.  For us the name is a
 customer domain; an empty query gets one service line (never a list of
 customers); a query with ``@`` asks us to forward, which RFC 1288 lets a
-server refuse, and we do.
+server refuse, and we do.  ``?domain`` asks what is held without
+releasing it: one report line (``report_line``), the form the cluster's
+peers read each other with.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from . import names
@@ -18,6 +21,9 @@ EMPTY = "empty"
 DOMAIN = "domain"
 FORWARD = "forward"
 INVALID = "invalid"
+REPORT = "report"
+
+REPORT_PREFIX = "?"
 
 
 @dataclass(frozen=True)
@@ -50,8 +56,11 @@ def parse(line: bytes) -> Query:
     word = words[0]
     if "@" in word:
         return Query(FORWARD)
+    kind = DOMAIN
+    if word.startswith(REPORT_PREFIX):
+        kind, word = REPORT, word[len(REPORT_PREFIX):]
     try:
-        return Query(DOMAIN, names.wire_domain(word), verbose)
+        return Query(kind, names.wire_domain(word), verbose)
     except ValueError:
         return Query(INVALID)
 
@@ -73,6 +82,28 @@ FORWARD_LINE = "Finger forwarding service denied."
 INVALID_LINE = "Invalid query: send your domain name."
 NOT_SERVED = "{domain}: not served here."
 BUSY_LINE = "Too many requests: try again later."
+
+
+_REPORT = re.compile(r"(\S+): held=(\d+) bytes=(\d+) oldest=(\d+|-) reachable=(yes|no|-)")
+
+
+def report_line(domain: str, messages: int, size: int, oldest: float | None,
+                reachable: bool | None) -> str:
+    """What ``?domain`` answers: stable key=value fields, for people and peers."""
+    seen = "-" if reachable is None else ("yes" if reachable else "no")
+    when = "-" if oldest is None else str(int(oldest))
+    return f"{domain}: held={messages} bytes={size} oldest={when} reachable={seen}"
+
+
+def parse_report(line: str) -> dict | None:
+    """``report_line`` read back; None if the line is not a report."""
+    match = _REPORT.fullmatch(line.strip())
+    if not match:
+        return None
+    domain, messages, size, oldest, seen = match.groups()
+    return {"domain": domain, "messages": int(messages), "bytes": int(size),
+            "oldest_arrival": None if oldest == "-" else float(oldest),
+            "reachable": None if seen == "-" else seen == "yes"}
 
 
 def lines_to_bytes(lines: list[str]) -> bytes:

@@ -9,7 +9,10 @@ One asyncio process serves two listeners:
 
 Parsing lives in ``finger`` and ``policyproto``, authorisation and rate
 limits in ``gate``; the release itself is ``OnDemand.flush``, run in a
-worker thread.  Every listener caps its connections, the length of what
+worker thread.  With ``[cluster]``, the peers' addresses are known to the
+gate (their ETRN is a "peer" trigger, not sent on again), and the
+process that releases also runs the ``cluster.Forwarder`` that sends this
+host's releases on to the peers.  Every listener caps its connections, the length of what
 it reads and the time a client may take; a bad request closes that one
 connection and nothing else.
 """
@@ -24,7 +27,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
-from . import finger, names, policyproto, privsep
+from . import cluster, finger, names, policyproto, privsep
 from .config import Config
 from .gate import ALLOWED, NOT_ALLOWED, Gate
 from .ondemand import OnDemand, Refused, Status
@@ -36,6 +39,9 @@ NOTHING = "nothing held"
 UNREACHABLE = "unreachable"
 PAUSED = "paused"
 FAILED = "failed"
+REPORTED = "reported"   # a report query: nothing released
+
+PEER_REFRESH = 300.0    # seconds between lookups of the peers' addresses
 
 
 @dataclass(frozen=True)
@@ -61,8 +67,13 @@ class Releaser:
         self.window = window
         self._inflight: dict[str, asyncio.Future] = {}
         self._recent: dict[str, tuple[float, Outcome, float]] = {}
+        self._sent_on: dict[str, float] = {}   # domain -> when last queued for the peers
+        self.forwarded = None   # called when a release was queued for the peers
 
     async def trigger(self, domain: str, how: str, client: str) -> Outcome:
+        if how == "report":
+            status = await asyncio.to_thread(self.ondemand.status, domain)
+            return Outcome(REPORTED, 0, "", "", status)
         # A release a moment ago answers for this trigger too, unless mail
         # has arrived since: then there is something new to release.
         recent = self._recent.get(domain)
@@ -75,6 +86,8 @@ class Releaser:
         # without a worker thread or the queue.
         empty = self.ondemand.status_if_empty(domain)
         if empty is not None:
+            # nothing here, but the peers may hold some: they release too
+            await self._send_on(domain, how)
             return Outcome(NOTHING, 0, "", "", empty)
         future = asyncio.get_running_loop().create_future()
         self._inflight[domain] = future
@@ -83,6 +96,9 @@ class Releaser:
             outcome = await asyncio.to_thread(self._release, domain, how, client)
         finally:
             del self._inflight[domain]
+        if how != "peer":
+            self._sent_on[domain] = time.monotonic()   # flush queued it for the peers
+            self._wake()
         # Only a release is worth sharing; "nothing held" or "server down"
         # may change any moment, and the next trigger looks again.
         if outcome.kind == RELEASED:
@@ -91,6 +107,20 @@ class Releaser:
             self._recent.pop(domain, None)
         future.set_result(outcome)
         return outcome
+
+    async def _send_on(self, domain: str, how: str) -> None:
+        if how == "peer" or self.ondemand.config.cluster is None:
+            return
+        last = self._sent_on.get(domain)
+        if last is not None and time.monotonic() - last < self.window:
+            return   # a flood of triggers for one domain: one ETRN to each peer
+        self._sent_on[domain] = time.monotonic()
+        await asyncio.to_thread(self.ondemand.send_on, domain, how)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.forwarded is not None:
+            self.forwarded()
 
     def _release(self, domain: str, how: str, client: str) -> Outcome:
         od = self.ondemand
@@ -171,11 +201,11 @@ class Gateway:
     a ``privsep.RemoteReleaser`` in the unprivileged child.
     """
 
-    def __init__(self, config: Config, releaser):
+    def __init__(self, config: Config, releaser, peers: frozenset[str] = frozenset()):
         self.config = config
         self.settings = config.gateway
         self.gate = Gate(config.domains, per_minute=self.settings.rate_per_minute,
-                         burst=self.settings.rate_burst)
+                         burst=self.settings.rate_burst, peers=peers)
         self.releaser = releaser
         self.open = {"finger": 0, "policy": 0}
         self.tasks: set[asyncio.Task] = set()
@@ -185,6 +215,8 @@ class Gateway:
                  how, client, domain or "-", result.replace(" ", "_"))
 
     async def _decide(self, how: str, client: str, domain: str) -> tuple[str, Outcome | None]:
+        if how != "report" and self.gate.is_peer(client):
+            how = "peer"   # a release passed on by another MX: released here, not sent on
         verdict = self.gate.check(client, domain, time.monotonic())
         if verdict != ALLOWED:
             self._log(how, client, domain, verdict)
@@ -214,11 +246,18 @@ class Gateway:
         if query.kind == finger.INVALID:
             self._log("finger", client, "", "invalid query")
             return [finger.INVALID_LINE]
-        verdict, outcome = await self._decide("finger", client, query.domain)
+        how = "report" if query.kind == finger.REPORT else "finger"
+        verdict, outcome = await self._decide(how, client, query.domain)
         if verdict == NOT_ALLOWED:
             return [finger.NOT_SERVED.format(domain=query.domain)]
         if outcome is None:
             return [finger.BUSY_LINE]
+        if outcome.kind == REPORTED and outcome.before is not None:
+            st = outcome.before
+            return [finger.report_line(query.domain, st.messages, st.bytes, st.oldest_arrival,
+                                       st.reachable)]
+        if outcome.kind == REPORTED:
+            return ["Temporary problem here; try again later."]
         return finger_reply(query.domain, outcome, query.verbose)
 
     # -- policy (ETRN) -------------------------------------------------------
@@ -264,6 +303,8 @@ class Gateway:
             self._log("etrn", client, "", "invalid domain")
             return "501 5.5.4 invalid domain name"
         verdict, outcome = await self._decide("etrn", client, domain)
+        if verdict == NOT_ALLOWED and self.gate.is_peer(client):
+            return f"554 5.7.1 <{domain}>: not a domain of this host"   # the peer stops trying
         if verdict == NOT_ALLOWED:
             return f"459 4.7.1 <{domain}>: not served here"
         if outcome is None:
@@ -287,9 +328,26 @@ class Gateway:
                  len(self.config.domains), _user())
         if ready:
             ready()
+        refresh = loop.create_task(self._refresh_peers(stop))
         async with finger_server, policy_server:
             await stop.wait()
+        refresh.cancel()
         log.info("event=stop")
+
+    async def _refresh_peers(self, stop: asyncio.Event) -> None:
+        """The peers' names may move to other addresses: look them up again now and then."""
+        if self.config.cluster is None:
+            return
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), PEER_REFRESH)
+                return
+            except asyncio.TimeoutError:
+                pass
+            found = await asyncio.to_thread(cluster.peer_addresses, self.config.cluster)
+            if found and found != self.gate.peers:
+                log.info("event=peers addresses=%s", ",".join(sorted(found)))
+                self.gate.peers = found
 
 
 class FingerConnection(asyncio.Protocol):
@@ -394,6 +452,9 @@ def run(config: Config, ondemand: OnDemand | None = None) -> None:
     entry = privsep.account(user) if user and os.geteuid() == 0 else None
     sockets = bind(config)
     window = config.gateway.release_window
+    peers = cluster.peer_addresses(config.cluster) if config.cluster else frozenset()
+    if peers:
+        log.info("event=peers addresses=%s", ",".join(sorted(peers)))
 
     def releaser() -> Releaser:
         try:
@@ -402,19 +463,44 @@ def run(config: Config, ondemand: OnDemand | None = None) -> None:
             raise privsep.PrivsepError(
                 f"cannot open the ledger in {config.state_directory}: {exc}") from None
 
+    async def with_forwarder(rel: Releaser, serving) -> None:
+        """Run ``serving`` and, with [cluster], the forwarder beside it."""
+        if config.cluster is None:
+            await serving
+            return
+        forwarder = cluster.Forwarder(rel.ondemand.ledger, config.cluster)
+        rel.forwarded = forwarder.wake.set
+        stop = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(forwarder.run(stop))
+        try:
+            await serving
+        finally:
+            stop.set()
+            task.cancel()   # not waiting out a peer's timeout: what is pending stays queued
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
     if entry is None:
-        asyncio.run(Gateway(config, releaser()).serve(sockets))
+        async def single():
+            rel = releaser()
+            await with_forwarder(rel, Gateway(config, rel, peers).serve(sockets))
+        asyncio.run(single())
         return
 
     def child(socks, channel):
         async def main():
             remote = privsep.RemoteReleaser(channel, decode_outcome)
             await remote.start()
-            await Gateway(config, remote).serve(socks, closed=remote.closed)
+            await Gateway(config, remote, peers).serve(socks, closed=remote.closed)
         asyncio.run(main())
 
     def parent(channel):
-        asyncio.run(privsep.serve_releases(channel, releaser(), config.domains,
-                                           encode_outcome))
+        async def main():
+            rel = releaser()
+            await with_forwarder(rel, privsep.serve_releases(channel, rel, config.domains,
+                                                             encode_outcome))
+        asyncio.run(main())
 
     privsep.run_split(sockets, entry, child, parent)

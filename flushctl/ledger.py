@@ -51,6 +51,16 @@ CREATE TABLE IF NOT EXISTS domains (
     last_probe         REAL,
     last_error         TEXT
 );
+CREATE TABLE IF NOT EXISTS forwards (
+    domain     TEXT NOT NULL,
+    peer       TEXT NOT NULL,
+    since      REAL NOT NULL,
+    due        REAL NOT NULL,
+    attempts   INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    PRIMARY KEY (domain, peer)
+);
+CREATE INDEX IF NOT EXISTS forwards_by_due ON forwards (due);
 """
 
 
@@ -84,6 +94,18 @@ class DomainState:
     reachable: bool | None = None
     last_probe: float | None = None
     last_error: str | None = None
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A release still to be sent on to a peer of the cluster (as ETRN)."""
+
+    domain: str
+    peer: str
+    since: float       # when the release here happened
+    due: float         # the next attempt
+    attempts: int
+    last_error: str | None
 
 
 class Ledger:
@@ -229,6 +251,47 @@ class Ledger:
                 db.execute("UPDATE domains SET messages = messages - 1, bytes = bytes - ?"
                            " WHERE domain = ?", (row[1], row[0]))
         return removed
+
+    # -- releases to send on to the cluster's peers ------------------------
+    def queue_forwards(self, domain: str, peers, now: float | None = None) -> None:
+        """A release happened here: each peer is to get it now (again, if one
+        was still pending: the retry period starts afresh)."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO forwards (domain, peer, since, due) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (domain, peer) DO UPDATE SET since = excluded.since,"
+                " due = excluded.due, attempts = 0",
+                [(domain, str(peer), now, now) for peer in peers])
+
+    def forwards(self, due_by: float | None = None) -> list[Forward]:
+        """Pending forwards, the earliest due first (only those due by ``due_by``)."""
+        sql = "SELECT domain, peer, since, due, attempts, last_error FROM forwards"
+        args: tuple = ()
+        if due_by is not None:
+            sql += " WHERE due <= ?"
+            args = (due_by,)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY due", args).fetchall()
+        return [Forward(*row) for row in rows]
+
+    def next_forward_due(self) -> float | None:
+        with self._lock:
+            return self._db.execute("SELECT MIN(due) FROM forwards").fetchone()[0]
+
+    def forward_done(self, domain: str, peer: str, since: float) -> None:
+        """The peer acknowledged (or refused for good) the release of ``since``;
+        a newer one queued meanwhile stays."""
+        with self._tx() as db:
+            db.execute("DELETE FROM forwards WHERE domain = ? AND peer = ? AND since = ?",
+                       (domain, peer, since))
+
+    def forward_retry(self, domain: str, peer: str, since: float, due: float,
+                      error: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE forwards SET due = ?, attempts = attempts + 1, last_error = ?"
+                       " WHERE domain = ? AND peer = ? AND since = ?",
+                       (due, error, domain, peer, since))
 
     # -- domains -----------------------------------------------------------
     def state(self, domain: str) -> DomainState:

@@ -90,6 +90,7 @@ class FlushResult:
     domain: str
     released: int
     probe: ProbeResult | None
+    forwarded: int = 0   # peers of the cluster this release is sent on to
 
 
 class OnDemand:
@@ -224,17 +225,28 @@ class OnDemand:
         of probing again.
         """
         dom = self.domain(domain).name
+        # the other backup MX hosts release too, whatever happens here
+        forwarded = self.send_on(dom, trigger)
         if self.ledger.state(dom).paused:
             raise Refused(f"{dom}: paused; `flushctl resume {dom}` first", "paused")
         if not self.locate(dom).present:
-            return FlushResult(dom, 0, None)
+            return FlushResult(dom, 0, None, forwarded)
         result = probed if probed is not None else self.probe(dom)
         if not result.reachable:
             # not a release: the probe result (status: last_error) says why
             raise Refused(f"{dom}: mail server not reachable ({result.text()}); "
                           "the mail stays held", "unreachable")
         released = self._release(dom, trigger, client)
-        return FlushResult(dom, released, result)
+        return FlushResult(dom, released, result, forwarded)
+
+    def send_on(self, dom: str, trigger: str) -> int:
+        """Queue the release of ``dom`` for every peer of the cluster (the
+        gateway sends it as ETRN); not one that came from a peer."""
+        cluster = self.config.cluster
+        if cluster is None or trigger == "peer":
+            return 0
+        self.ledger.queue_forwards(dom, cluster.peers)
+        return len(cluster.peers)
 
     def _release(self, dom: str, trigger: str, client: str | None) -> int:
         # 1. Mail that failed after an earlier release and still waits in

@@ -28,7 +28,7 @@ from .config import HostPort
 log = logging.getLogger("flushctl.gateway")
 
 MAX_MESSAGE = 64 * 1024
-TRIGGERS = ("finger", "etrn")
+TRIGGERS = ("finger", "etrn", "peer", "report")  # report: what is held, nothing released
 
 
 class PrivsepError(Exception):

@@ -28,7 +28,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _private_master_cf(text: str, smtpd_port: int) -> str:
+def _private_master_cf(text: str, smtpd_port: int, address: str = "127.0.0.1") -> str:
     """The stock master.cf with no chroot and smtpd on a loopback port."""
     out = []
     for line in text.splitlines():
@@ -38,7 +38,7 @@ def _private_master_cf(text: str, smtpd_port: int) -> str:
         fields = line.split()
         if len(fields) >= 8 and fields[1] == "inet":
             if fields[0] == "smtp":
-                fields[0] = f"127.0.0.1:{smtpd_port}"
+                fields[0] = f"{address}:{smtpd_port}"
             else:
                 continue  # drop every other network listener
         if len(fields) >= 8:
@@ -52,6 +52,7 @@ class PostfixInstance:
     root: Path
     smtpd_port: int
     name: str
+    address: str = "127.0.0.1"   # any loopback address: one machine can hold a cluster
     started: bool = False
     extra_main: dict[str, str] = field(default_factory=dict)
     mounts: list[Path] = field(default_factory=list)
@@ -69,12 +70,14 @@ class PostfixInstance:
         return self.root / "log" / "maillog"
 
     @classmethod
-    def create(cls, extra_main: dict[str, str] | None = None) -> "PostfixInstance":
+    def create(cls, extra_main: dict[str, str] | None = None, address: str = "127.0.0.1",
+               port: int | None = None) -> "PostfixInstance":
         root = Path(tempfile.mkdtemp(prefix="flushctl-pf-"))
         os.chmod(root, 0o755)
-        port = free_port()
-        inst = cls(root=root, smtpd_port=port, name=f"pftest{port}",
-                   extra_main=dict(extra_main or {}))
+        port = port or free_port()
+        inst = cls(root=root, smtpd_port=port, name=f"pftest{port}" + ("" if address == "127.0.0.1" else
+                                                       "a" + address.rsplit(".", 1)[-1]),
+                   address=address, extra_main=dict(extra_main or {}))
         inst._write_config()
         return inst
 
@@ -89,7 +92,7 @@ class PostfixInstance:
         self.queue_directory.mkdir()
         master_src = SYSTEM_MASTER_CF if SYSTEM_MASTER_CF.exists() else FALLBACK_MASTER_CF
         (etc / "master.cf").write_text(
-            _private_master_cf(master_src.read_text(), self.smtpd_port))
+            _private_master_cf(master_src.read_text(), self.smtpd_port, self.address))
         main = {
             "compatibility_level": "3.6",
             "queue_directory": str(self.queue_directory),
@@ -140,7 +143,7 @@ class PostfixInstance:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
-                with socket.create_connection(("127.0.0.1", self.smtpd_port), 1):
+                with socket.create_connection((self.address, self.smtpd_port), 1):
                     return
             except OSError:
                 time.sleep(0.1)

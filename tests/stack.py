@@ -173,7 +173,7 @@ class Stack:
         proc = subprocess.run(
             ["unshare", "--mount", "sh", "-c",
              'mount --bind "$0" /etc/services && exec finger "$@"', str(services),
-             *options, f"{query}@127.0.0.1"],
+             *options, f"{query}@{self.cfg.finger_listen.host}"],
             capture_output=True, text=True, timeout=60)
         return proc.stdout + proc.stderr
 
@@ -200,7 +200,7 @@ class Stack:
              extra_headers=""):
         msg = (f"From: {sender}\nTo: {', '.join(rcpts)}\nSubject: {subject}\n"
                f"{extra_headers}\n{body}")
-        with smtplib.SMTP("127.0.0.1", self.pf.smtpd_port, timeout=30) as smtp:
+        with smtplib.SMTP(self.pf.address, self.pf.smtpd_port, timeout=30) as smtp:
             return smtp.sendmail(sender, rcpts, msg)
 
     def start_milter(self):
@@ -239,7 +239,8 @@ class Ports:
 
 def write_config(path: Path, pf: PostfixInstance, state_dir: Path, domains: str,
                  ports: "Ports | None" = None, gateway_extra: str = "",
-                 poller_extra: str = "") -> None:
+                 poller_extra: str = "", extra: str = "") -> None:
+    """Our config for the instance ``pf``; ``extra``: more sections ([cluster])."""
     ports = ports or Ports(free_port(), free_port())
     path.write_text(f"""
 [postfix]
@@ -249,12 +250,13 @@ directory = "{state_dir}"
 [milter]
 listen = "unix:{state_dir}/milter/milter.sock"
 [gateway]
-finger_listen = "127.0.0.1:{ports.finger_port}"
+finger_listen = "{pf.address}:{ports.finger_port}"
 policy_listen = "127.0.0.1:{ports.policy_port}"
 {gateway_extra}
 [poller]
 probe_timeout = 2
 {poller_extra}
+{extra}
 {domains}
 """)
 
@@ -276,12 +278,15 @@ quota_messages = 2
 
 
 def build_stack(extra_main=None, domains=None, start_sink=False, milter=True, gateway=False,
-                gateway_extra="", poller_extra="", prepare=None) -> "Stack":
+                gateway_extra="", poller_extra="", prepare=None, address="127.0.0.1",
+                smtpd_port=None, ports=None, extra="") -> "Stack":
     """A running stack; ``extra_main`` tunes the private main.cf,
     ``domains(sink_port)`` gives the [domains] tables, ``prepare(pf)``
-    writes files the config names before the first apply."""
+    writes files the config names before the first apply; ``address``,
+    ``smtpd_port``, ``ports`` (finger, policy) and ``extra`` (more config
+    sections) make one host of a cluster."""
     sink = Sink()
-    pf = PostfixInstance.create(extra_main)
+    pf = PostfixInstance.create(extra_main, address=address, port=smtpd_port)
     if prepare:
         try:
             prepare(pf)
@@ -292,7 +297,8 @@ def build_stack(extra_main=None, domains=None, start_sink=False, milter=True, ga
     state_dir.mkdir(exist_ok=True)   # prepare may have mounted something there
     config_path = pf.root / "flushctl.toml"
     write_config(config_path, pf, state_dir, (domains or default_domains)(sink.port),
-                 gateway_extra=gateway_extra, poller_extra=poller_extra)
+                 ports=ports, gateway_extra=gateway_extra, poller_extra=poller_extra,
+                 extra=extra)
     stack = Stack(pf=pf, config_path=config_path, state_dir=state_dir, sink=sink)
     try:
         stack.flushctl("apply")

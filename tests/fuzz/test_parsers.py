@@ -21,7 +21,7 @@ from flushctl.gateway import etrn_action, Outcome, NOTHING
 COUNT = int(os.environ.get("FLUSHCTL_FUZZ", "30000"))
 SEED = int(os.environ.get("FLUSHCTL_FUZZ_SEED", "1985"))
 
-FINGER_SEEDS = [b"customer.example\r\n", b"/W customer.example\r\n", b"\r\n", b"x@y\r\n",
+FINGER_SEEDS = [b"customer.example\r\n", b"/W customer.example\r\n", b"?customer.example\r\n", b"\r\n", b"x@y\r\n",
                 "bücher.example\r\n".encode(), b"CUSTOMER.EXAMPLE.\r\n", b"/w\r\n"]
 POLICY_SEED = (b"request=smtpd_access_policy\nprotocol_state=ETRN\nprotocol_name=ESMTP\n"
                b"client_address=192.0.2.7\nclient_name=client.example\n"
@@ -51,8 +51,9 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
 def check_finger_line(line: bytes) -> str:
     """Parse one finger query line; every outcome must be one the gateway handles."""
     query = finger.parse(line)
-    assert query.kind in (finger.EMPTY, finger.DOMAIN, finger.FORWARD, finger.INVALID)
-    if query.kind == finger.DOMAIN:
+    assert query.kind in (finger.EMPTY, finger.DOMAIN, finger.REPORT, finger.FORWARD,
+                          finger.INVALID)
+    if query.kind in (finger.DOMAIN, finger.REPORT):
         assert names.domain(query.domain) == query.domain     # canonical, ASCII
         assert query.domain.isascii() and len(query.domain) <= 253
     reply = finger.lines_to_bytes([finger.NOT_SERVED.format(domain=query.domain)])

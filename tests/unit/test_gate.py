@@ -71,7 +71,8 @@ def test_ipv4_network_does_not_admit_ipv6_client_and_vice_versa():
 @pytest.mark.parametrize("client", ["192.0.2.5", "::ffff:192.0.2.5", "2001:db8::1", ""])
 def test_unknown_domain_never_allowed(client):
     assert client_allowed(None, client) is False
-    assert client_allowed(None, client, peers=nets("0.0.0.0/0", "::/0")) is False
+    assert Gate(DOMAINS, peers=frozenset({"192.0.2.5"})).check(client, "nothere.example",
+                                                              0.0) == NOT_ALLOWED
 
 
 @pytest.mark.parametrize("client", [
@@ -83,13 +84,16 @@ def test_garbage_client_address(client):
     assert client_allowed(CLOSED, client) is False
 
 
-def test_peers_admit_outside_flush_from():
-    peers = nets("10.0.0.0/8", "fd00::/8")
+def test_peers_admit_outside_flush_from_and_are_not_rate_limited():
+    gate = Gate(DOMAINS, per_minute=1, burst=1, peers=frozenset({"10.1.2.3", "fd00::5"}))
     assert client_allowed(CLOSED, "10.1.2.3") is False
-    assert client_allowed(CLOSED, "10.1.2.3", peers=peers) is True
-    assert client_allowed(CLOSED, "::ffff:10.1.2.3", peers=peers) is True
-    assert client_allowed(CLOSED, "fd00::5", peers=peers) is True
-    assert client_allowed(CLOSED, "203.0.113.5", peers=peers) is False
+    for _ in range(5):
+        assert gate.check("10.1.2.3", CLOSED.name, 0.0) == ALLOWED
+    assert gate.check("::ffff:10.1.2.3", CLOSED.name, 0.0) == ALLOWED
+    assert gate.check("fd00::5", CLOSED.name, 0.0) == ALLOWED
+    assert gate.check("fd00::6", CLOSED.name, 0.0) == NOT_ALLOWED
+    assert gate.check("203.0.113.5", CLOSED.name, 0.0) == NOT_ALLOWED
+    assert gate.is_peer("10.1.2.3") and not gate.is_peer("garbage")
 
 
 # -- TokenBucket ---------------------------------------------------------------

@@ -1,0 +1,237 @@
+"""The cluster: a release on one backup MX happens on all of them.
+
+Every release here that did not come from a peer (finger, ETRN, the
+poller, `flushctl flush`) queues in the ledger one forward per peer of
+``[cluster] peers``.  The gateway's ``Forwarder`` sends each as
+``ETRN domain`` to that peer's own Postfix, the protocol every MX already
+speaks; the peer's smtpd asks its gateway (policy service), which knows
+the peers by address, releases there and does not send it on: no loops,
+with any number of hosts.  A peer that is down, or answers 4xx, is tried
+again with backoff (1 s doubling, at most 60 s apart) for
+``[cluster] retry_for`` seconds; 2xx ends it, and so does 5xx (the peer
+will not do it; logged).
+
+``finger '?domain@peer'`` asks a peer what it holds without releasing
+anything (finger.REPORT); `flushctl status --cluster` reads every peer
+that way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from dataclasses import dataclass
+
+from . import finger
+from .config import Cluster, Peer
+from .ledger import Forward, Ledger
+
+log = logging.getLogger("flushctl.cluster")
+
+BACKOFF_CAP = 60.0
+PER_SESSION = 50          # ETRN commands per SMTP session (smtpd_junk_command_limit is 100)
+TIMEOUT = 30.0            # one whole SMTP session to a peer
+POLL = 0.5                # how often forwards queued by other processes are looked for
+MAX_REPLY_LINES = 100
+
+
+class PeerError(Exception):
+    """The peer did not speak SMTP as expected."""
+
+
+def backoff(attempts: int) -> float:
+    """Seconds before the next try after ``attempts`` failed ones."""
+    return min(BACKOFF_CAP, 2.0 ** max(0, attempts - 1))
+
+
+def helo_name(cluster: Cluster) -> str:
+    return cluster.helo or socket.getfqdn()
+
+
+def peer_addresses(cluster: Cluster) -> frozenset[str]:
+    """The addresses the peers' names resolve to (a name that does not
+    resolve now is left out, and logged)."""
+    found: set[str] = set()
+    for peer in cluster.peers:
+        try:
+            infos = socket.getaddrinfo(peer.host, None, proto=socket.IPPROTO_TCP)
+        except (socket.gaierror, UnicodeError) as exc:
+            log.warning("event=peer_unresolved peer=%s reason=%r", peer, str(exc))
+            continue
+        found.update(info[4][0] for info in infos)
+    return frozenset(found)
+
+
+async def _read_reply(reader: asyncio.StreamReader) -> tuple[int, str]:
+    lines = []
+    while True:
+        line = await reader.readline()
+        if not line.endswith(b"\n"):
+            raise PeerError("connection closed" if not line else "reply line too long")
+        if len(line) < 4 or not line[:3].isdigit() or line[3:4] not in (b" ", b"-", b"\r"):
+            raise PeerError(f"not an SMTP reply: {line[:80]!r}")
+        lines.append(line[4:].decode("utf-8", "replace").strip())
+        if line[3:4] != b"-":
+            return int(line[:3]), lines[0]
+        if len(lines) > MAX_REPLY_LINES:
+            raise PeerError("reply too long")
+
+
+async def send_etrn(peer: Peer, domains: list[str], helo: str, source: str | None = None,
+                    timeout: float = TIMEOUT) -> dict[str, tuple[int, str]]:
+    """One SMTP session: EHLO, then ``ETRN domain`` for each; the peer's reply to each."""
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(
+            peer.host, peer.port, local_addr=(source, 0) if source else None, limit=4096)
+        try:
+            code, text = await _read_reply(reader)
+            if code != 220:
+                raise PeerError(f"greeting {code} {text}")
+            writer.write(f"EHLO {helo}\r\n".encode())
+            code, text = await _read_reply(reader)
+            if code != 250:
+                raise PeerError(f"EHLO: {code} {text}")
+            results = {}
+            for domain in domains:
+                writer.write(f"ETRN {domain}\r\n".encode())
+                results[domain] = await _read_reply(reader)
+            writer.write(b"QUIT\r\n")
+            await writer.drain()
+            return results
+        finally:
+            writer.close()
+
+
+async def ask_report(peer: Peer, domain: str, port: int, source: str | None = None,
+                     timeout: float = 10.0) -> dict:
+    """The peer's finger report of ``domain`` (what it holds; nothing released)."""
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(
+            peer.host, port, local_addr=(source, 0) if source else None, limit=4096)
+        try:
+            writer.write(f"{finger.REPORT_PREFIX}{domain}\r\n".encode())
+            answer = await reader.read(4096)
+        finally:
+            writer.close()
+    line = answer.decode("utf-8", "replace").strip()
+    report = finger.parse_report(line)
+    if report is None:
+        raise PeerError(line[:200] or "no answer")
+    return report
+
+
+@dataclass
+class Forwarder:
+    """In the gateway (its root half): sends the ledger's pending forwards."""
+
+    ledger: Ledger
+    cluster: Cluster
+
+    def __post_init__(self):
+        self.helo = helo_name(self.cluster)
+        self.peers = {str(peer): peer for peer in self.cluster.peers}
+        self.wake = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        log.info("event=forwarder_start peers=%s", ",".join(self.peers))
+        while not stop.is_set():
+            try:
+                await self.round()
+                next_due = await asyncio.to_thread(self.ledger.next_forward_due)
+            except Exception:
+                log.exception("event=error stage=forward")
+                next_due = None
+            delay = POLL if next_due is None else min(POLL, max(0.0, next_due - time.time()))
+            self.wake.clear()
+            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wake.wait())]
+            await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+
+    async def round(self) -> None:
+        due = await asyncio.to_thread(self.ledger.forwards, time.time())
+        by_peer: dict[str, list[Forward]] = {}
+        for fwd in due:
+            by_peer.setdefault(fwd.peer, []).append(fwd)
+        await asyncio.gather(*(self._peer(name, rows) for name, rows in by_peer.items()))
+
+    async def _done(self, fwd: Forward, event: str, detail: str) -> None:
+        level = logging.INFO if event == "forward_acked" else logging.WARNING
+        log.log(level, "event=%s domain=%s peer=%s attempts=%d reply=%r",
+                event, fwd.domain, fwd.peer, fwd.attempts + 1, detail)
+        await asyncio.to_thread(self.ledger.forward_done, fwd.domain, fwd.peer, fwd.since)
+
+    async def _retry(self, fwd: Forward, detail: str) -> None:
+        wait = backoff(fwd.attempts + 1)
+        log.info("event=forward_retry domain=%s peer=%s attempts=%d next_in=%.0f reason=%r",
+                 fwd.domain, fwd.peer, fwd.attempts + 1, wait, detail)
+        await asyncio.to_thread(self.ledger.forward_retry, fwd.domain, fwd.peer, fwd.since,
+                                time.time() + wait, detail)
+
+    async def _peer(self, name: str, rows: list[Forward]) -> None:
+        peer = self.peers.get(name)
+        now = time.time()
+        live = []
+        for fwd in rows:
+            if peer is None:
+                await self._done(fwd, "forward_dropped", "no longer a configured peer")
+            elif now - fwd.since > self.cluster.retry_for:
+                await self._done(fwd, "forward_expired", fwd.last_error or "")
+            else:
+                live.append(fwd)
+        for start in range(0, len(live), PER_SESSION):
+            chunk = live[start:start + PER_SESSION]
+            try:
+                replies = await send_etrn(peer, [f.domain for f in chunk], self.helo,
+                                          self.cluster.source)
+            except (OSError, PeerError, TimeoutError) as exc:
+                reason = str(exc) or type(exc).__name__
+                for fwd in chunk:
+                    await self._retry(fwd, reason)
+                continue
+            for fwd in chunk:
+                code, text = replies[fwd.domain]
+                detail = f"{code} {text}"
+                if 200 <= code < 300:
+                    await self._done(fwd, "forward_acked", detail)
+                elif 500 <= code < 600:
+                    await self._done(fwd, "forward_refused", detail)
+                else:
+                    await self._retry(fwd, detail)
+
+
+HERE = "(here)"
+
+
+async def cluster_status(cluster: Cluster, local: list, pending: list[Forward],
+                         concurrency: int = 20) -> list[dict]:
+    """Each domain's held mail on this host (``local``: Status rows) and on
+    every peer (its finger report), with any ETRN still pending to it."""
+    waiting = {(f.domain, f.peer): f for f in pending}
+    limit = asyncio.Semaphore(concurrency)
+
+    async def peer_row(domain: str, peer: Peer) -> dict:
+        row = {"domain": domain, "host": str(peer), "messages": None, "bytes": None,
+               "oldest_arrival": None, "reachable": None, "error": None, "pending": None}
+        try:
+            async with limit:
+                report = await ask_report(peer, domain, cluster.finger_port, cluster.source)
+            row.update({k: report[k] for k in ("messages", "bytes", "oldest_arrival",
+                                                "reachable")})
+        except (OSError, PeerError, TimeoutError) as exc:
+            row["error"] = str(exc) or type(exc).__name__
+        fwd = waiting.get((domain, str(peer)))
+        if fwd is not None:
+            row["pending"] = {"since": fwd.since, "attempts": fwd.attempts,
+                              "last_error": fwd.last_error}
+        return row
+
+    rows = []
+    for st in local:
+        rows.append({"domain": st.domain, "host": HERE, "messages": st.messages,
+                     "bytes": st.bytes, "oldest_arrival": st.oldest_arrival,
+                     "reachable": st.reachable, "error": None, "pending": None})
+        rows.extend(await asyncio.gather(*(peer_row(st.domain, p) for p in cluster.peers)))
+    return rows

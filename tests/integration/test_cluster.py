@@ -1,0 +1,129 @@
+"""Three backup MX hosts on one machine (each its own Postfix, milter and
+gateway on its own loopback address, same ports, as real peers would be):
+one trigger releases the customer's mail on all of them."""
+
+import json
+import re
+import socket
+import time
+
+import pytest
+
+from conftest import bounce_lines, free_port, wait_until
+from stack import Ports
+
+ADDRESSES = ["127.0.0.11", "127.0.0.12", "127.0.0.13"]
+PER_HOST = 3
+
+
+def _port_free_on_all() -> int:
+    for _ in range(100):
+        port = free_port()
+        try:
+            for address in ADDRESSES:
+                with socket.socket() as sock:
+                    sock.bind((address, port))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no port free on every test address")
+
+
+@pytest.fixture
+def cluster(make_stack):
+    smtp, finger_port = _port_free_on_all(), _port_free_on_all()
+    stacks = []
+    for n, address in enumerate(ADDRESSES, 1):
+        peers = [f"{a}:{smtp}" for a in ADDRESSES if a != address]
+        extra = (f"[cluster]\npeers = {json.dumps(peers)}\nfinger_port = {finger_port}\n"
+                 f'source = "{address}"\nhelo = "mx{n}.provider.test"\n')
+        stacks.append(make_stack(gateway=True, address=address, smtpd_port=smtp,
+                                 ports=Ports(finger_port, free_port()), extra=extra))
+    return stacks
+
+
+def _hold_everywhere(stacks):
+    for n, stack in enumerate(stacks, 1):
+        for i in range(PER_HOST):
+            stack.send([f"user{i}@customer.test"], subject=f"via mx{n} #{i}")
+    for stack in stacks:
+        wait_until(lambda: len(stack.queue()) == PER_HOST, what="mail held")
+
+
+def _delivered_all(stacks) -> bool:
+    return all(len(s.sink.messages()) == PER_HOST and not s.queue() for s in stacks)
+
+
+def _events(stack, pattern: str) -> list[str]:
+    return [line for line in stack.gateway_log().splitlines() if re.search(pattern, line)]
+
+
+def _cluster_status(stack):
+    return json.loads(stack.flushctl("status", "--cluster", "--json", "customer.test").stdout)
+
+
+def test_one_finger_releases_on_every_mx_without_ping_pong(cluster):
+    first, second, third = cluster
+    _hold_everywhere(cluster)
+    before = _cluster_status(first)
+    assert [(r["host"], r["messages"]) for r in before] == \
+        [("(here)", PER_HOST)] + [(f"{a}:{second.pf.smtpd_port}", PER_HOST)
+                                  for a in ADDRESSES[1:]]
+    for stack in cluster:
+        stack.sink.start()
+
+    out = first.finger("customer.test")
+    assert "Delivery started" in out, out
+    wait_until(lambda: _delivered_all(cluster), 30, 0.2, what="mail of all three delivered")
+    for n, stack in enumerate(cluster, 1):
+        subjects = sorted(re.search(r"^Subject: (.*)$", m, re.M).group(1)
+                          for m in stack.sink.messages())
+        assert subjects == [f"via mx{n} #{i}" for i in range(PER_HOST)]
+
+    time.sleep(3)   # room for any echo to show
+    # the first sent one ETRN to each peer; the peers released and sent nothing on
+    assert len(_events(first, r"event=forward_acked")) == 2
+    assert _events(first, r"how=peer") == []
+    for peer in (second, third):
+        triggers = _events(peer, r"event=trigger how=(?!report)")
+        assert len(triggers) == 1 and f"how=peer client={ADDRESSES[0]}" in triggers[0], triggers
+        assert _events(peer, r"event=forward_") == []
+        assert peer.status("customer.test")[0]["last_flush_trigger"] == "peer"
+    after = _cluster_status(first)
+    assert [r["messages"] for r in after] == [0, 0, 0]
+    assert all(r["pending"] is None and r["error"] is None for r in after)
+    print(f"finger at mx1: {3 * PER_HOST} messages delivered from 3 hosts; "
+          "ETRN mx1->mx2, mx1->mx3 acknowledged, none sent back")
+    assert all(bounce_lines(s) == [] for s in cluster)
+
+
+def test_a_peer_down_gets_its_release_when_it_returns(cluster):
+    first, second, third = cluster
+    _hold_everywhere(cluster)
+    for stack in cluster:
+        stack.sink.start()
+    third.stop_gateway()
+    third.pf.postfix("stop")          # the whole third MX is down
+
+    assert "Delivery started" in second.finger("customer.test")
+    wait_until(lambda: _delivered_all(cluster[:2]), 30, 0.2, what="two hosts delivered")
+    wait_until(lambda: len(_events(second, r"event=forward_retry .*peer=127\.0\.0\.13")) >= 2,
+               15, what="the down peer retried")
+    [here, to_first, to_third] = _cluster_status(second)
+    assert to_third["error"] and to_third["pending"]["attempts"] >= 2, to_third
+    assert to_first["pending"] is None and to_first["messages"] == 0
+    assert len(third.queue()) == PER_HOST            # still held there, untouched
+
+    third.pf.postfix("start")
+    third.start_gateway()
+    returned = time.monotonic()
+    wait_until(lambda: _delivered_all(cluster), 70, 0.2, what="the returned host delivered")
+    took = time.monotonic() - returned
+    assert _events(second, r"event=forward_acked .*peer=127\.0\.0\.13")
+    assert _cluster_status(second)[2]["pending"] is None
+    # and the third sent nothing on: the release came from a peer
+    assert _events(third, r"event=forward_") == []
+    retries = len(_events(second, r"event=forward_retry .*peer=127\.0\.0\.13"))
+    print(f"third MX down: released on two at once; after {retries} retries the third "
+          f"released {took:.1f} s after it returned")
+    assert all(bounce_lines(s) == [] for s in cluster)
