@@ -31,9 +31,9 @@ LOGIN = "carol@customer.example"
 PASSWORD = secrets.token_urlsafe(12)
 
 
-def playbook(extra_vars: Path):
-    proc = subprocess.run([str(BOOTSTRAP), "-e", f"@{EXAMPLE_VARS}", "-e", f"@{extra_vars}"],
-                          capture_output=True, text=True, timeout=1800)
+def playbook(extra_vars: Path, *more: str):
+    proc = subprocess.run([str(BOOTSTRAP), "-e", f"@{EXAMPLE_VARS}", "-e", f"@{extra_vars}",
+                           *more], capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
     recap = re.search(r"localhost\s+:\s+ok=\d+\s+changed=(\d+)\s+unreachable=0\s+failed=0",
                       proc.stdout)
@@ -59,8 +59,24 @@ def test_playbook_deploys_a_working_host_and_converges(tmp_path):
     extra = tmp_path / "submission.json"
     extra.write_text(json.dumps({"flushctl_submission_enabled": True,
                                  "flushctl_submission_users": {LOGIN: PASSWORD}}))
-    playbook(extra)
-    assert playbook(extra) == 0  # the second run changes nothing
+    # this host is one of three backup MX hosts in the inventory's group;
+    # the play runs on this one only
+    inventory = tmp_path / "inventory.ini"
+    inventory.write_text("[flushctl_mx]\nmx2.provider.example\nlocalhost\n"
+                         "mx3.provider.example\n")
+    cluster = ("-i", str(inventory), "--limit", "localhost")
+    playbook(extra, *cluster)
+    assert playbook(extra, *cluster) == 0  # the second run changes nothing
+
+    # the other two are this host's peers
+    config = Path("/etc/flushctl/flushctl.toml").read_text()
+    assert 'peers = ["mx2.provider.example:25", "mx3.provider.example:25"]' in config, config
+    rows = json.loads(subprocess.run(
+        ["/usr/local/sbin/flushctl", "status", "--cluster", "--json", "customer.example"],
+        capture_output=True, text=True, timeout=120, check=True).stdout)
+    assert [r["host"] for r in rows] == ["(here)", "mx2.provider.example:25",
+                                         "mx3.provider.example:25"]
+    assert rows[1]["error"] and rows[2]["error"]   # example names: nobody answers
 
     mynetworks = subprocess.run(["postconf", "-h", "mynetworks"], capture_output=True,
                                 text=True, check=True).stdout

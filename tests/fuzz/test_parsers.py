@@ -21,8 +21,8 @@ from flushctl.gateway import etrn_action, Outcome, NOTHING
 COUNT = int(os.environ.get("FLUSHCTL_FUZZ", "30000"))
 SEED = int(os.environ.get("FLUSHCTL_FUZZ_SEED", "1985"))
 
-FINGER_SEEDS = [b"customer.example\r\n", b"/W customer.example\r\n", b"?customer.example\r\n", b"\r\n", b"x@y\r\n",
-                "bücher.example\r\n".encode(), b"CUSTOMER.EXAMPLE.\r\n", b"/w\r\n"]
+FINGER_SEEDS = [b"customer.example\r\n", b"/W customer.example\r\n", b"?customer.example\r\n",
+                b"\r\n", b"x@y\r\n", "bücher.example\r\n".encode(), b"CUSTOMER.EXAMPLE.\r\n", b"/w\r\n"]
 POLICY_SEED = (b"request=smtpd_access_policy\nprotocol_state=ETRN\nprotocol_name=ESMTP\n"
                b"client_address=192.0.2.7\nclient_name=client.example\n"
                b"etrn_domain=customer.example\ninstance=1a2b.3c4d\n")
@@ -90,7 +90,8 @@ def test_finger_parser_fuzz():
     rng = random.Random(SEED)
     kinds = {}
     for n in range(COUNT):
-        line = mutate(rng, rng.choice(FINGER_SEEDS)) if n % 4 else rng.randbytes(rng.randint(0, 700))
+        line = (mutate(rng, rng.choice(FINGER_SEEDS)) if n % 4
+                else rng.randbytes(rng.randint(0, 700)))
         kind = check_finger_line(line)
         kinds[kind] = kinds.get(kind, 0) + 1
     print(f"finger: {COUNT} fuzzed lines (seed {SEED}): {dict(sorted(kinds.items()))}")

@@ -44,7 +44,8 @@ def _senders(stack, outcomes: list, body: str = "body\n", prefix: str = ""):
     """Start SENDERS parallel SMTP clients; returns their stop event and threads."""
     lock = threading.Lock()
     stop = threading.Event()
-    senders = [threading.Thread(target=_send_loop, args=(stack, n, stop, outcomes, lock, body, prefix))
+    senders = [threading.Thread(target=_send_loop,
+                                args=(stack, n, stop, outcomes, lock, body, prefix))
                for n in range(SENDERS)]
     for t in senders:
         t.start()
@@ -78,7 +79,7 @@ def test_milter_killed_under_load_loses_nothing(stack):
     assert all(code == 0 or 400 <= code < 500 for code in others), sorted(set(others))
 
     wait_until(lambda: _held_rcpts(stack) >= accepted, 30, what="every accepted message held")
-    assert _held_rcpts(stack) == accepted            # nothing refused got in, nothing accepted is lost
+    assert _held_rcpts(stack) == accepted   # nothing refused got in, nothing accepted is lost
     assert stack.status("customer.test")[0]["messages"] == len(accepted)   # and counted
     assert bounce_lines(stack) == []
 

@@ -1,0 +1,168 @@
+"""flushctl.cluster: backoff, SMTP replies, the forwarder's bookkeeping
+(against scripted SMTP peers on loopback), the [cluster] config and the
+finger report form."""
+
+import asyncio
+import socket
+import time
+
+import pytest
+
+from flushctl import cluster, config, finger
+from flushctl.config import Cluster, Peer
+from flushctl.ledger import Ledger
+
+
+def test_backoff_doubles_up_to_a_minute():
+    assert [cluster.backoff(n) for n in range(1, 9)] == [1, 2, 4, 8, 16, 32, 60, 60]
+    assert cluster.backoff(1000) == 60
+
+
+async def _reply(data: bytes):
+    reader = asyncio.StreamReader(limit=4096)
+    reader.feed_data(data)
+    reader.feed_eof()
+    return await cluster._read_reply(reader)
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b"250 Queuing started\r\n", (250, "Queuing started")),
+    (b"250-mx2.example\r\n250-ETRN\r\n250 8BITMIME\r\n", (250, "mx2.example")),
+    (b"459 4.7.1 <a.example>: not served here\r\n", (459, "4.7.1 <a.example>: not served here")),
+    (b"220\r\n", (220, "")),
+])
+def test_smtp_replies(data, expected):
+    assert asyncio.run(_reply(data)) == expected
+
+
+@pytest.mark.parametrize("data", [b"", b"250 cut off", b"hello\r\n", b"25 x\r\n",
+                                  b"250-a\r\n" * 200, b"2500 x\r\n"])
+def test_bad_smtp_replies(data):
+    with pytest.raises(cluster.PeerError):
+        asyncio.run(_reply(data))
+
+
+def test_report_line_round_trip():
+    line = finger.report_line("customer.example", 3, 12345, 1764400000.7, True)
+    assert line == "customer.example: held=3 bytes=12345 oldest=1764400000 reachable=yes"
+    assert finger.parse_report(line) == {"domain": "customer.example", "messages": 3,
+                                         "bytes": 12345, "oldest_arrival": 1764400000.0,
+                                         "reachable": True}
+    empty = finger.report_line("customer.example", 0, 0, None, None)
+    assert finger.parse_report(empty)["oldest_arrival"] is None
+    assert finger.parse_report("customer.example: no mail held.") is None
+    assert finger.parse(b"?Customer.Example\r\n") == finger.Query(finger.REPORT,
+                                                                   "customer.example")
+    assert finger.parse(b"?\r\n").kind == finger.INVALID
+
+
+def test_cluster_config():
+    cfg = config.parse('[cluster]\npeers = ["mx2.provider.example", "192.0.2.7:2525",'
+                       ' "[2001:db8::7]:25"]\nsource = "192.0.2.1"\nretry_for = 3600\n')
+    assert cfg.cluster == Cluster(peers=(Peer("mx2.provider.example", 25),
+                                         Peer("192.0.2.7", 2525), Peer("2001:db8::7", 25)),
+                                  source="192.0.2.1", retry_for=3600.0)
+    assert [str(p) for p in cfg.cluster.peers] == ["mx2.provider.example:25",
+                                                    "192.0.2.7:2525", "[2001:db8::7]:25"]
+    assert config.parse("").cluster is None
+
+
+@pytest.mark.parametrize("text, says", [
+    ("peers = []", "empty list"),
+    ('peers = ["mx2.provider.example:0"]', "must be"),
+    ('peers = ["mx2 provider"]', "must be"),
+    ('peers = ["a.example", "a.example:25"]', "listed twice"),
+    ('peers = ["a.example"]\nsource = "a.example"', "IP address"),
+    ('peers = ["a.example"]\nretry_for = 0', "greater than zero"),
+    ('peers = ["a.example"]\nport = 25', "unknown key"),
+    ("", "peers: missing"),
+])
+def test_bad_cluster_config(text, says):
+    with pytest.raises(config.ConfigError, match=says):
+        config.parse("[cluster]\n" + text)
+
+
+class ScriptedPeer:
+    """An SMTP server on loopback answering ETRN with a fixed reply."""
+
+    def __init__(self, etrn_reply: bytes):
+        self.etrn_reply = etrn_reply
+        self.commands: list[str] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader, writer):
+        writer.write(b"220 peer.example ESMTP\r\n")
+        while line := await reader.readline():
+            command = line.decode().strip()
+            self.commands.append(command)
+            if command.startswith("EHLO"):
+                writer.write(b"250-peer.example\r\n250 ETRN\r\n")
+            elif command.startswith("ETRN"):
+                writer.write(self.etrn_reply)
+            else:
+                writer.write(b"221 bye\r\n")
+                break
+        writer.close()
+
+
+def _forwarder(tmp_path, ports, retry_for=7200.0):
+    ledger = Ledger(str(tmp_path))
+    peers = tuple(Peer("127.0.0.1", p) for p in ports)
+    return ledger, cluster.Forwarder(ledger, Cluster(peers=peers, retry_for=retry_for,
+                                                     helo="mx1.provider.example"))
+
+
+@pytest.mark.parametrize("reply, kept", [
+    (b"250 Queuing started\r\n", False),
+    (b"458 4.4.1 unable to queue messages\r\n", True),
+    (b"554 5.7.1 <a.example>: not a domain of this host\r\n", False),
+])
+def test_forwarder_acts_on_the_reply(tmp_path, reply, kept):
+    async def run():
+        peer = ScriptedPeer(reply)
+        ledger, fwd = _forwarder(tmp_path, [await peer.start()])
+        ledger.queue_forwards("a.example", fwd.cluster.peers)
+        ledger.queue_forwards("b.example", fwd.cluster.peers)
+        await fwd.round()
+        peer.server.close()
+        return ledger.forwards(), peer.commands
+    left, commands = asyncio.run(run())
+    # one session for both domains
+    assert commands == ["EHLO mx1.provider.example", "ETRN a.example", "ETRN b.example",
+                        "QUIT"]
+    if kept:
+        assert [(f.domain, f.attempts) for f in left] == [("a.example", 1), ("b.example", 1)]
+        assert all(time.time() < f.due <= time.time() + 1.5 for f in left)
+        assert left[0].last_error.startswith("458 ")
+    else:
+        assert left == []
+
+
+def test_forwarder_retries_a_peer_that_is_down_and_gives_up_after_retry_for(tmp_path):
+    with socket.socket() as sock:      # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        down = sock.getsockname()[1]
+    ledger, fwd = _forwarder(tmp_path, [down], retry_for=3600)
+    ledger.queue_forwards("a.example", fwd.cluster.peers, now=time.time())
+    ledger.queue_forwards("old.example", fwd.cluster.peers, now=time.time() - 4000)
+    asyncio.run(fwd.round())
+    [left] = ledger.forwards()
+    assert left.domain == "a.example" and left.attempts == 1 and left.last_error
+    # a second failure waits twice as long
+    ledger.forward_retry(left.domain, left.peer, left.since, 0, left.last_error)
+    asyncio.run(fwd.round())
+    [left] = ledger.forwards()
+    assert left.attempts == 3 and left.due > time.time() + 3
+
+
+def test_a_newer_release_queued_during_a_send_is_kept(tmp_path):
+    ledger, fwd = _forwarder(tmp_path, [1])
+    ledger.queue_forwards("a.example", fwd.cluster.peers, now=100.0)
+    [old] = ledger.forwards()
+    ledger.queue_forwards("a.example", fwd.cluster.peers, now=200.0)   # a new trigger
+    ledger.forward_done(old.domain, old.peer, old.since)                 # the old one acked
+    [left] = ledger.forwards()
+    assert left.since == 200.0 and left.attempts == 0
