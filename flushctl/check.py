@@ -5,7 +5,9 @@ Checks, each independent of the others:
 - the milter's socket accepts connections, the gateway listens on its
   finger and policy ports, a poller process runs for this config (psutil);
 - the ledger agrees with the hold queue (held messages it lacks);
-- each customer domain's MX records (dnspython) name one of our hosts.
+- each customer domain's MX records (dnspython) name one of our hosts;
+- with [cluster]: each peer's SMTP port accepts connections, and no
+  release has waited long for a peer to acknowledge it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 
 import psutil
@@ -139,10 +142,35 @@ def _mx(config: Config, own: set[str], report: Report) -> None:
     report.problems.extend(p for p in asyncio.run(run()) if p)
 
 
+STALE_FORWARD = 300.0   # seconds a release may wait for a peer before it is a problem
+
+
+def _cluster(od: OnDemand, report: Report) -> None:
+    cluster = od.config.cluster
+    if cluster is None:
+        return
+    report.checks.append("cluster")
+    for peer in cluster.peers:
+        why = _connectable(HostPort(peer.host, peer.port), timeout=5.0)
+        if why:
+            report.problems.append(f"cluster: peer {peer}: no SMTP connection ({why})")
+    waiting: dict[str, list] = {}
+    now = time.time()
+    for fwd in od.ledger.forwards():
+        if now - fwd.since > STALE_FORWARD:
+            waiting.setdefault(fwd.peer, []).append(fwd)
+    for peer, rows in sorted(waiting.items()):
+        report.problems.append(
+            f"cluster: peer {peer}: {len(rows)} release(s) not acknowledged for over "
+            f"{STALE_FORWARD:.0f} s ({', '.join(sorted(f.domain for f in rows)[:5])}); "
+            f"last error: {rows[0].last_error or '-'}")
+
+
 def check(od: OnDemand) -> Report:
     report = Report()
     _postfix(od, report)
     _daemons(od.config, report)
     _ledger(od, report)
     _mx(od.config, od.own_hosts(), report)
+    _cluster(od, report)
     return report

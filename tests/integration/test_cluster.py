@@ -113,6 +113,9 @@ def test_a_peer_down_gets_its_release_when_it_returns(cluster):
     assert to_third["error"] and to_third["pending"]["attempts"] >= 2, to_third
     assert to_first["pending"] is None and to_first["messages"] == 0
     assert len(third.queue()) == PER_HOST            # still held there, untouched
+    problems = json.loads(second.flushctl("check", "--json", check=False).stdout)["problems"]
+    assert any(p.startswith(f"cluster: peer {ADDRESSES[2]}:") and "no SMTP connection" in p
+               for p in problems), problems
 
     third.pf.postfix("start")
     third.start_gateway()
@@ -127,3 +130,16 @@ def test_a_peer_down_gets_its_release_when_it_returns(cluster):
     print(f"third MX down: released on two at once; after {retries} retries the third "
           f"released {took:.1f} s after it returned")
     assert all(bounce_lines(s) == [] for s in cluster)
+
+
+def test_an_admin_flush_on_one_mx_releases_on_all(cluster):
+    first, second, third = cluster
+    _hold_everywhere(cluster)
+    for stack in cluster:
+        stack.sink.start()
+    out = second.flushctl("flush", "customer.test").stdout
+    assert "sent on to 2 peer(s)" in out and f"released {PER_HOST}" in out, out
+    wait_until(lambda: _delivered_all(cluster), 30, 0.2, what="mail of all three delivered")
+    assert [s.status("customer.test")[0]["last_flush_trigger"] for s in cluster] == \
+        ["peer", "admin", "peer"]
+    print("flushctl flush on mx2: all three delivered (mx1 and mx3 by ETRN from mx2)")
