@@ -207,6 +207,11 @@ class Gateway:
         self.gate = Gate(config.domains, per_minute=self.settings.rate_per_minute,
                          burst=self.settings.rate_burst, peers=peers)
         self.releaser = releaser
+        # the peers' names: an ETRN whose EHLO names one came from a peer's
+        # forwarder even if its address was not recognised (NAT, a new
+        # address): it is never sent on, so a loop cannot start
+        self.peer_names = frozenset(p.host for p in config.cluster.peers) \
+            if config.cluster else frozenset()
         self.open = {"finger": 0, "policy": 0}
         self.tasks: set[asyncio.Task] = set()
 
@@ -214,8 +219,9 @@ class Gateway:
         log.info("event=trigger how=%s client=%s domain=%s result=%s",
                  how, client, domain or "-", result.replace(" ", "_"))
 
-    async def _decide(self, how: str, client: str, domain: str) -> tuple[str, Outcome | None]:
-        if how != "report" and self.gate.is_peer(client):
+    async def _decide(self, how: str, client: str, domain: str,
+                      passed_on: bool = False) -> tuple[str, Outcome | None]:
+        if how != "report" and (passed_on or self.gate.is_peer(client)):
             how = "peer"   # a release passed on by another MX: released here, not sent on
         verdict = self.gate.check(client, domain, time.monotonic())
         if verdict != ALLOWED:
@@ -302,7 +308,8 @@ class Gateway:
         except ValueError:
             self._log("etrn", client, "", "invalid domain")
             return "501 5.5.4 invalid domain name"
-        verdict, outcome = await self._decide("etrn", client, domain)
+        passed_on = request.helo_name.lower().rstrip(".") in self.peer_names
+        verdict, outcome = await self._decide("etrn", client, domain, passed_on)
         if verdict == NOT_ALLOWED and self.gate.is_peer(client):
             return f"554 5.7.1 <{domain}>: not a domain of this host"   # the peer stops trying
         if verdict == NOT_ALLOWED:

@@ -35,6 +35,10 @@ class Request:
     def etrn_domain(self) -> str:
         return self.attrs.get("etrn_domain", "")
 
+    @property
+    def helo_name(self) -> str:
+        return self.attrs.get("helo_name", "")
+
 
 def parse(block: bytes) -> Request:
     """Parse one request (the lines before the empty line)."""

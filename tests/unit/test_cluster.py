@@ -166,3 +166,41 @@ def test_a_newer_release_queued_during_a_send_is_kept(tmp_path):
     ledger.forward_done(old.domain, old.peer, old.since)                 # the old one acked
     [left] = ledger.forwards()
     assert left.since == 200.0 and left.attempts == 0
+
+
+class RecordingReleaser:
+    """Stands in for the gateway's privileged half: records each trigger."""
+
+    def __init__(self):
+        self.triggers = []
+
+    async def trigger(self, domain, how, client):
+        from flushctl.gateway import NOTHING, Outcome
+        self.triggers.append((domain, how, client))
+        return Outcome(NOTHING, 0, "", "", None)
+
+
+def _etrn(gw, client, helo, domain="customer.example"):
+    from flushctl import policyproto
+    request = policyproto.Request({"protocol_state": "ETRN", "client_address": client,
+                                   "helo_name": helo, "etrn_domain": domain})
+    return asyncio.run(gw._policy_action(request))
+
+
+def test_the_gateway_knows_peers_by_address_and_by_ehlo_name():
+    from flushctl.gateway import Gateway
+    cfg = config.parse('[cluster]\npeers = ["mx2.provider.example", "192.0.2.3"]\n'
+                       '[domains."customer.example"]\nflush_from = ["198.51.100.0/24"]\n')
+    rel = RecordingReleaser()
+    gw = Gateway(cfg, rel, peers=frozenset({"192.0.2.2", "192.0.2.3"}))
+    # a peer by address: allowed outside flush_from, released as "peer"
+    assert _etrn(gw, "192.0.2.2", "whatever.example") == "OK"
+    # a customer inside flush_from: its own trigger, sent on
+    assert _etrn(gw, "198.51.100.9", "client.example") == "OK"
+    # a peer's forwarder from an address not recognised: still never sent on,
+    # but no more rights than anyone else there
+    assert _etrn(gw, "198.51.100.10", "MX2.provider.example.") == "OK"
+    assert _etrn(gw, "203.0.113.1", "mx2.provider.example").startswith("459 ")
+    assert [how for _, how, _ in rel.triggers] == ["peer", "etrn", "peer"]
+    # a domain a peer asks for that is not ours: a final no, so it stops trying
+    assert _etrn(gw, "192.0.2.3", "x", "other.example").startswith("554 ")
