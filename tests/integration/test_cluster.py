@@ -5,6 +5,7 @@ one trigger releases the customer's mail on all of them."""
 import json
 import re
 import socket
+import subprocess
 import time
 
 import pytest
@@ -132,14 +133,24 @@ def test_a_peer_down_gets_its_release_when_it_returns(cluster):
     assert all(bounce_lines(s) == [] for s in cluster)
 
 
-def test_an_admin_flush_on_one_mx_releases_on_all(cluster):
+@pytest.mark.parametrize("trigger", ["admin", "etrn", "poller"])
+def test_every_trigger_on_one_mx_releases_on_all(cluster, trigger):
     first, second, third = cluster
     _hold_everywhere(cluster)
     for stack in cluster:
         stack.sink.start()
-    out = second.flushctl("flush", "customer.test").stdout
-    assert "sent on to 2 peer(s)" in out and f"released {PER_HOST}" in out, out
+    if trigger == "admin":
+        out = second.flushctl("flush", "customer.test").stdout
+        assert "sent on to 2 peer(s)" in out and f"released {PER_HOST}" in out, out
+    elif trigger == "etrn":   # the customer's fetchmail, from outside the cluster
+        proc = subprocess.run(
+            ["fetchmail", "-f", "/dev/null", "-p", "ETRN", "--fetchdomains", "customer.test",
+             "-P", str(second.pf.smtpd_port), second.pf.address],
+            capture_output=True, text=True, timeout=120)
+        assert "Queuing for customer.test started" in proc.stdout + proc.stderr, proc.stderr
+    else:
+        second.start_poller()   # its first cycle finds the customer's server up
     wait_until(lambda: _delivered_all(cluster), 30, 0.2, what="mail of all three delivered")
     assert [s.status("customer.test")[0]["last_flush_trigger"] for s in cluster] == \
-        ["peer", "admin", "peer"]
-    print("flushctl flush on mx2: all three delivered (mx1 and mx3 by ETRN from mx2)")
+        ["peer", trigger, "peer"]
+    print(f"{trigger} on mx2: all three delivered (mx1 and mx3 by ETRN from mx2)")
