@@ -162,6 +162,10 @@ class Forwarder:
         log.log(level, "event=%s domain=%s peer=%s attempts=%d reply=%r",
                 event, fwd.domain, fwd.peer, fwd.attempts + 1, detail)
         await asyncio.to_thread(self.ledger.forward_done, fwd.domain, fwd.peer, fwd.since)
+        await self._count(fwd, event.removeprefix("forward_"))
+
+    async def _count(self, fwd: Forward, result: str) -> None:
+        await asyncio.to_thread(self.ledger.add_counts, [("forwards", (fwd.peer, result), 1)])
 
     async def _retry(self, fwd: Forward, detail: str) -> None:
         wait = backoff(fwd.attempts + 1)
@@ -169,6 +173,7 @@ class Forwarder:
                  fwd.domain, fwd.peer, fwd.attempts + 1, wait, detail)
         await asyncio.to_thread(self.ledger.forward_retry, fwd.domain, fwd.peer, fwd.since,
                                 time.time() + wait, detail)
+        await self._count(fwd, "retry")
 
     async def _peer(self, name: str, rows: list[Forward]) -> None:
         peer = self.peers.get(name)

@@ -102,6 +102,7 @@ class Submission:
 
 
 SASL_PATHS = {"cyrus": "smtpd", "dovecot": "private/auth"}
+METRICS_LISTEN = "127.0.0.1:9469"   # loopback unless configured otherwise
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,7 @@ class Config:
     domains: dict[str, Domain] = field(default_factory=dict)
     submission: Submission | None = None
     cluster: Cluster | None = None
+    metrics_listen: HostPort | None = None   # the poller's Prometheus endpoint; None: off
 
     def domain(self, name: str) -> Domain:
         """The configured domain ``name``, or KeyError with a helpful text."""
@@ -390,7 +392,12 @@ def parse(text: str, path: str = "<config>") -> Config:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     top = _Section(path, "", data)
     top.check_keys({"postfix", "state", "milter", "gateway", "poller", "relay", "submission",
-                    "cluster", "domains"})
+                    "cluster", "metrics", "domains"})
+    me = _Section(path, "metrics", data.get("metrics", {}))
+    me.check_keys({"listen"})
+    metrics_listen = None
+    if me.get("listen", str, METRICS_LISTEN) != "":
+        metrics_listen = _host_port(me, "listen", METRICS_LISTEN)
     rl = _Section(path, "relay", data.get("relay", {}))
     rl.check_keys({"networks"})
     relay_networks = []
@@ -475,6 +482,7 @@ def parse(text: str, path: str = "<config>") -> Config:
         domains=domains,
         submission=_submission(path, data),
         cluster=_cluster(path, data),
+        metrics_listen=metrics_listen,
     )
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from . import cluster, finger, names, policyproto, privsep
 from .config import Config
+from .metrics import FLUSH_INTERVAL, Counts
 from .gate import ALLOWED, NOT_ALLOWED, Gate
 from .ondemand import OnDemand, Refused, Status
 
@@ -107,6 +108,9 @@ class Releaser:
             self._recent.pop(domain, None)
         future.set_result(outcome)
         return outcome
+
+    async def add_counts(self, items) -> None:
+        await asyncio.to_thread(self.ondemand.ledger.add_counts, items)
 
     async def _send_on(self, domain: str, how: str) -> None:
         if how == "peer" or self.ondemand.config.cluster is None:
@@ -214,27 +218,51 @@ class Gateway:
             if config.cluster else frozenset()
         self.open = {"finger": 0, "policy": 0}
         self.tasks: set[asyncio.Task] = set()
+        self.counts = Counts()   # handed to the ledger by the releaser every few seconds
 
-    def _log(self, how: str, client: str, domain: str, result: str) -> None:
-        log.info("event=trigger how=%s client=%s domain=%s result=%s",
-                 how, client, domain or "-", result.replace(" ", "_"))
+    def _log(self, how: str, client: str, domain: str, result: str,
+             protocol: str | None = None, detail: str = "") -> None:
+        result = result.replace(" ", "_")
+        protocol = protocol or ("etrn" if how == "etrn" else "finger")
+        self.counts.add("gateway_requests", protocol, result)
+        log.info("event=trigger how=%s client=%s domain=%s result=%s%s",
+                 how, client, domain or "-", result, detail)
 
     async def _decide(self, how: str, client: str, domain: str,
                       passed_on: bool = False) -> tuple[str, Outcome | None]:
+        protocol = "etrn" if how == "etrn" else "finger"
         if how != "report" and (passed_on or self.gate.is_peer(client)):
             how = "peer"   # a release passed on by another MX: released here, not sent on
         verdict = self.gate.check(client, domain, time.monotonic())
         if verdict != ALLOWED:
-            self._log(how, client, domain, verdict)
+            self._log(how, client, domain, verdict, protocol)
             return verdict, None
         try:
             outcome = await self.releaser.trigger(domain, how, client)
         except privsep.PrivsepError as exc:
             outcome = Outcome(FAILED, 0, "", str(exc), None)
-        self._log(how, client, domain,
-                  outcome.kind + (" (shared)" if outcome.shared else "")
-                  + (f" {outcome.released}" if outcome.kind == RELEASED else ""))
+        self._log(how, client, domain, "shared" if outcome.shared else outcome.kind, protocol,
+                  f"_{outcome.released}" if outcome.kind == RELEASED and not outcome.shared
+                  else "")
         return verdict, outcome
+
+    async def _hand_over_counts(self, stop: asyncio.Event) -> None:
+        """Every FLUSH_INTERVAL seconds, and at the end: the counts go to the ledger."""
+        while True:
+            try:
+                await asyncio.wait_for(stop.wait(), FLUSH_INTERVAL)
+                last = True
+            except asyncio.TimeoutError:
+                last = False
+            items = self.counts.drain()
+            if items:
+                try:
+                    await self.releaser.add_counts(items)
+                except Exception as exc:   # the ledger or the parent: next time
+                    self.counts.restore(items)
+                    log.warning("event=error stage=counts reason=%r", str(exc))
+            if last:
+                return
 
     # -- finger --------------------------------------------------------------
     # A Protocol rather than streams: a finger connection is one short line
@@ -336,9 +364,11 @@ class Gateway:
         if ready:
             ready()
         refresh = loop.create_task(self._refresh_peers(stop))
+        counting = loop.create_task(self._hand_over_counts(stop))
         async with finger_server, policy_server:
             await stop.wait()
         refresh.cancel()
+        await counting
         log.info("event=stop")
 
     async def _refresh_peers(self, stop: asyncio.Event) -> None:

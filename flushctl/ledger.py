@@ -14,6 +14,7 @@ the queue's tag headers is for.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sqlite3
@@ -61,6 +62,12 @@ CREATE TABLE IF NOT EXISTS forwards (
     PRIMARY KEY (domain, peer)
 );
 CREATE INDEX IF NOT EXISTS forwards_by_due ON forwards (due);
+CREATE TABLE IF NOT EXISTS counters (
+    name   TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    value  INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (name, labels)
+);
 """
 
 
@@ -94,6 +101,19 @@ class DomainState:
     reachable: bool | None = None
     last_probe: float | None = None
     last_error: str | None = None
+
+
+def _state(row) -> DomainState:
+    values = list(row)
+    values[3] = bool(values[3])
+    values[9] = None if values[9] is None else bool(values[9])
+    return DomainState(*values)
+
+
+def _count(db, name: str, labels, n: int = 1) -> None:
+    db.execute("INSERT INTO counters (name, labels, value) VALUES (?, ?, ?)"
+               " ON CONFLICT (name, labels) DO UPDATE SET value = value + excluded.value",
+               (name, json.dumps(list(labels)), int(n)))
 
 
 @dataclass(frozen=True)
@@ -196,8 +216,9 @@ class Ledger:
 
     # -- messages ----------------------------------------------------------
     def record(self, queue_id: str, domain: str, size: int, arrival: float | None = None,
-               ctime: float | None = None) -> bool:
-        """Add a held message; False if the id was already recorded."""
+               ctime: float | None = None, counted: tuple | None = None) -> bool:
+        """Add a held message; False if the id was already recorded.
+        ``counted``: (counter name, *labels) to count in the same transaction."""
         when = time.time() if arrival is None else arrival
         with self._tx() as db:
             cur = db.execute("INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?)",
@@ -205,6 +226,8 @@ class Ledger:
                               when if ctime is None else ctime))
             if cur.rowcount == 0:
                 return False
+            if counted:
+                _count(db, counted[0], counted[1:])
             self._ensure_domain(db, domain)
             db.execute("UPDATE domains SET messages = messages + 1, bytes = bytes + ?"
                        " WHERE domain = ?", (int(size), domain))
@@ -303,16 +326,40 @@ class Ledger:
                 " FROM domains WHERE domain = ?", (domain,)).fetchone()
         if row is None:
             return DomainState(domain)
-        values = list(row)
-        values[3] = bool(values[3])
-        values[9] = None if values[9] is None else bool(values[9])
-        return DomainState(*values)
+        return _state(row)
 
-    def _update(self, domain: str, **fields) -> None:
+    def _update(self, domain: str, _counted: tuple | None = None, **fields) -> None:
         cols = ", ".join(f"{name} = ?" for name in fields)
         with self._tx() as db:
             self._ensure_domain(db, domain)
             db.execute(f"UPDATE domains SET {cols} WHERE domain = ?", (*fields.values(), domain))
+            if _counted:
+                _count(db, _counted[0], _counted[1:])
+
+    def states(self) -> dict[str, DomainState]:
+        """Every domain's row, in one read."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT domain, messages, bytes, paused, last_flush, last_flush_trigger,"
+                " last_flush_result, last_flush_client, releasing_until, reachable,"
+                " last_probe, last_error FROM domains").fetchall()
+        return {row[0]: _state(row) for row in rows}
+
+    # -- event counters (Prometheus counters that outlive any process) ------
+    def add_counts(self, items) -> None:
+        """``items``: (name, labels tuple, n) each, added in one transaction."""
+        items = list(items)
+        if not items:
+            return
+        with self._tx() as db:
+            for name, labels, n in items:
+                _count(db, name, labels, n)
+
+    def counters(self) -> list[tuple[str, tuple, int]]:
+        with self._lock:
+            rows = self._db.execute("SELECT name, labels, value FROM counters"
+                                    " ORDER BY name, labels").fetchall()
+        return [(name, tuple(json.loads(labels)), value) for name, labels, value in rows]
 
     def set_paused(self, domain: str, paused: bool) -> None:
         self._update(domain, paused=int(paused))
@@ -320,17 +367,22 @@ class Ledger:
     def record_flush(self, domain: str, trigger: str, result: str,
                      releasing_until: float | None, when: float | None = None,
                      client: str | None = None) -> None:
+        """A release: the domain's last-flush fields, and releases{domain,trigger} + 1."""
         self._update(domain, last_flush=time.time() if when is None else when,
                      last_flush_trigger=trigger, last_flush_result=result,
-                     last_flush_client=client, releasing_until=releasing_until)
+                     last_flush_client=client, releasing_until=releasing_until,
+                     _counted=("releases", domain, trigger))
 
     def set_releasing_until(self, domain: str, until: float | None) -> None:
         self._update(domain, releasing_until=until)
 
     def record_probe(self, domain: str, reachable: bool, error: str | None,
-                     when: float | None = None) -> None:
+                     when: float | None = None, outcome: str | None = None) -> None:
+        """A probe's result, and probes{domain,outcome} + 1."""
         self._update(domain, reachable=int(reachable), last_error=error,
-                     last_probe=time.time() if when is None else when)
+                     last_probe=time.time() if when is None else when,
+                     _counted=("probes", domain,
+                               outcome or ("reachable" if reachable else "unreachable")))
 
     def domains_with_mail(self) -> list[str]:
         """Unpaused domains whose running totals show held mail."""

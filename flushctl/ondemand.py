@@ -11,6 +11,7 @@ does not answer, and whatever fails after a release is put back on hold
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from . import names
 from . import holdsecret
 from .settings import HOLD_HEADER, TAG_HEADER, hold_table
 from .config import Config, Domain
-from .ledger import Ledger
+from .ledger import DomainState, Ledger
 from .postfix import Postfix, PostfixError
 from .probe import Prober, ProbeResult, probe
 from .queuefiles import QueueLayout, parse_duration, parse_postcat
@@ -29,6 +30,8 @@ RELEASE_WATCH = 900.0
 # How long a refresh waits for pickup and cleanup to bring requeued mail back.
 REFRESH_WAIT = 60.0
 
+
+log = logging.getLogger("flushctl.release")
 
 class Refused(Exception):
     """A request that is understood but not carried out (paused, unreachable)."""
@@ -187,7 +190,19 @@ class OnDemand:
         )
 
     def status_all(self) -> list[Status]:
-        return [self.status(name) for name in sorted(self.config.domains)]
+        """Every configured domain's status: one read of all the domains'
+        rows, and the queue looked at only for those whose totals show mail
+        (the cost follows the domains with mail, not the configured ones)."""
+        self.rebuild_if_needed()
+        states = self.ledger.states()
+        rows = []
+        for name in sorted(self.config.domains):
+            state = states.get(name)
+            if state is None or state.messages <= 0:
+                rows.append(self._status(name, Located(), state or DomainState(name)))
+            else:
+                rows.append(self._status(name, self.locate(name), self.ledger.state(name)))
+        return rows
 
     # -- releasing ---------------------------------------------------------
     @property
@@ -209,7 +224,8 @@ class OnDemand:
 
     def record_probe(self, domain: str, result: ProbeResult) -> None:
         self.ledger.record_probe(domain, result.reachable,
-                                 None if result.reachable else result.text(), result.when)
+                                 None if result.reachable else result.text(), result.when,
+                                 result.outcome.replace(" ", "_"))
 
     def probe(self, domain: str) -> ProbeResult:
         dom = self.domain(domain)
@@ -275,6 +291,8 @@ class OnDemand:
         # Recorded before the mail moves, so nobody sees a delivery without it.
         self.ledger.record_flush(dom, trigger, f"released {len(held)}",
                                  time.time() + RELEASE_WATCH, client=client)
+        log.info("event=release domain=%s trigger=%s client=%s messages=%d",
+                 dom, trigger, client or "-", len(held))
         self.postfix.release(held)
         self.postfix.scan_deferred()
         return len(held)

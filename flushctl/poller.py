@@ -112,10 +112,17 @@ def run_once(ondemand: OnDemand) -> list[CycleEntry]:
 
 
 def run_forever(ondemand: OnDemand) -> None:
+    from . import metrics
+    server = metrics.serve(ondemand)
+
     async def main():
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await Poller(ondemand).run(stop)
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        if server is not None:
+            server.shutdown()

@@ -19,6 +19,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import pwd
 import signal
 import socket
@@ -110,6 +111,14 @@ class RemoteReleaser:
                     future.set_exception(PrivsepError("release service gone"))
             self.closed.set()
 
+    async def add_counts(self, items) -> None:
+        """Hand the network side's request counts to the parent (no answer)."""
+        if self.closed.is_set():
+            raise PrivsepError("release service gone")
+        self._writer.write(json.dumps({"counts": [[n, list(l), c] for n, l, c in items]})
+                           .encode() + b"\n")
+        await self._writer.drain()
+
     async def trigger(self, domain: str, how: str, client: str):
         if self.closed.is_set():
             raise PrivsepError("release service gone")
@@ -144,6 +153,27 @@ def check_request(request, domains) -> tuple[int, str, str, str]:
     return rid, domain, how, client
 
 
+_LABEL = re.compile(r"[a-z_]{1,40}")
+
+
+def check_counts(message) -> list[tuple[str, tuple, int]]:
+    """Validate the child's request counts; ValueError if they are not that."""
+    if not isinstance(message, dict) or set(message) != {"counts"} \
+            or not isinstance(message["counts"], list) or len(message["counts"]) > 1000:
+        raise ValueError("malformed counts")
+    items = []
+    for item in message["counts"]:
+        if not (isinstance(item, list) and len(item) == 3 and item[0] == "gateway_requests"
+                and isinstance(item[1], list) and len(item[1]) == 2
+                and all(isinstance(x, str) and _LABEL.fullmatch(x) for x in item[1])
+                and item[1][0] in ("finger", "etrn")
+                and isinstance(item[2], int) and not isinstance(item[2], bool)
+                and 0 < item[2] <= 10**7):
+            raise ValueError(f"malformed count {item!r:.100}")
+        items.append((item[0], tuple(item[1]), item[2]))
+    return items
+
+
 async def serve_releases(sock: socket.socket, releaser, domains, encode) -> None:
     """In the root parent: carry out the child's requests until it hangs up."""
     reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_MESSAGE)
@@ -157,7 +187,15 @@ async def serve_releases(sock: socket.socket, releaser, domains, encode) -> None
     try:
         while line := await reader.readline():
             try:
-                args = check_request(json.loads(line), domains)
+                message = json.loads(line)
+                if isinstance(message, dict) and "counts" in message:
+                    items = check_counts(message)
+                    try:
+                        await releaser.add_counts(items)
+                    except Exception:   # the ledger: counts are not worth a restart
+                        log.exception("event=error stage=counts")
+                    continue
+                args = check_request(message, domains)
             except ValueError as exc:
                 # Not something the child we started would send: stop serving it.
                 log.error("event=refused how=privsep reason=%r", str(exc))

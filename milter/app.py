@@ -22,6 +22,7 @@ import Milter
 
 from flushctl import holdsecret
 from flushctl.config import Config
+from flushctl.metrics import Counts
 from flushctl.ondemand import OnDemand
 from flushctl.postfix import PostfixError
 from flushctl.settings import HOLD_HEADER, hold_table
@@ -44,6 +45,7 @@ class Shared:
         self.domains = config.domains
         self.ondemand = ondemand
         self.ledger = ondemand.ledger
+        self.counts = Counts()   # refusals; "held" is counted with the ledger record
         self._recount_lock = threading.Lock()
         self._recounted: dict[str, float] = {}
 
@@ -80,6 +82,7 @@ class OnDemandMilter(Milter.Base):
         self.forged = 0
 
     def _refuse(self, reply: policy.Reply) -> int:
+        self.shared.counts.add("milter_decisions", policy.result_name(reply))
         self.setreply(reply.code, reply.dsn, reply.text)
         return Milter.TEMPFAIL if reply.temporary else Milter.REJECT
 
@@ -141,7 +144,8 @@ class OnDemandMilter(Milter.Base):
                 log.error("event=error stage=eom reason='no {i} macro'")
                 return self._refuse(policy.LOCAL_PROBLEM)
             size = self.size + len(policy.HEADER) + len(klass) + 4
-            self.shared.ledger.record(queue_id, klass, size)
+            self.shared.ledger.record(queue_id, klass, size,
+                                      counted=("milter_decisions", "held"))
             for index in range(self.forged, 0, -1):
                 self.chgheader(policy.HEADER, index, "")
             self.addheader(policy.HEADER, klass)
@@ -161,10 +165,15 @@ class OnDemandMilter(Milter.Base):
         return Milter.CONTINUE
 
 
-def _keeper(ondemand: OnDemand, stop: threading.Event) -> None:
-    """Re-hold what failed after a release; adopt tagged mail the ledger lacks."""
+def _keeper(ondemand: OnDemand, stop: threading.Event, counts: Counts) -> None:
+    """Re-hold what failed after a release; adopt tagged mail the ledger lacks;
+    hand the refusals counted meanwhile to the ledger."""
     last_adopt = 0.0
     while not stop.wait(KEEPER_INTERVAL):
+        try:
+            counts.flush_to(ondemand.ledger)
+        except Exception:
+            log.exception("event=error stage=counts")
         try:
             # a ledger removed or broken under us: open it afresh, rebuild it
             for domain, count in ondemand.rebuild_if_needed().items():
@@ -218,7 +227,7 @@ def run(config: Config, ondemand: OnDemand | None = None) -> None:
     if not secret:
         raise PostfixError(f"{config.state_directory}: no hold secret yet; "
                            "run `flushctl apply` first")
-    OnDemandMilter.shared = Shared(config, od, secret)
+    shared = OnDemandMilter.shared = Shared(config, od, secret)
     listen = config.milter_listen
     if listen.kind == "unix":
         _prepare_unix_socket(listen.path)
@@ -226,11 +235,16 @@ def run(config: Config, ondemand: OnDemand | None = None) -> None:
     Milter.factory = OnDemandMilter
     Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE)
     stop = threading.Event()
-    keeper = threading.Thread(target=_keeper, args=(od, stop), name="keeper", daemon=True)
+    keeper = threading.Thread(target=_keeper, args=(od, stop, shared.counts), name="keeper",
+                              daemon=True)
     keeper.start()
     log.info("event=start listen=%s domains=%d", listen.milter_spec, len(config.domains))
     try:
         Milter.runmilter("flushctl", listen.pymilter_spec, 240)
     finally:
         stop.set()
+        try:
+            shared.counts.flush_to(od.ledger)
+        except Exception:
+            log.exception("event=error stage=counts")
         log.info("event=stop")

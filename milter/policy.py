@@ -38,6 +38,14 @@ UNKNOWN_RECIPIENT = Reply("550", "5.1.1", "recipient address unknown here")
 QUOTA = Reply("452", "4.2.2", "the domain's held mail is at its quota: try again later")
 LOCAL_PROBLEM = Reply("451", "4.3.0", "temporary local problem: try again later")
 
+_RESULTS = {SECOND_DOMAIN: "second_domain", UNKNOWN_RECIPIENT: "unknown_recipient",
+            QUOTA: "quota", LOCAL_PROBLEM: "tempfail"}
+
+
+def result_name(reply: Reply) -> str:
+    """The label a refusal is counted under (flushctl_milter_decisions_total)."""
+    return _RESULTS.get(reply, "refused")
+
 
 def recipient_class(rcpt: str, domains: dict[str, Domain]) -> tuple[str, str | None, str | None]:
     """(class, local part, recipient domain): class is a customer domain or OTHER."""

@@ -217,6 +217,27 @@ class Stack:
     def queue(self):
         return self.pf.queue()
 
+    def metrics_up(self) -> bool:
+        """Does the poller's metrics endpoint answer?"""
+        try:
+            self.scrape()
+            return True
+        except OSError:
+            return False
+
+    def scrape(self) -> dict:
+        """The poller's metrics, parsed by prometheus-client's own parser:
+        {(sample name, frozenset of label items): value}."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+        hp = self.cfg.metrics_listen
+        with urllib.request.urlopen(f"http://{hp.host}:{hp.port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        return {(sample.name, frozenset(sample.labels.items())): sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples}
+
     def dead_daemons(self) -> list[str]:
         return [f"{name} exited {proc.returncode}"
                 for name, proc in (("milter", self.milter), ("gateway", self.gateway),
@@ -256,6 +277,8 @@ policy_listen = "127.0.0.1:{ports.policy_port}"
 [poller]
 probe_timeout = 2
 {poller_extra}
+[metrics]
+listen = "127.0.0.1:{free_port()}"
 {extra}
 {domains}
 """)

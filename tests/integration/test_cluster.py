@@ -59,6 +59,7 @@ def _events(stack, pattern: str) -> list[str]:
     return [line for line in stack.gateway_log().splitlines() if re.search(pattern, line)]
 
 
+
 def _cluster_status(stack):
     return json.loads(stack.flushctl("status", "--cluster", "--json", "customer.test").stdout)
 
@@ -90,6 +91,16 @@ def test_one_finger_releases_on_every_mx_without_ping_pong(cluster):
         assert len(triggers) == 1 and f"how=peer client={ADDRESSES[0]}" in triggers[0], triggers
         assert _events(peer, r"event=forward_") == []
         assert peer.status("customer.test")[0]["last_flush_trigger"] == "peer"
+    # the metrics (each host's poller serves them) count it under its trigger
+    for stack, trigger in ((first, "finger"), (second, "peer")):
+        stack.start_poller()
+        wait_until(stack.metrics_up, 15, what="metrics")
+        key = ("flushctl_releases_total",
+               frozenset({"domain": "customer.test", "trigger": trigger}.items()))
+        assert stack.scrape().get(key) == 1, trigger
+    acked = {dict(labels)["peer"]: value for (name, labels), value in first.scrape().items()
+             if name == "flushctl_forwards_total" and dict(labels)["result"] == "acked"}
+    assert acked == {f"{a}:{second.pf.smtpd_port}": 1 for a in ADDRESSES[1:]}
     after = _cluster_status(first)
     assert [r["messages"] for r in after] == [0, 0, 0]
     assert all(r["pending"] is None and r["error"] is None for r in after)

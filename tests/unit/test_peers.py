@@ -1,6 +1,6 @@
-"""flushctl.cluster: backoff, SMTP replies, the forwarder's bookkeeping
-(against scripted SMTP peers on loopback), the [cluster] config and the
-finger report form."""
+"""flushctl.cluster and the gateway's peer decisions: backoff, SMTP
+replies, the forwarder's bookkeeping (against scripted SMTP peers on
+loopback), the [cluster] config and the finger report form."""
 
 import asyncio
 import socket
