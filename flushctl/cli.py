@@ -99,6 +99,23 @@ def _guard(fn):
     return wrapper
 
 
+class KeyValueFormatter(logging.Formatter):
+    """One line per event: ``ts=... level=... src=... event=... key=value ...``.
+
+    Our log calls write ``event=NAME key=value ...``; this adds when
+    (UTC), how bad and which part; a traceback stays on the same line.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        src = record.name.removeprefix("flushctl.")
+        line = (f"ts={ts}.{int(record.msecs):03d}Z level={record.levelname.lower()} "
+                f"src={src} {record.getMessage()}")
+        if record.exc_info:
+            line += " traceback=" + json.dumps(self.formatException(record.exc_info))
+        return line.replace("\n", "\\n")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", metavar="PATH",
               help=f"config file (default: ${config_mod.ENV_VAR}, else {config_mod.DEFAULT_PATH})")
@@ -107,8 +124,9 @@ def _guard(fn):
 @click.pass_context
 def main(ctx, config_path, log_level):
     """SMTP-on-demand for Postfix: hold a customer's mail while it is offline."""
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(KeyValueFormatter())
+    logging.basicConfig(level=log_level.upper(), handlers=[handler])
     ctx.obj = Context(config_path)
 
 

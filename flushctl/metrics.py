@@ -2,7 +2,9 @@
 events that every one of our processes records in the ledger.
 
 The poller serves them at ``[metrics] listen`` (default 127.0.0.1:9469;
-``listen = ""`` turns the endpoint off).  Gauges are read at scrape time
+``listen = ""`` turns the endpoint off), in Prometheus's text format:
+prometheus-client writes the counters and quotas, the per-domain gauges
+are written directly (``domain_lines``: fast at 10,000 domains).  Gauges are read at scrape time
 from the same accounting as `flushctl status` (``OnDemand.status_all``:
 the queue is looked at only for domains whose totals show mail).
 Counters live in the ledger's ``counters`` table: the milter, the
@@ -15,11 +17,14 @@ requests) are counted in memory (``Counts``) and added every few seconds.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections import Counter
 
-from prometheus_client import CollectorRegistry, start_http_server
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger("flushctl.metrics")
@@ -37,6 +42,11 @@ COUNTERS = {
     "forwards": ("flushctl_forwards", "Releases sent on to the cluster's peers as ETRN, "
                  "by peer and result.", ("peer", "result")),
 }
+GAUGES = ("flushctl_held_messages", "flushctl_held_bytes", "flushctl_oldest_held_age_seconds",
+          "flushctl_domain_reachable", "flushctl_domain_paused", "flushctl_quota_messages",
+          "flushctl_quota_bytes")
+# every name a scrape can show: what dashboards and alert rules may use
+METRIC_NAMES = GAUGES + tuple(metric + "_total" for metric, _, _ in COUNTERS.values())
 FLUSH_INTERVAL = 2.0   # seconds between hand-overs of in-memory counts
 
 
@@ -71,45 +81,66 @@ class Counts:
             raise
 
 
+def domain_lines(ondemand, now: float | None = None) -> str:
+    """The per-domain gauges in the text exposition format, written directly:
+    with 10,000 domains, going through prometheus-client's generic sample
+    objects costs most of a second.  Domain names are canonical ASCII
+    (letters, digits, dots, hyphens): nothing to escape."""
+    now = time.time() if now is None else now
+    held, size, age, reachable, paused = [], [], [], [], []
+    for name, located, state in ondemand.located_all():
+        label = f'{{domain="{name}"}} '
+        if located is None:
+            held.append(label + "0")
+            size.append(label + "0")
+            age.append(label + "0")
+        else:
+            present = located.present
+            held.append(label + str(len(present)))
+            size.append(label + str(sum(located.sizes[q] for q in present)))
+            oldest = min((located.arrivals[q] for q in present), default=None)
+            age.append(label + (f"{max(0.0, now - oldest):.3f}" if oldest else "0"))
+        if state.reachable is not None:
+            reachable.append(label + ("1" if state.reachable else "0"))
+        if state.paused:
+            paused.append(label + "1")
+    out = []
+    for metric, text, lines in (
+            ("flushctl_held_messages", "Messages held for the domain (as flushctl status).",
+             held),
+            ("flushctl_held_bytes", "Bytes held for the domain.", size),
+            ("flushctl_oldest_held_age_seconds",
+             "Age of the domain's oldest held message (0: none held).", age),
+            ("flushctl_domain_reachable", "1 if the domain's mail server answered the last "
+             "probe, 0 if not (absent until probed).", reachable),
+            ("flushctl_domain_paused", "1 while releases for the domain are paused "
+             "(absent otherwise).", paused)):
+        out.append(f"# HELP {metric} {text}\n# TYPE {metric} gauge\n")
+        out.extend(f"{metric}{line}\n" for line in lines)
+    return "".join(out)
+
+
 class Collector:
-    """What a scrape reads: the held mail per domain, then the counters."""
+    """The rest of a scrape, through prometheus-client: quotas and counters."""
 
     def __init__(self, ondemand):
         self.ondemand = ondemand
 
     def collect(self):
-        now = time.time()
         od = self.ondemand
-        held = GaugeMetricFamily("flushctl_held_messages",
-                                 "Messages held for the domain (as flushctl status).",
-                                 labels=["domain"])
-        size = GaugeMetricFamily("flushctl_held_bytes", "Bytes held for the domain.",
-                                 labels=["domain"])
-        age = GaugeMetricFamily("flushctl_oldest_held_age_seconds",
-                                "Age of the domain's oldest held message (0: none held).",
-                                labels=["domain"])
-        reachable = GaugeMetricFamily("flushctl_domain_reachable",
-                                      "1 if the domain's mail server answered the last "
-                                      "probe, 0 if not (absent until probed).",
-                                      labels=["domain"])
-        paused = GaugeMetricFamily("flushctl_domain_paused", "1 while releases are paused.",
-                                   labels=["domain"])
-        for st in od.status_all():
-            held.add_metric([st.domain], st.messages)
-            size.add_metric([st.domain], st.bytes)
-            age.add_metric([st.domain], max(0.0, now - st.oldest_arrival)
-                           if st.oldest_arrival else 0.0)
-            if st.reachable is not None:
-                reachable.add_metric([st.domain], 1 if st.reachable else 0)
-            paused.add_metric([st.domain], 1 if st.paused else 0)
-        yield from (held, size, age, reachable, paused)
         quotas = GaugeMetricFamily("flushctl_quota_messages",
                                    "The domain's quota of held messages (configured ones only).",
                                    labels=["domain"])
+        byte_quotas = GaugeMetricFamily("flushctl_quota_bytes",
+                                        "The domain's quota of held bytes (configured ones only).",
+                                        labels=["domain"])
         for dom in od.config.domains.values():
             if dom.quota_messages:
                 quotas.add_metric([dom.name], dom.quota_messages)
+            if dom.quota_bytes:
+                byte_quotas.add_metric([dom.name], dom.quota_bytes)
         yield quotas
+        yield byte_quotas
         families = {key: CounterMetricFamily(metric, text, labels=list(labels))
                     for key, (metric, text, labels) in COUNTERS.items()}
         for name, labels, value in od.ledger.counters():
@@ -119,7 +150,36 @@ class Collector:
         yield from families.values()
 
 
-def serve(ondemand) -> object | None:
+def exposition(ondemand, registry) -> bytes:
+    """One scrape: the per-domain gauges, then the registry's families."""
+    return domain_lines(ondemand).encode() + generate_latest(registry)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    ondemand = None
+    registry = None
+
+    def do_GET(self):
+        if self.path.split("?", 1)[0] not in ("/metrics", "/"):
+            self.send_error(404)
+            return
+        try:
+            body = exposition(self.ondemand, self.registry)
+        except Exception:
+            log.exception("event=error stage=scrape")
+            self.send_error(500)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, fmt, *args):   # one line per scrape would drown the log
+        pass
+
+
+def serve(ondemand) -> ThreadingHTTPServer | None:
     """Start the endpoint in a thread, if configured; None when it is off or
     cannot listen (logged: the poller's own work goes on)."""
     listen = ondemand.config.metrics_listen
@@ -127,10 +187,15 @@ def serve(ondemand) -> object | None:
         return None
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Collector(ondemand))
+    handler = type("Handler", (_Handler,), {"ondemand": ondemand, "registry": registry})
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    server_class = type("Server", (ThreadingHTTPServer,),
+                        {"address_family": family, "daemon_threads": True})
     try:
-        server, _thread = start_http_server(listen.port, listen.host, registry)
+        server = server_class((listen.host, listen.port), handler)
     except OSError as exc:
         log.error("event=error stage=metrics listen=%s reason=%r", listen, str(exc))
         return None
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     log.info("event=metrics_start listen=%s", listen)
     return server

@@ -190,19 +190,24 @@ class OnDemand:
         )
 
     def status_all(self) -> list[Status]:
-        """Every configured domain's status: one read of all the domains'
-        rows, and the queue looked at only for those whose totals show mail
-        (the cost follows the domains with mail, not the configured ones)."""
+        """Every configured domain's status (see ``located_all``)."""
+        return [self._status(name, located or Located(), state)
+                for name, located, state in self.located_all()]
+
+    def located_all(self):
+        """(domain, Located or None, DomainState) for every configured domain:
+        one read of all the domains' rows, and the queue looked at only for
+        those whose totals show mail (None: nothing held); the cost follows
+        the domains with mail, not the configured ones."""
         self.rebuild_if_needed()
         states = self.ledger.states()
-        rows = []
         for name in sorted(self.config.domains):
             state = states.get(name)
             if state is None or state.messages <= 0:
-                rows.append(self._status(name, Located(), state or DomainState(name)))
+                yield name, None, state or DomainState(name)
             else:
-                rows.append(self._status(name, self.locate(name), self.ledger.state(name)))
-        return rows
+                located = self.locate(name)
+                yield name, located, self.ledger.state(name)
 
     # -- releasing ---------------------------------------------------------
     @property

@@ -12,6 +12,7 @@ import secrets
 import smtplib
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -96,6 +97,14 @@ def test_playbook_deploys_a_working_host_and_converges(tmp_path):
     held = [json.loads(line) for line in queue.splitlines() if line.strip()]
     assert any(m["queue_name"] == "hold" and m["recipients"][0]["address"]
                == "alice@customer.example" for m in held)
+
+    # the poller's Prometheus endpoint, where the role opened it, agrees
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen("http://127.0.0.1:9469/metrics", timeout=30) as answer:
+        families = text_string_to_metric_families(answer.read().decode())
+    held = {s.labels["domain"]: s.value for f in families for s in f.samples
+            if s.name == "flushctl_held_messages"}
+    assert held == {"customer.example": status()["messages"]}
 
     finger = subprocess.run(["finger", "customer.example@127.0.0.1"], capture_output=True,
                             text=True, timeout=60).stdout
