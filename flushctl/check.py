@@ -3,7 +3,8 @@
 Checks, each independent of the others:
 - Postfix runs, and its settings are what `flushctl apply` wants;
 - the milter's socket accepts connections, the gateway listens on its
-  finger and policy ports, a poller process runs for this config (psutil);
+  finger and policy ports, a poller process runs for this config (psutil)
+  and serves the metrics endpoint;
 - the ledger agrees with the hold queue (held messages it lacks);
 - each customer domain's MX records (dnspython) name one of our hosts;
 - with [cluster]: each peer's SMTP port accepts connections, and no
@@ -99,6 +100,12 @@ def _daemons(config: Config, report: Report) -> None:
     report.checks.append("poller")
     if not _daemon_running(config, "poller"):
         report.problems.append(f"poller: no `flushctl poller` process for {config.path}")
+    elif config.metrics_listen is not None:
+        report.checks.append("metrics")
+        why = _connectable(config.metrics_listen)
+        if why:
+            report.problems.append(f"metrics: the poller does not serve {config.metrics_listen} "
+                                   f"({why}); see its log")
 
 
 def _ledger(od: OnDemand, report: Report) -> None:

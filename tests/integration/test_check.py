@@ -41,7 +41,7 @@ def test_all_well(checked):
     code, out = check(checked, "--json")
     data = json.loads(out)
     assert code == 0 and data["ok"] and data["problems"] == []
-    assert "mx" in data["checks"] and "poller" in data["checks"]
+    assert {"mx", "poller", "metrics"} <= set(data["checks"])
 
 
 def test_each_problem_is_one_line(checked):
