@@ -84,8 +84,12 @@ class Releaser:
         if domain in self._inflight:
             return _shared(await asyncio.shield(self._inflight[domain]))
         # Most queries find nothing held: one row read answers them here,
-        # without a worker thread or the queue.
-        empty = self.ondemand.status_if_empty(domain)
+        # without a worker thread or the queue (unless the ledger file was
+        # replaced: its rebuild reads the hold queue, in a worker thread).
+        if self.ondemand.needs_rebuild():
+            empty = await asyncio.to_thread(self.ondemand.status_if_empty, domain)
+        else:
+            empty = self.ondemand.status_if_empty(domain)
         if empty is not None:
             # nothing here, but the peers may hold some: they release too
             await self._send_on(domain, how)

@@ -109,10 +109,14 @@ class OnDemand:
         # from the queue's tag headers before it is trusted
         self._rebuilt = 0 if self.ledger.fresh else self.ledger.generation
 
+    def needs_rebuild(self) -> bool:
+        """Is the ledger file new to us (removed, replaced, corrupt)? One stat."""
+        self.ledger.check_file()
+        return self._rebuilt != self.ledger.generation
+
     def rebuild_if_needed(self) -> dict[str, int]:
         """Rebuild the ledger from the hold queue if its file is new to us."""
-        self.ledger.check_file()
-        if self._rebuilt == self.ledger.generation:
+        if not self.needs_rebuild():
             return {}
         self._rebuilt = self.ledger.generation
         return self.adopt()

@@ -53,3 +53,23 @@ def test_dashboard_is_grafana_json_on_served_metrics():
     # the per-domain figures the dashboard is for
     assert {"flushctl_held_messages", "flushctl_held_bytes", "flushctl_oldest_held_age_seconds",
             "flushctl_domain_reachable", "flushctl_releases_total"} <= used
+
+
+def test_log_lines_are_one_line_of_key_value_fields():
+    import logging
+
+    from flushctl.cli import KeyValueFormatter
+    fmt = KeyValueFormatter()
+    record = logging.LogRecord("flushctl.gateway", logging.INFO, __file__, 1,
+                               "event=trigger how=%s client=%s", ("finger", "192.0.2.7"), None)
+    line = fmt.format(record)
+    assert re.fullmatch(r"ts=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z level=info src=gateway "
+                        r"event=trigger how=finger client=192\.0\.2\.7", line), line
+    try:
+        raise ValueError("two\nlines")
+    except ValueError:
+        import sys
+        record = logging.LogRecord("flushctl.milter", logging.ERROR, __file__, 1,
+                                   "event=error stage=eom", (), sys.exc_info())
+    line = fmt.format(record)
+    assert "\n" not in line and line.startswith("ts=") and " traceback=\"Traceback" in line
