@@ -1,6 +1,6 @@
 """The benchmark suite: P1-P6, ours against Postfix alone, one table.
 
-    .venv/bin/python tests/bench/run.py            # everything (about 25 minutes)
+    .venv/bin/python tests/bench/run.py            # everything (about 20 minutes)
     .venv/bin/python tests/bench/run.py --quick    # small sizes, a few minutes
     .venv/bin/python tests/bench/run.py --only P1,P3
 
