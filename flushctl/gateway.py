@@ -73,7 +73,11 @@ class Releaser:
 
     async def trigger(self, domain: str, how: str, client: str) -> Outcome:
         if how == "report":
-            status = await asyncio.to_thread(self.ondemand.status, domain)
+            try:
+                status = await asyncio.to_thread(self.ondemand.status, domain)
+            except Exception as exc:   # answered, as a failed release is
+                log.exception("event=error stage=report domain=%s", domain)
+                return Outcome(REPORTED, 0, "", str(exc), None)
             return Outcome(REPORTED, 0, "", "", status)
         # A release a moment ago answers for this trigger too, unless mail
         # has arrived since: then there is something new to release.
@@ -294,7 +298,7 @@ class Gateway:
             st = outcome.before
             return [finger.report_line(query.domain, st.messages, st.bytes, st.oldest_arrival,
                                        st.reachable)]
-        if outcome.kind == REPORTED:
+        if outcome.kind == REPORTED:   # the status could not be read
             return ["Temporary problem here; try again later."]
         return finger_reply(query.domain, outcome, query.verbose)
 

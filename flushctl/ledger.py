@@ -103,6 +103,12 @@ class DomainState:
     last_error: str | None = None
 
 
+# the columns of DomainState, in its order
+_STATE_SELECT = ("SELECT domain, messages, bytes, paused, last_flush, last_flush_trigger,"
+                 " last_flush_result, last_flush_client, releasing_until, reachable,"
+                 " last_probe, last_error FROM domains")
+
+
 def _state(row) -> DomainState:
     values = list(row)
     values[3] = bool(values[3])
@@ -319,11 +325,7 @@ class Ledger:
     # -- domains -----------------------------------------------------------
     def state(self, domain: str) -> DomainState:
         with self._lock:
-            row = self._db.execute(
-                "SELECT domain, messages, bytes, paused, last_flush, last_flush_trigger,"
-                " last_flush_result, last_flush_client, releasing_until, reachable,"
-                " last_probe, last_error"
-                " FROM domains WHERE domain = ?", (domain,)).fetchone()
+            row = self._db.execute(_STATE_SELECT + " WHERE domain = ?", (domain,)).fetchone()
         if row is None:
             return DomainState(domain)
         return _state(row)
@@ -339,10 +341,7 @@ class Ledger:
     def states(self) -> dict[str, DomainState]:
         """Every domain's row, in one read."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT domain, messages, bytes, paused, last_flush, last_flush_trigger,"
-                " last_flush_result, last_flush_client, releasing_until, reachable,"
-                " last_probe, last_error FROM domains").fetchall()
+            rows = self._db.execute(_STATE_SELECT).fetchall()
         return {row[0]: _state(row) for row in rows}
 
     # -- event counters (Prometheus counters that outlive any process) ------

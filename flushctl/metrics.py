@@ -4,9 +4,10 @@ events that every one of our processes records in the ledger.
 The poller serves them at ``[metrics] listen`` (default 127.0.0.1:9469;
 ``listen = ""`` turns the endpoint off), in Prometheus's text format:
 prometheus-client writes the counters and quotas, the per-domain gauges
-are written directly (``domain_lines``: fast at 10,000 domains).  Gauges are read at scrape time
-from the same accounting as `flushctl status` (``OnDemand.status_all``:
-the queue is looked at only for domains whose totals show mail).
+are written directly (``domain_lines``: fast at 10,000 domains).  Gauges
+are read at scrape time from the same accounting as `flushctl status`
+(``OnDemand.located_all``: the queue is looked at only for domains whose
+totals show mail).
 Counters live in the ledger's ``counters`` table: the milter, the
 gateway, the poller and the CLI add to them, so they outlive any one
 process.  Events that happen in a transaction anyway (a message held, a
@@ -95,10 +96,9 @@ def domain_lines(ondemand, now: float | None = None) -> str:
             size.append(label + "0")
             age.append(label + "0")
         else:
-            present = located.present
-            held.append(label + str(len(present)))
-            size.append(label + str(sum(located.sizes[q] for q in present)))
-            oldest = min((located.arrivals[q] for q in present), default=None)
+            messages, held_bytes, oldest = located.figures()
+            held.append(label + str(messages))
+            size.append(label + str(held_bytes))
             age.append(label + (f"{max(0.0, now - oldest):.3f}" if oldest else "0"))
         if state.reachable is not None:
             reachable.append(label + ("1" if state.reachable else "0"))

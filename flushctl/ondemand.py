@@ -59,6 +59,12 @@ class Located:
     def present(self) -> list[str]:
         return [qid for ids in self.by_queue.values() for qid in ids]
 
+    def figures(self) -> tuple[int, int, float | None]:
+        """Held messages, bytes, and the oldest arrival (None: nothing held)."""
+        present = self.present
+        return (len(present), sum(self.sizes[q] for q in present),
+                min((self.arrivals[q] for q in present), default=None))
+
 
 @dataclass(frozen=True)
 class Status:
@@ -180,12 +186,12 @@ class OnDemand:
 
     @staticmethod
     def _status(dom: str, located: Located, state) -> Status:
-        present = located.present
+        messages, size, oldest = located.figures()
         return Status(
             domain=dom,
-            messages=len(present),
-            bytes=sum(located.sizes[q] for q in present),
-            oldest_arrival=min((located.arrivals[q] for q in present), default=None),
+            messages=messages,
+            bytes=size,
+            oldest_arrival=oldest,
             reachable=state.reachable, last_probe=state.last_probe, last_error=state.last_error,
             last_flush=state.last_flush, last_flush_trigger=state.last_flush_trigger,
             last_flush_result=state.last_flush_result,
@@ -209,9 +215,8 @@ class OnDemand:
             state = states.get(name)
             if state is None or state.messages <= 0:
                 yield name, None, state or DomainState(name)
-            else:
-                located = self.locate(name)
-                yield name, located, self.ledger.state(name)
+            else:   # the row's other fields stand; the counts come from the queue
+                yield name, self.locate(name), state
 
     # -- releasing ---------------------------------------------------------
     @property

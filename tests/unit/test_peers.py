@@ -204,3 +204,24 @@ def test_the_gateway_knows_peers_by_address_and_by_ehlo_name():
     assert [how for _, how, _ in rel.triggers] == ["peer", "etrn", "peer"]
     # a domain a peer asks for that is not ours: a final no, so it stops trying
     assert _etrn(gw, "192.0.2.3", "x", "other.example").startswith("554 ")
+
+
+def test_a_report_that_cannot_be_read_is_answered_not_left_waiting():
+    from flushctl import finger as finger_mod
+    from flushctl.gateway import REPORTED, Gateway, Releaser
+
+    class Broken:
+        def status(self, domain):
+            raise OSError("disk gone")
+
+    outcome = asyncio.run(Releaser(Broken(), 60).trigger("customer.example", "report",
+                                                         "192.0.2.9"))
+    assert outcome.kind == REPORTED and outcome.before is None and "disk gone" in outcome.detail
+
+    class Answers:
+        async def trigger(self, domain, how, client):
+            return outcome
+    cfg = config.parse('[domains."customer.example"]\n')
+    lines = asyncio.run(Gateway(cfg, Answers())._finger_lines(
+        "192.0.2.9", finger_mod.parse(b"?customer.example\r\n")))
+    assert lines == ["Temporary problem here; try again later."]
