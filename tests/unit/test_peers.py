@@ -225,3 +225,13 @@ def test_a_report_that_cannot_be_read_is_answered_not_left_waiting():
     lines = asyncio.run(Gateway(cfg, Answers())._finger_lines(
         "192.0.2.9", finger_mod.parse(b"?customer.example\r\n")))
     assert lines == ["Temporary problem here; try again later."]
+
+
+def test_metrics_config():
+    assert str(config.parse("").metrics_listen) == str(config.parse(
+        '[metrics]\nlisten = "127.0.0.1:9469"\n').metrics_listen)
+    assert config.parse('[metrics]\nlisten = ""\n').metrics_listen is None
+    for bad, says in (('listen = "9469"', "HOST:PORT"), ('listen = "127.0.0.1:0"', "out of range"),
+                      ('port = 9469', "unknown key")):
+        with pytest.raises(config.ConfigError, match=says):
+            config.parse("[metrics]\n" + bad)
