@@ -36,6 +36,10 @@ class ApplyError(Exception):
     pass
 
 
+# What to do with the held mail of a domain taken out of the config.
+REMOVED_ACTIONS = ("release", "purge", "keep")
+
+
 @dataclass
 class ApplyReport:
     changed_params: dict[str, str] = field(default_factory=dict)
@@ -44,6 +48,7 @@ class ApplyReport:
     maps: list[str] = field(default_factory=list)
     reloaded: bool = False
     dry_run: bool = False
+    removed_domains: list[str] = field(default_factory=list)   # what became of their mail
 
     @property
     def changed(self) -> bool:
@@ -59,7 +64,17 @@ class ApplyReport:
         out += [f"{'would build' if self.dry_run else 'built'} map {m}" for m in self.maps]
         if self.reloaded:
             out.append("reloaded postfix")
+        out += self.removed_domains
         return out or ["nothing to change"]
+
+
+def _mail_owner_uid(pf: Postfix) -> int | None:
+    """The uid that owns queue files (and so requeued mail in maildrop)."""
+    import pwd
+    try:
+        return pwd.getpwnam(pf.get("mail_owner")["mail_owner"]).pw_uid
+    except (KeyError, PostfixError):
+        return None
 
 
 def _smtpd_chrooted(services: dict[str, str]) -> bool:
@@ -70,27 +85,86 @@ def _smtpd_chrooted(services: dict[str, str]) -> bool:
     return False
 
 
-def _previous(config: Config) -> tuple[set[str], frozenset[str]]:
-    """What the last apply owned: list entries, and master.cf services."""
+def _applied(config: Config) -> dict:
     try:
         with open(os.path.join(config.state_directory, STATE_FILE)) as fh:
-            data = json.load(fh)
+            return json.load(fh)
     except (FileNotFoundError, ValueError):
-        return set(), frozenset()
+        return {}
+
+
+def _previous(config: Config) -> tuple[set[str], frozenset[str]]:
+    """What the last apply owned: list entries, and master.cf services."""
+    data = _applied(config)
     return set(data.get("ours", [])), frozenset(data.get("services", []))
 
 
-def _write_ours(config: Config, plan: settings.Plan) -> str:
+def _write_ours(config: Config, plan: settings.Plan, kept: list[str]) -> str:
     """applied.json's new text under a temporary name; returns that name."""
     os.makedirs(config.state_directory, mode=0o750, exist_ok=True)
     tmp = os.path.join(config.state_directory, STATE_FILE + ".tmp")
     with open(tmp, "w") as fh:
-        json.dump({"ours": plan.ours, "services": plan.our_services}, fh)
+        json.dump({"ours": plan.ours, "services": plan.our_services,
+                   "kept_removed": sorted(kept)}, fh)
     return tmp
 
 
-def _save_ours(config: Config, plan: settings.Plan) -> None:
-    os.replace(_write_ours(config, plan), os.path.join(config.state_directory, STATE_FILE))
+def _save_ours(config: Config, plan: settings.Plan, kept: list[str]) -> None:
+    os.replace(_write_ours(config, plan, kept),
+               os.path.join(config.state_directory, STATE_FILE))
+
+
+def _held_removed(config: Config) -> dict[str, tuple[int, int]]:
+    """Domains no longer configured whose mail the ledger holds:
+    {domain: (messages, bytes)}, exact against the queue."""
+    from .ondemand import OnDemand
+    od = OnDemand(config)
+    try:
+        return {st.domain: (st.messages, st.bytes) for st in od.status_all()
+                if not st.configured and st.messages}
+    finally:
+        od.ledger.close()
+
+
+def _refuse_removed(config: Config, held: dict[str, tuple[int, int]], kept: set[str]) -> None:
+    pending = {d: v for d, v in held.items() if d not in kept}
+    if not pending:
+        return
+    lines = "; ".join(f"{d}: {n} held message(s), {b} bytes" for d, (n, b) in
+                      sorted(pending.items()))
+    raise ApplyError(
+        f"{config.path}: no longer names domains whose mail is held here ({lines}); "
+        "say what becomes of it: --release-removed (deliver it as ordinary mail), "
+        "--purge-removed (delete it) or --keep-removed (keep it held; "
+        "flushctl status and check show it)")
+
+
+def _settle_removed(config: Config, held: dict[str, tuple[int, int]], action: str | None,
+                    report: ApplyReport) -> None:
+    """Carry out --release-removed / --purge-removed once the new maps are in place."""
+    if not held or action not in ("release", "purge"):
+        if held and action == "keep":
+            report.removed_domains += [f"{d}: kept {n} held message(s) of a removed domain "
+                                       "(flushctl status shows them)"
+                                       for d, (n, _) in sorted(held.items())]
+        return
+    from .ondemand import OnDemand
+    od = OnDemand(config)
+    try:
+        for dom in sorted(held):
+            if action == "release":
+                count = od.release_removed(dom)
+                report.removed_domains.append(
+                    f"{dom}: released {count} held message(s) as ordinary mail")
+            else:
+                count = od.purge(dom)
+                report.removed_domains.append(f"{dom}: deleted {count} held message(s)")
+    except (OSError, PostfixError) as exc:
+        raise ApplyError(f"applied, but the held mail of removed domains was not all "
+                         f"{'released' if action == 'release' else 'deleted'}: {exc}; "
+                         "the rest stays held (flushctl status)") from exc
+    finally:
+        od.ledger.close()
 
 
 def _read(path: str) -> str | None:
@@ -225,7 +299,11 @@ def _check_submission(config: Config) -> None:
                          f"(pwcheck_method, mech_list: see the README)")
 
 
-def apply(config: Config, dry_run: bool = False, reload: bool = True) -> ApplyReport:
+def apply(config: Config, dry_run: bool = False, reload: bool = True,
+          removed: str | None = None) -> ApplyReport:
+    """``removed``: what becomes of the held mail of domains the config no
+    longer names (one of REMOVED_ACTIONS); without it such mail stops the
+    apply, unless an earlier ``keep`` covers it."""
     pf = Postfix(config.config_directory)
     if not os.path.isfile(os.path.join(config.config_directory, "main.cf")):
         raise ApplyError(f"{config.config_directory}: no main.cf here "
@@ -239,9 +317,15 @@ def apply(config: Config, dry_run: bool = False, reload: bool = True) -> ApplyRe
     secret = stored or holdsecret.in_table(settings.hold_table(config)) or holdsecret.new()
     _check_submission(config)
     previous_ours, previous_services = _previous(config)
+    kept = set(_applied(config).get("kept_removed", []))
+    held = {} if dry_run else _held_removed(config)
+    if removed is None:
+        _refuse_removed(config, held, kept)
+    kept = (kept | set(held)) if removed == "keep" else kept & set(held)
     try:
         plan = settings.plan(config, data, raw, expanded, services, previous_ours,
-                             _smtpd_chrooted(services), secret, previous_services)
+                             _smtpd_chrooted(services), secret, previous_services,
+                             requeue_uid=_mail_owner_uid(pf))
     except settings.SettingsError as exc:
         raise ApplyError(str(exc)) from None
     if not dry_run and secret != stored:
@@ -251,16 +335,18 @@ def apply(config: Config, dry_run: bool = False, reload: bool = True) -> ApplyRe
                          maps=_changed_maps(config, plan.maps), dry_run=dry_run)
     if dry_run or not report.changed:
         if not dry_run:
-            _save_ours(config, plan)
+            _save_ours(config, plan, sorted(kept))
+            _settle_removed(config, held, removed, report)
         return report
 
     stage = _stage(pf, plan) if (plan.params or plan.services or plan.remove_services) else None
-    _commit(pf, config, plan, report, stage, reload)
+    _commit(pf, config, plan, report, stage, reload, sorted(kept))
+    _settle_removed(config, held, removed, report)
     return report
 
 
 def _commit(pf: Postfix, config: Config, plan: settings.Plan, report: ApplyReport,
-            stage: str | None, reload: bool) -> None:
+            stage: str | None, reload: bool, kept: list[str]) -> None:
     """Put maps, master.cf, main.cf and applied.json in place and reload, or,
     if any step fails, put every old file back (and reload the old settings
     if the new ones were already loaded): all or nothing."""
@@ -275,7 +361,7 @@ def _commit(pf: Postfix, config: Config, plan: settings.Plan, report: ApplyRepor
                 scratch.append(target + ".flushctl-new")
                 shutil.copy2(os.path.join(stage, name), target + ".flushctl-new")
                 moves.append((target + ".flushctl-new", target))
-        ours = _write_ours(config, plan)
+        ours = _write_ours(config, plan, kept)
         scratch.append(ours)
         moves.append((ours, os.path.join(config.state_directory, STATE_FILE)))
         for new, target in moves:

@@ -5,8 +5,12 @@ Checks, each independent of the others:
 - the milter's socket accepts connections, the gateway listens on its
   finger and policy ports, a poller process runs for this config (psutil)
   and serves the metrics endpoint;
-- the ledger agrees with the hold queue (held messages it lacks);
-- each customer domain's MX records (dnspython) name one of our hosts;
+- the ledger agrees with the queue (held messages of ours it lacks,
+  held mail for customers that is not ours, held mail of domains no
+  longer configured);
+- each customer domain's MX records (dnspython) name one of our hosts,
+  and leave somewhere to deliver by Postfix's MX rule (this host is not
+  the best MX);
 - with [cluster]: each peer's SMTP port accepts connections, and no
   release has waited long for a peer to acknowledge it.
 """
@@ -25,7 +29,16 @@ from . import names
 from .config import Config, HostPort, Listen
 from .ondemand import OnDemand
 from .postfix import PostfixError
-from .probe import Prober
+from .probe import NOWHERE, describe
+
+
+def _view(targets) -> list:
+    """What a resolver found, comparable: hosts and their address sets, in order."""
+    return [(h, p, sorted(a)) for h, p, a in targets]
+
+
+def _servers(config: Config) -> str:
+    return ", ".join(f"{h}:{p}" for h, p in config.nameservers)
 
 
 @dataclass
@@ -110,43 +123,72 @@ def _daemons(config: Config, report: Report) -> None:
 
 def _ledger(od: OnDemand, report: Report) -> None:
     report.checks.append("ledger")
-    hold = os.path.join(od.layout.queue_directory, "hold")
     try:
-        held = [n for n in os.listdir(hold) if names.is_queue_id(n)]
-    except OSError as exc:
-        report.problems.append(f"ledger: cannot read the hold queue: {exc}")
+        taken = od.take_in()   # ours but unrecorded: record them now, as the keeper would
+    except (OSError, PostfixError) as exc:
+        report.problems.append(f"ledger: cannot read the queue: {exc}")
         return
-    unknown = set(held) - od.ledger.known(held)
-    if unknown:
-        adopted = od.adopt()  # ours but unrecorded (a refresh, a lost ledger): record them now
-        rest = len(unknown) - sum(adopted.values())
-        if adopted:
-            report.problems.append(f"ledger: lacked {sum(adopted.values())} held message(s) "
-                                   "of ours; recorded them from their tag headers")
-        if rest:
-            report.problems.append(f"ledger: {rest} message(s) in the hold queue are not ours "
-                                   "(no tag from this installation): `postqueue -j` shows them")
+    if taken:
+        report.problems.append(f"ledger: lacked {sum(taken.values())} held message(s) "
+                               "of ours; recorded them from the queue")
+    for dom, count in sorted(od.ledger.foreign_for_customers().items()):
+        report.problems.append(
+            f"ledger: {dom}: {count} message(s) in the hold queue carry no tag of ours "
+            "(held by another filter or by hand); `postsuper -H` them and flushctl "
+            "holds them as its own")
     for dom in sorted(od.config.domains):
-        od.locate(dom)  # prunes rows whose message is gone
+        od.snapshot(dom)  # prunes rows whose message is gone
+    for status in od.status_all():
+        if not status.configured:
+            report.problems.append(
+                f"ledger: {status.domain}: {status.messages} held message(s), "
+                f"{status.bytes} bytes, of a domain no longer configured: `flushctl "
+                f"return` or `purge` it, or `flushctl apply --release-removed`")
 
 
-def _mx(config: Config, own: set[str], report: Report) -> None:
+def _mx(od: OnDemand, report: Report) -> None:
     report.checks.append("mx")
-    prober = Prober(timeout=5.0, nameservers=config.nameservers)
+    config = od.config
+    own = od.own_hosts()
+    prober = od.prober
+    theirs = od.postfix_prober()
+    # the destinations of held mail, for the resolver comparison
+    held_routes: dict[str, set[str]] = {}
+    for dom, routes in od.ledger.unrefused_routes().items():
+        held_routes.setdefault(dom, set()).update(routes)
 
-    async def one(name: str) -> str:
+    async def one(name: str) -> list[str]:
+        dom = config.domains[name]
         answer, problem = await prober.query(name, "MX")
         if answer is None:
-            return f"mx: {name}: {problem or 'no MX records'}; we are not its backup MX"
+            return [f"mx: {name}: {problem or 'no MX records'}; we are not its backup MX"]
         hosts = sorted(str(r.exchange).rstrip(".").lower() for r in answer)
-        if not own & set(hosts):
-            return (f"mx: {name}: MX {', '.join(hosts) or '(none)'} names none of our hosts "
-                    f"({', '.join(sorted(own))})")
-        return ""
+        found = await asyncio.gather(*(prober.addresses(h) for h in hosts))
+        ours = own & set(hosts) or {h for h, (addrs, _) in zip(hosts, found)
+                                    if set(addrs) & prober.own_addresses}
+        problems = []
+        if not ours:
+            problems.append(f"mx: {name}: MX {', '.join(hosts) or '(none)'} names none of "
+                            f"our hosts ({', '.join(sorted(own))})")
+        for route in dict.fromkeys([name, *sorted(dom.hosts), *sorted(held_routes.get(name, ()))]):
+            targets, outcome, why = await prober.route_targets(dom, route)
+            if outcome == NOWHERE:
+                problems.append(f"mx: {route}: nowhere to deliver: {why}; its mail stays "
+                                "held until its MX records change")
+            if theirs is not None and route in held_routes.get(name, ()):
+                other, _, other_why = await theirs.route_targets(dom, route)
+                if _view(other) != _view(targets):
+                    problems.append(
+                        f"mx: {route}: the poller's resolver ({_servers(config)}) finds "
+                        f"{describe(targets) if targets else why}; Postfix's (resolv.conf) "
+                        f"finds {describe(other) if other else other_why}: releases follow "
+                        f"Postfix's, and hold what it cannot route")
+        return problems
 
     async def run():
         return await asyncio.gather(*(one(n) for n in sorted(config.domains)))
-    report.problems.extend(p for p in asyncio.run(run()) if p)
+    for problems in asyncio.run(run()):
+        report.problems.extend(problems)
 
 
 STALE_FORWARD = 300.0   # seconds a release may wait for a peer before it is a problem
@@ -178,6 +220,6 @@ def check(od: OnDemand) -> Report:
     _postfix(od, report)
     _daemons(od.config, report)
     _ledger(od, report)
-    _mx(od.config, od.own_hosts(), report)
+    _mx(od, report)
     _cluster(od, report)
     return report

@@ -18,6 +18,7 @@ import time
 import click
 
 from . import config as config_mod
+from . import names
 from .postfix import PostfixError
 
 EXIT_ERROR = 1
@@ -71,6 +72,19 @@ class Context:
         try:
             return self.config.domain(name).name
         except KeyError as exc:
+            raise CliError(str(exc).strip("'\"")) from None
+
+    def domain_or_removed(self, name: str) -> str:
+        """A configured domain, or a removed one whose mail is still held."""
+        try:
+            return self.config.domain(name).name
+        except KeyError as exc:
+            try:
+                key = names.domain(name)
+            except ValueError:
+                raise CliError(str(exc).strip("'\"")) from None
+            if key in self.ondemand.removed_domains():
+                return key
             raise CliError(str(exc).strip("'\"")) from None
 
 
@@ -134,13 +148,22 @@ def main(ctx, config_path, log_level):
 @click.option("--dry-run", is_flag=True, help="show what would change, change nothing")
 @click.option("--no-reload", is_flag=True,
               help="leave the reload of a running Postfix to the caller")
+@click.option("--release-removed", "removed", flag_value="release",
+              help="mail held for domains no longer configured: deliver it as ordinary mail")
+@click.option("--purge-removed", "removed", flag_value="purge",
+              help="mail held for domains no longer configured: delete it")
+@click.option("--keep-removed", "removed", flag_value="keep",
+              help="mail held for domains no longer configured: keep it held (status shows it)")
 @pass_ctx
 @_guard
-def apply(ctx, dry_run, no_reload):
-    """Make the Postfix instance serve the configured domains."""
+def apply(ctx, dry_run, no_reload, removed):
+    """Make the Postfix instance serve the configured domains.
+
+    A domain taken out of the config while mail is held for it stops the
+    apply until one of the --*-removed options says what becomes of that mail."""
     from .apply import ApplyError, apply as do_apply
     try:
-        report = do_apply(ctx.config, dry_run=dry_run, reload=not no_reload)
+        report = do_apply(ctx.config, dry_run=dry_run, reload=not no_reload, removed=removed)
     except ApplyError as exc:
         raise CliError(str(exc)) from None
     for line in report.lines():
@@ -211,7 +234,7 @@ def poller(ctx, once, as_json):
 def status(ctx, domain, as_json, of_cluster):
     """What is held, per domain (exact against Postfix's queue)."""
     od = ctx.ondemand
-    rows = [od.status(ctx.domain(domain))] if domain else od.status_all()
+    rows = [od.status(ctx.domain_or_removed(domain))] if domain else od.status_all()
     if of_cluster:
         _cluster_status(ctx, rows, as_json)
         return
@@ -221,15 +244,47 @@ def status(ctx, domain, as_json, of_cluster):
     click.echo(f"{'DOMAIN':<30} {'MESSAGES':>8} {'BYTES':>12} {'OLDEST':<19} "
                f"{'REACHABLE':<9} {'LAST FLUSH':<19} STATE")
     for r in rows:
-        state = "paused" if r.paused else "-"
         click.echo(f"{r.domain:<30} {r.messages:>8} {r.bytes:>12} {_fmt_time(r.oldest_arrival):<19} "
-                   f"{_fmt_bool(r.reachable):<9} {_fmt_time(r.last_flush):<19} {state}")
-        if domain:
-            if r.last_flush_trigger:
-                who = f" from {r.last_flush_client}" if r.last_flush_client else ""
-                click.echo(f"  last flush: {r.last_flush_trigger}{who}: {r.last_flush_result}")
-            if r.last_error:
-                click.echo(f"  last probe: {r.last_error}")
+                   f"{_fmt_bool(r.reachable):<9} {_fmt_time(r.last_flush):<19} {_state_text(r)}")
+        if domain or not r.configured:
+            _status_details(r)
+
+
+def _state_text(r) -> str:
+    states = []
+    if not r.configured:
+        states.append("removed")
+    if r.paused:
+        states.append("paused")
+    if r.refused:
+        states.append(f"refused:{r.refused}")
+    if r.backoff_until:
+        states.append("backing-off")
+    if r.last_error and r.last_error.startswith("nowhere to deliver"):
+        states.append("nowhere")
+    return ",".join(states) or "-"
+
+
+def _status_details(r) -> None:
+    """The lines under one domain's row: why it is as it is."""
+    if not r.configured:
+        click.echo("  not configured any more: `flushctl return` or `purge` it, or "
+                   "`flushctl apply --release-removed` delivers it as ordinary mail")
+    if len(r.hosts) > 1 or (r.hosts and r.domain not in r.hosts):
+        click.echo("  per host: " + ", ".join(f"{h} {n}" for h, n in r.hosts.items()))
+    if r.last_flush_trigger:
+        who = f" from {r.last_flush_client}" if r.last_flush_client else ""
+        click.echo(f"  last flush: {r.last_flush_trigger}{who}: {r.last_flush_result}")
+    if r.last_error:
+        click.echo(f"  last probe: {r.last_error}")
+    if r.backoff_until:
+        click.echo(f"  the poller waits until {_fmt_time(r.backoff_until)}: the last "
+                   "release's attempts tempfailed")
+    if r.refused:
+        click.echo(f"  refused by the customer's server: {r.refused} message(s); last reply: "
+                   f"{r.refused_reply}")
+        click.echo("  (the poller does not retry them; the customer's next finger or ETRN, "
+                   "or `flushctl flush`, does; `flushctl return --refused` returns them)")
 
 
 def _cluster_status(ctx, local, as_json) -> None:
@@ -274,10 +329,19 @@ def flush(ctx, domain, wait, timeout):
     result = od.flush(name, trigger="admin")
     if result.forwarded:
         click.echo(f"{name}: sent on to {result.forwarded} peer(s) as ETRN (by the gateway)")
-    if result.probe is None:
+    if result.shared:
+        st = od.ledger.state(name)
+        click.echo(f"{name}: a release started {_fmt_time(st.last_flush)} "
+                   f"({st.last_flush_trigger}) answers for this one")
+        if not wait:
+            return
+    elif result.probe is None:
         click.echo(f"{name}: nothing held")
         return
-    click.echo(f"{name}: released {result.released} message(s) to {result.probe.target}")
+    else:
+        click.echo(f"{name}: released {result.released} message(s) to {result.probe.target}")
+    for route, res in result.unreachable:
+        click.echo(f"{name}: {route}: not released, its server does not answer ({res.text()})")
     if not wait:
         return
     if sys.stderr.isatty():
@@ -330,11 +394,26 @@ def resume(ctx, domain):
 @_guard
 def purge(ctx, domain, yes):
     """Delete the domain's held mail (needs --yes)."""
-    name = ctx.domain(domain)
+    name = ctx.domain_or_removed(domain)
     if not yes:
         raise CliError(f"purge deletes every held message for {name}; add --yes to do it", 2)
     count = ctx.ondemand.purge(name)
     click.echo(f"{name}: deleted {count} message(s)")
+
+
+@main.command("return")
+@click.argument("domain")
+@click.option("--refused", is_flag=True,
+              help="only mail the customer's server refused (5xx)")
+@pass_ctx
+@_guard
+def return_(ctx, domain, refused):
+    """Return the domain's held mail to its senders (Postfix's own DSN, quoting
+    the customer server's reply for refused mail)."""
+    name = ctx.domain_or_removed(domain)
+    count = ctx.ondemand.return_to_senders(name, refused_only=refused)
+    what = "refused message(s)" if refused else "message(s)"
+    click.echo(f"{name}: returned {count} {what} to their senders")
 
 
 @main.command()
@@ -386,6 +465,14 @@ def domains(ctx, as_json):
 @pass_ctx
 @_guard
 def sweep(ctx):
-    """Put mail that failed after a release back on hold (the milter does this every few seconds)."""
-    for domain, result in ctx.ondemand.sweep_all().items():
+    """One pass of the keeper (the poller runs it every few seconds): take in
+    mail for customers the milter never saw, put mail that failed after a
+    release back on hold."""
+    from .keeper import Keeper
+    done = Keeper(ctx.ondemand).tick()
+    for domain, count in sorted(done["taken_in"].items()):
+        click.echo(f"{domain}: took in {count}")
+    for domain, result in done["swept"].items():
         click.echo(f"{domain}: reheld {result['reheld']}, in flight {result['in_flight']}")
+    for domain, count in sorted(done["returned"].items()):
+        click.echo(f"{domain}: returned {count} refused message(s) to their senders")

@@ -75,6 +75,13 @@ class Domain:
     quota_messages: int | None = None
     quota_bytes: int | None = None
     flush_from: tuple = ()  # ip_network objects; empty means anyone
+    # hosts under the domain with routes of their own: host -> next hop
+    hosts: dict = field(default_factory=dict)
+    # seconds after its first 5xx that refused mail goes back to its sender; None: never
+    refused_return_after: float | None = None
+
+    def __hash__(self) -> int:
+        return hash(self.name)
 
     def accepts_local_part(self, local: str) -> bool:
         return self.recipients is None or local.lower() in self.recipients
@@ -201,6 +208,8 @@ class _Section:
             self.fail(key, f"must be a string, not {value!r}")
         if kind is list and not isinstance(value, list):
             self.fail(key, f"must be a list, not {value!r}")
+        if kind is dict and not isinstance(value, dict):
+            self.fail(key, f"must be a table, not {value!r}")
         return value
 
     def absolute_path(self, key: str, default: str, required: bool = False) -> str:
@@ -245,6 +254,27 @@ def _listen(section: _Section, key: str, default: str) -> Listen:
         hp = _host_port(_Section(section.path, section.prefix, {key: value[5:]}), key, "")
         return Listen("inet", host=hp.host, port=hp.port)
     section.fail(key, f'must be "unix:/PATH" or "inet:HOST:PORT", not {value!r}')
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _duration(section: _Section, key: str) -> float | None:
+    """Seconds, or a number with a unit (s, m, h, d, w) as Postfix writes times."""
+    if key not in section.table:
+        return None
+    value = section.table[key]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and re.fullmatch(r"\d+(\.\d+)?[smhdw]?", value.strip()):
+        text = value.strip()
+        unit = text[-1] if text[-1] in _UNITS else "s"
+        seconds = float(text.rstrip("smhdw")) * _UNITS[unit]
+    else:
+        section.fail(key, f'must be seconds or a time like "5d", not {value!r}')
+    if seconds <= 0:
+        section.fail(key, f"must be greater than zero, not {value!r}")
+    return seconds
 
 
 def _relay(section: _Section, key: str) -> Relay | None:
@@ -351,7 +381,8 @@ def _domain(path: str, name: str, table: Any) -> Domain:
     if key != name:
         raise ConfigError(f'{path}: domains."{name}": write the domain as "{key}"')
     sec = _Section(path, f'domains."{name}"', table)
-    sec.check_keys({"relay", "recipients", "quota_messages", "quota_bytes", "flush_from"})
+    sec.check_keys({"relay", "recipients", "quota_messages", "quota_bytes", "flush_from",
+                    "hosts", "refused_return_after"})
     recipients = sec.get("recipients", list)
     rcpt_set = None
     if recipients is not None:
@@ -374,8 +405,22 @@ def _domain(path: str, name: str, table: Any) -> Domain:
             networks.append(ipaddress.ip_network(str(item), strict=False))
         except ValueError:
             sec.fail("flush_from", f"not an IP network: {item!r}")
+    hosts = {}
+    table_hosts = sec.get("hosts", dict, {})
+    for host, spec in table_hosts.items():
+        try:
+            name = names.domain(host)
+        except ValueError as exc:
+            sec.fail("hosts", str(exc))
+        if not name.endswith("." + key):
+            sec.fail("hosts", f"{host!r} is not a host under {key}")
+        if not isinstance(spec, str):
+            sec.fail("hosts", f"{host}: the route must be a string like \"[192.0.2.7]:25\"")
+        hosts[name] = _relay(_Section(path, f'domains."{key}".hosts', {host: spec}), host)
     return Domain(
         name=key,
+        hosts=hosts,
+        refused_return_after=_duration(sec, "refused_return_after"),
         relay=_relay(sec, "relay"),
         recipients=frozenset(rcpt_set) if rcpt_set is not None else None,
         quota_messages=sec.positive("quota_messages", int),

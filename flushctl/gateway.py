@@ -61,6 +61,10 @@ class Releaser:
     Triggers that arrive while a release runs wait for it and get its
     result; triggers within ``window`` seconds after a release get its
     result too, as long as no new mail has arrived for the domain since.
+    The window is the ledger's (``OnDemand.flush``): a release by the
+    poller, an admin or a peer counts as much as one started here; this
+    process's own recent releases are also answered from memory, without
+    a worker thread.
     """
 
     def __init__(self, ondemand: OnDemand, window: float):
@@ -149,6 +153,9 @@ class Releaser:
         except Exception as exc:
             log.exception("event=error stage=release domain=%s", domain)
             return Outcome(FAILED, 0, "", str(exc), before)
+        if result.shared:   # a release moments ago, by any trigger, answers for this one
+            return Outcome(RELEASED, 0, result.probe.target if result.probe else "", "",
+                           before, shared=True)
         if result.probe is None:
             return Outcome(NOTHING, 0, "", "", before)
         return Outcome(RELEASED, result.released, result.probe.target, "", before)
@@ -182,7 +189,8 @@ def finger_reply(domain: str, outcome: Outcome, verbose: bool) -> list[str]:
         lines.append(f"{domain}: {st.messages} message(s), {st.bytes} bytes held; "
                      f"oldest {age}.")
     if outcome.kind == RELEASED:
-        lines.append(f"Delivery started to your mail server ({outcome.target}).")
+        where = f" ({outcome.target})" if outcome.target else ""
+        lines.append(f"Delivery started to your mail server{where}.")
     elif outcome.kind == UNREACHABLE:
         lines.append("Delivery not started: your mail server does not answer; "
                      "your mail stays held.")

@@ -62,6 +62,16 @@ CREATE TABLE IF NOT EXISTS forwards (
     PRIMARY KEY (domain, peer)
 );
 CREATE INDEX IF NOT EXISTS forwards_by_due ON forwards (due);
+CREATE TABLE IF NOT EXISTS foreign_mail (
+    queue    TEXT NOT NULL,
+    queue_id TEXT NOT NULL,
+    domain   TEXT,
+    PRIMARY KEY (queue, queue_id)
+);
+CREATE TABLE IF NOT EXISTS meta (
+    name  TEXT PRIMARY KEY,
+    value TEXT
+);
 CREATE TABLE IF NOT EXISTS counters (
     name   TEXT NOT NULL,
     labels TEXT NOT NULL,
@@ -75,6 +85,15 @@ CREATE TABLE IF NOT EXISTS counters (
 _ADDED_COLUMNS = (
     ("messages", "ctime", "REAL"),
     ("domains", "last_flush_client", "TEXT"),
+    ("messages", "route", "TEXT"),           # destination (routing.route_of); NULL: the domain
+    ("messages", "recorded", "REAL"),        # when the row was added
+    ("messages", "released", "REAL"),        # when a release last sent it
+    ("messages", "refused", "TEXT"),         # the customer server's last 5xx reply
+    ("messages", "refused_since", "REAL"),   # when it was first refused
+    ("messages", "origin", "TEXT"),          # smtpd (the milter), queue (the keeper), adopted
+    ("domains", "backoff_until", "REAL"),    # the poller waits until then (attempts tempfailed)
+    ("domains", "backoff", "REAL"),          # the current backoff step, seconds
+    ("domains", "release_refused", "INTEGER"),  # did the last release include refused mail
 )
 
 
@@ -85,6 +104,11 @@ class Entry:
     size: int
     arrival: float
     ctime: float  # when Postfix's lifetime clock for this queue file started
+    route: str = ""
+    released: float | None = None
+    refused: str | None = None
+    refused_since: float | None = None
+    origin: str | None = None
 
 
 @dataclass(frozen=True)
@@ -101,18 +125,23 @@ class DomainState:
     reachable: bool | None = None
     last_probe: float | None = None
     last_error: str | None = None
+    backoff_until: float | None = None
+    backoff: float | None = None
+    release_refused: bool = False
 
 
 # the columns of DomainState, in its order
 _STATE_SELECT = ("SELECT domain, messages, bytes, paused, last_flush, last_flush_trigger,"
                  " last_flush_result, last_flush_client, releasing_until, reachable,"
-                 " last_probe, last_error FROM domains")
+                 " last_probe, last_error, backoff_until, backoff,"
+                 " COALESCE(release_refused, 0) FROM domains")
 
 
 def _state(row) -> DomainState:
     values = list(row)
     values[3] = bool(values[3])
     values[9] = None if values[9] is None else bool(values[9])
+    values[14] = bool(values[14])
     return DomainState(*values)
 
 
@@ -222,14 +251,18 @@ class Ledger:
 
     # -- messages ----------------------------------------------------------
     def record(self, queue_id: str, domain: str, size: int, arrival: float | None = None,
-               ctime: float | None = None, counted: tuple | None = None) -> bool:
+               ctime: float | None = None, counted: tuple | None = None,
+               route: str | None = None, origin: str = "smtpd") -> bool:
         """Add a held message; False if the id was already recorded.
         ``counted``: (counter name, *labels) to count in the same transaction."""
-        when = time.time() if arrival is None else arrival
+        now = time.time()
+        when = now if arrival is None else arrival
         with self._tx() as db:
-            cur = db.execute("INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?)",
-                             (queue_id, domain, int(size), when,
-                              when if ctime is None else ctime))
+            cur = db.execute(
+                "INSERT OR IGNORE INTO messages (queue_id, domain, size, arrival, ctime, route,"
+                " recorded, origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (queue_id, domain, int(size), when, when if ctime is None else ctime,
+                 None if route == domain else route, now, origin))
             if cur.rowcount == 0:
                 return False
             if counted:
@@ -239,12 +272,144 @@ class Ledger:
                        " WHERE domain = ?", (int(size), domain))
             return True
 
+    _ENTRY_SELECT = ("SELECT queue_id, domain, size, arrival, COALESCE(ctime, arrival),"
+                     " COALESCE(route, domain), released, refused, refused_since, origin"
+                     " FROM messages")
+
     def entries(self, domain: str) -> list[Entry]:
         with self._lock:
-            rows = self._db.execute(
-                "SELECT queue_id, domain, size, arrival, COALESCE(ctime, arrival)"
-                " FROM messages WHERE domain = ? ORDER BY arrival", (domain,)).fetchall()
+            rows = self._db.execute(self._ENTRY_SELECT + " WHERE domain = ? ORDER BY arrival",
+                                    (domain,)).fetchall()
         return [Entry(*row) for row in rows]
+
+    def entries_by_id(self, queue_ids) -> dict[str, Entry]:
+        ids = list(queue_ids)
+        found: dict[str, Entry] = {}
+        with self._lock:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                for row in self._db.execute(
+                        self._ENTRY_SELECT + f" WHERE queue_id IN ({marks})", chunk):
+                    found[row[0]] = Entry(*row)
+        return found
+
+    def all_ids(self) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self._db.execute("SELECT queue_id FROM messages")}
+
+    def recorded_since(self, domain: str, recorded_after: float, arrived_before: float) -> int:
+        """Rows recorded after a moment for mail that arrived before it:
+        copies of held mail requeued meanwhile (a refresh keeps the arrival)."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT COUNT(*) FROM messages WHERE domain = ? AND recorded > ?"
+                " AND arrival <= ?", (domain, recorded_after, arrived_before)).fetchone()[0]
+
+    def unrefused_routes(self) -> dict[str, list[str]]:
+        """{domain: routes} of recorded mail not refused (the poller's work)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT domain, COALESCE(route, domain) FROM messages"
+                " WHERE refused IS NULL ORDER BY 1, 2").fetchall()
+        result: dict[str, list[str]] = {}
+        for dom, route in rows:
+            result.setdefault(dom, []).append(route)
+        return result
+
+    def refused_before(self, domain: str, when: float) -> bool:
+        """Does the domain hold mail first refused before ``when``?"""
+        with self._lock:
+            return self._db.execute(
+                "SELECT 1 FROM messages WHERE domain = ? AND refused_since < ? LIMIT 1",
+                (domain, when)).fetchone() is not None
+
+    def mark_released(self, queue_ids, when: float) -> None:
+        ids = list(queue_ids)
+        with self._tx() as db:
+            db.executemany("UPDATE messages SET released = ? WHERE queue_id = ?",
+                           [(when, q) for q in ids])
+
+    def set_outcomes(self, outcomes, when: float) -> None:
+        """``outcomes``: (queue_id, refusal text or None) of mail put back on
+        hold after a failed attempt: a refusal is kept (first time kept too),
+        a temporary failure clears it; either way the message is not in a
+        release any more."""
+        rows = list(outcomes)
+        with self._tx() as db:
+            for qid, refusal in rows:
+                if refusal is None:
+                    db.execute("UPDATE messages SET refused = NULL, refused_since = NULL,"
+                               " released = NULL WHERE queue_id = ?", (qid,))
+                else:
+                    db.execute("UPDATE messages SET refused = ?, released = NULL,"
+                               " refused_since = COALESCE(refused_since, ?) WHERE queue_id = ?",
+                               (refusal, when, qid))
+
+    def reassign(self, queue_id: str, domain: str, route: str) -> None:
+        """A message whose remaining recipients belong to another customer domain."""
+        with self._tx() as db:
+            row = db.execute("SELECT domain, size FROM messages WHERE queue_id = ?",
+                             (queue_id,)).fetchone()
+            if row is None:
+                return
+            db.execute("UPDATE messages SET domain = ?, route = ? WHERE queue_id = ?",
+                       (domain, None if route == domain else route, queue_id))
+            if row[0] != domain:
+                self._ensure_domain(db, domain)
+                db.execute("UPDATE domains SET messages = messages - 1, bytes = bytes - ?"
+                           " WHERE domain = ?", (row[1], row[0]))
+                db.execute("UPDATE domains SET messages = messages + 1, bytes = bytes + ?"
+                           " WHERE domain = ?", (row[1], domain))
+
+    # -- held mail that is not ours, read once ---------------------------------
+    def foreign(self, queue: str) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self._db.execute(
+                "SELECT queue_id FROM foreign_mail WHERE queue = ?", (queue,))}
+
+    def foreign_among(self, queue: str, queue_ids) -> set[str]:
+        ids = list(queue_ids)
+        found: set[str] = set()
+        with self._lock:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                found.update(r[0] for r in self._db.execute(
+                    f"SELECT queue_id FROM foreign_mail WHERE queue = ? AND queue_id IN ({marks})",
+                    [queue, *chunk]))
+        return found
+
+    def reset_foreign(self, fingerprint: str) -> None:
+        """Forget what was found not ours unless it was found for this
+        config (``fingerprint``)."""
+        with self._tx() as db:
+            row = db.execute("SELECT value FROM meta WHERE name = 'foreign_for'").fetchone()
+            if row is None or row[0] != fingerprint:
+                db.execute("DELETE FROM foreign_mail")
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('foreign_for', ?)",
+                           (fingerprint,))
+
+    def foreign_for_customers(self) -> dict[str, int]:
+        """Held mail for customer domains that is not ours, per domain."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT domain, COUNT(*) FROM foreign_mail WHERE domain IS NOT NULL"
+                " AND queue = 'hold' GROUP BY domain").fetchall()
+        return dict(rows)
+
+    def add_foreign(self, queue: str, items) -> None:
+        """``items``: (queue_id, customer domain or None)."""
+        with self._tx() as db:
+            db.executemany("INSERT OR IGNORE INTO foreign_mail VALUES (?, ?, ?)",
+                           [(queue, qid, dom) for qid, dom in items])
+
+    def prune_foreign(self, queue: str, present: set[str]) -> None:
+        gone = self.foreign(queue) - present
+        if gone:
+            with self._tx() as db:
+                db.executemany("DELETE FROM foreign_mail WHERE queue = ? AND queue_id = ?",
+                               [(queue, qid) for qid in gone])
 
     def arrived_since(self, domain: str, when: float) -> bool:
         """Has mail for the domain been recorded with an arrival after ``when``?"""
@@ -374,6 +539,30 @@ class Ledger:
 
     def set_releasing_until(self, domain: str, until: float | None) -> None:
         self._update(domain, releasing_until=until)
+
+    def set_backoff(self, domain: str, until: float | None, step: float | None) -> None:
+        self._update(domain, backoff_until=until, backoff=step)
+
+    def claim_release(self, domain: str, now: float, trigger: str, client: str | None,
+                      includes_refused: bool, releasing_until: float, shares) -> bool:
+        """Start a release unless one shares it: ``shares(state)`` decides
+        from the row read in the same transaction, so two processes never
+        both start one.  True: this caller releases (the row says so)."""
+        with self._tx() as db:
+            self._ensure_domain(db, domain)
+            row = db.execute(_STATE_SELECT + " WHERE domain = ?", (domain,)).fetchone()
+            if shares(_state(row)):
+                return False
+            db.execute("UPDATE domains SET last_flush = ?, last_flush_trigger = ?,"
+                       " last_flush_result = ?, last_flush_client = ?, releasing_until = ?,"
+                       " release_refused = ? WHERE domain = ?",
+                       (now, trigger, f"releasing (pid {os.getpid()})", client, releasing_until,
+                        int(includes_refused), domain))
+            _count(db, "releases", (domain, trigger))
+            return True
+
+    def set_flush_result(self, domain: str, result: str) -> None:
+        self._update(domain, last_flush_result=result)
 
     def record_probe(self, domain: str, reachable: bool, error: str | None,
                      when: float | None = None, outcome: str | None = None) -> None:

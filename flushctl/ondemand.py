@@ -1,12 +1,24 @@
-"""The library behind every command: status, flush, pause, resume, purge.
+"""The library of held mail: status, release, return, pause, purge.
 
-Held mail lives in Postfix's hold queue (the milter quarantines it), where
-it never expires.  A release probes the customer's server first: a message
-released with ``postsuper -H`` keeps its creation time, and Postfix returns
-a message to its sender as soon as an attempt fails after
-``maximal_queue_lifetime``; so nothing is released toward a server that
-does not answer, and whatever fails after a release is put back on hold
-(``sweep``) before Postfix tries it again.
+Held mail lives in Postfix's hold queue, where it is never tried and never
+expires.  Mail gets there two ways: the milter holds what arrives over
+SMTP, and ``take_in`` holds every other message bound for a customer that
+lands in the deferred queue (a local ``sendmail``, an alias or bcc
+expansion, Postfix's own bounces and delay notices): the on-demand
+transport is in ``defer_transports``, so such mail waits there, untried,
+until it is taken in.
+
+A release probes the customer's server first: a message released with
+``postsuper -H`` keeps its creation time, and Postfix returns a message to
+its sender as soon as an attempt fails after ``maximal_queue_lifetime``;
+so nothing is released toward a server that does not answer, mail with an
+old clock gets a new one first (``refresh``), and whatever fails after a
+release is put back on hold (``sweep``) before Postfix tries it again.
+The on-demand transport turns 5xx replies into deferrals (soft_bounce):
+such mail comes back on hold marked *refused* with the server's reply.
+
+Decisions are made by ``release_rules`` over one snapshot of a domain's
+queue entries; this module carries them out.
 """
 
 from __future__ import annotations
@@ -16,22 +28,26 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from . import names
-from . import holdsecret
-from .settings import HOLD_HEADER, TAG_HEADER, hold_table
+from . import holdsecret, names
+from . import release_rules as rules
 from .config import Config, Domain
-from .ledger import DomainState, Ledger
+from .ledger import DomainState, Entry, Ledger
 from .postfix import Postfix, PostfixError
 from .probe import Prober, ProbeResult, probe
-from .queuefiles import QueueLayout, parse_duration, parse_postcat
+from .queuefiles import (FORCED_EXPIRE_BIT, QueueLayout, QueueWatch, QueuedMessage,
+                         parse_duration, parse_postcat, read_defer_log)
+from .release_rules import Item, Snapshot
+from .routing import route_of
+from .settings import HOLD_HEADER, TAG_HEADER, hold_table
 
-# How long after a release the sweep watches the domain at least.
-RELEASE_WATCH = 900.0
-# How long a refresh waits for pickup and cleanup to bring requeued mail back.
+RELEASE_WATCH = rules.RELEASE_WATCH
+# How long a refresh waits for pickup and cleanup to bring requeued mail back,
+# at most, and after the copies stop coming back.
 REFRESH_WAIT = 60.0
-
+REFRESH_QUIET = 5.0
 
 log = logging.getLogger("flushctl.release")
+
 
 class Refused(Exception):
     """A request that is understood but not carried out (paused, unreachable)."""
@@ -39,31 +55,6 @@ class Refused(Exception):
     def __init__(self, text: str, code: str):
         super().__init__(text)
         self.code = code
-
-
-@dataclass(frozen=True)
-class Located:
-    """Where each of a domain's ledger entries is right now."""
-
-    by_queue: dict[str, list[str]] = field(default_factory=dict)
-    sizes: dict[str, int] = field(default_factory=dict)
-    arrivals: dict[str, float] = field(default_factory=dict)
-    mtimes: dict[str, float] = field(default_factory=dict)
-    ctimes: dict[str, float] = field(default_factory=dict)
-    gone: list[str] = field(default_factory=list)
-
-    def ids(self, *queues: str) -> list[str]:
-        return [qid for q in queues for qid in self.by_queue.get(q, [])]
-
-    @property
-    def present(self) -> list[str]:
-        return [qid for ids in self.by_queue.values() for qid in ids]
-
-    def figures(self) -> tuple[int, int, float | None]:
-        """Held messages, bytes, and the oldest arrival (None: nothing held)."""
-        present = self.present
-        return (len(present), sum(self.sizes[q] for q in present),
-                min((self.arrivals[q] for q in present), default=None))
 
 
 @dataclass(frozen=True)
@@ -81,6 +72,11 @@ class Status:
     last_flush_client: str | None
     paused: bool
     queues: dict[str, int]
+    refused: int = 0                      # held after the customer's server refused (5xx)
+    refused_reply: str | None = None      # the last such reply
+    backoff_until: float | None = None    # the poller waits until then (attempts tempfailed)
+    hosts: dict[str, int] = field(default_factory=dict)   # held per destination
+    configured: bool = True               # False: held mail of a domain no longer configured
 
     def as_json(self) -> dict:
         return {
@@ -90,7 +86,9 @@ class Status:
             "last_flush": self.last_flush, "last_flush_trigger": self.last_flush_trigger,
             "last_flush_result": self.last_flush_result,
             "last_flush_client": self.last_flush_client, "paused": self.paused,
-            "queues": self.queues,
+            "queues": self.queues, "refused": self.refused,
+            "refused_reply": self.refused_reply, "backoff_until": self.backoff_until,
+            "hosts": self.hosts, "configured": self.configured,
         }
 
 
@@ -100,6 +98,19 @@ class FlushResult:
     released: int
     probe: ProbeResult | None
     forwarded: int = 0   # peers of the cluster this release is sent on to
+    shared: bool = False           # a release that started moments ago answers for it
+    unreachable: tuple = ()        # (route, ProbeResult) of destinations that did not answer
+
+
+def _item(entry: Entry, found) -> Item:
+    if found is None:
+        return Item(entry.queue_id, entry.domain, entry.route, entry.size, entry.arrival,
+                    entry.ctime, None, released=entry.released, refused=entry.refused,
+                    refused_since=entry.refused_since)
+    queue, st = found
+    return Item(entry.queue_id, entry.domain, entry.route, entry.size, entry.arrival,
+                entry.ctime, queue, st.st_mtime, bool(st.st_mode & FORCED_EXPIRE_BIT),
+                entry.released, entry.refused, entry.refused_since)
 
 
 class OnDemand:
@@ -108,8 +119,14 @@ class OnDemand:
         self.config = config
         self.postfix = postfix or Postfix(config.config_directory)
         self._layout = layout
-        self._stale_after: float | None = None
+        self._params: dict[str, str] | None = None
         self._prober: Prober | None = None
+        self._postfix_prober: Prober | None = None
+        self._watches: dict[str, QueueWatch] = {}
+        self._seen: dict[str, set[str]] = {}      # ids take_in has looked up, per queue
+        self._ours_deferred: set[str] = set()     # ours, in the deferred queue at last look
+        self._fingerprint: tuple | None = None
+        self._domains_text: str | None = None
         self.ledger = ledger or Ledger(config.state_directory)
         # a ledger file new to us (first run, removed, corrupt) is rebuilt
         # from the queue's tag headers before it is trusted
@@ -125,54 +142,64 @@ class OnDemand:
         if not self.needs_rebuild():
             return {}
         self._rebuilt = self.ledger.generation
-        return self.adopt()
+        return self.take_in(queues=("hold",))
+
+    # -- Postfix's settings, read once per process --------------------------
+    def params(self) -> dict[str, str]:
+        if self._params is None:
+            self._params = self.postfix.get(
+                "queue_directory", "hash_queue_names", "hash_queue_depth",
+                "maximal_queue_lifetime", "bounce_queue_lifetime",
+                "minimal_backoff_time", "maximal_backoff_time",
+                "disable_dns_lookups", "smtp_dns_support_level")
+        return self._params
 
     @property
     def layout(self) -> QueueLayout:
         if self._layout is None:
-            self._layout = QueueLayout.from_params(self.postfix.get(
-                "queue_directory", "hash_queue_names", "hash_queue_depth"))
+            self._layout = QueueLayout.from_params(self.params())
         return self._layout
+
+    def seconds(self, name: str) -> float:
+        return parse_duration(self.params()[name])
+
+    def stale_after(self) -> float:
+        """Seconds after which held mail gets a new clock before a release."""
+        return rules.stale_after([self.seconds("maximal_queue_lifetime"),
+                                  self.seconds("bounce_queue_lifetime")])
 
     def domain(self, name: str) -> Domain:
         return self.config.domain(name)
 
-    def stale_after(self) -> float:
-        """Seconds after which held mail is refreshed before a release.
-
-        Postfix returns a message once an attempt fails after
-        create_time + maximal_queue_lifetime (bounce_queue_lifetime for
-        bounces).  Held mail older than half of that gets a new clock
-        first, so a failed attempt right after a release never returns it.
-        """
-        if self._stale_after is None:
-            values = self.postfix.get("maximal_queue_lifetime", "bounce_queue_lifetime")
-            self._stale_after = min(parse_duration(v) for v in values.values()) / 2
-        return self._stale_after
-
-    # -- reading -----------------------------------------------------------
-    def locate(self, domain: str) -> Located:
+    # -- reading ------------------------------------------------------------
+    def snapshot(self, domain: str) -> Snapshot:
+        """Where each of the domain's ledger entries is now: one ``stat``
+        pass; rows whose message is gone are pruned."""
         self.rebuild_if_needed()
-        located = Located()
-        for entry in self.ledger.entries(domain):
-            found = self.layout.locate(entry.queue_id)
-            if found is None:
-                located.gone.append(entry.queue_id)
-                continue
-            queue, st = found
-            located.by_queue.setdefault(queue, []).append(entry.queue_id)
-            located.sizes[entry.queue_id] = entry.size
-            located.arrivals[entry.queue_id] = entry.arrival
-            located.mtimes[entry.queue_id] = st.st_mtime
-            located.ctimes[entry.queue_id] = entry.ctime
-        if located.gone:
-            self.ledger.forget(located.gone)
-        return located
+        return self._snapshot(self.ledger.entries(domain))
+
+    def _snapshot(self, entries: list[Entry]) -> Snapshot:
+        items = tuple(_item(e, self.layout.locate(e.queue_id)) for e in entries)
+        snap = Snapshot(items, time.time())
+        if snap.gone:
+            self.ledger.forget(snap.gone)
+        return snap
+
+    locate = snapshot   # the name the milter's quota recount uses
 
     def status(self, domain: str) -> Status:
-        dom = self.domain(domain).name
-        located = self.locate(dom)
-        return self._status(dom, located, self.ledger.state(dom))
+        dom = self._known_domain(domain)
+        return self._status(dom, self.snapshot(dom), self.ledger.state(dom))
+
+    def _known_domain(self, domain: str) -> str:
+        """A configured domain, or one the ledger still holds mail for."""
+        try:
+            return self.domain(domain).name
+        except KeyError:
+            name = names.domain(domain) if isinstance(domain, str) else domain
+            if name in self.removed_domains():
+                return name
+            raise
 
     def status_if_empty(self, domain: str) -> Status | None:
         """The status of a domain the ledger records nothing for, from one row
@@ -182,11 +209,12 @@ class OnDemand:
         state = self.ledger.state(dom)
         if state.messages > 0 or state.paused:
             return None
-        return self._status(dom, Located(), state)
+        return self._status(dom, Snapshot((), time.time()), state)
 
-    @staticmethod
-    def _status(dom: str, located: Located, state) -> Status:
-        messages, size, oldest = located.figures()
+    def _status(self, dom: str, snap: Snapshot, state: DomainState) -> Status:
+        messages, size, oldest = snap.figures()
+        refused = snap.refused()
+        last_refusal = max(refused, key=lambda i: i.refused_since or 0, default=None)
         return Status(
             domain=dom,
             messages=messages,
@@ -196,78 +224,200 @@ class OnDemand:
             last_flush=state.last_flush, last_flush_trigger=state.last_flush_trigger,
             last_flush_result=state.last_flush_result,
             last_flush_client=state.last_flush_client, paused=state.paused,
-            queues={q: len(ids) for q, ids in sorted(located.by_queue.items())},
+            queues=snap.per_queue(),
+            refused=len(refused),
+            refused_reply=last_refusal.refused if last_refusal else None,
+            backoff_until=(state.backoff_until if state.backoff_until
+                           and state.backoff_until > snap.now else None),
+            hosts=snap.routes(),
+            configured=dom in self.config.domains,
         )
 
     def status_all(self) -> list[Status]:
-        """Every configured domain's status (see ``located_all``)."""
-        return [self._status(name, located or Located(), state)
-                for name, located, state in self.located_all()]
+        """Every configured domain's status, then held mail of removed ones."""
+        return [self._status(name, snap or Snapshot((), time.time()), state)
+                for name, snap, state in self.located_all()]
 
     def located_all(self):
-        """(domain, Located or None, DomainState) for every configured domain:
-        one read of all the domains' rows, and the queue looked at only for
-        those whose totals show mail (None: nothing held); the cost follows
-        the domains with mail, not the configured ones."""
+        """(domain, Snapshot or None, DomainState) for every configured
+        domain and every removed one that still holds mail: one read of all
+        the domains' rows, and the queue looked at only for those whose
+        totals show mail (None: nothing held)."""
         self.rebuild_if_needed()
         states = self.ledger.states()
-        for name in sorted(self.config.domains):
+        removed = sorted(d for d, s in states.items()
+                         if d not in self.config.domains and s.messages > 0)
+        for name in [*sorted(self.config.domains), *removed]:
             state = states.get(name)
             if state is None or state.messages <= 0:
                 yield name, None, state or DomainState(name)
             else:   # the row's other fields stand; the counts come from the queue
-                yield name, self.locate(name), state
+                yield name, self.snapshot(name), state
 
-    # -- releasing ---------------------------------------------------------
+    def removed_domains(self) -> list[str]:
+        """Domains the ledger holds mail for that the config does not name."""
+        return sorted(d for d, s in self.ledger.states().items()
+                      if d not in self.config.domains and s.messages > 0)
+
+    # -- probing ------------------------------------------------------------
     @property
     def prober(self) -> Prober:
         """One prober (and DNS cache) for this process; our own hosts left out."""
         if self._prober is None:
             self._prober = Prober(self.config.probe_timeout, self.own_hosts(),
-                                  self.config.nameservers)
+                                  self.config.nameservers, self.own_addresses())
         return self._prober
 
     def own_hosts(self) -> set[str]:
-        """Our MX hosts: [poller] own_hosts and Postfix's myhostname."""
+        """Names of our own MX hosts: [poller] own_hosts, Postfix's
+        myhostname and the cluster's peers."""
         own = set(self.config.own_hosts)
         try:
             own.add(self.postfix.get("myhostname")["myhostname"].lower())
         except (PostfixError, KeyError):
             pass
+        if self.config.cluster is not None:
+            own.update(p.host for p in self.config.cluster.peers if not _is_address(p.host))
         return own
+
+    def own_addresses(self) -> frozenset[str]:
+        """Addresses Postfix takes for itself (inet_interfaces, proxy_interfaces)
+        and the peers written as addresses."""
+        from .routing import own_addresses
+        import psutil
+        import socket
+        try:
+            values = self.postfix.get("inet_interfaces", "proxy_interfaces")
+        except PostfixError:
+            values = {"inet_interfaces": "all", "proxy_interfaces": ""}
+        local = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                 if a.family in (socket.AF_INET, socket.AF_INET6)]
+
+        def resolve(name):
+            try:
+                return [i[4][0] for i in socket.getaddrinfo(name, None)]
+            except OSError:
+                return []
+        own = set(own_addresses(values.get("inet_interfaces", "all"),
+                                values.get("proxy_interfaces", ""), local, resolve))
+        if self.config.cluster is not None:
+            own.update(p.host for p in self.config.cluster.peers if _is_address(p.host))
+        return frozenset(own)
+
+    def postfix_prober(self) -> Prober | None:
+        """A prober that resolves as Postfix's smtp client does (the system's
+        resolv.conf: the on-demand transport is not chrooted), when that can
+        differ from ours: only with [poller] nameservers, and only when
+        Postfix looks up MX records at all.  None otherwise."""
+        if not self.config.nameservers:
+            return None
+        params = self.params()
+        if params.get("disable_dns_lookups", "no") == "yes" or \
+                params.get("smtp_dns_support_level", "") == "disabled":
+            return None
+        if self._postfix_prober is None:
+            prober = self.prober
+            self._postfix_prober = Prober(self.config.probe_timeout, prober.own_hosts, (),
+                                          prober.own_addresses)
+        return self._postfix_prober
+
+    def unroutable(self, dom: Domain, routes) -> dict[str, str]:
+        """{route: why} of routes Postfix's own resolver cannot send anywhere
+        although ours can ({} when the two cannot differ)."""
+        other = self.postfix_prober()
+        if other is None:
+            return {}
+        import asyncio
+
+        async def run():
+            return await asyncio.gather(*(other.route_targets(dom, r) for r in routes))
+        return {route: problem or outcome
+                for route, (targets, outcome, problem) in zip(routes, asyncio.run(run()))
+                if not targets}
 
     def record_probe(self, domain: str, result: ProbeResult) -> None:
         self.ledger.record_probe(domain, result.reachable,
                                  None if result.reachable else result.text(), result.when,
                                  result.outcome.replace(" ", "_"))
 
-    def probe(self, domain: str) -> ProbeResult:
+    def probe(self, domain: str, route: str | None = None) -> ProbeResult:
         dom = self.domain(domain)
-        result = probe(dom, self.prober)
+        result = probe(dom, self.prober, route)
         self.record_probe(dom.name, result)
         return result
 
+    # -- releasing ----------------------------------------------------------
     def flush(self, domain: str, trigger: str = "admin", client: str | None = None,
-              probed: ProbeResult | None = None) -> FlushResult:
-        """Release the domain's held mail toward its server, if that answers.
+              probed: dict[str, ProbeResult] | None = None) -> FlushResult:
+        """Release the domain's held mail toward its servers, if they answer.
 
-        ``probed``: a probe the caller has just made (the poller), instead
-        of probing again.
+        ``probed``: probes of routes the caller has just made (the poller),
+        instead of probing them again.
         """
-        dom = self.domain(domain).name
+        dom = self.domain(domain)
+        name = dom.name
         # the other backup MX hosts release too, whatever happens here
-        forwarded = self.send_on(dom, trigger)
-        if self.ledger.state(dom).paused:
-            raise Refused(f"{dom}: paused; `flushctl resume {dom}` first", "paused")
-        if not self.locate(dom).present:
-            return FlushResult(dom, 0, None, forwarded)
-        result = probed if probed is not None else self.probe(dom)
-        if not result.reachable:
+        forwarded = self.send_on(name, trigger)
+        state = self.ledger.state(name)
+        if state.paused:
+            raise Refused(f"{name}: paused; `flushctl resume {name}` first", "paused")
+        snap = self.hold_back(name, self.snapshot(name))
+        candidates = rules.releasable(snap, trigger)
+        if not candidates:
+            return FlushResult(name, 0, None, forwarded)
+        if self._window(name, snap, trigger, snap.now)(state):
+            return FlushResult(name, 0, None, forwarded, shared=True)
+        if trigger == "poller" and not rules.poller_may_release(state.backoff_until, snap.now):
+            raise Refused(f"{name}: backing off until "
+                          f"{time.strftime('%H:%M:%S', time.localtime(state.backoff_until))} "
+                          "after failed attempts", "backoff")
+        results = {}
+        for route in sorted({i.route for i in candidates}):
+            if probed and route in probed:
+                results[route] = probed[route]
+            else:
+                results[route] = probe(dom, self.prober, route)
+        # Postfix's smtp client must be able to route them too (its resolver
+        # may not be the poller's): else the mail stays held, and says why
+        for route, why in self.unroutable(dom, [r for r, res in results.items()
+                                                 if res.reachable]).items():
+            results[route] = ProbeResult(
+                "unroutable", "", f"Postfix cannot route {route}: {why} (the poller's "
+                f"nameservers can: see `flushctl check`)", time.time())
+        # the domain's row shows the probe of its own route (or the first)
+        shown = results.get(name) or next(iter(results.values()))
+        self.record_probe(name, shown)
+        reachable = {r for r, res in results.items() if res.reachable}
+        unreachable = tuple((r, res) for r, res in results.items() if not res.reachable)
+        if not reachable:
             # not a release: the probe result (status: last_error) says why
-            raise Refused(f"{dom}: mail server not reachable ({result.text()}); "
-                          "the mail stays held", "unreachable")
-        released = self._release(dom, trigger, client)
-        return FlushResult(dom, released, result, forwarded)
+            texts = "; ".join(res.text() for _, res in unreachable)
+            code = "nowhere" if all(res.outcome == "nowhere to deliver"
+                                    for _, res in unreachable) else "unreachable"
+            raise Refused(f"{name}: mail server not reachable ({texts}); "
+                          "the mail stays held", code)
+        released = self._release(name, snap, trigger, client, reachable)
+        if released is None:
+            return FlushResult(name, 0, results[min(reachable)], forwarded, shared=True,
+                               unreachable=unreachable)
+        return FlushResult(name, released, results[min(reachable)], forwarded,
+                           unreachable=unreachable)
+
+    def _window(self, dom: str, snap: Snapshot, trigger: str, now: float):
+        """``shares(state)``: does a release that started moments ago (any
+        trigger's, in any process: the ledger's row) answer for this one?"""
+        window = self.config.gateway.release_window
+        refused_held = bool(snap.refused())
+
+        def shares(state: DomainState) -> bool:
+            result = state.last_flush_result or ""
+            last = state.last_flush if result.startswith("released") or (
+                result.startswith("releasing") and _claimant_alive(result)) else None
+            return rules.shares_window(
+                last, now, window,
+                last is not None and self.ledger.arrived_since(dom, last),
+                trigger, state.release_refused, refused_held)
+        return shares
 
     def send_on(self, dom: str, trigger: str) -> int:
         """Queue the release of ``dom`` for every peer of the cluster (the
@@ -278,97 +428,274 @@ class OnDemand:
         self.ledger.queue_forwards(dom, cluster.peers)
         return len(cluster.peers)
 
-    def _release(self, dom: str, trigger: str, client: str | None) -> int:
-        # 1. Mail that failed after an earlier release and still waits in
-        #    the deferred queue goes back on hold first.
-        located = self.locate(dom)
+    def _release(self, dom: str, snap: Snapshot, trigger: str, client: str | None,
+                 routes: set[str]) -> int | None:
+        """Send the held mail of ``routes``; None when a release that started
+        moments ago (any trigger's, in any process) answers for this one."""
+        candidates = rules.releasable(snap, trigger, routes)
+        includes_refused = any(i.refused for i in candidates)
         now = time.time()
-        failed = [q for q in located.ids("deferred") if located.mtimes[q] > now]
-        self.postfix.hold(failed)
-        # 2. Held mail whose lifetime clock is old gets a new one.
-        if failed:
-            located = self.locate(dom)
-        limit = time.time() - self.stale_after()
-        stale = [q for q in located.ids("hold") if located.ctimes[q] < limit]
-        if stale:
-            self.refresh(dom, stale)
-            located = self.locate(dom)
-        # 3. Release.  A message that failed an attempt once has its retry
-        #    time (the file's mtime) in the future, and a deferred-queue scan
-        #    would pass it by: it is made due now first, as the flush
-        #    service does for `postqueue -i`.
-        held = located.ids("hold")
+        shares = self._window(dom, snap, trigger, now)
+        if not self.ledger.claim_release(dom, now, trigger, client, includes_refused,
+                                         now + RELEASE_WATCH, shares):
+            log.info("event=release_shared domain=%s trigger=%s client=%s", dom, trigger,
+                     client or "-")
+            return None
+        # Held mail whose lifetime clock is old gets a new one first.
+        old = rules.stale(candidates, now, self.stale_after())
+        if old:
+            self.refresh(dom, [i.queue_id for i in old])
+            snap = self.snapshot(dom)
+            candidates = rules.releasable(snap, trigger, routes)
+        # A message that failed an attempt once has its retry time (the
+        # file's mtime) in the future, and a deferred-queue scan would pass
+        # it by: it is made due now first, as the flush service does for
+        # `postqueue -i`.
         now = time.time()
-        for qid in held:
-            if located.mtimes[qid] > now:
-                self.layout.make_due(qid, now)
+        for item in rules.not_due(candidates, now):
+            self.layout.make_due(item.queue_id, now)
+        ids = [i.queue_id for i in candidates]
         # Recorded before the mail moves, so nobody sees a delivery without it.
-        self.ledger.record_flush(dom, trigger, f"released {len(held)}",
-                                 time.time() + RELEASE_WATCH, client=client)
+        self.ledger.mark_released(ids, now)
         log.info("event=release domain=%s trigger=%s client=%s messages=%d",
-                 dom, trigger, client or "-", len(held))
-        self.postfix.release(held)
+                 dom, trigger, client or "-", len(ids))
+        self.postfix.release(ids)
         self.postfix.scan_deferred()
-        return len(held)
+        self.ledger.set_flush_result(dom, f"released {len(ids)}")
+        return len(ids)
 
     def refresh(self, dom: str, queue_ids: list[str]) -> int:
-        """Give held messages a new lifetime clock; the ledger follows their new ids.
+        """Give held messages a new lifetime clock.
 
-        ``postsuper -r`` sends them back through pickup and cleanup; the
-        hold header (header_checks) puts them straight back on hold, under
-        new queue ids, which ``adopt`` then finds by their tag header.
+        ``postsuper -r`` sends them back through pickup and cleanup, under
+        new queue ids; mail the milter tagged comes straight back on hold
+        (header_checks), any other comes back to the deferred queue, where
+        ``take_in`` holds it again.  Whoever records the copies (this
+        process or the keeper), the ledger counts them: rows recorded since
+        the start for mail that arrived before it.  Returns that count.
         """
-        # Only mail that carries the current hold header comes back on hold:
-        # anything else would leave the hold queue untracked.  Such mail is
-        # released as it is (see README: held before the header existed).
-        secret = holdsecret.read(self.config.state_directory, hold_table(self.config))
-        if not secret:
-            return 0
-        queue_ids = [m.queue_id for m in parse_postcat(self.postfix.read_messages(queue_ids))
-                     if m.queue == "hold" and secret in m.header(HOLD_HEADER)]
-        if not queue_ids:
-            return 0
+        started = time.time()
         self.postfix.requeue(queue_ids)
         deadline = time.monotonic() + REFRESH_WAIT
-        adopted = 0
+        back, last_change = 0, time.monotonic()
         while time.monotonic() < deadline:
             time.sleep(0.2)
             if any(os.path.exists(self.layout.path("maildrop", q)) for q in queue_ids):
-                continue
-            adopted += self.adopt().get(dom, 0)
-            if adopted >= len(queue_ids):
+                last_change = time.monotonic()
+                continue   # pickup has not taken them all yet
+            self.take_in()
+            now_back = self.ledger.recorded_since(dom, started, started)
+            if now_back >= len(queue_ids):
+                back = now_back
                 break
-        self.locate(dom)  # the old ids are gone now: prune them
-        return adopted
+            if now_back != back:
+                back, last_change = now_back, time.monotonic()
+            elif time.monotonic() - last_change > REFRESH_QUIET:
+                break   # the rest went elsewhere (delivered, say): nothing to wait for
+        self.snapshot(dom)  # the old ids are gone now: prune them
+        return back
 
-    def adopt(self) -> dict[str, int]:
-        """Record held messages that carry our tag but are not in the ledger.
+    # -- taking in what the milter did not see ------------------------------
+    def secret(self) -> str:
+        return holdsecret.read(self.config.state_directory, hold_table(self.config))
 
-        Such messages come from a refresh, or from a ledger that lost rows.
-        Cost: one listing of the hold queue, one postcat for the unknown ids.
+    def take_in(self, queues=("deferred", "hold")) -> dict[str, int]:
+        """Record, and hold, every message bound for a customer that the
+        ledger lacks.
+
+        - deferred: mail that never passed the milter (local submission,
+          alias or bcc expansion, Postfix's own notices) and mail of ours
+          the ledger lost; recorded first, then put on hold.
+        - hold: mail of ours the ledger lacks (a refresh's copies, a lost
+          ledger), known by the tag and the hold header with this
+          installation's secret.  Anything else held (an admin's, a
+          filter's quarantine) is remembered as not ours and never read
+          again.
+        Only ids new since the last pass are looked up; each message is
+        read once (postcat); listings are redone only for directories that
+        changed.  Returns the messages taken in per domain.
         """
-        hold_dir = os.path.join(self.layout.queue_directory, "hold")
-        try:
-            present = [n for n in os.listdir(hold_dir) if names.is_queue_id(n)]
-        except FileNotFoundError:
-            return {}
-        unknown = sorted(set(present) - self.ledger.known(present))
         counts: dict[str, int] = {}
-        secret = holdsecret.read(self.config.state_directory, hold_table(self.config))
-        if not unknown or not secret:
-            return counts
-        for msg in parse_postcat(self.postfix.read_messages(unknown)):
-            tags = msg.header(TAG_HEADER)
-            # only what our milter held: the tag and the hold header with our secret
-            if len(tags) != 1 or secret not in msg.header(HOLD_HEADER):
+        now = time.time()
+        self._check_fingerprint()
+        for queue in queues:
+            watch = self._watches.get(queue)
+            if watch is None:
+                watch = self._watches[queue] = QueueWatch(self.layout, queue)
+            present = watch.ids(now)
+            seen = self._seen.setdefault(queue, set())
+            if watch.last_full == now:
+                seen.clear()   # look everything up again now and then: rows can be lost
+            seen.intersection_update(present)
+            if queue == "deferred":
+                self._ours_deferred.intersection_update(present)
+            new = present - seen
+            if watch.last_full == now:
+                self.ledger.prune_foreign(queue, present)
+            if not new:
                 continue
-            dom = tags[0].lower()
-            if dom not in self.config.domains:
-                continue
-            if self.ledger.record(msg.queue_id, dom, msg.size, msg.arrival or time.time(),
-                                  msg.created or time.time()):
-                counts[dom] = counts.get(dom, 0) + 1
+            ours = self.ledger.known(new)
+            if queue == "deferred":
+                self._ours_deferred.update(ours)
+            unknown = new - ours - self.ledger.foreign_among(queue, new - ours)
+            seen.update(new - unknown)
+            if unknown:
+                taken, classified = self._read_unknown(queue, sorted(unknown), now)
+                seen.update(classified)
+                for dom, n in taken.items():
+                    counts[dom] = counts.get(dom, 0) + n
         return counts
+
+    def _read_unknown(self, queue: str, unknown: list[str], now: float):
+        """Read messages the ledger does not know; record ours, remember the
+        rest.  Returns (taken in per domain, the ids classified)."""
+        counts: dict[str, int] = {}
+        secret = self.secret()
+        mine, other, to_hold, classified = [], [], [], []
+        for msg in parse_postcat(self.postfix.read_messages(unknown)):
+            if msg.queue != queue:
+                continue   # it moved meanwhile: the next pass sees it where it is
+            dom, route = self._customer_of(msg)
+            tagged = bool(secret) and secret in msg.header(HOLD_HEADER) \
+                and len(msg.header(TAG_HEADER)) == 1
+            if queue == "hold":
+                tag = msg.header(TAG_HEADER)[0].lower() if tagged else ""
+                if tagged and tag in self.config.domains:
+                    mine.append((msg, tag, route if dom == tag else tag, "adopted"))
+                elif tagged:
+                    # held for a domain no longer configured: ours, shown as removed
+                    mine.append((msg, tag, tag, "adopted"))
+                else:
+                    other.append((msg.queue_id, dom))
+            elif dom is not None and not self._forced(queue, msg.queue_id):
+                mine.append((msg, dom, route, "queue"))
+                to_hold.append(msg.queue_id)
+            else:
+                other.append((msg.queue_id, dom))
+            classified.append(msg.queue_id)
+        for msg, dom, route, origin in mine:
+            if self.ledger.record(msg.queue_id, dom, msg.size, msg.arrival or now,
+                                  msg.created or now, route=route, origin=origin):
+                counts[dom] = counts.get(dom, 0) + 1
+                log.info("event=taken_in queue_id=%s domain=%s from=%s origin=%s",
+                         msg.queue_id, dom, queue, origin)
+        if queue == "deferred":
+            self._ours_deferred.update(m.queue_id for m, *_ in mine)
+        if to_hold:
+            self._hold(to_hold)
+        if other:
+            self.ledger.add_foreign(queue, other)
+        return counts, classified
+
+    def _check_fingerprint(self) -> None:
+        """What was found not ours holds for this config and secret only: a
+        domain added later makes mail for it ours.  Also forget what this
+        process saw when the ledger file is new."""
+        import hashlib
+        if self._domains_text is None:
+            self._domains_text = repr(sorted((d.name, sorted(d.hosts))
+                                             for d in self.config.domains.values()))
+        text = self._domains_text + self.secret()
+        fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
+        if self._fingerprint != (fingerprint, self.ledger.generation):
+            self.ledger.reset_foreign(fingerprint)
+            self._fingerprint = (fingerprint, self.ledger.generation)
+            self._seen.clear()
+            self._ours_deferred.clear()
+
+    def _customer_of(self, msg: QueuedMessage) -> tuple[str | None, str | None]:
+        """The customer domain and route of a message's first pending
+        recipient that is a customer's (None, None: no such recipient)."""
+        for rcpt in msg.recipients:
+            try:
+                _, rcpt_domain = names.address(rcpt)
+            except ValueError:
+                continue
+            customer = names.customer_of(rcpt_domain, self.config.domains)
+            if customer:
+                return customer, route_of(self.config.domains[customer], rcpt_domain)
+        return None, None
+
+    def _forced(self, queue: str, queue_id: str) -> bool:
+        try:
+            return bool(os.stat(self.layout.path(queue, queue_id)).st_mode & FORCED_EXPIRE_BIT)
+        except OSError:
+            return False
+
+    def _hold(self, queue_ids: list[str]) -> None:
+        """postsuper -h; a message that moved on meanwhile is not an error."""
+        try:
+            self.postfix.hold(queue_ids)
+        except PostfixError as exc:
+            log.warning("event=hold_failed messages=%d error=%r", len(queue_ids), str(exc))
+
+    # -- putting failed mail back on hold -----------------------------------
+    def hold_back(self, dom: str, snap: Snapshot) -> Snapshot:
+        """Put back on hold what failed after a release or lies in the
+        deferred queue unreleased; mark it refused (5xx) or not; back the
+        domain off after tempfails.  Returns the snapshot afterwards."""
+        items = snap.to_rehold()
+        if not items:
+            return snap
+        outcomes, tempfailed, refused, interrupted, moved = [], 0, 0, 0, []
+        for item in items:
+            records = read_defer_log(self.layout, item.queue_id)
+            reasons = [r.reason for r in records]
+            outcome = rules.attempt_outcome(reasons)
+            if outcome == rules.REFUSED:
+                outcomes.append((item.queue_id, rules.refusal_text(reasons)))
+                refused += 1
+            elif outcome == rules.TEMPFAIL and item.released is not None:
+                outcomes.append((item.queue_id, None))
+                tempfailed += 1
+            elif item.released is not None:
+                outcomes.append((item.queue_id, item.refused))   # not tried: unchanged
+                interrupted += 1
+            # recipients left for another customer domain: the message is theirs now
+            other = self._remaining_owner(records, item)
+            if other is not None:
+                moved.append((item.queue_id, *other))
+        self._hold([i.queue_id for i in items])
+        now = time.time()
+        if outcomes:
+            self.ledger.set_outcomes(outcomes, now)
+        for qid, domain, route in moved:
+            self.ledger.reassign(qid, domain, route)
+        if tempfailed:
+            self._back_off(dom, now)
+        if interrupted:
+            # the release never reached Postfix's delivery (a restart took its
+            # scan request): it shares nothing with the next trigger
+            self.ledger.set_flush_result(dom, f"interrupted: {interrupted} not attempted")
+        log.info("event=reheld domain=%s messages=%d tempfailed=%d refused=%d",
+                 dom, len(items), tempfailed, refused)
+        return self.snapshot(dom)
+
+    def _remaining_owner(self, records, item: Item):
+        for record in records:
+            try:
+                _, rcpt_domain = names.address(record.recipient)
+            except ValueError:
+                continue
+            customer = names.customer_of(rcpt_domain, self.config.domains)
+            if customer is None:
+                continue
+            route = route_of(self.config.domains[customer], rcpt_domain)
+            if (customer, route) != (item.domain, item.route):
+                return customer, route
+            return None
+        return None
+
+    def _back_off(self, dom: str, now: float) -> None:
+        """Attempts of a release tempfailed: the poller waits, doubling."""
+        state = self.ledger.state(dom)
+        started = state.last_flush or 0.0
+        if state.backoff_until and state.backoff and state.backoff_until - state.backoff >= started:
+            return   # already backed off for this release
+        step = rules.next_backoff(state.backoff, self.seconds("minimal_backoff_time"),
+                                  self.seconds("maximal_backoff_time"))
+        self.ledger.set_backoff(dom, now + step, step)
+        log.info("event=backoff domain=%s seconds=%d", dom, step)
 
     def in_flight(self, domain: str) -> bool:
         """Is mail of the domain being delivered right now (a release still at work)?
@@ -380,11 +707,10 @@ class OnDemand:
         if the first request was on its way) and the release counts as
         still at work.
         """
-        located = self.locate(domain)
-        if located.ids("active", "incoming"):
+        snap = self.snapshot(domain)
+        if snap.of_kind(rules.IN_FLIGHT):
             return True
-        now = time.time()
-        if any(located.mtimes[q] <= now for q in located.ids("deferred")):
+        if snap.of_kind(rules.WAITING):
             self.postfix.scan_deferred()
             return True
         return False
@@ -394,30 +720,53 @@ class OnDemand:
         self.rebuild_if_needed()
         return [d for d in self.ledger.domains_with_mail() if d in self.config.domains]
 
-    def sweep(self, domain: str) -> dict[str, int]:
-        """Put mail that failed after a release back on hold; end the watch when done.
-
-        A message in the deferred queue with its retry time in the future
-        has had a failed attempt; one with a past retry time is waiting to
-        be delivered and is left alone.
-        """
-        dom = names.domain(domain)
-        located = self.locate(dom)
+    def poller_candidates(self) -> tuple[dict[str, list[str]], dict[str, float]]:
+        """What the poller looks at: {domain: routes} of configured, unpaused
+        domains holding mail it may send (not refused), and {domain: until}
+        of those it must leave alone while they back off.  Ledger reads only."""
+        self.rebuild_if_needed()
         now = time.time()
-        failed = [q for q in located.ids("deferred") if located.mtimes[q] > now]
-        in_flight = len(located.ids("active", "incoming")) + \
-            len(located.ids("deferred")) - len(failed)
-        if failed:
-            self.postfix.hold(failed)
+        states = self.ledger.states()
+        candidates, waiting = {}, {}
+        for dom, routes in self.ledger.unrefused_routes().items():
+            state = states.get(dom)
+            if dom not in self.config.domains or state is None or state.paused:
+                continue
+            if not rules.poller_may_release(state.backoff_until, now):
+                waiting[dom] = state.backoff_until
+                continue
+            candidates[dom] = routes
+        return candidates, waiting
+
+    def sweep(self, domain: str) -> dict[str, int]:
+        """Put mail that failed after a release back on hold; end the watch
+        when the release is done (and the backoff, if nothing tempfailed)."""
+        dom = names.domain(domain)
+        before = self.snapshot(dom)
+        reheld = len(before.to_rehold())
+        snap = self.hold_back(dom, before)
+        busy = len(snap.of_kind(rules.IN_FLIGHT, rules.WAITING))
         state = self.ledger.state(dom)
-        if in_flight == 0 and state.releasing_until and state.releasing_until < now:
+        now = time.time()
+        if busy == 0 and state.releasing_until:
             self.ledger.set_releasing_until(dom, None)
-        elif in_flight and (state.releasing_until or 0) < now + 60:
+            started = state.last_flush or 0.0
+            backed_off = state.backoff_until and state.backoff \
+                and state.backoff_until - state.backoff >= started
+            if state.backoff and not backed_off:
+                self.ledger.set_backoff(dom, None, None)   # this release went through
+        elif busy and (state.releasing_until or 0) < now + 60:
             self.ledger.set_releasing_until(dom, now + 60)
-        return {"reheld": len(failed), "in_flight": in_flight}
+        return {"reheld": reheld, "in_flight": busy}
 
     def sweep_all(self) -> dict[str, dict[str, int]]:
-        return {dom: self.sweep(dom) for dom in self.ledger.releasing_domains()}
+        """Sweep every domain in a release, and any whose mail lies in the
+        deferred queue (known from the last listing)."""
+        domains = set(self.ledger.releasing_domains())
+        if self._ours_deferred:
+            domains.update(e.domain for e in
+                           self.ledger.entries_by_id(self._ours_deferred).values())
+        return {dom: self.sweep(dom) for dom in sorted(domains)}
 
     def wait(self, domain: str, timeout: float, progress=None, interval: float = 0.5) -> bool:
         """Wait until nothing of the domain is queued; True if it got there.
@@ -428,37 +777,107 @@ class OnDemand:
         dom = self.domain(domain).name
         deadline = time.monotonic() + timeout
         while True:
-            located = self.locate(dom)
+            snap = self.snapshot(dom)
             if progress:
-                progress(len(located.present))
-            if not located.present:
+                progress(len(snap.present))
+            if not snap.present:
                 return True
-            now = time.time()
-            if any(located.mtimes[q] > now for q in located.ids("deferred")):
+            if snap.of_kind(rules.FAILED):
                 self.sweep(dom)
-            elif not located.ids("deferred", "active", "incoming"):
+            elif not snap.of_kind(rules.IN_FLIGHT, rules.WAITING, rules.STRAY):
                 return False
             if time.monotonic() >= deadline:
                 return False
             time.sleep(interval)
 
-    # -- admin -------------------------------------------------------------
+    # -- returning mail to its senders ----------------------------------------
+    def return_to_senders(self, domain: str, refused_only: bool = False,
+                          older_than: float | None = None) -> int:
+        """Return held mail to its senders: Postfix's own DSN, which quotes
+        each recipient's last failure (the customer server's reply, for
+        refused mail).  ``postsuper -f`` forces expiry and releases it;
+        the keeper leaves forced mail alone."""
+        dom = self._known_domain(domain)
+        snap = self.snapshot(dom)
+        items = [i for i in snap.of_kind(rules.HELD)
+                 if (not refused_only or i.refused is not None)
+                 and (older_than is None or (i.refused_since or 0) < older_than)]
+        if not items:
+            return 0
+        now = time.time()
+        ids = [i.queue_id for i in items]
+        for item in rules.not_due(items, now):
+            self.layout.make_due(item.queue_id, now)
+        log.info("event=return domain=%s messages=%d refused_only=%s", dom, len(ids),
+                 refused_only)
+        self.postfix.expire_release(ids)
+        self.postfix.scan_deferred()
+        return len(ids)
+
+    def release_removed(self, domain: str) -> int:
+        """Let the held mail of a domain no longer configured go as ordinary
+        mail (after `apply` took the domain out of the maps): renewed first
+        if its clock is old, released, and forgotten by the ledger."""
+        dom = self._known_domain(domain)
+        snap = self.snapshot(dom)
+        old = rules.stale(snap.of_kind(rules.HELD), snap.now, self.stale_after())
+        if old:
+            self.refresh(dom, [i.queue_id for i in old])
+            snap = self.snapshot(dom)
+        held = snap.of_kind(rules.HELD)
+        now = time.time()
+        for item in rules.not_due(held, now):
+            self.layout.make_due(item.queue_id, now)
+        ids = [i.queue_id for i in held]
+        log.info("event=release_removed domain=%s messages=%d", dom, len(ids))
+        self.postfix.release(ids)
+        self.postfix.scan_deferred()
+        self.ledger.forget([i.queue_id for i in snap.present])
+        return len(ids)
+
+    # -- admin ----------------------------------------------------------------
     def pause(self, domain: str) -> int:
         """Stop releases; mail waiting in the deferred queue goes back on hold."""
         dom = self.domain(domain).name
         self.ledger.set_paused(dom, True)
-        located = self.locate(dom)
-        waiting = located.ids("deferred")
-        self.postfix.hold(waiting)
+        snap = self.snapshot(dom)
+        waiting = [i.queue_id for i in snap.present
+                   if i.queue == "deferred" and not i.forced]
+        self._hold(waiting)
         return len(waiting)
 
     def resume(self, domain: str) -> None:
         self.ledger.set_paused(self.domain(domain).name, False)
 
     def purge(self, domain: str) -> int:
-        dom = self.domain(domain).name
-        located = self.locate(dom)
-        ids = located.ids("hold", "deferred", "incoming", "active")
+        dom = self._known_domain(domain)
+        snap = self.snapshot(dom)
+        ids = [i.queue_id for i in snap.present]
         self.postfix.delete(ids)
-        self.locate(dom)  # prune what went
+        self.snapshot(dom)  # prune what went
         return len(ids)
+
+
+def _claimant_alive(result: str) -> bool:
+    """A release still marked "releasing (pid N)": is its process alive?
+    (One killed midway shares nothing: the next trigger releases again.)"""
+    import re
+    match = re.search(r"pid (\d+)", result)
+    if not match:
+        return False
+    try:
+        os.kill(int(match.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_address(host: str) -> bool:
+    import ipaddress
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False

@@ -137,6 +137,11 @@ class Postfix:
     def release(self, ids: Iterable[str]) -> int:
         return self._postsuper_ids("-H", ids, "hold")
 
+    def expire_release(self, ids: Iterable[str]) -> int:
+        """``postsuper -f``: force expiry and release from hold; qmgr returns
+        the message to its sender with its defer log's reasons."""
+        return self._postsuper_ids("-f", ids)
+
     def delete(self, ids: Iterable[str]) -> int:
         return self._postsuper_ids("-d", ids)
 

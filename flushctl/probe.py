@@ -1,10 +1,14 @@
 """Does the customer's mail server answer?  Outcomes are values, not exceptions.
 
-Where to knock: the domain's ``relay`` if set (``[host]:port`` as is,
-``host:port`` through host's MX records), else the domain's own MX
-records; our own MX hosts are left out; then each host's A and AAAA
-records, in MX preference order.  A knock is a TCP connection and a 220
-greeting within the timeout, then QUIT.
+Where to knock: where Postfix will send the mail of one route (see
+``routing``): the configured next hop if there is one (``[host]:port``
+as is, ``host:port`` through host's MX records), else the route name's
+own MX records; then each host's A and AAAA records, in MX preference
+order.  MX hosts are chosen by Postfix's own rule (``routing.mx_targets``):
+our hosts, and every MX of equal or worse preference than the best of
+ours, are left out; when nothing is left there is nowhere to deliver
+(NOWHERE), and nothing is released.  A knock is a TCP connection and a
+220 greeting within the timeout, then QUIT.
 
 DNS goes through dnspython with its answers cached for their TTL; the
 nameservers can be set (tests use a local server).  NXDOMAIN and Null MX
@@ -24,13 +28,16 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from .config import Domain
+from .config import Domain, Relay
+from .routing import host_is_ours, mx_targets, relay_of
 
 REACHABLE = "reachable"
 REFUSED = "refused"
 TIMEOUT = "timeout"
 BAD_GREETING = "bad greeting"
 NO_ADDRESS = "no address"
+NOWHERE = "nowhere to deliver"   # every MX left is ours, or the next hop is this host
+SMTP_PORT = 25
 
 
 @dataclass(frozen=True)
@@ -49,18 +56,6 @@ class ProbeResult:
         return f"{self.outcome}{where}" + (f": {self.detail}" if self.detail else "")
 
 
-def choose_mx(domain: str, records: list[tuple[int, str]], own_hosts: frozenset[str]
-              ) -> tuple[list[str], str]:
-    """MX hosts to try, in preference order, without ours; and a problem text."""
-    ordered = [host.rstrip(".").lower() for _, host in sorted(records, key=lambda r: r[0])]
-    if not ordered or ordered == [""]:
-        return [], f"{domain}: null MX (the domain accepts no mail)"
-    hosts = [h for h in ordered if h and h not in own_hosts]
-    if not hosts:
-        return [], f"{domain}: every MX host is one of ours"
-    return hosts, ""
-
-
 def is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -72,9 +67,11 @@ def is_ip(host: str) -> bool:
 class Prober:
     """Probes with one resolver and its TTL cache; safe to share across probes."""
 
-    def __init__(self, timeout: float = 10.0, own_hosts=(), nameservers=()):
+    def __init__(self, timeout: float = 10.0, own_hosts=(), nameservers=(),
+                 own_addresses=frozenset()):
         self.timeout = timeout
         self.own_hosts = frozenset(h.rstrip(".").lower() for h in own_hosts)
+        self.own_addresses = frozenset(own_addresses)
         if nameservers:
             resolver = dns.asyncresolver.Resolver(configure=False)
             resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port)
@@ -96,20 +93,47 @@ class Prober:
         except (dns.exception.DNSException, OSError) as exc:
             return None, f"{name}: DNS lookup failed ({exc.__class__.__name__})"
 
-    async def hosts(self, dom: Domain) -> tuple[list[tuple[str, int]], str]:
-        """(host, port) pairs to try, and a problem text when there are none."""
-        if dom.relay is not None and not dom.relay.mx_lookup:
-            return [(dom.relay.host, dom.relay.port)], ""
-        name = dom.relay.host if dom.relay is not None else dom.name
-        port = dom.relay.port if dom.relay is not None else 25
-        answer, problem = await self.query(name, "MX")
+    async def targets(self, relay: Relay | None, name: str
+                      ) -> tuple[list[tuple[str, int, list[str]]], str, str]:
+        """(host, port, addresses) to try for a next hop, best first; else an
+        outcome (NO_ADDRESS or NOWHERE) and the problem text.  ``relay``:
+        the configured next hop; None: ``name``'s own MX records."""
+        if relay is not None and not relay.mx_lookup:
+            addrs, problem = await self.addresses(relay.host)
+            if not addrs:
+                return [], NO_ADDRESS, problem
+            if self._ours(relay.host, addrs, relay.port):
+                return [], NOWHERE, f"{relay.host}: the next hop is this host"
+            return [(relay.host, relay.port, addrs)], "", ""
+        lookup = relay.host if relay is not None else name
+        port = relay.port if relay is not None else SMTP_PORT
+        answer, problem = await self.query(lookup, "MX")
         if answer is None:
             if problem:
-                return [], problem
-            return [(name, port)], ""  # no MX records: the name itself (RFC 5321)
-        hosts, problem = choose_mx(name, [(r.preference, str(r.exchange)) for r in answer],
-                                   self.own_hosts)
-        return [(h, port) for h in hosts], problem
+                return [], NO_ADDRESS, problem
+            # no MX records: the name itself (RFC 5321)
+            addrs, problem = await self.addresses(lookup)
+            if not addrs:
+                return [], NO_ADDRESS, problem
+            if self._ours(lookup, addrs, port):
+                return [], NOWHERE, (f"{lookup}: has no MX records and is this host "
+                                     f"(Postfix would say: loops back to myself)")
+            return [(lookup, port, addrs)], "", ""
+        records = [(r.preference, str(r.exchange).rstrip(".").lower()) for r in answer]
+        hosts = sorted({h for _, h in records if h})
+        found = await asyncio.gather(*(self.addresses(h) for h in hosts))
+        addresses = {h: addrs for h, (addrs, _) in zip(hosts, found)}
+        own_addrs = self.own_addresses if port == SMTP_PORT else frozenset()
+        choice = mx_targets(lookup, records, addresses, self.own_hosts, own_addrs)
+        if not choice.targets:
+            return [], NOWHERE if choice.ours_best else NO_ADDRESS, choice.problem
+        return [(h, port, list(addrs)) for h, addrs in choice.targets], "", ""
+
+    def _ours(self, host: str, addrs: list[str], port: int) -> bool:
+        """Is this next hop this host?  Names we know always; addresses only
+        on port 25, where Postfix's smtp client looks for itself too."""
+        own_addrs = self.own_addresses if port == SMTP_PORT else frozenset()
+        return host_is_ours(host, addrs, self.own_hosts, own_addrs)
 
     async def addresses(self, host: str) -> tuple[list[str], str]:
         if is_ip(host):
@@ -147,15 +171,19 @@ class Prober:
             if writer is not None:
                 writer.close()
 
-    async def probe(self, dom: Domain) -> ProbeResult:
+    async def route_targets(self, dom: Domain, route: str | None = None):
+        """``targets`` for one route of a domain (default: the domain's own)."""
+        route = route or dom.name
+        return await self.targets(relay_of(dom, route), route)
+
+    async def probe(self, dom: Domain, route: str | None = None) -> ProbeResult:
+        """Knock where the mail of ``route`` (default: the domain) goes."""
         now = time.time()
-        candidates, problem = await self.hosts(dom)
+        candidates, outcome, problem = await self.route_targets(dom, route)
+        if not candidates:
+            return ProbeResult(outcome, "", problem, now)
         result = ProbeResult(NO_ADDRESS, "", problem, now)
-        for host, port in candidates:
-            addresses, problem = await self.addresses(host)
-            if not addresses:
-                result = ProbeResult(NO_ADDRESS, f"{host}:{port}", problem, now)
-                continue
+        for host, port, addresses in candidates:
             for address in addresses:
                 outcome, detail = await self.greet(address, port)
                 target = f"{host}:{port}" if host == address else f"{host}[{address}]:{port}"
@@ -165,6 +193,11 @@ class Prober:
         return result
 
 
-def probe(dom: Domain, prober: Prober) -> ProbeResult:
+def probe(dom: Domain, prober: Prober, route: str | None = None) -> ProbeResult:
     """One probe from synchronous code (its own event loop)."""
-    return asyncio.run(prober.probe(dom))
+    return asyncio.run(prober.probe(dom, route))
+
+
+def describe(targets) -> str:
+    """Targets as a short text: host[addr,addr]:port, best first."""
+    return ", ".join(f"{h}[{','.join(sorted(a))}]:{p}" for h, p, a in targets) or "nothing"

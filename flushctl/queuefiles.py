@@ -23,6 +23,11 @@ LG_USEC_PAD = 4
 
 # Where a message can be, most likely first for held mail.
 QUEUES = ("hold", "incoming", "active", "deferred")
+# Postfix marks a message whose expiry an admin forced (postsuper -e/-f)
+# with the group-execute bit of its queue file (MAIL_QUEUE_STAT_EXPIRE).
+FORCED_EXPIRE_BIT = 0o010
+# hash subdirectory names: the upper-case hex digits of the hash key
+_HEX = "0123456789ABCDEF"
 
 
 def hash_key(queue_id: str) -> str:
@@ -67,6 +72,24 @@ class QueueLayout:
         except FileNotFoundError:
             pass
 
+    def leaf_directories(self, queue: str) -> list[str]:
+        """Every directory of ``queue`` that can hold queue files (one, or
+        16 ** depth when the queue is hashed)."""
+        top = os.path.join(self.queue_directory, queue)
+        if queue.lower() not in self.hashed or self.depth <= 0:
+            return [top]
+        dirs = [top]
+        for _ in range(self.depth):
+            dirs = [os.path.join(d, c) for d in dirs for c in _HEX]
+        return dirs
+
+    def ids(self, queue: str) -> list[str]:
+        """The queue ids in ``queue`` now (one listing per directory)."""
+        found = []
+        for directory in self.leaf_directories(queue):
+            found.extend(_ids_in(directory))
+        return found
+
     def locate_once(self, queue_id: str) -> tuple[str, os.stat_result] | None:
         for queue in QUEUES:
             try:
@@ -87,6 +110,51 @@ class QueueLayout:
         return found
 
 
+def _ids_in(directory: str) -> list[str]:
+    from .names import is_queue_id
+    try:
+        with os.scandir(directory) as entries:
+            return [e.name for e in entries if is_queue_id(e.name)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+class QueueWatch:
+    """The ids of one queue, listed again only where a directory changed.
+
+    Each directory's listing is kept with its modification time; a file
+    renamed in or out changes that time, so one ``stat`` per directory
+    tells whether to list it again.  Every ``full_every`` seconds all are
+    listed regardless (a change within one clock tick is not missed for
+    long).
+    """
+
+    def __init__(self, layout: QueueLayout, queue: str, full_every: float = 60.0):
+        self.layout = layout
+        self.queue = queue
+        self.full_every = full_every
+        self._dirs: dict[str, tuple[int, frozenset[str]]] = {}
+        self.last_full = float("-inf")   # when every directory was last listed
+
+    def ids(self, now: float) -> set[str]:
+        full = now - self.last_full >= self.full_every
+        if full:
+            self.last_full = now
+        result: set[str] = set()
+        for directory in self.layout.leaf_directories(self.queue):
+            try:
+                mtime = os.stat(directory).st_mtime_ns
+            except (FileNotFoundError, NotADirectoryError):
+                self._dirs.pop(directory, None)
+                continue
+            known = self._dirs.get(directory)
+            if full or known is None or known[0] != mtime:
+                known = (mtime, frozenset(_ids_in(directory)))
+                self._dirs[directory] = known
+            result |= known[1]
+        return result
+
+
 @dataclass(frozen=True)
 class QueuedMessage:
     """What ``postcat -e -h`` says of one message."""
@@ -97,6 +165,8 @@ class QueuedMessage:
     arrival: float | None
     created: float | None
     headers: tuple[tuple[str, str], ...]
+    recipients: tuple[str, ...] = ()        # still to be delivered
+    sender: str = ""
 
     def header(self, name: str) -> list[str]:
         return [v for k, v in self.headers if k.lower() == name.lower()]
@@ -118,12 +188,14 @@ def parse_postcat(text: str) -> list[QueuedMessage]:
     for line in text.splitlines():
         if line.startswith("*** ") and line.endswith(" ***"):
             title, _, where = line[4:-4].rpartition(" ")
-            queue, _, qid = where.partition("/")
+            # QUEUE/ID, or QUEUE/X/Y/ID in a hashed queue
+            parts = where.split("/")
+            queue, qid = parts[0], parts[-1]
             if title == "ENVELOPE RECORDS":
                 if current:
                     result.append(QueuedMessage(**current))
                 current = {"queue": queue, "queue_id": qid, "size": 0, "arrival": None,
-                           "created": None, "headers": ()}
+                           "created": None, "headers": (), "recipients": (), "sender": ""}
             section = title
             continue
         if current is None:
@@ -136,6 +208,10 @@ def parse_postcat(text: str) -> list[QueuedMessage]:
                 current["arrival"] = _ctime(value)
             elif key == "create_time":
                 current["created"] = _ctime(value)
+            elif key == "recipient":
+                current["recipients"] = (*current["recipients"], value.strip())
+            elif key == "sender":
+                current["sender"] = value.strip()
         elif section == "MESSAGE CONTENTS":
             if line[:1] in (" ", "\t") and current["headers"]:
                 *rest, (k, v) = current["headers"]
@@ -156,3 +232,38 @@ def parse_duration(value: str) -> float:
     if value and value[-1] in units:
         return float(value[:-1]) * units[value[-1]]
     return float(value) * 86400
+
+
+@dataclass(frozen=True)
+class DeferRecord:
+    """One recipient's entry in a message's defer log: why its last attempt failed."""
+
+    recipient: str
+    status: str     # DSN status, e.g. 4.3.0 (a soft-bounced 5xx keeps its detail: 4.x.y)
+    reason: str
+
+
+def parse_defer_log(text: str) -> list[DeferRecord]:
+    """Split a defer logfile (``defer/ID``, name=value records separated by
+    empty lines; lines starting with ``<`` are the old readable form) (pure)."""
+    records, fields = [], {}
+    for line in text.splitlines() + [""]:
+        if not line:
+            if "recipient" in fields:
+                records.append(DeferRecord(fields["recipient"], fields.get("status", ""),
+                                           fields.get("reason", "")))
+            fields = {}
+            continue
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith("<"):
+            fields[key] = value
+    return records
+
+
+def read_defer_log(layout: QueueLayout, queue_id: str) -> list[DeferRecord]:
+    """The defer log of a message (its recipients' last failures), or []."""
+    try:
+        with open(layout.path("defer", queue_id), errors="replace") as fh:
+            return parse_defer_log(fh.read())
+    except (FileNotFoundError, NotADirectoryError):
+        return []

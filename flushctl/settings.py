@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from .config import Config
+from .routing import transport_entries
 
 
 class SettingsError(Exception):
@@ -86,18 +87,24 @@ HOLD_HEADER = "X-OnDemand-Hold"
 HASH_MAPS = ("relay_domains", "transport", "relay_recipients")
 
 
-def render_maps(config: Config, secret: str = "") -> dict[str, str]:
+def render_maps(config: Config, secret: str = "", requeue_uid: int | None = None
+                ) -> dict[str, str]:
     """Map source files (name -> text) for the configured domains.
 
-    With ``secret``, also the two regexp tables behind the hold header.
+    With ``secret``, also the two regexp tables behind the hold header;
+    with ``requeue_uid`` (the mail_owner's uid), the first table also drops
+    the trace header that pickup adds to mail requeued with ``postsuper
+    -r`` (``Received: by HOST (Postfix, from userid UID)``, the uid of the
+    queue file's owner): held mail whose lifetime clock is renewed again
+    and again would otherwise gain one per renewal, and reach
+    hopcount_limit.
     """
     relay, transport, recipients, any_user = [], [], [], []
     for name in sorted(config.domains):
         dom = config.domains[name]
-        nexthop = dom.relay.nexthop if dom.relay else name
         relay.append(f"{name}\tOK\n")
-        transport.append(f"{name}\t{config.transport_name}:{nexthop}\n")
-        transport.append(f".{name}\t{config.transport_name}:{nexthop}\n")
+        transport.extend(f"{key}\t{value}\n"
+                         for key, value in transport_entries(dom, config.transport_name))
         if dom.recipients is None:
             any_user.append(f"/@(.+\\.)?{re.escape(name)}$/\tOK\n")
         else:
@@ -110,7 +117,12 @@ def render_maps(config: Config, secret: str = "") -> dict[str, str]:
         "relay_recipient_domains": header + "".join(any_user),
     }
     if secret:
-        maps["hold_tagged"] = header + f"/^{HOLD_HEADER}: {secret}$/ HOLD requeued on-demand mail\n"
+        drop = ""
+        if requeue_uid is not None:
+            drop = (f"/^Received: by [^ ]+ \\([^,()]+, from userid {int(requeue_uid)}\\)/"
+                    " IGNORE\n")
+        maps["hold_tagged"] = header + drop + \
+            f"/^{HOLD_HEADER}: {secret}$/ HOLD requeued on-demand mail\n"
         maps["strip_hold"] = header + f"/^{HOLD_HEADER}:/ IGNORE\n"
     return maps
 
@@ -190,7 +202,8 @@ def wanted_services(config: Config, data: dict, values: dict[str, str],
 
 def plan(config: Config, data: dict, raw: dict[str, str], expanded: dict[str, str],
          services: dict[str, str], previous_ours: set[str], smtpd_chrooted: bool,
-         secret: str = "", previous_services: frozenset[str] = frozenset()) -> Plan:
+         secret: str = "", previous_services: frozenset[str] = frozenset(),
+         requeue_uid: int | None = None) -> Plan:
     """Compare what is with what must be.
 
     ``raw``: main.cf values as written; ``expanded``: the same, expanded
@@ -255,4 +268,4 @@ def plan(config: Config, data: dict, raw: dict[str, str], expanded: dict[str, st
              if " ".join(services.get(service_key(e), "").split()) != " ".join(e.split())]
     remove = sorted(k for k in previous_services if k not in keys and k in services)
     return Plan(params=changes, services=write, remove_services=remove,
-                maps=render_maps(config, secret), ours=ours, our_services=keys)
+                maps=render_maps(config, secret, requeue_uid), ours=ours, our_services=keys)

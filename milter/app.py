@@ -6,8 +6,9 @@ to libmilter, the ledger and the queue.  Callbacks we do not need are
 negotiated away, headers and body are streamed without replies: on a
 unix socket the milter costs next to nothing per message.
 
-The same process runs the keeper: every few seconds it puts mail that
-failed after a release back on hold (``OnDemand.sweep_all``).
+The milter only takes mail in, as smtpd and cleanup do in Postfix; the
+queue housekeeping (mail that failed after a release back on hold, mail
+that never passed smtpd taken in) is the keeper's, in the poller.
 """
 
 from __future__ import annotations
@@ -32,8 +33,7 @@ from . import policy
 log = logging.getLogger("flushctl.milter")
 
 QUOTA_RECHECK = 10.0  # seconds between exact recounts of a domain near its quota
-KEEPER_INTERVAL = 5.0
-ADOPT_INTERVAL = 60.0
+COUNTS_INTERVAL = 5.0  # seconds between handing the refusals counted to the ledger
 
 
 class Shared:
@@ -78,6 +78,7 @@ class OnDemandMilter(Milter.Base):
 
     def _reset(self):
         self.klass: str | None = None
+        self.route: str | None = None
         self.size = 0
         self.forged = 0
 
@@ -100,8 +101,13 @@ class OnDemandMilter(Milter.Base):
 
     def envrcpt(self, rcpt, *params):
         try:
-            reply, self.klass = policy.decide_rcpt(rcpt, self.klass, self.shared.domains,
-                                                   self.shared.totals)
+            reply, klass = policy.decide_rcpt(rcpt, self.klass, self.shared.domains,
+                                              self.shared.totals)
+            if reply is None and klass:
+                reply, self.route = policy.decide_route(rcpt, klass, self.route,
+                                                        self.shared.domains)
+            if reply is None:
+                self.klass = klass
         except Exception:
             log.exception("event=error stage=rcpt")
             return self._refuse(policy.LOCAL_PROBLEM)
@@ -144,7 +150,7 @@ class OnDemandMilter(Milter.Base):
                 log.error("event=error stage=eom reason='no {i} macro'")
                 return self._refuse(policy.LOCAL_PROBLEM)
             size = self.size + len(policy.HEADER) + len(klass) + 4
-            self.shared.ledger.record(queue_id, klass, size,
+            self.shared.ledger.record(queue_id, klass, size, route=self.route,
                                       counted=("milter_decisions", "held"))
             for index in range(self.forged, 0, -1):
                 self.chgheader(policy.HEADER, index, "")
@@ -165,28 +171,16 @@ class OnDemandMilter(Milter.Base):
         return Milter.CONTINUE
 
 
-def _keeper(ondemand: OnDemand, stop: threading.Event, counts: Counts) -> None:
-    """Re-hold what failed after a release; adopt tagged mail the ledger lacks;
-    hand the refusals counted meanwhile to the ledger."""
-    last_adopt = 0.0
-    while not stop.wait(KEEPER_INTERVAL):
+def _upkeep(ledger, stop: threading.Event, counts: Counts) -> None:
+    """Every few seconds: hand the refusals counted meanwhile to the ledger,
+    and notice a ledger file removed or replaced under us (the keeper
+    rebuilds its rows from the queue; we record into the new file)."""
+    while not stop.wait(COUNTS_INTERVAL):
         try:
-            counts.flush_to(ondemand.ledger)
+            ledger.check_file()
+            counts.flush_to(ledger)
         except Exception:
-            log.exception("event=error stage=counts")
-        try:
-            # a ledger removed or broken under us: open it afresh, rebuild it
-            for domain, count in ondemand.rebuild_if_needed().items():
-                log.info("event=rebuilt domain=%s messages=%d", domain, count)
-            for domain, result in ondemand.sweep_all().items():
-                if result["reheld"]:
-                    log.info("event=reheld domain=%s messages=%d", domain, result["reheld"])
-            if time.monotonic() - last_adopt >= ADOPT_INTERVAL:
-                last_adopt = time.monotonic()
-                for domain, count in ondemand.adopt().items():
-                    log.info("event=adopted domain=%s messages=%d", domain, count)
-        except Exception:
-            log.exception("event=error stage=keeper")
+            log.exception("event=error stage=upkeep")
 
 
 def _postfix_gid() -> int:
@@ -235,9 +229,9 @@ def run(config: Config, ondemand: OnDemand | None = None) -> None:
     Milter.factory = OnDemandMilter
     Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE)
     stop = threading.Event()
-    keeper = threading.Thread(target=_keeper, args=(od, stop, shared.counts), name="keeper",
-                              daemon=True)
-    keeper.start()
+    upkeep = threading.Thread(target=_upkeep, args=(od.ledger, stop, shared.counts),
+                              name="upkeep", daemon=True)
+    upkeep.start()
     log.info("event=start listen=%s domains=%d", listen.milter_spec, len(config.domains))
     try:
         Milter.runmilter("flushctl", listen.pymilter_spec, 240)

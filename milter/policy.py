@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from flushctl import names
 from flushctl.config import Domain
+from flushctl.routing import route_of
 from flushctl.settings import TAG_HEADER
 
 HEADER = TAG_HEADER
@@ -34,11 +35,13 @@ class Reply:
 
 SECOND_DOMAIN = Reply("452", "4.5.3", "one customer domain per message: "
                       "send this recipient again in its own transaction")
+SECOND_ROUTE = Reply("452", "4.5.3", "one destination host per message: "
+                     "send this recipient again in its own transaction")
 UNKNOWN_RECIPIENT = Reply("550", "5.1.1", "recipient address unknown here")
 QUOTA = Reply("452", "4.2.2", "the domain's held mail is at its quota: try again later")
 LOCAL_PROBLEM = Reply("451", "4.3.0", "temporary local problem: try again later")
 
-_RESULTS = {SECOND_DOMAIN: "second_domain", UNKNOWN_RECIPIENT: "unknown_recipient",
+_RESULTS = {SECOND_DOMAIN: "second_domain", SECOND_ROUTE: "second_domain", UNKNOWN_RECIPIENT: "unknown_recipient",
             QUOTA: "quota", LOCAL_PROBLEM: "tempfail"}
 
 
@@ -103,3 +106,16 @@ def decide_eom(klass: str | None, size: int, domains: dict[str, Domain],
     if has_quota(dom) and over_quota(dom, *totals(klass), size=size):
         return QUOTA
     return None
+
+
+def decide_route(rcpt: str, klass: str, current: str | None,
+                 domains: dict[str, Domain]) -> tuple[Reply | None, str | None]:
+    """One destination per message: a customer's hosts with routes of
+    their own (``hosts``, or routed by their own DNS) are released apart,
+    and the hold queue holds whole messages.  Returns (refusal or None,
+    the transaction's route afterwards)."""
+    _, rcpt_domain = names.address(rcpt)
+    route = route_of(domains[klass], rcpt_domain)
+    if current is not None and route != current:
+        return SECOND_ROUTE, current
+    return None, route

@@ -89,10 +89,12 @@ class Sink:
         os.chmod(self.dir, 0o777)
         self.proc = None
 
-    def start(self):
+    def start(self, refuse: str | None = None):
+        """Serve; ``refuse``: "soft" answers every RCPT with 4xx, "hard" with 5xx."""
+        mode = {None: [], "soft": ["-r", "rcpt"], "hard": ["-f", "rcpt"]}[refuse]
         self.proc = subprocess.Popen(
-            ["smtp-sink", "-u", "nobody", "-d", str(self.dir) + "/%M%S.", "-h", "customer.test",
-             f"{self.host}:{self.port}", "64"],
+            ["smtp-sink", "-u", "nobody", *mode, "-d", str(self.dir) + "/%M%S.",
+             "-h", "customer.test", f"{self.host}:{self.port}", "64"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(self._listening, 10, what="smtp-sink")
         return self
@@ -109,6 +111,10 @@ class Sink:
             self.proc.terminate()
             self.proc.wait(10)
             self.proc = None
+
+    def restart(self, refuse: str | None = None):
+        self.stop()
+        return self.start(refuse)
 
     def messages(self) -> list[str]:
         out = []

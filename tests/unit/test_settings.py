@@ -157,8 +157,10 @@ def test_render_maps():
     assert transport[0].startswith("#")
     assert "customer.example\tondemand:[mail.customer.example]:25" in transport
     assert ".customer.example\tondemand:[mail.customer.example]:25" in transport
-    assert "listed.example\tondemand:listed.example" in transport
-    assert ".listed.example\tondemand:listed.example" in transport
+    # without a relay, an empty next hop: each host under the domain is
+    # routed by its own DNS (pc1.listed.example by pc1's MX, else its address)
+    assert "listed.example\tondemand:" in transport
+    assert ".listed.example\tondemand:" in transport
     assert len(transport) == 1 + 6
 
     relay = maps["relay_domains"].splitlines()
@@ -180,6 +182,44 @@ def test_render_maps():
     assert pattern.search("x@customer.example") and pattern.search("x@a.b.customer.example")
     assert not pattern.search("x@notcustomer.example")
     assert not pattern.search("x@customer.example.evil")
+
+
+HOSTS_CONFIG = """
+[domains."customer.example"]
+relay = "[mail.customer.example]:25"
+hosts = {"pc1.customer.example" = "[192.0.2.7]:25", "pc2.customer.example" = "pc2.customer.example"}
+"""
+
+
+def test_render_maps_hosts_with_routes_of_their_own():
+    cfg = config.parse(HOSTS_CONFIG, "/etc/flushctl/t.toml")
+    transport = settings.render_maps(cfg)["transport"].splitlines()[1:]
+    assert transport == [
+        "customer.example\tondemand:[mail.customer.example]:25",
+        ".customer.example\tondemand:[mail.customer.example]:25",
+        "pc1.customer.example\tondemand:[192.0.2.7]:25",
+        ".pc1.customer.example\tondemand:[192.0.2.7]:25",
+        "pc2.customer.example\tondemand:pc2.customer.example:25",
+        ".pc2.customer.example\tondemand:pc2.customer.example:25",
+    ]
+
+
+def test_hold_table_drops_the_requeue_trace_header_first():
+    maps = settings.render_maps(make_config(CUSTOMER), "ab" * 16, requeue_uid=107)
+    lines = maps["hold_tagged"].splitlines()[1:]
+    assert lines[0].endswith(" IGNORE")
+    import re
+    drop = re.compile(lines[0].split("/")[1])
+    # what pickup writes for requeued mail (owned by the mail_owner, uid 107)
+    assert drop.search("Received: by mx.provider.test (Postfix, from userid 107)\n"
+                       "\tid 4jcczJ2wnFzJ9C2; Tue,  1 Dec 2026 22:24:48 +0000 (UTC)")
+    # a local user's submission, and ordinary SMTP trace headers, are kept
+    assert not drop.search("Received: by mx.provider.test (Postfix, from userid 1000)")
+    assert not drop.search("Received: by mx.provider.test (Postfix, from userid 1070)")
+    assert not drop.search("Received: from [127.0.0.1] (localhost [127.0.0.1])\n"
+                           "\tby mx.provider.test (Postfix) with ESMTP id 109E520C271")
+    assert lines[1].startswith("/^X-OnDemand-Hold: " + "ab" * 16 + "$/ HOLD")
+    assert "IGNORE" not in settings.render_maps(make_config(CUSTOMER), "ab" * 16)["hold_tagged"]
 
 
 def test_render_maps_header_names_config_file():

@@ -1,0 +1,86 @@
+"""The keeper: queue housekeeping, run by the poller (and `flushctl sweep`).
+
+Every few seconds it
+- takes in mail for customers that the milter never saw (a local
+  ``sendmail``, alias or bcc expansion, Postfix's own bounces and delay
+  notices) and held mail of ours the ledger lacks: ``OnDemand.take_in``;
+- puts mail that failed after a release back on hold, marked refused on a
+  5xx, backing the domain off after tempfails: ``OnDemand.sweep_all``;
+- returns refused mail to its senders once a domain's
+  ``refused_return_after`` has passed.
+None of this is intake: it does not depend on the milter, which only takes
+mail in (as smtpd and cleanup do in Postfix).
+
+How often: often enough that mail lying in the deferred queue is held
+well before Postfix tries it again (minimal_backoff_time) or could
+expire (the lifetimes): a quarter of the shortest, between 0.5 and 5 s.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from .ondemand import OnDemand
+
+log = logging.getLogger("flushctl.keeper")
+
+MIN_INTERVAL = 0.5
+MAX_INTERVAL = 5.0
+
+
+def interval_for(minimal_backoff: float, lifetimes: list[float]) -> float:
+    """Seconds between two passes (pure)."""
+    return max(MIN_INTERVAL, min(MAX_INTERVAL, min([minimal_backoff, *lifetimes]) / 4))
+
+
+class Keeper:
+    def __init__(self, ondemand: OnDemand):
+        self.ondemand = ondemand
+
+    def interval(self) -> float:
+        od = self.ondemand
+        return interval_for(od.seconds("minimal_backoff_time"),
+                            [od.seconds("maximal_queue_lifetime"),
+                             od.seconds("bounce_queue_lifetime")])
+
+    def tick(self) -> dict:
+        """One pass; what it did, for the log and `flushctl sweep`."""
+        od = self.ondemand
+        done: dict = {"rebuilt": od.rebuild_if_needed(), "taken_in": od.take_in(),
+                      "swept": od.sweep_all(), "returned": self.return_refused()}
+        for domain, count in done["rebuilt"].items():
+            log.info("event=rebuilt domain=%s messages=%d", domain, count)
+        return done
+
+    def return_refused(self) -> dict[str, int]:
+        """Refused mail past its domain's ``refused_return_after`` goes back
+        to its senders (Postfix's DSN quotes the customer server's reply)."""
+        od = self.ondemand
+        now = time.time()
+        returned = {}
+        for dom in od.config.domains.values():
+            if dom.refused_return_after is None:
+                continue
+            if not od.ledger.refused_before(dom.name, now - dom.refused_return_after):
+                continue
+            count = od.return_to_senders(dom.name, refused_only=True,
+                                         older_than=now - dom.refused_return_after)
+            if count:
+                returned[dom.name] = count
+                log.info("event=returned domain=%s messages=%d reason=refused_return_after",
+                         dom.name, count)
+        return returned
+
+    def run(self, stop: threading.Event) -> None:
+        """Pass after pass until ``stop`` is set; a failing pass is logged
+        and the next one tries again."""
+        interval = self.interval()
+        log.info("event=start interval=%.1f", interval)
+        while not stop.is_set():
+            try:
+                self.tick()
+            except Exception:
+                log.exception("event=error stage=keeper")
+            stop.wait(interval)
