@@ -38,6 +38,7 @@ log = logging.getLogger("flushctl.gateway")
 RELEASED = "released"
 NOTHING = "nothing held"
 UNREACHABLE = "unreachable"
+NOWHERE = "nowhere"     # this host is the best MX, or Postfix cannot route the domain
 PAUSED = "paused"
 FAILED = "failed"
 REPORTED = "reported"   # a report query: nothing released
@@ -148,7 +149,7 @@ class Releaser:
         try:
             result = od.flush(domain, trigger=how, client=client)
         except Refused as exc:
-            kind = PAUSED if exc.code == "paused" else UNREACHABLE
+            kind = {"paused": PAUSED, "nowhere": NOWHERE}.get(exc.code, UNREACHABLE)
             return Outcome(kind, 0, "", str(exc), before)
         except Exception as exc:
             log.exception("event=error stage=release domain=%s", domain)
@@ -194,6 +195,9 @@ def finger_reply(domain: str, outcome: Outcome, verbose: bool) -> list[str]:
     elif outcome.kind == UNREACHABLE:
         lines.append("Delivery not started: your mail server does not answer; "
                      "your mail stays held.")
+    elif outcome.kind == NOWHERE:
+        lines.append("Delivery not started: there is nowhere to deliver it from here "
+                     "(your domain's MX records name this host first); your mail stays held.")
     elif outcome.kind == PAUSED:
         lines.append("Delivery not started: releases for this domain are paused here.")
     elif outcome.kind == FAILED:
@@ -209,6 +213,9 @@ def etrn_action(domain: str, outcome: Outcome) -> str:
         return "OK"
     if outcome.kind == UNREACHABLE:
         return f"458 4.4.1 <{domain}>: unable to queue messages: your mail server does not answer"
+    if outcome.kind == NOWHERE:
+        return (f"458 4.4.4 <{domain}>: unable to queue messages: nowhere to deliver from "
+                "here (your MX records name this host first)")
     if outcome.kind == PAUSED:
         return f"458 4.7.1 <{domain}>: releases for this domain are paused here"
     return "451 4.3.0 temporary problem here; try again later"

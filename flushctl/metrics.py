@@ -44,6 +44,7 @@ COUNTERS = {
                  "by peer and result.", ("peer", "result")),
 }
 GAUGES = ("flushctl_held_messages", "flushctl_held_bytes", "flushctl_oldest_held_age_seconds",
+          "flushctl_refused_messages",
           "flushctl_domain_reachable", "flushctl_domain_paused", "flushctl_quota_messages",
           "flushctl_quota_bytes")
 # every name a scrape can show: what dashboards and alert rules may use
@@ -88,18 +89,20 @@ def domain_lines(ondemand, now: float | None = None) -> str:
     objects costs most of a second.  Domain names are canonical ASCII
     (letters, digits, dots, hyphens): nothing to escape."""
     now = time.time() if now is None else now
-    held, size, age, reachable, paused = [], [], [], [], []
+    held, size, age, reachable, paused, refused = [], [], [], [], [], []
     for name, located, state in ondemand.located_all():
         label = f'{{domain="{name}"}} '
         if located is None:
             held.append(label + "0")
             size.append(label + "0")
             age.append(label + "0")
+            refused.append(label + "0")
         else:
             messages, held_bytes, oldest = located.figures()
             held.append(label + str(messages))
             size.append(label + str(held_bytes))
             age.append(label + (f"{max(0.0, now - oldest):.3f}" if oldest else "0"))
+            refused.append(label + str(len(located.refused())))
         if state.reachable is not None:
             reachable.append(label + ("1" if state.reachable else "0"))
         if state.paused:
@@ -111,6 +114,8 @@ def domain_lines(ondemand, now: float | None = None) -> str:
             ("flushctl_held_bytes", "Bytes held for the domain.", size),
             ("flushctl_oldest_held_age_seconds",
              "Age of the domain's oldest held message (0: none held).", age),
+            ("flushctl_refused_messages", "Held messages the customer's server refused "
+             "(5xx); the poller does not retry them.", refused),
             ("flushctl_domain_reachable", "1 if the domain's mail server answered the last "
              "probe, 0 if not (absent until probed).", reachable),
             ("flushctl_domain_paused", "1 while releases for the domain are paused "

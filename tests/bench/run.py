@@ -1,4 +1,4 @@
-"""The benchmark suite: P1-P6, ours against Postfix alone, one table.
+"""The benchmark suite: P1-P7, ours against Postfix alone, one table.
 
     .venv/bin/python tests/bench/run.py            # everything (about 20 minutes)
     .venv/bin/python tests/bench/run.py --quick    # small sizes, a few minutes
@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import foreign  # noqa: E402
 import gateway_load  # noqa: E402
 import intake  # noqa: E402
 import metrics_scrape  # noqa: E402
@@ -31,7 +32,7 @@ import status  # noqa: E402
 from common import Report, log  # noqa: E402
 
 MEASURES = {"P1": intake, "P2": release, "P3": status, "P4": poller_cycle,
-            "P5": gateway_load, "P6": metrics_scrape}
+            "P5": gateway_load, "P6": metrics_scrape, "P7": foreign}
 
 
 def machine() -> str:

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flushctl import policyproto
-from flushctl.gateway import (FAILED, NOTHING, PAUSED, RELEASED, UNREACHABLE, Outcome,
-                              etrn_action, finger_reply)
+from flushctl.gateway import (FAILED, NOTHING, NOWHERE, PAUSED, RELEASED, UNREACHABLE,
+                              Outcome, etrn_action, finger_reply)
 from flushctl.ondemand import Status
 
 DOM = "customer.example"
@@ -48,6 +48,26 @@ def test_finger_unreachable():
         HELD_LINE,
         "Delivery not started: your mail server does not answer; your mail stays held.",
     ]
+
+
+def test_finger_nowhere_to_deliver():
+    out = Outcome(NOWHERE, 0, "", "this host is its best MX", held())
+    assert finger_reply(DOM, out, False) == [
+        HELD_LINE,
+        "Delivery not started: there is nowhere to deliver it from here (your domain's MX "
+        "records name this host first); your mail stays held.",
+    ]
+
+
+def test_etrn_nowhere_to_deliver():
+    action = etrn_action(DOM, Outcome(NOWHERE, 0, "", "best MX", held()))
+    assert action == ("458 4.4.4 <customer.example>: unable to queue messages: nowhere to "
+                      "deliver from here (your MX records name this host first)")
+
+
+def test_finger_shared_release_without_target():
+    out = Outcome(RELEASED, 0, "", "", held(), shared=True)
+    assert finger_reply(DOM, out, False)[1] == "Delivery started to your mail server."
 
 
 def test_finger_paused():
@@ -166,6 +186,7 @@ def test_etrn_failed():
 
 @pytest.mark.parametrize("kind, code", [
     (RELEASED, None), (NOTHING, None), (UNREACHABLE, "458"), (PAUSED, "458"), (FAILED, "451"),
+    (NOWHERE, "458"),
 ])
 def test_etrn_codes_and_one_line(kind, code):
     action = etrn_action(DOM, Outcome(kind, 0, "", "detail\nwith newline", held()))
