@@ -117,7 +117,10 @@ def _save_ours(config: Config, plan: settings.Plan, kept: list[str]) -> None:
 def _held_removed(config: Config) -> dict[str, tuple[int, int]]:
     """Domains no longer configured whose mail the ledger holds:
     {domain: (messages, bytes)}, exact against the queue."""
+    from .ledger import FILENAME
     from .ondemand import OnDemand
+    if not os.path.exists(os.path.join(config.state_directory, FILENAME)):
+        return {}   # no ledger yet: nothing of ours recorded (and apply creates none)
     od = OnDemand(config)
     try:
         return {st.domain: (st.messages, st.bytes) for st in od.status_all()
@@ -309,7 +312,8 @@ def apply(config: Config, dry_run: bool = False, reload: bool = True,
         raise ApplyError(f"{config.config_directory}: no main.cf here "
                          f"(check [postfix] config_directory in {config.path})")
     data = settings.load_data()
-    list_names = list(data["lists"]) + list(data["conditional_lists"]) + list(data["parameters"])
+    list_names = list(data["lists"]) + list(data["conditional_lists"]) + \
+        list(data["parameters"]) + ["nested_header_checks"]
     raw = pf.get_explicit(*list_names, "smtpd_relay_restrictions", "mynetworks")
     expanded = pf.get(*MANAGED)
     services = pf.services()

@@ -197,7 +197,7 @@ def finger_reply(domain: str, outcome: Outcome, verbose: bool) -> list[str]:
                      "your mail stays held.")
     elif outcome.kind == NOWHERE:
         lines.append("Delivery not started: there is nowhere to deliver it from here "
-                     "(your domain's MX records name this host first); your mail stays held.")
+                     "(check your domain's MX records); your mail stays held.")
     elif outcome.kind == PAUSED:
         lines.append("Delivery not started: releases for this domain are paused here.")
     elif outcome.kind == FAILED:
@@ -215,7 +215,7 @@ def etrn_action(domain: str, outcome: Outcome) -> str:
         return f"458 4.4.1 <{domain}>: unable to queue messages: your mail server does not answer"
     if outcome.kind == NOWHERE:
         return (f"458 4.4.4 <{domain}>: unable to queue messages: nowhere to deliver from "
-                "here (your MX records name this host first)")
+                "here (check your MX records)")
     if outcome.kind == PAUSED:
         return f"458 4.7.1 <{domain}>: releases for this domain are paused here"
     return "451 4.3.0 temporary problem here; try again later"

@@ -28,6 +28,7 @@ log = logging.getLogger("flushctl.keeper")
 
 MIN_INTERVAL = 0.5
 MAX_INTERVAL = 5.0
+RETURN_EVERY = 60.0   # seconds between looks for refused mail due to go back, at most
 
 
 def interval_for(minimal_backoff: float, lifetimes: list[float]) -> float:
@@ -38,6 +39,7 @@ def interval_for(minimal_backoff: float, lifetimes: list[float]) -> float:
 class Keeper:
     def __init__(self, ondemand: OnDemand):
         self.ondemand = ondemand
+        self._returned_at = float("-inf")
 
     def interval(self) -> float:
         od = self.ondemand
@@ -59,7 +61,17 @@ class Keeper:
         to its senders (Postfix's DSN quotes the customer server's reply)."""
         od = self.ondemand
         now = time.time()
-        returned = {}
+        returned: dict[str, int] = {}
+        afters = [d.refused_return_after for d in od.config.domains.values()
+                  if d.refused_return_after is not None]
+        if not afters:
+            return returned
+        # often enough to return it within a quarter of its domain's time, never
+        # more often than each pass, at most once a minute otherwise
+        every = max(1.0, min(RETURN_EVERY, min(afters) / 4))
+        if time.monotonic() - self._returned_at < every:
+            return returned
+        self._returned_at = time.monotonic()
         for dom in od.config.domains.values():
             if dom.refused_return_after is None:
                 continue
@@ -75,8 +87,13 @@ class Keeper:
 
     def run(self, stop: threading.Event) -> None:
         """Pass after pass until ``stop`` is set; a failing pass is logged
-        and the next one tries again."""
-        interval = self.interval()
+        and the next one tries again (Postfix's settings unreadable at the
+        start: the shortest interval, until they can be read)."""
+        try:
+            interval = self.interval()
+        except Exception:
+            log.exception("event=error stage=keeper_interval")
+            interval = MIN_INTERVAL
         log.info("event=start interval=%.1f", interval)
         while not stop.is_set():
             try:

@@ -63,14 +63,11 @@ CREATE TABLE IF NOT EXISTS forwards (
 );
 CREATE INDEX IF NOT EXISTS forwards_by_due ON forwards (due);
 CREATE TABLE IF NOT EXISTS foreign_mail (
+    scope    TEXT NOT NULL,     -- the config it was judged under (domains, secret)
     queue    TEXT NOT NULL,
     queue_id TEXT NOT NULL,
     domain   TEXT,
-    PRIMARY KEY (queue, queue_id)
-);
-CREATE TABLE IF NOT EXISTS meta (
-    name  TEXT PRIMARY KEY,
-    value TEXT
+    PRIMARY KEY (scope, queue, queue_id)
 );
 CREATE TABLE IF NOT EXISTS counters (
     name   TEXT NOT NULL,
@@ -94,6 +91,13 @@ _ADDED_COLUMNS = (
     ("domains", "backoff_until", "REAL"),    # the poller waits until then (attempts tempfailed)
     ("domains", "backoff", "REAL"),          # the current backoff step, seconds
     ("domains", "release_refused", "INTEGER"),  # did the last release include refused mail
+)
+
+
+# Indexes on added columns (made after the columns exist).
+_ADDED_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS messages_refused ON messages (domain, refused_since)"
+    " WHERE refused_since IS NOT NULL",
 )
 
 
@@ -212,6 +216,8 @@ class Ledger:
                     columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
                     if column not in columns:
                         self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                for stmt in _ADDED_INDEXES:
+                    self._db.execute(stmt)
         except sqlite3.DatabaseError:
             self._db.close()
             raise
@@ -363,10 +369,23 @@ class Ledger:
                            " WHERE domain = ?", (row[1], domain))
 
     # -- held mail that is not ours, read once ---------------------------------
+    # Each verdict holds for the config it was made under (``scope``: a
+    # fingerprint of the domains and the secret): a process still running an
+    # older config never decides for one running the newer.
+    foreign_scope = ""
+
+    def set_foreign_scope(self, scope: str) -> None:
+        """Judge under ``scope`` from now on; verdicts made under other
+        scopes are dropped (a config changed: what was not ours may be)."""
+        self.foreign_scope = scope
+        with self._tx() as db:
+            db.execute("DELETE FROM foreign_mail WHERE scope != ?", (scope,))
+
     def foreign(self, queue: str) -> set[str]:
         with self._lock:
             return {r[0] for r in self._db.execute(
-                "SELECT queue_id FROM foreign_mail WHERE queue = ?", (queue,))}
+                "SELECT queue_id FROM foreign_mail WHERE scope = ? AND queue = ?",
+                (self.foreign_scope, queue))}
 
     def foreign_among(self, queue: str, queue_ids) -> set[str]:
         ids = list(queue_ids)
@@ -376,40 +395,32 @@ class Ledger:
                 chunk = ids[start:start + 500]
                 marks = ",".join("?" * len(chunk))
                 found.update(r[0] for r in self._db.execute(
-                    f"SELECT queue_id FROM foreign_mail WHERE queue = ? AND queue_id IN ({marks})",
-                    [queue, *chunk]))
+                    "SELECT queue_id FROM foreign_mail WHERE scope = ? AND queue = ?"
+                    f" AND queue_id IN ({marks})", [self.foreign_scope, queue, *chunk]))
         return found
-
-    def reset_foreign(self, fingerprint: str) -> None:
-        """Forget what was found not ours unless it was found for this
-        config (``fingerprint``)."""
-        with self._tx() as db:
-            row = db.execute("SELECT value FROM meta WHERE name = 'foreign_for'").fetchone()
-            if row is None or row[0] != fingerprint:
-                db.execute("DELETE FROM foreign_mail")
-                db.execute("INSERT OR REPLACE INTO meta VALUES ('foreign_for', ?)",
-                           (fingerprint,))
 
     def foreign_for_customers(self) -> dict[str, int]:
         """Held mail for customer domains that is not ours, per domain."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT domain, COUNT(*) FROM foreign_mail WHERE domain IS NOT NULL"
-                " AND queue = 'hold' GROUP BY domain").fetchall()
+                "SELECT domain, COUNT(*) FROM foreign_mail WHERE scope = ? AND"
+                " domain IS NOT NULL AND queue = 'hold' GROUP BY domain",
+                (self.foreign_scope,)).fetchall()
         return dict(rows)
 
     def add_foreign(self, queue: str, items) -> None:
         """``items``: (queue_id, customer domain or None)."""
         with self._tx() as db:
-            db.executemany("INSERT OR IGNORE INTO foreign_mail VALUES (?, ?, ?)",
-                           [(queue, qid, dom) for qid, dom in items])
+            db.executemany("INSERT OR IGNORE INTO foreign_mail VALUES (?, ?, ?, ?)",
+                           [(self.foreign_scope, queue, qid, dom) for qid, dom in items])
 
     def prune_foreign(self, queue: str, present: set[str]) -> None:
         gone = self.foreign(queue) - present
         if gone:
             with self._tx() as db:
-                db.executemany("DELETE FROM foreign_mail WHERE queue = ? AND queue_id = ?",
-                               [(queue, qid) for qid in gone])
+                db.executemany("DELETE FROM foreign_mail WHERE scope = ? AND queue = ?"
+                               " AND queue_id = ?",
+                               [(self.foreign_scope, queue, qid) for qid in gone])
 
     def arrived_since(self, domain: str, when: float) -> bool:
         """Has mail for the domain been recorded with an arrival after ``when``?"""

@@ -80,6 +80,26 @@ def address(value: str) -> tuple[str, str]:
     return local, domain(dom)
 
 
+def split_recipient(value: str) -> tuple[str, str] | None:
+    """(local part, domain) of an envelope recipient, leniently, for telling
+    whose mail it is: whatever Postfix accepted (a quoted local part with
+    spaces, ``_`` in a host name, UTF-8) still names its domain.  The
+    domain comes back lower-cased without a trailing dot; None when there
+    is no domain (or an address literal)."""
+    if not isinstance(value, str):
+        return None
+    addr = value.strip()
+    if addr.startswith("<") and addr.endswith(">"):
+        addr = addr[1:-1]
+    local, sep, dom = addr.rpartition("@")
+    dom = dom.strip().rstrip(".").lower()
+    if not sep or not local or not dom or dom.startswith("["):
+        return None
+    if any(c.isspace() or ord(c) < 32 or c in "<>,;@\\\"" for c in dom):
+        return None
+    return local, dom
+
+
 def customer_of(rcpt_domain: str, customers) -> str | None:
     """The configured customer domain that ``rcpt_domain`` belongs to.
 

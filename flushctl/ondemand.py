@@ -176,11 +176,13 @@ class OnDemand:
         """Where each of the domain's ledger entries is now: one ``stat``
         pass; rows whose message is gone are pruned."""
         self.rebuild_if_needed()
-        return self._snapshot(self.ledger.entries(domain))
+        return self._snapshot(self.ledger.entries(domain),
+                              self.ledger.state(domain).releasing_until)
 
-    def _snapshot(self, entries: list[Entry]) -> Snapshot:
+    def _snapshot(self, entries: list[Entry], releasing_until: float | None = None
+                  ) -> Snapshot:
         items = tuple(_item(e, self.layout.locate(e.queue_id)) for e in entries)
-        snap = Snapshot(items, time.time())
+        snap = Snapshot(items, time.time(), releasing_until)
         if snap.gone:
             self.ledger.forget(snap.gone)
         return snap
@@ -264,8 +266,14 @@ class OnDemand:
     def prober(self) -> Prober:
         """One prober (and DNS cache) for this process; our own hosts left out."""
         if self._prober is None:
+            from .probe import record_types
+            try:
+                protocols = self.postfix.get("inet_protocols")["inet_protocols"]
+            except (PostfixError, KeyError):
+                protocols = "all"
             self._prober = Prober(self.config.probe_timeout, self.own_hosts(),
-                                  self.config.nameservers, self.own_addresses())
+                                  self.config.nameservers, self.own_addresses(),
+                                  record_types(protocols))
         return self._prober
 
     def own_hosts(self) -> set[str]:
@@ -316,9 +324,7 @@ class OnDemand:
                 params.get("smtp_dns_support_level", "") == "disabled":
             return None
         if self._postfix_prober is None:
-            prober = self.prober
-            self._postfix_prober = Prober(self.config.probe_timeout, prober.own_hosts, (),
-                                          prober.own_addresses)
+            self._postfix_prober = self.prober.same_view()
         return self._postfix_prober
 
     def unroutable(self, dom: Domain, routes) -> dict[str, str]:
@@ -362,6 +368,7 @@ class OnDemand:
         if state.paused:
             raise Refused(f"{name}: paused; `flushctl resume {name}` first", "paused")
         snap = self.hold_back(name, self.snapshot(name))
+        state = self.ledger.state(name)   # as the re-hold left it (backoff, interrupted)
         candidates = rules.releasable(snap, trigger)
         if not candidates:
             return FlushResult(name, 0, None, forwarded)
@@ -392,7 +399,7 @@ class OnDemand:
         if not reachable:
             # not a release: the probe result (status: last_error) says why
             texts = "; ".join(res.text() for _, res in unreachable)
-            code = "nowhere" if all(res.outcome == "nowhere to deliver"
+            code = "nowhere" if all(res.outcome in ("nowhere to deliver", "unroutable")
                                     for _, res in unreachable) else "unreachable"
             raise Refused(f"{name}: mail server not reachable ({texts}); "
                           "the mail stays held", code)
@@ -421,9 +428,12 @@ class OnDemand:
 
     def send_on(self, dom: str, trigger: str) -> int:
         """Queue the release of ``dom`` for every peer of the cluster (the
-        gateway sends it as ETRN); not one that came from a peer."""
+        gateway sends it as ETRN): a customer's or an admin's trigger, not
+        one that came from a peer, and not the poller's (every host runs
+        its own poller, with its own backoff; a peer's ETRN, like a
+        customer's, would also retry refused mail)."""
         cluster = self.config.cluster
-        if cluster is None or trigger == "peer":
+        if cluster is None or trigger not in ("admin", "finger", "etrn"):
             return 0
         self.ledger.queue_forwards(dom, cluster.peers)
         return len(cluster.peers)
@@ -565,6 +575,11 @@ class OnDemand:
                 elif tagged:
                     # held for a domain no longer configured: ours, shown as removed
                     mine.append((msg, tag, tag, "adopted"))
+                elif dom is not None and read_defer_log(self.layout, msg.queue_id):
+                    # untagged, for a customer, and it waited in the deferred queue
+                    # first (its defer log): the keeper took it in (a local
+                    # submission, an alias, a DSN) and the ledger lost its row
+                    mine.append((msg, dom, route, "adopted"))
                 else:
                     other.append((msg.queue_id, dom))
             elif dom is not None and not self._forced(queue, msg.queue_id):
@@ -598,7 +613,7 @@ class OnDemand:
         text = self._domains_text + self.secret()
         fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
         if self._fingerprint != (fingerprint, self.ledger.generation):
-            self.ledger.reset_foreign(fingerprint)
+            self.ledger.set_foreign_scope(fingerprint)
             self._fingerprint = (fingerprint, self.ledger.generation)
             self._seen.clear()
             self._ours_deferred.clear()
@@ -607,13 +622,9 @@ class OnDemand:
         """The customer domain and route of a message's first pending
         recipient that is a customer's (None, None: no such recipient)."""
         for rcpt in msg.recipients:
-            try:
-                _, rcpt_domain = names.address(rcpt)
-            except ValueError:
-                continue
-            customer = names.customer_of(rcpt_domain, self.config.domains)
-            if customer:
-                return customer, route_of(self.config.domains[customer], rcpt_domain)
+            owner = self._customer_route(rcpt)
+            if owner is not None:
+                return owner
         return None, None
 
     def _forced(self, queue: str, queue_id: str) -> bool:
@@ -633,15 +644,34 @@ class OnDemand:
     def hold_back(self, dom: str, snap: Snapshot) -> Snapshot:
         """Put back on hold what failed after a release or lies in the
         deferred queue unreleased; mark it refused (5xx) or not; back the
-        domain off after tempfails.  Returns the snapshot afterwards."""
+        domain off after tempfails.  What the defer log shows waiting only
+        for recipients that are no customer's is not ours any more: Postfix
+        keeps trying it as ordinary mail.  Returns the snapshot afterwards."""
         items = snap.to_rehold()
         if not items:
             return snap
+        # a release may have sent them since the snapshot read their rows:
+        # rows are marked before the mail moves, so they tell
+        strays = [i.queue_id for i in items if snap.kind(i) == rules.STRAY]
+        if strays:
+            fresh = self.ledger.entries_by_id(strays)
+            items = [i for i in items if i.queue_id not in fresh
+                     or not (fresh[i.queue_id].released
+                             and snap.now - fresh[i.queue_id].released < rules.RELEASE_WATCH)]
         outcomes, tempfailed, refused, interrupted, moved = [], 0, 0, 0, []
+        to_hold, let_go = [], []
         for item in items:
             records = read_defer_log(self.layout, item.queue_id)
-            reasons = [r.reason for r in records]
-            outcome = rules.attempt_outcome(reasons)
+            mine = [r for r in records if self._customer_route(r.recipient) is not None]
+            if records and not mine:
+                let_go.append(item.queue_id)   # only outside recipients left
+                continue
+            to_hold.append(item.queue_id)
+            reasons = [r.reason for r in mine]
+            if not reasons and snap.kind(item) == rules.STRAY:
+                outcome = rules.NOT_ATTEMPTED   # due and never tried since its release
+            else:
+                outcome = rules.attempt_outcome(reasons)
             if outcome == rules.REFUSED:
                 outcomes.append((item.queue_id, rules.refusal_text(reasons)))
                 refused += 1
@@ -652,11 +682,15 @@ class OnDemand:
                 outcomes.append((item.queue_id, item.refused))   # not tried: unchanged
                 interrupted += 1
             # recipients left for another customer domain: the message is theirs now
-            other = self._remaining_owner(records, item)
+            other = self._remaining_owner(mine, item)
             if other is not None:
                 moved.append((item.queue_id, *other))
-        self._hold([i.queue_id for i in items])
+        self._hold(to_hold)
         now = time.time()
+        if let_go:
+            self.ledger.forget(let_go)
+            log.info("event=let_go domain=%s messages=%d reason=only_outside_recipients_left",
+                     dom, len(let_go))
         if outcomes:
             self.ledger.set_outcomes(outcomes, now)
         for qid, domain, route in moved:
@@ -667,23 +701,28 @@ class OnDemand:
             # the release never reached Postfix's delivery (a restart took its
             # scan request): it shares nothing with the next trigger
             self.ledger.set_flush_result(dom, f"interrupted: {interrupted} not attempted")
-        log.info("event=reheld domain=%s messages=%d tempfailed=%d refused=%d",
-                 dom, len(items), tempfailed, refused)
+        if to_hold:
+            log.info("event=reheld domain=%s messages=%d tempfailed=%d refused=%d",
+                     dom, len(to_hold), tempfailed, refused)
         return self.snapshot(dom)
 
-    def _remaining_owner(self, records, item: Item):
-        for record in records:
-            try:
-                _, rcpt_domain = names.address(record.recipient)
-            except ValueError:
-                continue
-            customer = names.customer_of(rcpt_domain, self.config.domains)
-            if customer is None:
-                continue
-            route = route_of(self.config.domains[customer], rcpt_domain)
-            if (customer, route) != (item.domain, item.route):
-                return customer, route
+    def _customer_route(self, rcpt: str) -> tuple[str, str] | None:
+        """(customer domain, route) of a recipient, or None: not a customer's."""
+        parts = names.split_recipient(rcpt)
+        if parts is None:
             return None
+        customer = names.customer_of(parts[1], self.config.domains)
+        if customer is None:
+            return None
+        return customer, route_of(self.config.domains[customer], parts[1])
+
+    def _remaining_owner(self, records, item: Item):
+        """Another customer domain (and route) whose recipients are the
+        first left, or None."""
+        for record in records:
+            owner = self._customer_route(record.recipient)
+            if owner is not None:
+                return owner if owner != (item.domain, item.route) else None
         return None
 
     def _back_off(self, dom: str, now: float) -> None:
@@ -748,14 +787,18 @@ class OnDemand:
         busy = len(snap.of_kind(rules.IN_FLIGHT, rules.WAITING))
         state = self.ledger.state(dom)
         now = time.time()
-        if busy == 0 and state.releasing_until:
+        releasing = (state.last_flush_result or "").startswith("releasing") \
+            and _claimant_alive(state.last_flush_result)
+        if busy == 0 and state.releasing_until and not releasing:
             self.ledger.set_releasing_until(dom, None)
             started = state.last_flush or 0.0
             backed_off = state.backoff_until and state.backoff \
                 and state.backoff_until - state.backoff >= started
             if state.backoff and not backed_off:
                 self.ledger.set_backoff(dom, None, None)   # this release went through
-        elif busy and (state.releasing_until or 0) < now + 60:
+        elif snap.of_kind(rules.IN_FLIGHT) and (state.releasing_until or 0) < now + 60:
+            # Postfix is at work on it: mail still due waits its turn (qmgr
+            # takes at most qmgr_message_active_limit at once)
             self.ledger.set_releasing_until(dom, now + 60)
         return {"reheld": reheld, "in_flight": busy}
 

@@ -132,7 +132,9 @@ class Postfix:
         return len(id_list)
 
     def hold(self, ids: Iterable[str]) -> int:
-        return self._postsuper_ids("-h", ids)
+        """Put deferred mail on hold (only from the deferred queue: a message
+        qmgr has taken into the active queue meanwhile is left to it)."""
+        return self._postsuper_ids("-h", ids, "deferred")
 
     def release(self, ids: Iterable[str]) -> int:
         return self._postsuper_ids("-H", ids, "hold")

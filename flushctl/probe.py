@@ -68,8 +68,9 @@ class Prober:
     """Probes with one resolver and its TTL cache; safe to share across probes."""
 
     def __init__(self, timeout: float = 10.0, own_hosts=(), nameservers=(),
-                 own_addresses=frozenset()):
+                 own_addresses=frozenset(), record_types=("A", "AAAA")):
         self.timeout = timeout
+        self.record_types = tuple(record_types)   # Postfix's inet_protocols
         self.own_hosts = frozenset(h.rstrip(".").lower() for h in own_hosts)
         self.own_addresses = frozenset(own_addresses)
         if nameservers:
@@ -139,7 +140,7 @@ class Prober:
         if is_ip(host):
             return [host], ""
         found, problems = [], []
-        for rdtype in ("A", "AAAA"):
+        for rdtype in self.record_types:
             answer, problem = await self.query(host, rdtype)
             if answer is not None:
                 found.extend(r.address for r in answer)
@@ -171,6 +172,11 @@ class Prober:
             if writer is not None:
                 writer.close()
 
+    def same_view(self) -> "Prober":
+        """A prober that resolves with the system's resolver, as Postfix's
+        smtp client does, with this one's idea of ours and its families."""
+        return Prober(self.timeout, self.own_hosts, (), self.own_addresses, self.record_types)
+
     async def route_targets(self, dom: Domain, route: str | None = None):
         """``targets`` for one route of a domain (default: the domain's own)."""
         route = route or dom.name
@@ -196,6 +202,14 @@ class Prober:
 def probe(dom: Domain, prober: Prober, route: str | None = None) -> ProbeResult:
     """One probe from synchronous code (its own event loop)."""
     return asyncio.run(prober.probe(dom, route))
+
+
+def record_types(inet_protocols: str) -> tuple[str, ...]:
+    """The address records Postfix uses under ``inet_protocols`` (pure)."""
+    spec = set(inet_protocols.replace(",", " ").split())
+    if not spec or "all" in spec:
+        return ("A", "AAAA")
+    return tuple(t for t, p in (("A", "ipv4"), ("AAAA", "ipv6")) if p in spec) or ("A",)
 
 
 def describe(targets) -> str:

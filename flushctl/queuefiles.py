@@ -212,6 +212,12 @@ def parse_postcat(text: str) -> list[QueuedMessage]:
                 current["recipients"] = (*current["recipients"], value.strip())
             elif key == "sender":
                 current["sender"] = value.strip()
+        elif section == "HEADER EXTRACTED":
+            # recipients taken from the headers (sendmail -t), always_bcc,
+            # header_checks BCC: cleanup keeps them after the message
+            key, _, value = line.partition(": ")
+            if key == "recipient":
+                current["recipients"] = (*current["recipients"], value.strip())
         elif section == "MESSAGE CONTENTS":
             if line[:1] in (" ", "\t") and current["headers"]:
                 *rest, (k, v) = current["headers"]

@@ -51,19 +51,23 @@ class Item:
     refused_since: float | None = None  # when it was first refused
 
 
-def kind(item: Item, now: float, watch: float = RELEASE_WATCH) -> str:
-    """What the message is doing (one of the constants above)."""
+def kind(item: Item, now: float, watch: float = RELEASE_WATCH,
+         releasing_until: float | None = None) -> str:
+    """What the message is doing (one of the constants above).
+    ``releasing_until``: the domain's release is still watched until then
+    (Postfix at work on it): released mail due in the deferred queue waits."""
     if item.queue is None:
         return GONE
+    if item.queue == "hold":
+        return HELD   # an admin's postsuper -e too: Postfix returns it once released
     if item.forced:
         return RETURNING
-    if item.queue == "hold":
-        return HELD
     if item.queue in ("incoming", "active"):
         return IN_FLIGHT
     if item.mtime > now:
         return FAILED
-    if item.released is not None and now - item.released < watch:
+    if item.released is not None and (now - item.released < watch
+                                      or (releasing_until is not None and now < releasing_until)):
         return WAITING
     return STRAY
 
@@ -72,9 +76,13 @@ def kind(item: Item, now: float, watch: float = RELEASE_WATCH) -> str:
 class Snapshot:
     items: tuple[Item, ...]
     now: float
+    releasing_until: float | None = None   # the domain's release watch
+
+    def kind(self, item: Item) -> str:
+        return kind(item, self.now, RELEASE_WATCH, self.releasing_until)
 
     def of_kind(self, *kinds: str) -> list[Item]:
-        return [i for i in self.items if kind(i, self.now) in kinds]
+        return [i for i in self.items if self.kind(i) in kinds]
 
     def ids(self, *kinds: str) -> list[str]:
         return [i.queue_id for i in self.of_kind(*kinds)]
@@ -151,9 +159,21 @@ TEMPFAIL = "tempfail"            # the server answered 4xx, or did not answer
 REFUSED = "refused"              # a 5xx, a loop, a name that does not exist
 NOT_ATTEMPTED = "not attempted"  # "deferred transport": never sent anywhere
 
-_REMOTE_5XX = re.compile(r"\bsaid: 5\d\d\b")
+# a remote 5xx ("host X said: 550 ...", "host X refused to talk to me: 554 ...")
+_REMOTE_5XX = re.compile(r"\b(said|refused to talk to me): 5\d\d\b")
+# permanent local reasons: a loop, a name that does not exist (NXDOMAIN),
+# a null MX; "Host not found, try again" is a DNS failure of the moment
 _PERMANENT_LOCAL = ("loops back to myself", "Host or domain name not found",
                     "Host not found", "null MX", "nullMX", "does not accept mail")
+_TEMPORARY_LOCAL = ("try again",)
+
+
+def _permanent(reason: str) -> bool:
+    if _REMOTE_5XX.search(reason):
+        return True
+    if any(t in reason for t in _TEMPORARY_LOCAL):
+        return False
+    return any(p in reason for p in _PERMANENT_LOCAL)
 
 
 def attempt_outcome(reasons: list[str]) -> str:
@@ -163,7 +183,7 @@ def attempt_outcome(reasons: list[str]) -> str:
     NOT_ATTEMPTED (empty: nothing known, treated as a temporary failure)."""
     if not reasons:
         return TEMPFAIL
-    if any(_REMOTE_5XX.search(r) or any(p in r for p in _PERMANENT_LOCAL) for r in reasons):
+    if any(_permanent(r) for r in reasons):
         return REFUSED
     if all(r.strip() == "deferred transport" for r in reasons):
         return NOT_ATTEMPTED
@@ -173,7 +193,7 @@ def attempt_outcome(reasons: list[str]) -> str:
 def refusal_text(reasons: list[str]) -> str:
     """The reply worth showing of a refused message (the first permanent one)."""
     for r in reasons:
-        if _REMOTE_5XX.search(r) or any(p in r for p in _PERMANENT_LOCAL):
+        if _permanent(r):
             return r[:500]
     return (reasons[0] if reasons else "")[:500]
 

@@ -141,7 +141,8 @@ def mx_targets(domain: str, records: list[tuple[int, str]],
     self_pref = None
     for pref, host in ordered:
         addrs = {_norm(a) for a in addresses.get(host, [])}
-        if host in own_names or addrs & own_addrs:
+        # like smtp(8), only among hosts with an address
+        if addrs and (host in own_names or addrs & own_addrs):
             self_pref = pref
             break
     candidates = [(pref, host, tuple(addresses.get(host, [])))

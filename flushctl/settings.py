@@ -242,6 +242,21 @@ def plan(config: Config, data: dict, raw: dict[str, str], expanded: dict[str, st
             want[name] = merge_list(mine, current, previous_ours)
         else:
             want[name] = merge_list([], current, previous_ours | set(mine))
+    # attached messages' headers: our strip table, then the admin's own checks
+    mine = [_fill(t, values) for t in data["nested_header_checks"]["ours"]]
+    ours.extend(mine)
+    own_hold = set(ours) | previous_ours
+    admin_checks = [t for t in split_list(raw.get("header_checks", "")) if t not in own_hold]
+    if "nested_header_checks" in raw:
+        nested = []
+        for token in split_list(raw["nested_header_checks"]):
+            if token in ("$header_checks", "${header_checks}", "$(header_checks)"):
+                nested.extend(admin_checks)
+            elif token not in own_hold:
+                nested.append(token)
+    else:   # Postfix's default, $header_checks, without our hold table
+        nested = admin_checks
+    want["nested_header_checks"] = merge_list(mine, ", ".join(nested), previous_ours)
     nets = [postfix_network(n) for n in config.relay_networks]
     ours.extend(nets)
     current = raw.get("mynetworks", "")

@@ -41,7 +41,7 @@ UNKNOWN_RECIPIENT = Reply("550", "5.1.1", "recipient address unknown here")
 QUOTA = Reply("452", "4.2.2", "the domain's held mail is at its quota: try again later")
 LOCAL_PROBLEM = Reply("451", "4.3.0", "temporary local problem: try again later")
 
-_RESULTS = {SECOND_DOMAIN: "second_domain", SECOND_ROUTE: "second_domain", UNKNOWN_RECIPIENT: "unknown_recipient",
+_RESULTS = {SECOND_DOMAIN: "second_domain", SECOND_ROUTE: "second_route", UNKNOWN_RECIPIENT: "unknown_recipient",
             QUOTA: "quota", LOCAL_PROBLEM: "tempfail"}
 
 
@@ -52,10 +52,12 @@ def result_name(reply: Reply) -> str:
 
 def recipient_class(rcpt: str, domains: dict[str, Domain]) -> tuple[str, str | None, str | None]:
     """(class, local part, recipient domain): class is a customer domain or OTHER."""
-    try:
-        local, dom = names.address(rcpt)
-    except ValueError:
+    parts = names.split_recipient(rcpt)
+    if parts is None:
         return OTHER, None, None
+    local, dom = parts
+    if len(local) >= 2 and local[0] == local[-1] == '"':   # "alice" is alice
+        local = local[1:-1].replace('\\"', '"').replace("\\\\", "\\")
     customer = names.customer_of(dom, domains)
     return (customer, local, dom) if customer else (OTHER, None, None)
 
@@ -114,7 +116,7 @@ def decide_route(rcpt: str, klass: str, current: str | None,
     their own (``hosts``, or routed by their own DNS) are released apart,
     and the hold queue holds whole messages.  Returns (refusal or None,
     the transaction's route afterwards)."""
-    _, rcpt_domain = names.address(rcpt)
+    _, rcpt_domain = names.split_recipient(rcpt)
     route = route_of(domains[klass], rcpt_domain)
     if current is not None and route != current:
         return SECOND_ROUTE, current

@@ -144,7 +144,7 @@ def test_a_peer_down_gets_its_release_when_it_returns(cluster):
     assert all(bounce_lines(s) == [] for s in cluster)
 
 
-@pytest.mark.parametrize("trigger", ["admin", "etrn", "poller"])
+@pytest.mark.parametrize("trigger", ["admin", "etrn"])
 def test_every_trigger_on_one_mx_releases_on_all(cluster, trigger):
     first, second, third = cluster
     _hold_everywhere(cluster)
@@ -153,15 +153,34 @@ def test_every_trigger_on_one_mx_releases_on_all(cluster, trigger):
     if trigger == "admin":
         out = second.flushctl("flush", "customer.test").stdout
         assert "sent on to 2 peer(s)" in out and f"released {PER_HOST}" in out, out
-    elif trigger == "etrn":   # the customer's fetchmail, from outside the cluster
+    else:   # the customer's fetchmail, from outside the cluster
         proc = subprocess.run(
             ["fetchmail", "-f", "/dev/null", "-p", "ETRN", "--fetchdomains", "customer.test",
              "-P", str(second.pf.smtpd_port), second.pf.address],
             capture_output=True, text=True, timeout=120)
         assert "Queuing for customer.test started" in proc.stdout + proc.stderr, proc.stderr
-    else:
-        second.start_poller()   # its first cycle finds the customer's server up
     wait_until(lambda: _delivered_all(cluster), 30, 0.2, what="mail of all three delivered")
     assert [s.status("customer.test")[0]["last_flush_trigger"] for s in cluster] == \
         ["peer", trigger, "peer"]
     print(f"{trigger} on mx2: all three delivered (mx1 and mx3 by ETRN from mx2)")
+
+
+def test_each_mx_has_its_own_poller_whose_releases_stay_home(cluster):
+    """The poller's releases are not sent on: each host's own poller watches
+    the customer with its own backoff, and never retries refused mail (a
+    peer's ETRN, like a customer's, would)."""
+    first, second, third = cluster
+    _hold_everywhere(cluster)
+    for stack in cluster:
+        stack.sink.start()
+    second.start_poller()       # its first cycle finds the customer's server up
+    wait_until(lambda: _delivered_all([second]), 30, 0.2, what="mx2 delivered")
+    time.sleep(2)
+    assert _events(second, r"event=forward_") == []
+    assert [len(s.queue()) for s in (first, third)] == [PER_HOST, PER_HOST]
+    for stack in (first, third):
+        stack.start_poller()
+    wait_until(lambda: _delivered_all(cluster), 30, 0.2, what="every host delivered")
+    assert [s.status("customer.test")[0]["last_flush_trigger"] for s in cluster] == \
+        ["poller"] * 3
+    assert all(bounce_lines(s) == [] for s in cluster)

@@ -54,15 +54,15 @@ def test_finger_nowhere_to_deliver():
     out = Outcome(NOWHERE, 0, "", "this host is its best MX", held())
     assert finger_reply(DOM, out, False) == [
         HELD_LINE,
-        "Delivery not started: there is nowhere to deliver it from here (your domain's MX "
-        "records name this host first); your mail stays held.",
+        "Delivery not started: there is nowhere to deliver it from here (check your "
+        "domain's MX records); your mail stays held.",
     ]
 
 
 def test_etrn_nowhere_to_deliver():
     action = etrn_action(DOM, Outcome(NOWHERE, 0, "", "best MX", held()))
     assert action == ("458 4.4.4 <customer.example>: unable to queue messages: nowhere to "
-                      "deliver from here (your MX records name this host first)")
+                      "deliver from here (check your MX records)")
 
 
 def test_finger_shared_release_without_target():

@@ -204,3 +204,22 @@ def test_customer_of_prefers_nearest_parent():
 def test_customer_of_never_matches_bare_tld():
     # "example" alone is never a configured name; the walk stops at two labels
     assert names.customer_of("a.example", {"example"}) is None
+
+
+# -- whose mail is it: lenient splitting of envelope recipients --------------
+
+@pytest.mark.parametrize("rcpt, expected", [
+    ("alice@customer.example", ("alice", "customer.example")),
+    ("<Alice@Customer.Example.>", ("Alice", "customer.example")),
+    ('"john doe"@customer.example', ('"john doe"', "customer.example")),
+    ("u@pc_1.customer.example", ("u", "pc_1.customer.example")),
+    ("a@b@customer.example", ("a@b", "customer.example")),
+    ("postmaster", None),
+    ("@customer.example", None),
+    ("u@", None),
+    ("u@[192.0.2.1]", None),
+    ("u@bad domain.example", None),
+])
+def test_split_recipient(rcpt, expected):
+    from flushctl.names import split_recipient
+    assert split_recipient(rcpt) == expected

@@ -234,3 +234,18 @@ def test_over_quota_messages(messages, held, size, over):
 ])
 def test_over_quota_bytes(held, size, over):
     assert policy.over_quota(DOMAINS["bytes.example"], 0, held, size) is over
+
+
+@pytest.mark.parametrize("rcpt, klass", [
+    ('"john doe"@customer.example', "customer.example"),   # Postfix accepts these:
+    ("u@pc_1.customer.example", "customer.example"),      # never let them slip past
+])
+def test_odd_but_valid_recipients_are_the_customers(rcpt, klass):
+    from flushctl_milter.policy import recipient_class
+    assert recipient_class(rcpt, DOMAINS)[0] == klass
+
+
+def test_quoted_local_part_is_matched_unquoted_against_the_list():
+    from flushctl_milter.policy import recipient_class
+    _, local, _ = recipient_class('"Alice"@listed.example', DOMAINS)
+    assert local == "Alice"

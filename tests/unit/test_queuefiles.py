@@ -118,3 +118,94 @@ def test_locate_finds_file_in_queue(tmp_path):
 def test_locate_gone(tmp_path):
     layout = QueueLayout(str(tmp_path), DEFAULT_HASHED, 1)
     assert layout.locate("4jcczJ2wnFzJ9C2") is None
+
+
+# -- postcat -e -h, defer logs, listings (real output of Postfix 3.7.11) ------
+
+from flushctl.queuefiles import QueueWatch, parse_defer_log, parse_postcat  # noqa: E402
+
+SENDMAIL_T = """*** ENVELOPE RECORDS hold/0/08AF720C0A7 ***
+message_size:             313             190               2               0             313               0
+message_arrival_time: Tue Dec  1 23:46:14 2026
+create_time: Tue Dec  1 23:46:14 2026
+named_attribute: rewrite_context=local
+sender_fullname: root
+sender: root@provider.test
+*** MESSAGE CONTENTS hold/0/08AF720C0A7 ***
+Received: by mx.provider.test (Postfix, from userid 0)
+\tid 08AF720C0A7; Tue,  1 Dec 2026 23:46:14 +0000 (UTC)
+To: alice@cust.test
+Cc: Bob <bob@cust.test>
+Subject: t
+*** HEADER EXTRACTED hold/0/08AF720C0A7 ***
+named_attribute: dsn_orig_rcpt=rfc822;alice@cust.test
+original_recipient: alice@cust.test
+recipient: alice@cust.test
+original_recipient: bob@cust.test
+recipient: bob@cust.test
+*** MESSAGE FILE END hold/0/08AF720C0A7 ***
+"""
+
+PARTLY_DELIVERED = """*** ENVELOPE RECORDS hold/A/7/A75D920C861 ***
+message_size:             294             794               3               0             294               0
+message_arrival_time: Tue Dec  1 22:24:48 2026
+create_time: Tue Dec  1 22:24:48 2026
+sender: a@sender.test
+original_recipient: bob@cust.test
+recipient: bob@cust.test
+original_recipient: x@other.test
+done_recipient: x@other.test
+original_recipient: info@provider.test
+recipient: alice@cust.test
+*** MESSAGE CONTENTS hold/A/7/A75D920C861 ***
+Received: from [127.0.0.1] (localhost [127.0.0.1])
+\tby mx.provider.test (Postfix) with ESMTP id A75D920C861;
+\tTue,  1 Dec 2026 22:24:48 +0000 (UTC)
+Subject: x
+*** HEADER EXTRACTED hold/A/7/A75D920C861 ***
+*** MESSAGE FILE END hold/A/7/A75D920C861 ***
+"""
+
+
+def test_postcat_recipients_taken_from_the_headers():
+    [msg] = parse_postcat(SENDMAIL_T)
+    assert (msg.queue, msg.queue_id) == ("hold", "08AF720C0A7")   # hashed: hold/0/ID
+    assert msg.recipients == ("alice@cust.test", "bob@cust.test")
+    assert msg.sender == "root@provider.test" and msg.size == 313
+    assert msg.header("received")[0].startswith("by mx.provider.test (Postfix, from userid 0)")
+
+
+def test_postcat_pending_recipients_only_and_two_level_hash():
+    [msg] = parse_postcat(PARTLY_DELIVERED + SENDMAIL_T)[:1]
+    assert (msg.queue, msg.queue_id) == ("hold", "A75D920C861")
+    # x@other.test was delivered (done_recipient); the alias expansion's result counts
+    assert msg.recipients == ("bob@cust.test", "alice@cust.test")
+    assert len(parse_postcat(PARTLY_DELIVERED + SENDMAIL_T)) == 2
+
+
+DEFER_LOG = ("\n<alice@cust.test>: deferred transport\nrecipient=alice@cust.test\noffset=560\n"
+             "dsn_orig_rcpt=rfc822;alice@cust.test\nstatus=4.3.2\naction=delayed\n"
+             "reason=deferred transport\n\n\n<bob@cust.test>: host x said: 550 no\n"
+             "recipient=bob@cust.test\noffset=628\ndsn_orig_rcpt=rfc822;bob@cust.test\n"
+             "status=4.0.0\naction=delayed\nreason=host x said: 550 no\n\n")
+
+
+def test_defer_log_records():
+    records = parse_defer_log(DEFER_LOG)
+    assert [(r.recipient, r.status, r.reason) for r in records] == [
+        ("alice@cust.test", "4.3.2", "deferred transport"),
+        ("bob@cust.test", "4.0.0", "host x said: 550 no")]
+    assert parse_defer_log("") == []
+
+
+def test_queue_watch_lists_again_only_what_changed(tmp_path):
+    layout = QueueLayout(str(tmp_path), frozenset({"deferred"}), 1)
+    (tmp_path / "deferred" / "6").mkdir(parents=True)
+    (tmp_path / "deferred" / "6" / "4jcczJ2wnFzJ9C2").write_bytes(b"")
+    watch = QueueWatch(layout, "deferred", full_every=3600)
+    assert watch.ids(0.0) == {"4jcczJ2wnFzJ9C2"}
+    (tmp_path / "deferred" / "6" / "4jcczJ2xwpzJ9C3").write_bytes(b"")
+    os.utime(tmp_path / "deferred" / "6", ns=(1, 1))    # a change the watch must see
+    assert watch.ids(1.0) == {"4jcczJ2wnFzJ9C2", "4jcczJ2xwpzJ9C3"}
+    assert len(layout.leaf_directories("deferred")) == 16
+    assert layout.leaf_directories("hold") == [str(tmp_path / "hold")]

@@ -35,11 +35,21 @@ def item(qid="AAAAAAAAAA", queue="hold", mtime=NOW - 10, released=None, refused=
      item(queue="deferred", released=NOW - rules.RELEASE_WATCH - 1), rules.STRAY),
     ("forced expiry in the deferred queue: Postfix returns it",
      item(queue="deferred", mtime=NOW + 300, forced=True), rules.RETURNING),
-    ("forced expiry on hold", item(queue="hold", forced=True), rules.RETURNING),
+    ("an admin's postsuper -e on held mail: held; returned once released",
+     item(queue="hold", forced=True), rules.HELD),
     ("gone", item(queue=None), rules.GONE),
 ])
 def test_kind(name, entry, expected):
     assert rules.kind(entry, NOW) == expected, name
+
+
+def test_released_mail_waits_while_the_release_is_watched():
+    old = item(queue="deferred", released=NOW - rules.RELEASE_WATCH - 600)
+    assert rules.kind(old, NOW) == rules.STRAY
+    # Postfix still at work on the release (qmgr's active queue is full): it waits
+    assert rules.kind(old, NOW, releasing_until=NOW + 30) == rules.WAITING
+    assert Snapshot((old,), NOW, releasing_until=NOW + 30).to_rehold() == []
+    assert rules.kind(old, NOW, releasing_until=NOW - 1) == rules.STRAY
 
 
 def test_to_rehold_is_failed_and_stray_only():
@@ -114,6 +124,13 @@ def test_not_due_is_a_retry_time_ahead():
     ("loop to this host", ["mail for customer.example loops back to myself"], rules.REFUSED),
     ("no such domain", ["Host or domain name not found. Name service error for "
                         "name=gone.example type=MX: Host not found"], rules.REFUSED),
+    ("a DNS failure of the moment", ["Host or domain name not found. Name service error for "
+                                     "name=cust.example type=MX: Host not found, try again"],
+     rules.TEMPFAIL),
+    ("a 5xx greeting", ["host mail.cust.example[192.0.2.7] refused to talk to me: 554 5.7.1 "
+                        "go away"], rules.REFUSED),
+    ("a 4xx greeting", ["host mail.cust.example[192.0.2.7] refused to talk to me: 421 4.3.2 "
+                        "busy"], rules.TEMPFAIL),
     ("remote 4xx", ["host 127.0.0.1[127.0.0.1] said: 451 4.3.0 Error: command failed "
                     "(in reply to RCPT TO command)"], rules.TEMPFAIL),
     ("connection refused", ["connect to 127.0.0.1[127.0.0.1]:2525: Connection refused"],

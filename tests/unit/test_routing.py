@@ -111,6 +111,14 @@ def test_mx_targets(name, records, expected, ours_best):
         assert choice.problem
 
 
+def test_mx_targets_our_name_without_an_address_is_skipped_as_postfix_does():
+    addrs = {**ADDRS, "mx.provider.example": []}
+    choice = routing.mx_targets("customer.example", [(10, "mx.provider.example"),
+                                                     (20, "mail.customer.example")],
+                                addrs, OWN_NAMES, OWN_ADDRS)
+    assert [h for h, _ in choice.targets] == ["mail.customer.example"]
+
+
 def test_mx_targets_only_unaddressed_hosts_above_us():
     hosts, choice = targets([(5, "noaddr.customer.example"), (10, "mx.provider.example")])
     assert hosts == [] and not choice.ours_best
@@ -127,3 +135,12 @@ def test_mx_targets_name_rule_without_address_rule():
     hosts, _ = targets([(10, "alias-of-us.example"), (20, "mail.customer.example")],
                        addrs=frozenset())
     assert hosts == ["alias-of-us.example", "mail.customer.example"]
+
+
+@pytest.mark.parametrize("protocols, types", [
+    ("all", ("A", "AAAA")), ("ipv4", ("A",)), ("ipv6", ("AAAA",)),
+    ("ipv4, ipv6", ("A", "AAAA")), ("", ("A", "AAAA")),
+])
+def test_record_types_follow_inet_protocols(protocols, types):
+    from flushctl.probe import record_types
+    assert record_types(protocols) == types

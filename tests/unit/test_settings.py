@@ -306,7 +306,9 @@ def test_plan_fresh_instance():
         assert p.params.get(name) == value, name
     assert p.params["smtpd_etrn_restrictions"]   # never empty: empty lets anyone ETRN
     # exactly the data's parameters and lists, each list holding only our entries
-    assert set(p.params) == set(DATA["parameters"]) | set(DATA["lists"])
+    assert set(p.params) == set(DATA["parameters"]) | set(DATA["lists"]) | \
+        {"nested_header_checks"}
+    assert p.params["nested_header_checks"] == f"regexp:{MAP_DIR}/strip_hold"
     for name, value in DATA["parameters"].items():
         assert p.params[name] == fill(value)
     for name, templates in DATA["lists"].items():
@@ -534,3 +536,29 @@ def test_submission_chrooted_like_smtpd():
     chrooted = settings.plan(cfg, DATA, {}, dict(EXPANDED), {}, set(), smtpd_chrooted=True)
     assert chrooted.services[1].split()[4] == "y"
     assert submission_plan().services[1].split()[4] == "n"
+
+
+
+STRIP = f"regexp:{MAP_DIR}/strip_hold"
+HOLD = f"regexp:{MAP_DIR}/hold_tagged"
+
+
+@pytest.mark.parametrize("raw, expected", [
+    # Postfix's default ($header_checks) without our hold table: the admin's own
+    ({"header_checks": f"{HOLD}, pcre:/etc/postfix/spam"}, f"{STRIP}, pcre:/etc/postfix/spam"),
+    ({}, STRIP),
+    # set by the admin: kept, $header_checks expanded without our hold table
+    ({"header_checks": f"{HOLD}, pcre:/a", "nested_header_checks": "$header_checks, pcre:/b"},
+     f"{STRIP}, pcre:/a, pcre:/b"),
+    ({"nested_header_checks": "pcre:/b"}, f"{STRIP}, pcre:/b"),
+])
+def test_attached_headers_never_meet_our_hold_table(raw, expected):
+    p = run_plan(make_config(CUSTOMER), raw=raw)
+    assert p.params["nested_header_checks"] == expected
+    assert HOLD not in p.params["nested_header_checks"]
+
+
+def test_our_header_is_stripped_from_every_smtp_delivery():
+    p = run_plan(make_config(CUSTOMER), raw={"smtp_header_checks": "pcre:/mine"})
+    assert p.params["smtp_header_checks"] == f"{STRIP}, pcre:/mine"
+    assert p.params["smtp_nested_header_checks"] == STRIP
