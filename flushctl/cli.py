@@ -335,6 +335,11 @@ def flush(ctx, domain, wait, timeout):
                    f"({st.last_flush_trigger}) answers for this one")
         if not wait:
             return
+    elif result.probe is None and result.on_the_way:
+        click.echo(f"{name}: {result.on_the_way} message(s) already on their way "
+                   "(an earlier release)")
+        if not wait:
+            return
     elif result.probe is None:
         click.echo(f"{name}: nothing held")
         return

@@ -289,16 +289,20 @@ class Ledger:
         return [Entry(*row) for row in rows]
 
     def entries_by_id(self, queue_ids) -> dict[str, Entry]:
+        return {row[0]: Entry(*row) for row in
+                self._rows_in(self._ENTRY_SELECT + " WHERE queue_id IN ({})", queue_ids)}
+
+    def _rows_in(self, sql: str, queue_ids, *before) -> list:
+        """Rows of ``sql`` (its ``{}`` the IN list) for many ids, 500 at a time;
+        ``before``: the values of the placeholders ahead of the list."""
         ids = list(queue_ids)
-        found: dict[str, Entry] = {}
+        rows = []
         with self._lock:
             for start in range(0, len(ids), 500):
                 chunk = ids[start:start + 500]
-                marks = ",".join("?" * len(chunk))
-                for row in self._db.execute(
-                        self._ENTRY_SELECT + f" WHERE queue_id IN ({marks})", chunk):
-                    found[row[0]] = Entry(*row)
-        return found
+                rows += self._db.execute(sql.format(",".join("?" * len(chunk))),
+                                         [*before, *chunk]).fetchall()
+        return rows
 
     def all_ids(self) -> set[str]:
         with self._lock:
@@ -388,16 +392,9 @@ class Ledger:
                 (self.foreign_scope, queue))}
 
     def foreign_among(self, queue: str, queue_ids) -> set[str]:
-        ids = list(queue_ids)
-        found: set[str] = set()
-        with self._lock:
-            for start in range(0, len(ids), 500):
-                chunk = ids[start:start + 500]
-                marks = ",".join("?" * len(chunk))
-                found.update(r[0] for r in self._db.execute(
-                    "SELECT queue_id FROM foreign_mail WHERE scope = ? AND queue = ?"
-                    f" AND queue_id IN ({marks})", [self.foreign_scope, queue, *chunk]))
-        return found
+        return {r[0] for r in self._rows_in(
+            "SELECT queue_id FROM foreign_mail WHERE scope = ? AND queue = ?"
+            " AND queue_id IN ({})", queue_ids, self.foreign_scope, queue)}
 
     def foreign_for_customers(self) -> dict[str, int]:
         """Held mail for customer domains that is not ours, per domain."""
@@ -432,15 +429,8 @@ class Ledger:
 
     def known(self, queue_ids) -> set[str]:
         """Which of these ids the ledger has."""
-        ids = list(queue_ids)
-        found: set[str] = set()
-        with self._lock:
-            for start in range(0, len(ids), 500):
-                chunk = ids[start:start + 500]
-                marks = ",".join("?" * len(chunk))
-                found.update(r[0] for r in self._db.execute(
-                    f"SELECT queue_id FROM messages WHERE queue_id IN ({marks})", chunk))
-        return found
+        return {r[0] for r in self._rows_in(
+            "SELECT queue_id FROM messages WHERE queue_id IN ({})", queue_ids)}
 
     def forget(self, queue_ids) -> int:
         """Drop rows (their messages are gone); totals follow."""

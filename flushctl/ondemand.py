@@ -33,7 +33,7 @@ from . import release_rules as rules
 from .config import Config, Domain
 from .ledger import DomainState, Entry, Ledger
 from .postfix import Postfix, PostfixError
-from .probe import Prober, ProbeResult, probe
+from .probe import Prober, ProbeResult, is_ip, probe
 from .queuefiles import (FORCED_EXPIRE_BIT, QueueLayout, QueueWatch, QueuedMessage,
                          parse_duration, parse_postcat, read_defer_log)
 from .release_rules import Item, Snapshot
@@ -99,6 +99,7 @@ class FlushResult:
     probe: ProbeResult | None
     forwarded: int = 0   # peers of the cluster this release is sent on to
     shared: bool = False           # a release that started moments ago answers for it
+    on_the_way: int = 0            # nothing to release, but so many an earlier one sends
     unreachable: tuple = ()        # (route, ProbeResult) of destinations that did not answer
 
 
@@ -285,7 +286,7 @@ class OnDemand:
         except (PostfixError, KeyError):
             pass
         if self.config.cluster is not None:
-            own.update(p.host for p in self.config.cluster.peers if not _is_address(p.host))
+            own.update(p.host for p in self.config.cluster.peers if not is_ip(p.host))
         return own
 
     def own_addresses(self) -> frozenset[str]:
@@ -309,7 +310,7 @@ class OnDemand:
         own = set(own_addresses(values.get("inet_interfaces", "all"),
                                 values.get("proxy_interfaces", ""), local, resolve))
         if self.config.cluster is not None:
-            own.update(p.host for p in self.config.cluster.peers if _is_address(p.host))
+            own.update(p.host for p in self.config.cluster.peers if is_ip(p.host))
         return frozenset(own)
 
     def postfix_prober(self) -> Prober | None:
@@ -371,7 +372,8 @@ class OnDemand:
         state = self.ledger.state(name)   # as the re-hold left it (backoff, interrupted)
         candidates = rules.releasable(snap, trigger)
         if not candidates:
-            return FlushResult(name, 0, None, forwarded)
+            return FlushResult(name, 0, None, forwarded,
+                               on_the_way=len(snap.of_kind(rules.IN_FLIGHT, rules.WAITING)))
         if self._window(name, snap, trigger, snap.now)(state):
             return FlushResult(name, 0, None, forwarded, shared=True)
         if trigger == "poller" and not rules.poller_may_release(state.backoff_until, snap.now):
@@ -917,10 +919,3 @@ def _claimant_alive(result: str) -> bool:
     return True
 
 
-def _is_address(host: str) -> bool:
-    import ipaddress
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False

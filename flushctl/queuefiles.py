@@ -21,8 +21,9 @@ _SAFE_VALUE = {c: i for i, c in enumerate(_SAFE)}
 LG_TIME_PAD = 10  # six or more chars of seconds, then exactly four of usec
 LG_USEC_PAD = 4
 
-# Where a message can be, most likely first for held mail.
-QUEUES = ("hold", "incoming", "active", "deferred")
+# Where a message can be, most likely first for held mail; maildrop: on
+# its way back through pickup (postsuper -r renews its clock), not gone.
+QUEUES = ("hold", "incoming", "active", "deferred", "maildrop")
 # Postfix marks a message whose expiry an admin forced (postsuper -e/-f)
 # with the group-execute bit of its queue file (MAIL_QUEUE_STAT_EXPIRE).
 FORCED_EXPIRE_BIT = 0o010

@@ -20,7 +20,7 @@ HELD = "held"              # in the hold queue: never tried, never expires
 WAITING = "waiting"        # released, due in the deferred queue: qmgr takes it next
 FAILED = "failed"          # deferred with its retry time ahead: an attempt failed
 STRAY = "stray"            # deferred and due, but not released lately: hold it
-IN_FLIGHT = "in flight"    # incoming or active: Postfix is at work on it
+IN_FLIGHT = "in flight"    # incoming, active, maildrop: Postfix is at work on it
 RETURNING = "returning"    # its expiry was forced (postsuper -e/-f): Postfix returns it
 GONE = "gone"              # delivered, deleted or returned
 
@@ -62,7 +62,7 @@ def kind(item: Item, now: float, watch: float = RELEASE_WATCH,
         return HELD   # an admin's postsuper -e too: Postfix returns it once released
     if item.forced:
         return RETURNING
-    if item.queue in ("incoming", "active"):
+    if item.queue in ("incoming", "active", "maildrop"):
         return IN_FLIGHT
     if item.mtime > now:
         return FAILED

@@ -340,6 +340,8 @@ def test_renewal_while_others_record_the_copies_does_not_wait(make_stack):
     wait_until(lambda: len(stack.queue()) == 20, what="20 held")
     time.sleep(3)        # older than half the lifetime
     stack.start_poller()  # its keeper records requeued copies as soon as it sees them
+    wait_until(lambda: stack.status("customer.test")[0]["reachable"] is False, 15,
+               what="the poller's first probe (customer down): it releases nothing now")
     stop = threading.Event()
 
     def checking():       # and `flushctl check` does too, over and over

@@ -23,6 +23,7 @@ def item(qid="AAAAAAAAAA", queue="hold", mtime=NOW - 10, released=None, refused=
      rules.HELD),
     ("incoming", item(queue="incoming"), rules.IN_FLIGHT),
     ("active", item(queue="active"), rules.IN_FLIGHT),
+    ("on its way back through pickup (renewed)", item(queue="maildrop"), rules.IN_FLIGHT),
     ("failed: deferred, retry time ahead", item(queue="deferred", mtime=NOW + 300,
                                                 released=NOW - 5), rules.FAILED),
     ("failed although never released (taken in from the deferred queue)",
