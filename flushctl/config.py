@@ -34,6 +34,9 @@ class Listen:
     host: str = ""
     port: int = 0
 
+    def __str__(self) -> str:
+        return self.milter_spec
+
     @property
     def milter_spec(self) -> str:
         return f"unix:{self.path}" if self.kind == "unix" else f"inet:{self.host}:{self.port}"
@@ -141,7 +144,7 @@ class Config:
     state_directory: str
     milter_listen: Listen
     finger_listen: HostPort
-    policy_listen: HostPort
+    policy_listen: Listen       # Postfix's policy service for ETRN: a unix socket in private/
     poller_interval: int
     probe_timeout: float
     poller_concurrency: int
@@ -275,6 +278,22 @@ def _duration(section: _Section, key: str) -> float | None:
     if seconds <= 0:
         section.fail(key, f"must be greater than zero, not {value!r}")
     return seconds
+
+
+POLICY_LISTEN = "unix:/var/spool/postfix/private/flushctl-policy"
+
+
+def _policy_listen(section: _Section) -> Listen:
+    """``unix:/PATH`` (the default: a socket in Postfix's private/ directory,
+    which only Postfix reaches), or ``HOST:PORT`` / ``inet:HOST:PORT`` on
+    loopback (any local user can reach that one: see the README)."""
+    value = section.get("policy_listen", str, POLICY_LISTEN)
+    if value.startswith("unix:"):
+        return _listen(section, "policy_listen", POLICY_LISTEN)
+    text = value[5:] if value.startswith("inet:") else value
+    hp = _host_port(_Section(section.path, section.prefix, {"policy_listen": text}),
+                    "policy_listen", "")
+    return Listen("inet", host=hp.host, port=hp.port)
 
 
 def _relay(section: _Section, key: str) -> Relay | None:
@@ -451,9 +470,10 @@ def parse(text: str, path: str = "<config>") -> Config:
             net = ipaddress.ip_network(str(item), strict=False)
         except ValueError:
             rl.fail("networks", f"not an IP network: {item!r}")
-        if net.prefixlen == 0:
-            rl.fail("networks", f"{item} covers everyone: that is an open relay")
         relay_networks.append(net)
+    wide = names.too_wide(relay_networks)
+    if wide:
+        rl.fail("networks", wide)
     pf = _Section(path, "postfix", data.get("postfix", {}))
     pf.check_keys({"config_directory", "transport"})
     st = _Section(path, "state", data.get("state", {}))
@@ -508,7 +528,7 @@ def parse(text: str, path: str = "<config>") -> Config:
         state_directory=st.absolute_path("directory", "/var/lib/flushctl"),
         milter_listen=_listen(mi, "listen", "unix:/var/spool/postfix/flushctl/milter.sock"),
         finger_listen=_host_port(gw, "finger_listen", "0.0.0.0:79"),
-        policy_listen=_host_port(gw, "policy_listen", "127.0.0.1:10041"),
+        policy_listen=_policy_listen(gw),
         poller_interval=po.positive("interval", int, 60),
         gateway=GatewaySettings(
             release_window=gw.positive("release_window", float, 60.0),

@@ -240,6 +240,8 @@ class Gateway:
         self.peer_names = frozenset(p.host for p in config.cluster.peers) \
             if config.cluster else frozenset()
         self.open = {"finger": 0, "policy": 0}
+        # who may ask the policy service over its unix socket: Postfix (and root)
+        self.policy_uids = frozenset({0, *_uid_of("postfix")})
         self.tasks: set[asyncio.Task] = set()
         self.counts = Counts()   # handed to the ledger by the releaser every few seconds
 
@@ -323,6 +325,13 @@ class Gateway:
         if self.open["policy"] >= self.settings.max_connections:
             writer.close()
             return
+        peer = _peer_uid(writer)
+        if peer is not None and peer not in self.policy_uids:
+            # only Postfix's smtpd asks: a local user who got at the socket
+            # (its directory's permissions loosened) is not heard
+            log.warning("event=refused how=etrn reason=not_postfix uid=%d", peer)
+            writer.close()
+            return
         self.open["policy"] += 1
         try:
             while True:
@@ -386,7 +395,7 @@ class Gateway:
                  len(self.config.domains), _user())
         if ready:
             ready()
-        refresh = loop.create_task(self._refresh_peers(stop))
+        refresh = loop.create_task(refresh_peers(self.config, self.gate, stop))
         counting = loop.create_task(self._hand_over_counts(stop))
         async with finger_server, policy_server:
             await stop.wait()
@@ -394,20 +403,6 @@ class Gateway:
         await counting
         log.info("event=stop")
 
-    async def _refresh_peers(self, stop: asyncio.Event) -> None:
-        """The peers' names may move to other addresses: look them up again now and then."""
-        if self.config.cluster is None:
-            return
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), PEER_REFRESH)
-                return
-            except asyncio.TimeoutError:
-                pass
-            found = await asyncio.to_thread(cluster.peer_addresses, self.config.cluster)
-            if found and found != self.gate.peers:
-                log.info("event=peers addresses=%s", ",".join(sorted(found)))
-                self.gate.peers = found
 
 
 class FingerConnection(asyncio.Protocol):
@@ -493,12 +488,66 @@ def _peer(transport) -> str:
     return peer[0] if isinstance(peer, tuple) and peer else "unknown"
 
 
+def _uid_of(user: str) -> tuple[int, ...]:
+    import pwd
+    try:
+        return (pwd.getpwnam(user).pw_uid,)
+    except KeyError:
+        return ()
+
+
+def _peer_uid(writer) -> int | None:
+    """The uid of the process at the other end of a unix socket (None: TCP)."""
+    import socket
+    import struct
+    sock = writer.get_extra_info("socket")
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
 def _user() -> str:
     try:
         import pwd
         return pwd.getpwuid(os.geteuid()).pw_name
     except KeyError:
         return str(os.geteuid())
+
+
+async def serve_parent(config: Config, channel, releaser, peers: frozenset[str]) -> None:
+    """The root half: carry out the network half's requests, deciding again
+    what protects a customer (flush_from, rate limits, peers) with a gate
+    of its own, and answering every one."""
+    gate = Gate(config.domains, per_minute=config.gateway.rate_per_minute,
+                burst=config.gateway.rate_burst, peers=peers)
+    refresh = asyncio.get_running_loop().create_task(refresh_peers(config, gate))
+    try:
+        await privsep.serve_releases(
+            channel, releaser, config.domains, encode_outcome, gate,
+            refused=lambda verdict: Outcome(FAILED, 0, "", f"refused: {verdict}", None),
+            failed=lambda text: Outcome(FAILED, 0, "", text, None))
+    finally:
+        refresh.cancel()
+
+
+async def refresh_peers(config: Config, gate: Gate, stop: asyncio.Event | None = None
+                        ) -> None:
+    """The peers' names may move to other addresses: look them up again now
+    and then (each half of the gateway keeps its own gate)."""
+    if config.cluster is None:
+        return
+    stop = stop or asyncio.Event()
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), PEER_REFRESH)
+            return
+        except asyncio.TimeoutError:
+            pass
+        found = await asyncio.to_thread(cluster.peer_addresses, config.cluster)
+        if found and found != gate.peers:
+            log.info("event=peers addresses=%s", ",".join(sorted(found)))
+            gate.peers = found
 
 
 def bind(config: Config) -> list:
@@ -559,8 +608,7 @@ def run(config: Config, ondemand: OnDemand | None = None) -> None:
     def parent(channel):
         async def main():
             rel = releaser()
-            await with_forwarder(rel, privsep.serve_releases(channel, rel, config.domains,
-                                                             encode_outcome))
+            await with_forwarder(rel, serve_parent(config, channel, rel, peers))
         asyncio.run(main())
 
     privsep.run_split(sockets, entry, child, parent)

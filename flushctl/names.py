@@ -80,6 +80,40 @@ def address(value: str) -> tuple[str, str]:
     return local, domain(dom)
 
 
+# The widest networks that may relay through us, alone or together: any
+# wider is an open relay in all but name (0.0.0.0/1 plus 128.0.0.0/1 is
+# everyone).  IPv4: a /8, IPv6: a /32.  Private ranges (10/8, 172.16/12,
+# 192.168/16, fc00::/7, ...) do not count: nobody on the Internet has them.
+WIDEST_RELAY_PREFIX = {4: 8, 6: 32}
+
+
+def too_wide(networks) -> str:
+    """Why a set of relay networks covers too much of the address space,
+    naming the network; '' when it does not (pure)."""
+    import ipaddress
+    by_version: dict[int, list] = {4: [], 6: []}
+    for net in networks:
+        if net.version == 6 and net.network_address.ipv4_mapped is not None:
+            net = ipaddress.ip_network(f"{net.network_address.ipv4_mapped}/"
+                                       f"{max(0, net.prefixlen - 96)}", strict=False)
+        if net.is_private and net.prefixlen > 0:
+            continue
+        widest = WIDEST_RELAY_PREFIX[net.version]
+        if net.prefixlen < widest:
+            everyone = " (everyone)" if net.prefixlen == 0 else ""
+            return (f"{net}{everyone} is wider than a /{widest}: that is an open relay; "
+                    f"list the customers' own networks")
+        by_version[net.version].append(net)
+    for version, nets in by_version.items():
+        widest = WIDEST_RELAY_PREFIX[version]
+        bits = 32 if version == 4 else 128
+        total = sum(n.num_addresses for n in ipaddress.collapse_addresses(nets))
+        if total > 2 ** (bits - widest):
+            return (f"{', '.join(str(n) for n in nets)} together cover more than a "
+                    f"/{widest}: that is an open relay; list the customers' own networks")
+    return ""
+
+
 def split_recipient(value: str) -> tuple[str, str] | None:
     """(local part, domain) of an envelope recipient, leniently, for telling
     whose mail it is: whatever Postfix accepted (a quoted local part with

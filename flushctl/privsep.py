@@ -23,12 +23,14 @@ import re
 import pwd
 import signal
 import socket
+import time
 
 from .config import HostPort
 
 log = logging.getLogger("flushctl.gateway")
 
 MAX_MESSAGE = 64 * 1024
+REQUEST_TIMEOUT = 300.0   # seconds the child waits for a release's outcome
 TRIGGERS = ("finger", "etrn", "peer", "report")  # report: what is held, nothing released
 
 
@@ -36,8 +38,41 @@ class PrivsepError(Exception):
     pass
 
 
-def bind(hp: HostPort, backlog: int) -> socket.socket:
-    """A listening TCP socket on ``hp`` (as root, before privileges go)."""
+def bind_unix(path: str, backlog: int) -> socket.socket:
+    """A listening unix socket at ``path`` that only Postfix may reach: owner
+    postfix, mode 0660 (as root, before privileges go: its directory is
+    Postfix's private/, 0700 postfix).  A stale socket is replaced."""
+    import grp
+    try:
+        postfix = pwd.getpwnam("postfix")
+        gid = grp.getgrnam("postfix").gr_gid
+    except KeyError:
+        raise PrivsepError("there is no postfix user or group: is Postfix installed?") from None
+    if os.path.lexists(path):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        if os.geteuid() == 0:
+            os.chown(path, postfix.pw_uid, gid)
+        os.chmod(path, 0o660)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def bind(hp, backlog: int) -> socket.socket:
+    """A listening socket on ``hp`` (as root, before privileges go): TCP for
+    a HostPort or an inet Listen, ``bind_unix`` for a unix Listen."""
+    if getattr(hp, "kind", "inet") == "unix":
+        return bind_unix(hp.path, backlog)
     infos = socket.getaddrinfo(hp.host, hp.port, type=socket.SOCK_STREAM,
                                flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV)
     family, kind, proto, _, address = infos[0]
@@ -128,7 +163,11 @@ class RemoteReleaser:
         request = {"id": self._next, "domain": domain, "how": how, "client": client}
         self._writer.write(json.dumps(request).encode() + b"\n")
         await self._writer.drain()
-        return await future
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), REQUEST_TIMEOUT)
+        except asyncio.TimeoutError:
+            self._pending.pop(request["id"], None)
+            raise PrivsepError("the release service did not answer") from None
 
 
 # -- the parent's side --------------------------------------------------------
@@ -174,15 +213,37 @@ def check_counts(message) -> list[tuple[str, tuple, int]]:
     return items
 
 
-async def serve_releases(sock: socket.socket, releaser, domains, encode) -> None:
-    """In the root parent: carry out the child's requests until it hangs up."""
+async def serve_releases(sock: socket.socket, releaser, domains, encode, gate=None,
+                         refused=None, failed=None) -> None:
+    """In the root parent: carry out the child's requests until it hangs up.
+
+    The child is not trusted with what protects a customer: ``gate`` (the
+    parent's own ``gate.Gate``: flush_from, the rate limits, which
+    addresses are peers) decides each request again, here, before anything
+    is released; a request it refuses gets ``refused(verdict)`` as its
+    outcome.  Every request gets an answer: if the release itself fails
+    (the ledger on a full disk, say), ``failed(text)``.
+    """
     reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_MESSAGE)
     tasks = set()
 
     async def one(rid, domain, how, client):
-        outcome = await releaser.trigger(domain, how, client)
-        writer.write(json.dumps({"id": rid, "outcome": encode(outcome)}).encode() + b"\n")
-        await writer.drain()
+        verdict = gate.check(client, domain, time.monotonic()) if gate is not None else None
+        if verdict is not None and verdict != "allowed":
+            log.warning("event=refused how=privsep domain=%s client=%s trigger=%s reason=%s",
+                        domain, client, how, verdict.replace(" ", "_"))
+            outcome = refused(verdict)
+        else:
+            try:
+                outcome = await releaser.trigger(domain, how, client)
+            except Exception as exc:
+                log.exception("event=error stage=release_service domain=%s", domain)
+                outcome = failed(str(exc)) if failed else None
+        try:
+            writer.write(json.dumps({"id": rid, "outcome": encode(outcome)}).encode() + b"\n")
+            await writer.drain()
+        except ConnectionError:
+            pass
 
     try:
         while line := await reader.readline():

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from .config import Config
+from .names import too_wide
 from .routing import transport_entries
 
 
@@ -78,6 +79,21 @@ def milter_spec(config: Config, queue_directory: str, smtpd_chrooted: bool) -> s
             f"{config.path}: milter.listen: smtpd runs chrooted in {queue}, so the milter "
             f"socket must be under it (for example unix:{queue}/flushctl/milter.sock)")
     return "unix:" + listen.path[len(queue):]
+
+
+def policy_spec(config: Config, queue_directory: str) -> str:
+    """The policy socket as check_policy_service names it: a unix socket
+    relative to the queue directory (where smtpd runs, chrooted or not),
+    ``unix:private/NAME``; or inet:HOST:PORT."""
+    listen = config.policy_listen
+    if listen.kind == "inet":
+        return listen.milter_spec
+    queue = os.path.normpath(queue_directory)
+    if os.path.commonpath([queue, listen.path]) != queue or listen.path == queue:
+        raise SettingsError(
+            f"{config.path}: gateway.policy_listen: smtpd reaches unix sockets under "
+            f"{queue} only (for example unix:{queue}/private/flushctl-policy)")
+    return "unix:" + os.path.relpath(listen.path, queue)
 
 
 TAG_HEADER = "X-OnDemand-Domain"   # names the customer domain of a held message
@@ -149,8 +165,12 @@ def postfix_network(net) -> str:
 
 
 def check_mynetworks(expanded: str, data: dict) -> None:
+    """mynetworks may relay anywhere: refuse one that covers everyone, or
+    more of the address space than any set of customer networks would
+    (names.too_wide: wider than a /8 in IPv4, a /32 in IPv6)."""
     forbidden = {ipaddress.ip_network(n.strip("[]").replace("]", ""), strict=False)
                  for n in data["mynetworks"]["forbidden"]}
+    nets = []
     for token in split_list(expanded):
         try:
             net = ipaddress.ip_network(token.replace("[", "").replace("]", ""), strict=False)
@@ -159,6 +179,11 @@ def check_mynetworks(expanded: str, data: dict) -> None:
         if net in forbidden or net.prefixlen == 0:
             raise SettingsError(
                 f"mynetworks contains {token}: that makes an open relay; narrow it first")
+        if not net.is_loopback:
+            nets.append(net)
+    wide = too_wide(nets)
+    if wide:
+        raise SettingsError(f"mynetworks: {wide}")
 
 
 def relay_restrictions_ok(expanded: str, data: dict) -> bool:
@@ -213,7 +238,7 @@ def plan(config: Config, data: dict, raw: dict[str, str], expanded: dict[str, st
         "transport": config.transport_name,
         "map_dir": map_dir(config),
         "milter": milter_spec(config, expanded["queue_directory"], smtpd_chrooted),
-        "policy": str(config.policy_listen),
+        "policy": policy_spec(config, expanded["queue_directory"]),
     }
     check_mynetworks(expanded.get("mynetworks", ""), data)
 

@@ -161,8 +161,13 @@ class Stack:
     def start_gateway(self):
         self.gateway = self._daemon("gateway")
         cfg = self.cfg
-        for hp in (cfg.finger_listen, cfg.policy_listen):
-            wait_until(lambda: _tcp_open(hp.host, hp.port), 15, what=f"gateway on {hp}")
+        for where in (cfg.finger_listen, cfg.policy_listen):
+            if getattr(where, "kind", "inet") == "unix":
+                wait_until(lambda: _connectable(Path(where.path)), 15,
+                           what=f"gateway on {where}")
+            else:
+                wait_until(lambda: _tcp_open(where.host, where.port), 15,
+                           what=f"gateway on {where}")
 
     def stop_gateway(self):
         _stop(self.gateway)
@@ -260,15 +265,14 @@ class Stack:
 
 @dataclass(frozen=True)
 class Ports:
-    finger_port: int
-    policy_port: int
+    finger_port: int   # the policy service is a unix socket in the instance's private/
 
 
 def write_config(path: Path, pf: PostfixInstance, state_dir: Path, domains: str,
                  ports: "Ports | None" = None, gateway_extra: str = "",
                  poller_extra: str = "", extra: str = "") -> None:
     """Our config for the instance ``pf``; ``extra``: more sections ([cluster])."""
-    ports = ports or Ports(free_port(), free_port())
+    ports = ports or Ports(free_port())
     path.write_text(f"""
 [postfix]
 config_directory = "{pf.config_directory}"
@@ -278,7 +282,7 @@ directory = "{state_dir}"
 listen = "unix:{state_dir}/milter/milter.sock"
 [gateway]
 finger_listen = "{pf.address}:{ports.finger_port}"
-policy_listen = "127.0.0.1:{ports.policy_port}"
+policy_listen = "unix:{pf.queue_directory}/private/flushctl-policy"
 {gateway_extra}
 [poller]
 probe_timeout = 2

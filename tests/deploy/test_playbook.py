@@ -7,9 +7,11 @@ It changes the machine's own Postfix (port 25) and starts the daemons
 
 import json
 import os
+import pwd
 import re
 import secrets
 import smtplib
+import stat
 import subprocess
 import time
 import urllib.request
@@ -118,6 +120,19 @@ def test_playbook_deploys_a_working_host_and_converges(tmp_path):
     [listener] = {c.pid for c in psutil.net_connections("tcp")
                   if c.status == psutil.CONN_LISTEN and c.laddr.port == 79}
     assert psutil.Process(listener).username() == "flushctl"
+
+    # ETRN asks the gateway over a socket only Postfix reaches
+    policy = "/var/spool/postfix/private/flushctl-policy"
+    st = os.stat(policy)
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660
+    assert pwd.getpwuid(st.st_uid).pw_name == "postfix"
+    assert subprocess.run(["postconf", "-h", "smtpd_etrn_restrictions"], capture_output=True,
+                          text=True, check=True).stdout.strip() == \
+        "check_policy_service unix:private/flushctl-policy, reject"
+    with smtplib.SMTP("127.0.0.1", 25, timeout=60) as smtp:
+        smtp.ehlo("customer.example")
+        code, text = smtp.docmd("ETRN", "customer.example")
+    assert code == 250, (code, text)     # nothing held any more: Postfix got its answer
 
     # submission: a customer that logs in relays; nobody else does
     out = swaks()

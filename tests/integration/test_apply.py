@@ -38,8 +38,8 @@ def test_apply_sets_everything_then_changes_nothing():
             f"relay_recipient_maps = hash:{mapdir}/relay_recipients",
             "milter_default_action = tempfail",
             "enable_long_queue_ids = yes",
-            "smtpd_etrn_restrictions = check_policy_service inet:127.0.0.1:"
-            f"{stack.cfg.policy_listen.port}, reject",
+            "smtpd_etrn_restrictions = check_policy_service unix:private/flushctl-policy, "
+            "reject",
         ]:
             assert expected in settings, expected
         # the admin's own milter stays, after ours

@@ -1,6 +1,7 @@
 """finger and ETRN release held mail through the gateway, with real clients."""
 
 import re
+import sys
 import smtplib
 import socket
 import subprocess
@@ -187,11 +188,15 @@ def test_hostile_input_gets_nowhere(gw):
         for sock in idle:
             sock.close()
     # policy socket: garbage closes that connection only
-    port = gw.cfg.policy_listen.port
-    with socket.create_connection(("127.0.0.1", port), 5) as sock:
+    path = gw.cfg.policy_listen.path
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(path)
         sock.sendall(b"\xff\xfe garbage\n\n")
         assert sock.recv(100) == b""
-    with socket.create_connection(("127.0.0.1", port), 5) as sock:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(path)
         sock.sendall(b"request=smtpd_access_policy\nprotocol_state=RCPT\n\n")
         assert sock.recv(100) == b"action=DUNNO\n\n"
     assert gw.gateway.poll() is None  # still serving
@@ -222,6 +227,86 @@ def _listener(port):
     raise AssertionError(f"nobody listens on {port}")
 
 
+def _unix_listener(path):
+    import psutil
+    for conn in psutil.net_connections("unix"):
+        if conn.laddr == path and conn.pid:
+            return psutil.Process(conn.pid)
+    raise AssertionError(f"nobody listens on {path}")
+
+
+ATTACK = """
+import socket, sys
+kind, target = sys.argv[1], sys.argv[2]
+try:
+    if kind == "unix":
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(target)
+    else:
+        host, port = target.rsplit(":", 1)
+        s = socket.create_connection((host, int(port)), 5)
+    s.settimeout(10)
+    s.sendall(b"request=smtpd_access_policy\\nprotocol_state=ETRN\\n"
+              b"etrn_domain=customer.test\\nclient_address=192.0.2.7\\n\\n")
+    print(s.recv(100).decode() or "no answer")
+except OSError as exc:
+    print(type(exc).__name__)
+"""
+
+
+def _as_nobody(gw):
+    """A local user's attempt to release customer.test through the ETRN
+    policy service, claiming an address in its flush_from."""
+    where = gw.cfg.policy_listen
+    kind = getattr(where, "kind", "inet")
+    target = where.path if kind == "unix" else f"{where.host}:{where.port}"
+    proc = subprocess.run(["setpriv", "--reuid", "nobody", "--regid", "nogroup",
+                           "--clear-groups", sys.executable, "-c", ATTACK, kind, target],
+                          capture_output=True, text=True, timeout=30)
+    return proc.stdout.strip() or proc.stderr
+
+
+def test_policy_service_is_for_postfix_only(make_stack):
+    """The ETRN policy service believes the client_address it is sent, so only
+    Postfix may reach it: a local user can neither connect nor, with the
+    way opened, get an answer; Postfix's smtpd still asks it."""
+    import os
+    import stat
+
+    def domains(port):
+        return (f'[domains."customer.test"]\nrelay = "[127.0.0.1]:{port}"\n'
+                'flush_from = ["192.0.2.0/24"]\n')
+    gw = make_stack(gateway=True, domains=domains)
+    gw.sink.start()
+    hold(gw, 1)
+    answer = _as_nobody(gw)
+    assert "action=OK" not in answer and answer == "PermissionError", answer
+    assert gw.queue()[0]["queue_name"] == "hold"        # nothing released
+    # what makes it so: a socket in Postfix's private/ directory, postfix's, 0660
+    path = gw.cfg.policy_listen.path
+    st = os.stat(path)
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660
+    assert st.st_uid == __import__("pwd").getpwnam("postfix").pw_uid
+    assert "check_policy_service unix:private/flushctl-policy, reject" in \
+        gw.pf.postconf("-h", "smtpd_etrn_restrictions")
+    # even with the way opened, a process that is not Postfix gets no answer
+    os.chmod(os.path.dirname(path), 0o711)
+    os.chmod(path, 0o666)
+    try:
+        answer = _as_nobody(gw)
+    finally:
+        os.chmod(path, 0o660)
+        os.chmod(os.path.dirname(path), 0o700)
+    assert answer in ("no answer", "ConnectionResetError"), answer
+    assert "reason=not_postfix" in gw.gateway_log()
+    assert gw.queue()[0]["queue_name"] == "hold"
+    # Postfix's smtpd asks it: an ETRN from outside flush_from is refused, the
+    # service answers
+    with smtplib.SMTP("127.0.0.1", gw.pf.smtpd_port, timeout=30) as smtp:
+        smtp.ehlo("customer.test")
+        assert smtp.docmd("ETRN", "customer.test")[0] == 459
+
+
 def test_network_side_runs_unprivileged(gw):
     """Started as root, the gateway serves the network as `nobody`; only its
     parent keeps root, and it releases nothing the child could not ask for."""
@@ -231,8 +316,8 @@ def test_network_side_runs_unprivileged(gw):
     [child] = parent.children()
     assert child.username() == "nobody" and child.uids().effective != 0
     assert child.gids().effective != 0
-    for port in (gw.cfg.finger_listen.port, gw.cfg.policy_listen.port):
-        assert _listener(port).pid == child.pid
+    assert _listener(gw.cfg.finger_listen.port).pid == child.pid
+    assert _unix_listener(gw.cfg.policy_listen.path).pid == child.pid
     assert "user=nobody" in gw.gateway_log()
     # releases still work through the split
     hold(gw, 1)
@@ -263,3 +348,52 @@ def test_gateway_user_must_exist(make_stack):
     proc = stack.flushctl("gateway", check=False, timeout=30)
     assert proc.returncode == 1
     assert "user 'no-such-user-here' does not exist" in proc.stderr
+
+
+def test_the_root_half_decides_again_whatever_the_network_half_asks(make_stack):
+    """A network half taken over by an attacker speaks the privsep protocol
+    to the real root half (a real release service on a real instance): it
+    cannot release a domain for a client outside its flush_from, nor claim
+    a peer's rights, nor flood it; every request is answered."""
+    import asyncio
+    import json
+
+    from flushctl import gateway
+    from flushctl.ondemand import OnDemand
+
+    def domains(port):
+        return (f'[domains."customer.test"]\nrelay = "[127.0.0.1]:{port}"\n'
+                'flush_from = ["192.0.2.0/24"]\n')
+    stack = make_stack(domains=domains, gateway_extra="rate_burst = 5")
+    stack.sink.start()
+    stack.send(["u@customer.test"])
+    wait_until(lambda: len(stack.queue()) == 1, what="held")
+    cfg = stack.cfg
+    rel = gateway.Releaser(OnDemand(cfg), cfg.gateway.release_window)
+    parent_end, child_end = socket.socketpair()
+
+    async def hostile():
+        server = asyncio.create_task(gateway.serve_parent(cfg, parent_end, rel, frozenset()))
+        reader, writer = await asyncio.open_unix_connection(sock=child_end)
+        asks = [{"id": 1, "domain": "customer.test", "how": "finger", "client": "203.0.113.9"},
+                {"id": 2, "domain": "customer.test", "how": "peer", "client": "203.0.113.9"}] \
+            + [{"id": i, "domain": "customer.test", "how": "report", "client": "203.0.113.9"}
+               for i in range(3, 13)]
+        for ask in asks:
+            writer.write(json.dumps(ask).encode() + b"\n")
+        await writer.drain()
+        answers = {}
+        while len(answers) < len(asks):
+            reply = json.loads(await asyncio.wait_for(reader.readline(), 30))
+            answers[reply["id"]] = reply["outcome"]
+        writer.close()
+        await asyncio.wait_for(server, 30)
+        return answers
+    answers = asyncio.run(hostile())
+    assert len(answers) == 12
+    assert answers[1]["kind"] == answers[2]["kind"] == "failed"
+    assert "not allowed" in answers[1]["detail"] and "not allowed" in answers[2]["detail"]
+    # the 5-request burst was spent on the refusals and reports; the rest: rate limited
+    assert sum("rate limited" in a["detail"] for a in answers.values()) >= 5
+    assert stack.queue()[0]["queue_name"] == "hold"      # nothing was released
+    assert stack.sink.messages() == []

@@ -64,3 +64,25 @@ def test_etrn_without_the_gateway_is_refused_not_open(stack):
         smtp.ehlo("client.test")
         code, msg = smtp.docmd("ETRN", "customer.test")
     assert code >= 400, (code, msg)
+
+
+def test_networks_that_together_are_everyone_are_refused(outside_stack):
+    """[relay] networks of two halves of the Internet (each narrower than
+    /0) would make an open relay: the config is refused, nothing changes,
+    and mail from outside to outside is still refused. An admin's own
+    mynetworks of the same: apply refuses it too."""
+    stack = outside_stack
+    config_text = stack.config_path.read_text()
+    stack.config_path.write_text('[relay]\nnetworks = ["0.0.0.0/1", "128.0.0.0/1"]\n'
+                                 + config_text)
+    proc = stack.flushctl("apply", check=False)
+    assert proc.returncode == 1
+    assert "relay.networks: 0.0.0.0/1 is wider than a /8: that is an open relay" in proc.stderr
+    assert stack.pf.postconf("-h", "mynetworks").strip() == "127.0.0.1/32"
+    out = swaks(stack, "--to", "victim@elsewhere.test", client="203.0.113.9")
+    assert "<** 554 5.7.1" in out and "Relay access denied" in out, out
+
+    stack.config_path.write_text(config_text)
+    stack.pf.postconf("-e", "mynetworks = 127.0.0.1/32, 0.0.0.0/1, 128.0.0.0/1")
+    proc = stack.flushctl("apply", check=False)
+    assert proc.returncode == 1 and "mynetworks: 0.0.0.0/1 is wider than a /8" in proc.stderr

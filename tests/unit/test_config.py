@@ -61,8 +61,8 @@ def test_full_config_every_key():
     assert cfg.milter_listen == config.Listen("unix", path="/var/spool/postfix/flushctl/milter.sock")
     assert cfg.milter_listen.milter_spec == "unix:/var/spool/postfix/flushctl/milter.sock"
     assert cfg.finger_listen == config.HostPort("0.0.0.0", 79)
-    assert cfg.policy_listen == config.HostPort("127.0.0.1", 10041)
-    assert str(cfg.policy_listen) == "127.0.0.1:10041"
+    assert cfg.policy_listen == config.Listen("inet", host="127.0.0.1", port=10041)
+    assert str(cfg.policy_listen) == "inet:127.0.0.1:10041"
     assert cfg.poller_interval == 120
     assert cfg.probe_timeout == 10.0
     assert cfg.transport_name == "ondemand"
@@ -93,7 +93,9 @@ def test_defaults_for_empty_file():
     assert cfg.milter_listen.kind == "unix"
     assert cfg.milter_listen.path == "/var/spool/postfix/flushctl/milter.sock"
     assert cfg.finger_listen == config.HostPort("0.0.0.0", 79)
-    assert cfg.policy_listen == config.HostPort("127.0.0.1", 10041)
+    # the policy service: a unix socket in Postfix's private/ directory
+    assert cfg.policy_listen == config.Listen(
+        "unix", path="/var/spool/postfix/private/flushctl-policy")
     assert cfg.poller_interval == 60
     assert cfg.domains == {}
 
@@ -205,6 +207,9 @@ def test_config_domain_lookup():
     ('[gateway]\nfinger_listen = "0.0.0.0:0"\n', "gateway.finger_listen", "out of range"),
     ('[gateway]\npolicy_listen = "mail.example:10041"\n', "gateway.policy_listen",
      "IP address"),
+    ('[gateway]\npolicy_listen = "unix:private/flushctl-policy"\n', "gateway.policy_listen",
+     "absolute path"),
+    ('[gateway]\npolicy_listen = "inet:127.0.0.1"\n', "gateway.policy_listen", "HOST:PORT"),
     # relays
     (with_domain('relay = "1.2.3.4:25"'), 'domains."x.example".relay', "brackets"),
     (with_domain('relay = "1.2.3.4"'), 'domains."x.example".relay', "brackets"),

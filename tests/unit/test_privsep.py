@@ -69,3 +69,103 @@ def test_config_user():
         config.parse('[gateway]\nuser = "root"')
     with pytest.raises(config.ConfigError, match="not a user name"):
         config.parse('[gateway]\nuser = "-o evil"')
+
+
+# -- the root half decides again, and always answers ------------------------------
+
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import socket  # noqa: E402
+
+from flushctl import config as config_mod  # noqa: E402
+from flushctl.gate import Gate  # noqa: E402
+from flushctl.privsep import serve_releases  # noqa: E402
+
+RESTRICTED = config_mod.parse("""
+[domains."restricted.example"]
+flush_from = ["192.0.2.0/24"]
+
+[domains."open.example"]
+""", "t.toml").domains
+
+
+class Recording:
+    """A releaser that records what it was asked (or raises)."""
+
+    def __init__(self, raises=False):
+        self.calls = []
+        self.raises = raises
+
+    async def trigger(self, domain, how, client):
+        self.calls.append((domain, how, client))
+        if self.raises:
+            raise OSError("database or disk is full")
+        return {"kind": "released", "domain": domain}
+
+    async def add_counts(self, items):
+        pass
+
+
+def converse(requests, releaser, peers=frozenset(), burst=30):
+    """A scripted child sends ``requests`` over the real socketpair protocol;
+    the answers, by id."""
+    parent_end, child_end = socket.socketpair()
+    gate = Gate(RESTRICTED, per_minute=60, burst=burst, peers=peers)
+
+    async def main():
+        server = asyncio.create_task(serve_releases(
+            parent_end, releaser, RESTRICTED, lambda o: o, gate,
+            refused=lambda verdict: {"kind": "failed", "detail": f"refused: {verdict}"},
+            failed=lambda text: {"kind": "failed", "detail": text}))
+        reader, writer = await asyncio.open_unix_connection(sock=child_end)
+        for item in requests:
+            writer.write(json.dumps(item).encode() + b"\n")
+        await writer.drain()
+        answers = {}
+        while len(answers) < len(requests):
+            line = await asyncio.wait_for(reader.readline(), 10)
+            reply = json.loads(line)
+            answers[reply["id"]] = reply["outcome"]
+        writer.close()
+        await asyncio.wait_for(server, 10)
+        return answers
+    return asyncio.run(main())
+
+
+def request(rid, domain, client, how="finger"):
+    return {"id": rid, "domain": domain, "how": how, "client": client}
+
+
+def test_a_hostile_network_half_cannot_pass_flush_from():
+    rel = Recording()
+    answers = converse([request(1, "restricted.example", "203.0.113.9"),
+                        request(2, "restricted.example", "192.0.2.7"),
+                        request(3, "open.example", "203.0.113.9")], rel)
+    assert answers[1] == {"kind": "failed", "detail": "refused: not allowed"}
+    assert answers[2]["kind"] == answers[3]["kind"] == "released"
+    assert rel.calls == [("restricted.example", "finger", "192.0.2.7"),
+                         ("open.example", "finger", "203.0.113.9")]
+
+
+def test_a_hostile_network_half_cannot_claim_to_be_a_peer():
+    rel = Recording()
+    answers = converse([request(1, "restricted.example", "203.0.113.9", how="peer"),
+                        request(2, "restricted.example", "198.51.100.2", how="peer")], rel,
+                       peers=frozenset({"198.51.100.2"}))
+    assert answers[1]["detail"] == "refused: not allowed"   # not a peer: ordinary rights
+    assert rel.calls == [("restricted.example", "peer", "198.51.100.2")]
+
+
+def test_a_hostile_network_half_cannot_flood():
+    rel = Recording()
+    answers = converse([request(i, "open.example", "203.0.113.9") for i in range(1, 11)], rel,
+                       burst=3)
+    assert sum(a["kind"] == "released" for a in answers.values()) == 3
+    assert sum(a.get("detail") == "refused: rate limited" for a in answers.values()) == 7
+
+
+def test_a_releaser_that_raises_still_answers():
+    answers = converse([request(1, "open.example", "192.0.2.7"),
+                        request(2, "open.example", "192.0.2.8")], Recording(raises=True))
+    assert answers == {1: {"kind": "failed", "detail": "database or disk is full"},
+                       2: {"kind": "failed", "detail": "database or disk is full"}}

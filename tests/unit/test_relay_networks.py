@@ -43,11 +43,32 @@ def test_no_networks_leaves_an_admin_mynetworks_alone():
 @pytest.mark.parametrize("value, words", [
     ('["0.0.0.0/0"]', "open relay"),
     ('["::/0"]', "open relay"),
+    # halves of everyone, and anything wider than a /8 (IPv4) or a /32 (IPv6)
+    ('["0.0.0.0/1", "128.0.0.0/1"]', "0.0.0.0/1 is wider than a /8"),
+    ('["::/1", "8000::/1"]', "::/1 is wider than a /32"),
+    ('["10.0.0.0/7"]', "10.0.0.0/7 is wider than a /8"),
+    ('["2a00::/31"]', "2a00::/31 is wider than a /32"),
+    ('["::ffff:0.0.0.0/97"]', "is wider than a /8"),
+    # each narrow enough, together more than a /8
+    ('["11.0.0.0/8", "12.0.0.0/9"]', "together cover more than a /8"),
+    ('["2a00::/32", "2a01::/33"]', "together cover more than a /32"),
     ('["not-a-net"]', "not an IP network"),
     ('"192.0.2.0/24"', "must be a list"),
 ])
 def test_bad_networks_are_named(value, words):
+    """Each refusal names the network (or the networks) that make it one."""
     with pytest.raises(ConfigError) as info:
         config.parse(f"[relay]\nnetworks = {value}\n", "t.toml")
     assert str(info.value).startswith("t.toml: relay.networks: ")
     assert words in str(info.value)
+
+
+
+@pytest.mark.parametrize("value", [
+    '["10.0.0.0/8"]', '["2001:db8::/32"]', '["10.0.0.0/9", "10.128.0.0/9"]',
+    '["192.0.2.0/24", "198.51.100.0/24", "2001:db8::/48"]',
+    # the private ranges together are nobody on the Internet
+    '["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"]',
+])
+def test_customer_networks_up_to_a_slash_8_are_fine(value):
+    assert config.parse(f"[relay]\nnetworks = {value}\n", "t.toml").relay_networks

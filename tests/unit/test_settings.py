@@ -244,6 +244,9 @@ def test_render_maps_custom_transport_name():
     "127.0.0.0/8 [::]/0",
     "10.0.0.0/8\n  0.0.0.0/0",
     "0.0.0.0/0.0.0.0",
+    "127.0.0.0/8, 0.0.0.0/1, 128.0.0.0/1",
+    "[::]/1, [8000::]/1",
+    "11.0.0.0/8, 12.0.0.0/8",
 ])
 def test_check_mynetworks_open_relay(value):
     with pytest.raises(SettingsError, match="open relay"):
@@ -255,6 +258,7 @@ def test_check_mynetworks_open_relay(value):
     "127.0.0.0/8",
     "127.0.0.0/8 [::1]/128",
     "127.0.0.0/8, 192.0.2.0/24, [2001:db8::]/32",
+    "127.0.0.0/8, 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16",
     "hash:/etc/postfix/network_table",
     "$myhostname",
 ])
@@ -283,7 +287,7 @@ def test_relay_restrictions_ok(value, ok):
 
 def fill(template, milter=OUR_MILTER):
     return template.format(transport="ondemand", map_dir=MAP_DIR, milter=milter,
-                           policy="127.0.0.1:10041")
+                           policy="unix:private/flushctl-policy")
 
 
 SERVICE = fill(DATA["service"]["entry"])
@@ -562,3 +566,24 @@ def test_our_header_is_stripped_from_every_smtp_delivery():
     p = run_plan(make_config(CUSTOMER), raw={"smtp_header_checks": "pcre:/mine"})
     assert p.params["smtp_header_checks"] == f"{STRIP}, pcre:/mine"
     assert p.params["smtp_nested_header_checks"] == STRIP
+
+
+
+@pytest.mark.parametrize("listen, spec", [
+    ("unix:/var/spool/postfix/private/flushctl-policy", "unix:private/flushctl-policy"),
+    ("unix:/var/spool/postfix/flushctl/policy", "unix:flushctl/policy"),
+    ("127.0.0.1:10041", "inet:127.0.0.1:10041"),
+    ("inet:127.0.0.1:10041", "inet:127.0.0.1:10041"),
+])
+def test_policy_service_as_smtpd_names_it(listen, spec):
+    cfg = config.parse(f'[gateway]\npolicy_listen = "{listen}"\n', "/etc/flushctl/t.toml")
+    assert settings.policy_spec(cfg, "/var/spool/postfix") == spec
+    assert run_plan(cfg).params["smtpd_etrn_restrictions"] == \
+        f"check_policy_service {spec}, reject"
+
+
+def test_policy_socket_outside_the_queue_directory_is_refused():
+    cfg = config.parse('[gateway]\npolicy_listen = "unix:/run/flushctl/policy"\n', "t.toml")
+    with pytest.raises(SettingsError, match="gateway.policy_listen: smtpd reaches unix "
+                                            "sockets under /var/spool/postfix only"):
+        settings.policy_spec(cfg, "/var/spool/postfix")
