@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 
-from . import holdsecret, settings
+from . import settings
 from .config import Config
 from .postfix import Postfix, PostfixError
 
@@ -83,6 +83,12 @@ def _smtpd_chrooted(services: dict[str, str]) -> bool:
         if fields[1] == "inet" and fields[7] == "smtpd" and fields[4] == "y":
             return True
     return False
+
+
+def _cleanup_chrooted(services: dict[str, str]) -> bool:
+    """Whether the cleanup service (which connects to non_smtpd_milters) is chrooted."""
+    entry = services.get("cleanup/unix", "").split()
+    return len(entry) > 4 and entry[4] == "y"
 
 
 def _applied(config: Config) -> dict:
@@ -253,9 +259,24 @@ def _prepare_maps(pf: Postfix, config: Config, maps: dict[str, str], names: list
             pf.postmap(f"hash:{tmp}")
             moves.append((tmp + ".db", final + ".db"))
         else:
-            _chgrp_postfix(tmp, 0o640)  # it names the hold secret
+            _chgrp_postfix(tmp, 0o640)
         moves.append((tmp, final))
     return moves
+
+
+# What earlier versions held requeued mail by: a secret in a header, named
+# by a header_checks table.  A value that may have leaked in a bounce
+# is worth nothing now, and is not kept either.
+LEGACY_FILES = (("state", "hold-secret"), ("maps", "hold_tagged"))
+
+
+def _forget_hold_secret(config: Config) -> None:
+    for where, name in LEGACY_FILES:
+        base = config.state_directory if where == "state" else settings.map_dir(config)
+        try:
+            os.unlink(os.path.join(base, name))
+        except FileNotFoundError:
+            pass
 
 
 def _chgrp_postfix(path: str, mode: int) -> None:
@@ -317,8 +338,6 @@ def apply(config: Config, dry_run: bool = False, reload: bool = True,
     raw = pf.get_explicit(*list_names, "smtpd_relay_restrictions", "mynetworks")
     expanded = pf.get(*MANAGED)
     services = pf.services()
-    stored = holdsecret.stored(config.state_directory)
-    secret = stored or holdsecret.in_table(settings.hold_table(config)) or holdsecret.new()
     _check_submission(config)
     previous_ours, previous_services = _previous(config)
     kept = set(_applied(config).get("kept_removed", []))
@@ -328,23 +347,24 @@ def apply(config: Config, dry_run: bool = False, reload: bool = True,
     kept = (kept | set(held)) if removed == "keep" else kept & set(held)
     try:
         plan = settings.plan(config, data, raw, expanded, services, previous_ours,
-                             _smtpd_chrooted(services), secret, previous_services,
-                             requeue_uid=_mail_owner_uid(pf))
+                             _smtpd_chrooted(services), previous_services,
+                             requeue_uid=_mail_owner_uid(pf),
+                             cleanup_chrooted=_cleanup_chrooted(services))
     except settings.SettingsError as exc:
         raise ApplyError(str(exc)) from None
-    if not dry_run and secret != stored:
-        holdsecret.save(config.state_directory, secret)
     report = ApplyReport(changed_params=dict(plan.params), services=list(plan.services),
                          removed_services=list(plan.remove_services),
                          maps=_changed_maps(config, plan.maps), dry_run=dry_run)
     if dry_run or not report.changed:
         if not dry_run:
             _save_ours(config, plan, sorted(kept))
+            _forget_hold_secret(config)
             _settle_removed(config, held, removed, report)
         return report
 
     stage = _stage(pf, plan) if (plan.params or plan.services or plan.remove_services) else None
     _commit(pf, config, plan, report, stage, reload, sorted(kept))
+    _forget_hold_secret(config)   # only now is no table of the live settings naming it
     _settle_removed(config, held, removed, report)
     return report
 

@@ -63,7 +63,7 @@ CREATE TABLE IF NOT EXISTS forwards (
 );
 CREATE INDEX IF NOT EXISTS forwards_by_due ON forwards (due);
 CREATE TABLE IF NOT EXISTS foreign_mail (
-    scope    TEXT NOT NULL,     -- the config it was judged under (domains, secret)
+    scope    TEXT NOT NULL,     -- the config it was judged under (its domains)
     queue    TEXT NOT NULL,
     queue_id TEXT NOT NULL,
     domain   TEXT,
@@ -374,7 +374,7 @@ class Ledger:
 
     # -- held mail that is not ours, read once ---------------------------------
     # Each verdict holds for the config it was made under (``scope``: a
-    # fingerprint of the domains and the secret): a process still running an
+    # fingerprint of the domains): a process still running an
     # older config never decides for one running the newer.
     foreign_scope = ""
 

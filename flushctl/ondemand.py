@@ -28,7 +28,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from . import holdsecret, names
+from . import names
 from . import release_rules as rules
 from .config import Config, Domain
 from .ledger import DomainState, Entry, Ledger
@@ -38,7 +38,7 @@ from .queuefiles import (FORCED_EXPIRE_BIT, QueueLayout, QueueWatch, QueuedMessa
                          parse_duration, parse_postcat, read_defer_log)
 from .release_rules import Item, Snapshot
 from .routing import route_of
-from .settings import HOLD_HEADER, TAG_HEADER, hold_table
+from .settings import TAG_HEADER
 
 RELEASE_WATCH = rules.RELEASE_WATCH
 # How long a refresh waits for pickup and cleanup to bring requeued mail back,
@@ -480,9 +480,9 @@ class OnDemand:
         """Give held messages a new lifetime clock.
 
         ``postsuper -r`` sends them back through pickup and cleanup, under
-        new queue ids; mail the milter tagged comes straight back on hold
-        (header_checks), any other comes back to the deferred queue, where
-        ``take_in`` holds it again.  Whoever records the copies (this
+        new queue ids, to the deferred queue (the on-demand transport is a
+        deferred one), where ``take_in`` holds them again by their
+        recipients: no header of theirs decides it.  Whoever records the copies (this
         process or the keeper), the ledger counts them: rows recorded since
         the start for mail that arrived before it.  Returns that count.
         """
@@ -508,9 +508,6 @@ class OnDemand:
         return back
 
     # -- taking in what the milter did not see ------------------------------
-    def secret(self) -> str:
-        return holdsecret.read(self.config.state_directory, hold_table(self.config))
-
     def take_in(self, queues=("deferred", "hold")) -> dict[str, int]:
         """Record, and hold, every message bound for a customer that the
         ledger lacks.
@@ -518,11 +515,13 @@ class OnDemand:
         - deferred: mail that never passed the milter (local submission,
           alias or bcc expansion, Postfix's own notices) and mail of ours
           the ledger lost; recorded first, then put on hold.
-        - hold: mail of ours the ledger lacks (a refresh's copies, a lost
-          ledger), known by the tag and the hold header with this
-          installation's secret.  Anything else held (an admin's, a
-          filter's quarantine) is remembered as not ours and never read
-          again.
+        - hold: mail of ours the ledger lacks (a lost ledger): what the
+          milter held (its tag names the domain of one of the message's
+          own recipients: a tag proves nothing by itself, though intake
+          removes any a sender wrote) and what the keeper held (for a
+          customer, with the defer log of its wait in the deferred
+          queue).  Anything else held (an admin's, a filter's quarantine)
+          is remembered as not ours and never read again.
         Only ids new since the last pass are looked up; each message is
         read once (postcat); listings are redone only for directories that
         changed.  Returns the messages taken in per domain.
@@ -562,21 +561,17 @@ class OnDemand:
         """Read messages the ledger does not know; record ours, remember the
         rest.  Returns (taken in per domain, the ids classified)."""
         counts: dict[str, int] = {}
-        secret = self.secret()
         mine, other, to_hold, classified = [], [], [], []
         for msg in parse_postcat(self.postfix.read_messages(unknown)):
             if msg.queue != queue:
                 continue   # it moved meanwhile: the next pass sees it where it is
             dom, route = self._customer_of(msg)
-            tagged = bool(secret) and secret in msg.header(HOLD_HEADER) \
-                and len(msg.header(TAG_HEADER)) == 1
             if queue == "hold":
-                tag = msg.header(TAG_HEADER)[0].lower() if tagged else ""
-                if tagged and tag in self.config.domains:
-                    mine.append((msg, tag, route if dom == tag else tag, "adopted"))
-                elif tagged:
-                    # held for a domain no longer configured: ours, shown as removed
-                    mine.append((msg, tag, tag, "adopted"))
+                tagged = self._tagged(msg)
+                if tagged is not None:
+                    # held by the milter (for a domain no longer configured:
+                    # ours, shown as removed)
+                    mine.append((msg, *tagged, "adopted"))
                 elif dom is not None and read_defer_log(self.layout, msg.queue_id):
                     # untagged, for a customer, and it waited in the deferred queue
                     # first (its defer log): the keeper took it in (a local
@@ -604,15 +599,32 @@ class OnDemand:
             self.ledger.add_foreign(queue, other)
         return counts, classified
 
+    def _tagged(self, msg: QueuedMessage) -> tuple[str, str] | None:
+        """(domain, route) of held mail the milter tagged: one tag, naming
+        the domain (or a parent domain) of one of its pending recipients."""
+        tags = msg.header(TAG_HEADER)
+        if len(tags) != 1:
+            return None
+        tag = tags[0].strip().lower().rstrip(".")
+        for rcpt in msg.recipients:
+            parts = names.split_recipient(rcpt)
+            if parts is None:
+                continue
+            domain = parts[1].lower().rstrip(".")
+            if domain == tag or domain.endswith("." + tag):
+                dom = self.config.domains.get(tag)
+                return tag, (route_of(dom, domain) if dom is not None else tag)
+        return None
+
     def _check_fingerprint(self) -> None:
-        """What was found not ours holds for this config and secret only: a
+        """What was found not ours holds for this config only: a
         domain added later makes mail for it ours.  Also forget what this
         process saw when the ledger file is new."""
         import hashlib
         if self._domains_text is None:
             self._domains_text = repr(sorted((d.name, sorted(d.hosts))
                                              for d in self.config.domains.values()))
-        text = self._domains_text + self.secret()
+        text = self._domains_text
         fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
         if self._fingerprint != (fingerprint, self.ledger.generation):
             self.ledger.set_foreign_scope(fingerprint)

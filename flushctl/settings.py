@@ -32,9 +32,9 @@ def map_dir(config: Config) -> str:
     return os.path.join(config.config_directory, "flushctl")
 
 
-def hold_table(config: Config) -> str:
-    """The header_checks table that holds requeued on-demand mail."""
-    return os.path.join(map_dir(config), "hold_tagged")
+def intake_table(config: Config) -> str:
+    """The header_checks table every message passes at intake."""
+    return os.path.join(map_dir(config), "intake")
 
 
 def split_list(value: str) -> list[str]:
@@ -68,15 +68,17 @@ def merge_list(ours: list[str], current: str, previous_ours: set[str]) -> str:
     return ", ".join(merged)
 
 
-def milter_spec(config: Config, queue_directory: str, smtpd_chrooted: bool) -> str:
-    """The milter socket as smtpd must name it (inside its chroot, if any)."""
+def milter_spec(config: Config, queue_directory: str, chrooted: bool,
+                daemon: str = "smtpd") -> str:
+    """The milter socket as ``daemon`` must name it (inside its chroot, if any):
+    smtpd for smtpd_milters, cleanup for non_smtpd_milters."""
     listen = config.milter_listen
-    if listen.kind == "inet" or not smtpd_chrooted:
+    if listen.kind == "inet" or not chrooted:
         return listen.milter_spec
     queue = os.path.normpath(queue_directory)
     if os.path.commonpath([queue, listen.path]) != queue:
         raise SettingsError(
-            f"{config.path}: milter.listen: smtpd runs chrooted in {queue}, so the milter "
+            f"{config.path}: milter.listen: {daemon} runs chrooted in {queue}, so the milter "
             f"socket must be under it (for example unix:{queue}/flushctl/milter.sock)")
     return "unix:" + listen.path[len(queue):]
 
@@ -97,23 +99,29 @@ def policy_spec(config: Config, queue_directory: str) -> str:
 
 
 TAG_HEADER = "X-OnDemand-Domain"   # names the customer domain of a held message
+# The header earlier versions held requeued mail by (with a secret value):
+# no longer written, never obeyed, removed at intake and on the way out.
 HOLD_HEADER = "X-OnDemand-Hold"
+OUR_HEADERS = (TAG_HEADER, HOLD_HEADER)
 
 # Maps built with postmap; the others are regexp tables read as they are.
 HASH_MAPS = ("relay_domains", "transport", "relay_recipients")
 
 
-def render_maps(config: Config, secret: str = "", requeue_uid: int | None = None
-                ) -> dict[str, str]:
+def render_maps(config: Config, requeue_uid: int | None = None) -> dict[str, str]:
     """Map source files (name -> text) for the configured domains.
 
-    With ``secret``, also the two regexp tables behind the hold header;
-    with ``requeue_uid`` (the mail_owner's uid), the first table also drops
-    the trace header that pickup adds to mail requeued with ``postsuper
-    -r`` (``Received: by HOST (Postfix, from userid UID)``, the uid of the
-    queue file's owner): held mail whose lifetime clock is renewed again
-    and again would otherwise gain one per renewal, and reach
-    hopcount_limit.
+    Also the two regexp tables behind our headers: ``intake`` (every
+    message's own headers as cleanup receives them, from smtpd, sendmail
+    or a requeue) removes the hold header of earlier versions, which
+    nothing obeys now (the milter removes a tag a sender wrote, on
+    smtpd's and sendmail's mail, and adds its own); ``strip_hold`` keeps
+    that header from leaving in any smtp delivery.
+    With ``requeue_uid`` (the mail_owner's uid), ``intake`` also drops the
+    trace header that pickup adds to mail requeued with ``postsuper -r``
+    (``Received: by HOST (Postfix, from userid UID)``, the uid of the queue
+    file's owner): held mail whose lifetime clock is renewed again and
+    again would otherwise gain one per renewal, and reach hopcount_limit.
     """
     relay, transport, recipients, any_user = [], [], [], []
     for name in sorted(config.domains):
@@ -126,21 +134,18 @@ def render_maps(config: Config, secret: str = "", requeue_uid: int | None = None
         else:
             recipients.extend(f"{local}@{name}\tOK\n" for local in sorted(dom.recipients))
     header = "# Written by flushctl apply from {}; do not edit.\n".format(config.path)
-    maps = {
+    drop = ""
+    if requeue_uid is not None:
+        drop = (f"/^Received: by [^ ]+ \\([^,()]+, from userid {int(requeue_uid)}\\)/"
+                " IGNORE\n")
+    return {
         "relay_domains": header + "".join(relay),
         "transport": header + "".join(transport),
         "relay_recipients": header + "".join(recipients),
         "relay_recipient_domains": header + "".join(any_user),
+        "intake": header + drop + f"/^{HOLD_HEADER}:/ IGNORE\n",
+        "strip_hold": header + f"/^{HOLD_HEADER}:/ IGNORE\n",
     }
-    if secret:
-        drop = ""
-        if requeue_uid is not None:
-            drop = (f"/^Received: by [^ ]+ \\([^,()]+, from userid {int(requeue_uid)}\\)/"
-                    " IGNORE\n")
-        maps["hold_tagged"] = header + drop + \
-            f"/^{HOLD_HEADER}: {secret}$/ HOLD requeued on-demand mail\n"
-        maps["strip_hold"] = header + f"/^{HOLD_HEADER}:/ IGNORE\n"
-    return maps
 
 
 @dataclass(frozen=True)
@@ -227,17 +232,21 @@ def wanted_services(config: Config, data: dict, values: dict[str, str],
 
 def plan(config: Config, data: dict, raw: dict[str, str], expanded: dict[str, str],
          services: dict[str, str], previous_ours: set[str], smtpd_chrooted: bool,
-         secret: str = "", previous_services: frozenset[str] = frozenset(),
-         requeue_uid: int | None = None) -> Plan:
+         previous_services: frozenset[str] = frozenset(),
+         requeue_uid: int | None = None, cleanup_chrooted: bool | None = None) -> Plan:
     """Compare what is with what must be.
 
     ``raw``: main.cf values as written; ``expanded``: the same, expanded
     (for the safety checks); ``services``: ``postconf -M`` entries.
     """
+    if cleanup_chrooted is None:
+        cleanup_chrooted = smtpd_chrooted
     values = {
         "transport": config.transport_name,
         "map_dir": map_dir(config),
         "milter": milter_spec(config, expanded["queue_directory"], smtpd_chrooted),
+        "cleanup_milter": milter_spec(config, expanded["queue_directory"], cleanup_chrooted,
+                                      "cleanup"),
         "policy": policy_spec(config, expanded["queue_directory"]),
     }
     check_mynetworks(expanded.get("mynetworks", ""), data)
@@ -308,4 +317,4 @@ def plan(config: Config, data: dict, raw: dict[str, str], expanded: dict[str, st
              if " ".join(services.get(service_key(e), "").split()) != " ".join(e.split())]
     remove = sorted(k for k in previous_services if k not in keys and k in services)
     return Plan(params=changes, services=write, remove_services=remove,
-                maps=render_maps(config, secret, requeue_uid), ours=ours, our_services=keys)
+                maps=render_maps(config, requeue_uid), ours=ours, our_services=keys)

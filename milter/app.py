@@ -21,12 +21,10 @@ import time
 
 import Milter
 
-from flushctl import holdsecret
 from flushctl.config import Config
 from flushctl.metrics import Counts
 from flushctl.ondemand import OnDemand
-from flushctl.postfix import PostfixError
-from flushctl.settings import HOLD_HEADER, hold_table
+from flushctl.settings import OUR_HEADERS
 
 from . import policy
 
@@ -39,9 +37,8 @@ COUNTS_INTERVAL = 5.0  # seconds between handing the refusals counted to the led
 class Shared:
     """What every connection of one milter process shares."""
 
-    def __init__(self, config: Config, ondemand: OnDemand, secret: str):
+    def __init__(self, config: Config, ondemand: OnDemand):
         self.config = config
-        self.secret = secret
         self.domains = config.domains
         self.ondemand = ondemand
         self.ledger = ondemand.ledger
@@ -80,7 +77,7 @@ class OnDemandMilter(Milter.Base):
         self.klass: str | None = None
         self.route: str | None = None
         self.size = 0
-        self.forged = 0
+        self.forged: dict[str, int] = {}   # headers of ours a sender wrote, by name
 
     def _refuse(self, reply: policy.Reply) -> int:
         self.shared.counts.add("milter_decisions", policy.result_name(reply))
@@ -123,8 +120,9 @@ class OnDemandMilter(Milter.Base):
     @Milter.noreply
     def header(self, name, value):
         self.size += len(name) + len(value) + 4
-        if name.lower() == policy.HEADER.lower():
-            self.forged += 1
+        for ours in OUR_HEADERS:
+            if name.lower() == ours.lower():
+                self.forged[ours] = self.forged.get(ours, 0) + 1
         return Milter.CONTINUE
 
     @Milter.nocallback
@@ -136,9 +134,23 @@ class OnDemandMilter(Milter.Base):
         self.size += len(chunk)
         return Milter.CONTINUE
 
+    def _unforge(self) -> None:
+        """Remove every header of ours a sender wrote.  The intake
+        header_checks remove them first; this covers an instance whose
+        smtpd skips header checks (receive_override_options)."""
+        for name, count in self.forged.items():
+            for index in range(count, 0, -1):
+                self.chgheader(name, index, "")
+
     def eom(self):
         klass = self.klass
         if not klass:
+            if self.forged:
+                try:
+                    self._unforge()
+                except Exception:
+                    log.exception("event=error stage=eom")
+                    return self._refuse(policy.LOCAL_PROBLEM)
             return Milter.ACCEPT
         try:
             reply = policy.decide_eom(klass, self.size, self.shared.domains, self.shared.totals)
@@ -152,10 +164,8 @@ class OnDemandMilter(Milter.Base):
             size = self.size + len(policy.HEADER) + len(klass) + 4
             self.shared.ledger.record(queue_id, klass, size, route=self.route,
                                       counted=("milter_decisions", "held"))
-            for index in range(self.forged, 0, -1):
-                self.chgheader(policy.HEADER, index, "")
+            self._unforge()
             self.addheader(policy.HEADER, klass)
-            self.addheader(HOLD_HEADER, self.shared.secret)
             self.quarantine(f"on-demand: held for {klass}")
         except Exception:
             log.exception("event=error stage=eom domain=%s", klass)
@@ -217,11 +227,7 @@ def run(config: Config, ondemand: OnDemand | None = None) -> None:
     """Serve until SIGTERM/SIGINT (libmilter handles the signals)."""
     od = ondemand or OnDemand(config)
     od.layout  # read the queue layout now: fail early if Postfix is not there
-    secret = holdsecret.read(config.state_directory, hold_table(config))
-    if not secret:
-        raise PostfixError(f"{config.state_directory}: no hold secret yet; "
-                           "run `flushctl apply` first")
-    shared = OnDemandMilter.shared = Shared(config, od, secret)
+    shared = OnDemandMilter.shared = Shared(config, od)
     listen = config.milter_listen
     if listen.kind == "unix":
         _prepare_unix_socket(listen.path)

@@ -78,7 +78,7 @@ def test_old_mail_that_fails_after_a_release_goes_back_on_hold(make_stack):
     wait_until(lambda: len(stack.sink.messages()) == 2, what="2 deliveries")
     for text in stack.sink.messages():
         assert "X-OnDemand-Domain: customer.test" in text
-        assert "X-OnDemand-Hold" not in text  # the secret never leaves
+        assert "X-OnDemand-Hold" not in text  # no mark that holds: renewals keep only the tag
     assert stack.queue() == []
     assert bounce_lines(stack) == []
     assert stack.status("customer.test")[0]["messages"] == 0

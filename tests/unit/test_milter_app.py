@@ -38,7 +38,6 @@ quota_bytes = 200
 """
 
 QUEUE_ID = "4jcczJ2wnFzJ9C2"
-SECRET = "0123456789abcdef0123456789abcdef"
 HOLD_HEADER = "X-OnDemand-Hold"
 HEADER = "X-OnDemand-Domain"
 
@@ -87,7 +86,7 @@ def ondemand(tmp_path):
 
 
 def make_shared(cfg, ondemand):
-    return Shared(cfg, ondemand, SECRET)
+    return Shared(cfg, ondemand)
 
 
 def domain_headers(ctx):
@@ -151,7 +150,7 @@ def test_customer_message_is_tagged_quarantined_and_recorded(ondemand):
     assert ctx._reply is None
     assert domain_headers(ctx) == [(HEADER, "customer.example")]
     assert ctx._msg.get_all(HEADER) == ["customer.example"]
-    assert [(f, v) for f, v in ctx.added if f == HOLD_HEADER] == [(HOLD_HEADER, SECRET)]
+    assert [f for f, v in ctx.added] == [HEADER]   # the tag only: no mark that holds
     assert ctx.changed == []
     assert len(ctx.quarantined) == 1
     assert "customer.example" in ctx.quarantined[0]
@@ -179,6 +178,17 @@ def test_two_forged_headers_deleted_from_the_last():
     assert transaction(ctx, "<alice@customer.example>", text=text) == Milter.ACCEPT
     assert ctx.changed == [(HEADER, 2, ""), (HEADER, 1, "")]
     assert ctx._msg.get_all(HEADER) == ["customer.example"]
+
+
+def test_headers_of_ours_are_deleted_from_mail_that_is_no_customers():
+    """Forged on mail for anyone else: removed too, and nothing added (the
+    attack: a leaked mark beside victim@another-domain)."""
+    text = (f"{HOLD_HEADER}: 0123456789abcdef\n{HEADER}: customer.example\n" + MESSAGE)
+    ctx = new_ctx()
+    assert transaction(ctx, "<victim@elsewhere.example>", text=text) == Milter.ACCEPT
+    assert sorted(ctx.changed) == [(HEADER, 1, ""), (HOLD_HEADER, 1, "")]
+    assert ctx.added == [] and ctx.quarantined == []
+    assert ctx._msg.get_all(HEADER) is None and ctx._msg.get_all(HOLD_HEADER) is None
 
 
 # -- refusals ------------------------------------------------------------------

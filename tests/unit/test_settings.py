@@ -204,9 +204,9 @@ def test_render_maps_hosts_with_routes_of_their_own():
     ]
 
 
-def test_hold_table_drops_the_requeue_trace_header_first():
-    maps = settings.render_maps(make_config(CUSTOMER), "ab" * 16, requeue_uid=107)
-    lines = maps["hold_tagged"].splitlines()[1:]
+def test_intake_table_drops_the_requeue_trace_header_and_every_header_of_ours():
+    maps = settings.render_maps(make_config(CUSTOMER), requeue_uid=107)
+    lines = maps["intake"].splitlines()[1:]
     assert lines[0].endswith(" IGNORE")
     import re
     drop = re.compile(lines[0].split("/")[1])
@@ -218,8 +218,14 @@ def test_hold_table_drops_the_requeue_trace_header_first():
     assert not drop.search("Received: by mx.provider.test (Postfix, from userid 1070)")
     assert not drop.search("Received: from [127.0.0.1] (localhost [127.0.0.1])\n"
                            "\tby mx.provider.test (Postfix) with ESMTP id 109E520C271")
-    assert lines[1].startswith("/^X-OnDemand-Hold: " + "ab" * 16 + "$/ HOLD")
-    assert "IGNORE" not in settings.render_maps(make_config(CUSTOMER), "ab" * 16)["hold_tagged"]
+    # nothing is held by a header: the hold header of earlier versions goes
+    assert lines[1] == "/^X-OnDemand-Hold:/ IGNORE"
+    assert "HOLD" not in maps["intake"]
+    ours = re.compile(lines[1].split("/")[1], re.I)
+    assert ours.search("x-ondemand-hold: 0123")
+    assert not ours.search("X-OnDemand-Domain: a.example")   # the milter's, kept by requeues
+    assert not ours.search("Subject: X-OnDemand-Hold:")
+    assert "Received" not in settings.render_maps(make_config(CUSTOMER))["intake"]
 
 
 def test_render_maps_header_names_config_file():
@@ -287,7 +293,7 @@ def test_relay_restrictions_ok(value, ok):
 
 def fill(template, milter=OUR_MILTER):
     return template.format(transport="ondemand", map_dir=MAP_DIR, milter=milter,
-                           policy="unix:private/flushctl-policy")
+                           cleanup_milter=milter, policy="unix:private/flushctl-policy")
 
 
 SERVICE = fill(DATA["service"]["entry"])
@@ -380,6 +386,25 @@ def test_plan_drops_previous_entries_no_longer_ours():
 def test_plan_chrooted_milter_path():
     p = run_plan(make_config(CUSTOMER), chrooted=True)
     assert p.params["smtpd_milters"] == "unix:/flushctl/milter.sock"
+    assert p.params["non_smtpd_milters"] == "unix:/flushctl/milter.sock"
+
+
+def test_cleanup_names_the_milter_in_its_own_chroot():
+    """non_smtpd_milters: cleanup connects itself, smtpd hands its milter
+    connection over; each names the socket as its chroot shows it."""
+    cfg = make_config(CUSTOMER)
+    p = settings.plan(cfg, DATA, {}, dict(EXPANDED), {}, set(), smtpd_chrooted=True,
+                      cleanup_chrooted=False)
+    assert p.params["smtpd_milters"] == "unix:/flushctl/milter.sock"
+    assert p.params["non_smtpd_milters"] == OUR_MILTER
+    p = settings.plan(cfg, DATA, {}, dict(EXPANDED), {}, set(), smtpd_chrooted=False,
+                      cleanup_chrooted=True)
+    assert p.params["smtpd_milters"] == OUR_MILTER
+    assert p.params["non_smtpd_milters"] == "unix:/flushctl/milter.sock"
+    outside = make_config(CUSTOMER, listen="unix:/run/flushctl/milter.sock")
+    with pytest.raises(SettingsError, match="cleanup runs chrooted"):
+        settings.plan(outside, DATA, {}, dict(EXPANDED), {}, set(), smtpd_chrooted=False,
+                      cleanup_chrooted=True)
 
 
 def test_plan_chrooted_socket_outside_queue_fails():
@@ -544,22 +569,31 @@ def test_submission_chrooted_like_smtpd():
 
 
 STRIP = f"regexp:{MAP_DIR}/strip_hold"
-HOLD = f"regexp:{MAP_DIR}/hold_tagged"
+INTAKE = f"regexp:{MAP_DIR}/intake"
+OLD_HOLD = f"regexp:{MAP_DIR}/hold_tagged"   # earlier versions
 
 
 @pytest.mark.parametrize("raw, expected", [
     # Postfix's default ($header_checks) without our hold table: the admin's own
-    ({"header_checks": f"{HOLD}, pcre:/etc/postfix/spam"}, f"{STRIP}, pcre:/etc/postfix/spam"),
+    ({"header_checks": f"{INTAKE}, pcre:/etc/postfix/spam"}, f"{STRIP}, pcre:/etc/postfix/spam"),
     ({}, STRIP),
     # set by the admin: kept, $header_checks expanded without our hold table
-    ({"header_checks": f"{HOLD}, pcre:/a", "nested_header_checks": "$header_checks, pcre:/b"},
+    ({"header_checks": f"{INTAKE}, pcre:/a", "nested_header_checks": "$header_checks, pcre:/b"},
      f"{STRIP}, pcre:/a, pcre:/b"),
     ({"nested_header_checks": "pcre:/b"}, f"{STRIP}, pcre:/b"),
 ])
 def test_attached_headers_never_meet_our_hold_table(raw, expected):
     p = run_plan(make_config(CUSTOMER), raw=raw)
     assert p.params["nested_header_checks"] == expected
-    assert HOLD not in p.params["nested_header_checks"]
+    assert INTAKE not in p.params["nested_header_checks"]
+
+
+def test_the_hold_table_of_earlier_versions_gives_way_to_intake():
+    p = run_plan(make_config(CUSTOMER), raw={"header_checks": f"{OLD_HOLD}, pcre:/mine"},
+                 previous_ours={OLD_HOLD, STRIP})
+    assert p.params["header_checks"] == f"{INTAKE}, pcre:/mine"
+    assert p.params["nested_header_checks"] == f"{STRIP}, pcre:/mine"
+    assert "hold_tagged" not in p.maps
 
 
 def test_our_header_is_stripped_from_every_smtp_delivery():
