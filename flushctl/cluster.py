@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 
 from . import finger
+from .names import forwarded
 from .config import Cluster, Peer
 from .ledger import Forward, Ledger
 
@@ -81,7 +82,8 @@ async def _read_reply(reader: asyncio.StreamReader) -> tuple[int, str]:
 
 async def send_etrn(peer: Peer, domains: list[str], helo: str, source: str | None = None,
                     timeout: float = TIMEOUT) -> dict[str, tuple[int, str]]:
-    """One SMTP session: EHLO, then ``ETRN domain`` for each; the peer's reply to each."""
+    """One SMTP session: EHLO, then a forwarded ETRN for each domain; the
+    peer's reply to each."""
     async with asyncio.timeout(timeout):
         reader, writer = await asyncio.open_connection(
             peer.host, peer.port, local_addr=(source, 0) if source else None, limit=4096)
@@ -95,7 +97,7 @@ async def send_etrn(peer: Peer, domains: list[str], helo: str, source: str | Non
                 raise PeerError(f"EHLO: {code} {text}")
             results = {}
             for domain in domains:
-                writer.write(f"ETRN {domain}\r\n".encode())
+                writer.write(f"ETRN {forwarded(domain)}\r\n".encode())
                 results[domain] = await _read_reply(reader)
             writer.write(b"QUIT\r\n")
             await writer.drain()

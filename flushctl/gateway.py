@@ -363,12 +363,14 @@ class Gateway:
         if request.state != "ETRN":
             return policyproto.DUNNO
         client = request.client_address
+        argument, marked = names.unmark(request.etrn_domain)
         try:
-            domain = names.wire_domain(request.etrn_domain)
+            domain = names.wire_domain(argument)
         except ValueError:
             self._log("etrn", client, "", "invalid domain")
             return "501 5.5.4 invalid domain name"
-        passed_on = request.helo_name.lower().rstrip(".") in self.peer_names
+        # a peer's forwarder marks its ETRN: released here, never sent on
+        passed_on = marked or request.helo_name.lower().rstrip(".") in self.peer_names
         verdict, outcome = await self._decide("etrn", client, domain, passed_on)
         if verdict == NOT_ALLOWED and self.gate.is_peer(client):
             return f"554 5.7.1 <{domain}>: not a domain of this host"   # the peer stops trying

@@ -149,3 +149,27 @@ def customer_of(rcpt_domain: str, customers) -> str | None:
         if not dot or "." not in rest:
             return None
         name = rest
+
+
+# A forwarded ETRN says so itself: ``ETRN _forwarded.customer.example``.
+# The receiving gateway releases the domain and never sends that on, so no
+# configuration of names and addresses can make peers pass a release
+# around.  The mark grants nothing (rights still come from the client's
+# address), so a customer who writes it only keeps its release to one
+# host.  "_" is no letter of a host name: no customer domain begins so
+# (the config refuses it), and Postfix's ETRN takes it (fast_flush_domains
+# lists the marked names too).
+FORWARDED_LABEL = "_forwarded"
+
+
+def forwarded(domain: str) -> str:
+    """The ETRN argument by which a peer asks for ``domain``."""
+    return f"{FORWARDED_LABEL}.{domain}"
+
+
+def unmark(argument: str) -> tuple[str, bool]:
+    """(the domain, whether the ETRN came from a peer's forwarder)."""
+    label, dot, rest = argument.partition(".")
+    if dot and rest and label.lower() == FORWARDED_LABEL:
+        return rest, True
+    return argument, False

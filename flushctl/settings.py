@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from .config import Config
-from .names import too_wide
+from .names import forwarded, too_wide
 from .routing import transport_entries
 
 
@@ -105,7 +105,7 @@ HOLD_HEADER = "X-OnDemand-Hold"
 OUR_HEADERS = (TAG_HEADER, HOLD_HEADER)
 
 # Maps built with postmap; the others are regexp tables read as they are.
-HASH_MAPS = ("relay_domains", "transport", "relay_recipients")
+HASH_MAPS = ("relay_domains", "flush_domains", "transport", "relay_recipients")
 
 
 def render_maps(config: Config, requeue_uid: int | None = None) -> dict[str, str]:
@@ -123,10 +123,12 @@ def render_maps(config: Config, requeue_uid: int | None = None) -> dict[str, str
     file's owner): held mail whose lifetime clock is renewed again and
     again would otherwise gain one per renewal, and reach hopcount_limit.
     """
-    relay, transport, recipients, any_user = [], [], [], []
+    relay, flush, transport, recipients, any_user = [], [], [], [], []
     for name in sorted(config.domains):
         dom = config.domains[name]
         relay.append(f"{name}\tOK\n")
+        # ETRN: the domain, and the form a peer forwards it in
+        flush.extend([f"{name}\tOK\n", f"{forwarded(name)}\tOK\n"])
         transport.extend(f"{key}\t{value}\n"
                          for key, value in transport_entries(dom, config.transport_name))
         if dom.recipients is None:
@@ -140,6 +142,7 @@ def render_maps(config: Config, requeue_uid: int | None = None) -> dict[str, str
                 " IGNORE\n")
     return {
         "relay_domains": header + "".join(relay),
+        "flush_domains": header + "".join(flush),
         "transport": header + "".join(transport),
         "relay_recipients": header + "".join(recipients),
         "relay_recipient_domains": header + "".join(any_user),

@@ -30,17 +30,23 @@ def _port_free_on_all() -> int:
     raise AssertionError("no port free on every test address")
 
 
-@pytest.fixture
-def cluster(make_stack):
+def _build_cluster(make_stack, sources=ADDRESSES, helo="mx{n}.provider.test"):
+    """Three hosts; each names its peers by the addresses they listen on,
+    and sends its ETRNs from ``sources[n]`` with EHLO ``helo``."""
     smtp, finger_port = _port_free_on_all(), _port_free_on_all()
     stacks = []
     for n, address in enumerate(ADDRESSES, 1):
         peers = [f"{a}:{smtp}" for a in ADDRESSES if a != address]
         extra = (f"[cluster]\npeers = {json.dumps(peers)}\nfinger_port = {finger_port}\n"
-                 f'source = "{address}"\nhelo = "mx{n}.provider.test"\n')
+                 f'source = "{sources[n - 1]}"\nhelo = "{helo.format(n=n)}"\n')
         stacks.append(make_stack(gateway=True, address=address, smtpd_port=smtp,
                                  ports=Ports(finger_port), extra=extra))
     return stacks
+
+
+@pytest.fixture
+def cluster(make_stack):
+    return _build_cluster(make_stack)
 
 
 def _hold_everywhere(stacks):
@@ -107,6 +113,73 @@ def test_one_finger_releases_on_every_mx_without_ping_pong(cluster):
     print(f"finger at mx1: {3 * PER_HOST} messages delivered from 3 hosts; "
           "ETRN mx1->mx2, mx1->mx3 acknowledged, none sent back")
     assert all(bounce_lines(s) == [] for s in cluster)
+
+
+def test_peers_that_do_not_recognise_each_other_never_pass_a_release_back(make_stack):
+    """Issue 15, item 6: each host names its peers by the addresses they
+    listen on, but sends from another address, with an EHLO name nobody
+    lists: no peer can tell a forwarded ETRN by where it comes from.  It
+    must tell by the ETRN itself, or each would send it on around the
+    cluster (as before: the first host's ETRN came back from both)."""
+    cluster = _build_cluster(make_stack, sources=["127.0.0.21", "127.0.0.22", "127.0.0.23"],
+                             helo="relay{n}.elsewhere.test")
+    first, second, third = cluster
+    _hold_everywhere(cluster)
+    for stack in cluster:
+        stack.sink.start()
+    out = first.finger("customer.test")
+    assert "Delivery started" in out, out
+    wait_until(lambda: _delivered_all(cluster), 30, 0.2, what="mail of all three delivered")
+    time.sleep(4)   # room for any echo to show
+    assert len(_events(first, r"event=forward_acked")) == 2
+    assert _events(first, r"event=trigger how=(?!finger)") == []   # nothing came back
+    for peer in (second, third):
+        triggers = _events(peer, r"event=trigger how=(?!report)")
+        assert len(triggers) == 1 and "how=peer client=127.0.0.21 " in triggers[0], triggers
+        assert _events(peer, r"event=forward_") == []
+        assert peer.status("customer.test")[0]["last_flush_trigger"] == "peer"
+    assert all(bounce_lines(s) == [] for s in cluster)
+
+
+def test_a_forwarded_etrn_gets_no_more_rights_than_its_sender(make_stack):
+    """The mark only says "do not send it on": it releases here, is never
+    sent on, and from outside a domain's flush_from it is refused like any
+    other ETRN (so a customer who writes it gains nothing)."""
+    def domains(sink_port):
+        return (f'[domains."customer.test"]\nrelay = "[127.0.0.1]:{sink_port}"\n'
+                f'[domains."restricted.test"]\nrelay = "[127.0.0.1]:{sink_port}"\n'
+                f'flush_from = ["192.0.2.0/24"]\n'
+                f'[domains."third.test"]\nrelay = "[127.0.0.1]:{sink_port}"\n')
+    # one peer, which never answers: what is sent on stays pending for it
+    stack = make_stack(gateway=True, domains=domains,
+                       extra=f'[cluster]\npeers = ["127.0.0.99:{free_port()}"]\n')
+    stack.send(["alice@customer.test"])
+    wait_until(lambda: stack.status("customer.test")[0]["messages"] == 1, what="held")
+    stack.sink.start()
+    assert _smtp_etrn(stack, "_forwarded.customer.test")[0] == 250
+    wait_until(lambda: len(stack.sink.messages()) == 1, 30, what="released here")
+    assert _smtp_etrn(stack, "#_forwarded.customer.test")[0] == 250
+    code, text = _smtp_etrn(stack, "_forwarded.restricted.test")
+    assert code == 459 and b"not served here" in text, (code, text)
+    time.sleep(2)
+    assert _events(stack, r"event=forward_") == []
+    assert json.loads(stack.flushctl("status", "--cluster", "--json", "customer.test").stdout
+                      )[1]["pending"] is None          # nothing sent on for the peer
+    assert len(_events(stack, r"event=trigger how=peer client=127\.0\.0\.1 ")) == 3
+    # unmarked, it is a customer's: sent on (nothing is held here, the peer may hold some)
+    assert _smtp_etrn(stack, "_forwarded.third.test")[0] == 250
+    assert _smtp_etrn(stack, "third.test")[0] == 250
+    wait_until(lambda: json.loads(stack.flushctl("status", "--cluster", "--json",
+                                                 "third.test").stdout)[1]["pending"],
+               10, what="sent on for the peer")
+    assert len(_events(stack, r"event=trigger how=peer client=127\.0\.0\.1 ")) == 4
+
+
+def _smtp_etrn(stack, argument: str) -> tuple[int, bytes]:
+    import smtplib
+    with smtplib.SMTP(stack.pf.address, stack.pf.smtpd_port, timeout=30) as smtp:
+        smtp.ehlo("customer-pc.example")
+        return smtp.docmd("ETRN", argument)
 
 
 def test_a_peer_down_gets_its_release_when_it_returns(cluster):

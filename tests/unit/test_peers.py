@@ -131,8 +131,9 @@ def test_forwarder_acts_on_the_reply(tmp_path, reply, kept):
         return ledger.forwards(), peer.commands
     left, commands = asyncio.run(run())
     # one session for both domains
-    assert commands == ["EHLO mx1.provider.example", "ETRN a.example", "ETRN b.example",
-                        "QUIT"]
+    # one session for both domains, each ETRN marked as forwarded
+    assert commands == ["EHLO mx1.provider.example", "ETRN _forwarded.a.example",
+                        "ETRN _forwarded.b.example", "QUIT"]
     if kept:
         assert [(f.domain, f.attempts) for f in left] == [("a.example", 1), ("b.example", 1)]
         assert all(time.time() < f.due <= time.time() + 1.5 for f in left)
@@ -204,6 +205,43 @@ def test_the_gateway_knows_peers_by_address_and_by_ehlo_name():
     assert [how for _, how, _ in rel.triggers] == ["peer", "etrn", "peer"]
     # a domain a peer asks for that is not ours: a final no, so it stops trying
     assert _etrn(gw, "192.0.2.3", "x", "other.example").startswith("554 ")
+
+
+def test_a_forwarded_etrn_is_known_by_itself_and_grants_nothing():
+    """Issue 15, item 6: neither the address nor the EHLO name is a peer's,
+    yet the ETRN says it was forwarded: released here, never sent on; and
+    from outside flush_from refused like any other."""
+    from flushctl.gateway import Gateway
+    cfg = config.parse('[cluster]\npeers = ["mx2.provider.example"]\n'
+                       '[domains."customer.example"]\nflush_from = ["198.51.100.0/24"]\n')
+    rel = RecordingReleaser()
+    gw = Gateway(cfg, rel, peers=frozenset({"192.0.2.2"}))
+    assert _etrn(gw, "198.51.100.7", "relay.elsewhere.example",
+                 "_forwarded.customer.example") == "OK"
+    assert _etrn(gw, "198.51.100.7", "relay.elsewhere.example",
+                 "_FORWARDED.Customer.Example") == "OK"
+    assert _etrn(gw, "203.0.113.1", "relay.elsewhere.example",
+                 "_forwarded.customer.example").startswith("459 ")
+    assert rel.triggers == [("customer.example", "peer", "198.51.100.7")] * 2
+    # the label alone, or twice, is no domain of ours
+    assert _etrn(gw, "198.51.100.7", "x", "_forwarded").startswith("501 ")
+    assert _etrn(gw, "198.51.100.7", "x", "_forwarded._forwarded.customer.example"
+                 ).startswith("501 ")
+
+
+@pytest.mark.parametrize("argument, expected", [
+    ("_forwarded.customer.example", ("customer.example", True)),
+    ("_Forwarded.a.b.example", ("a.b.example", True)),
+    ("customer.example", ("customer.example", False)),
+    ("_forwarded", ("_forwarded", False)),
+    ("_forwarded.", ("_forwarded.", False)),
+    ("x_forwarded.customer.example", ("x_forwarded.customer.example", False)),
+])
+def test_unmark(argument, expected):
+    from flushctl.names import forwarded, unmark
+    assert unmark(argument) == expected
+    if expected[1]:
+        assert unmark(forwarded(expected[0])) == (expected[0], True)
 
 
 def test_a_report_that_cannot_be_read_is_answered_not_left_waiting():

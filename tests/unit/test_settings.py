@@ -307,7 +307,7 @@ def test_plan_fresh_instance():
         "relay_domains": f"hash:{MAP_DIR}/relay_domains",
         "transport_maps": f"hash:{MAP_DIR}/transport",
         "defer_transports": "ondemand",
-        "fast_flush_domains": f"hash:{MAP_DIR}/relay_domains",
+        "fast_flush_domains": f"hash:{MAP_DIR}/flush_domains",
         "smtpd_milters": OUR_MILTER,
         "enable_long_queue_ids": "yes",
         "milter_default_action": "tempfail",
