@@ -24,7 +24,7 @@ def test_hostile_domain_arguments(stack):
     wait_until(lambda: len(stack.queue()) == 1, what="held")
     before = stack.queue()
     refused = 0
-    for command in ("flush", "purge", "pause", "resume", "status"):
+    for command in ("flush", "purge", "pause", "resume", "status", "return"):
         for arg in HOSTILE:
             if "\x00" in arg:
                 continue  # no argv can carry a NUL byte
