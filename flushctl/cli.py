@@ -183,9 +183,10 @@ def check_config(ctx):
 def milter(ctx):
     """Run the milter (foreground, until SIGTERM)."""
     from flushctl_milter.app import run
+    from .privsep import PrivsepError
     try:
         run(ctx.config, ctx.ondemand)
-    except PostfixError as exc:
+    except (PostfixError, PrivsepError) as exc:
         raise CliError(str(exc)) from None
 
 

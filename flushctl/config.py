@@ -143,6 +143,7 @@ class Config:
     config_directory: str
     state_directory: str
     milter_listen: Listen
+    milter_user: str            # the milter runs as this user once its socket is open; "" = root
     finger_listen: HostPort
     policy_listen: Listen       # Postfix's policy service for ETRN: a unix socket in private/
     poller_interval: int
@@ -244,6 +245,15 @@ def _host_port(section: _Section, key: str, default: str) -> HostPort:
         if host != "localhost":
             section.fail(key, f"host must be an IP address, not {host!r}")
     return HostPort(host, port)
+
+
+def _user(section: "_Section", default: str, why_not_root: str) -> str:
+    user = section.get("user", str, default)
+    if user and not re.fullmatch(r"[a-z_][a-z0-9_.-]{0,31}", user):
+        section.fail("user", f"not a user name: {user!r}")
+    if user == "root":
+        section.fail("user", why_not_root)
+    return user
 
 
 def _listen(section: _Section, key: str, default: str) -> Listen:
@@ -479,15 +489,15 @@ def parse(text: str, path: str = "<config>") -> Config:
     st = _Section(path, "state", data.get("state", {}))
     st.check_keys({"directory"})
     mi = _Section(path, "milter", data.get("milter", {}))
-    mi.check_keys({"listen"})
+    mi.check_keys({"listen", "user"})
+    milter_user = _user(mi, "flushctl-milter",
+                        'the milter reads every message: name an unprivileged user, '
+                        'or "" to keep it root')
     gw = _Section(path, "gateway", data.get("gateway", {}))
     gw.check_keys({"finger_listen", "policy_listen", "release_window", "max_connections",
                    "idle_timeout", "rate_burst", "rate_per_minute", "user"})
-    gateway_user = gw.get("user", str, "nobody")
-    if gateway_user and not re.fullmatch(r"[a-z_][a-z0-9_.-]{0,31}", gateway_user):
-        gw.fail("user", f"not a user name: {gateway_user!r}")
-    if gateway_user == "root":
-        gw.fail("user", 'the network side must not run as root; name an unprivileged user, or "" for one process')
+    gateway_user = _user(gw, "nobody", 'the network side must not run as root; name an '
+                         'unprivileged user, or "" for one process')
     po = _Section(path, "poller", data.get("poller", {}))
     po.check_keys({"interval", "probe_timeout", "concurrency", "own_hosts", "nameservers"})
     own_hosts = []
@@ -527,6 +537,7 @@ def parse(text: str, path: str = "<config>") -> Config:
         config_directory=pf.absolute_path("config_directory", "/etc/postfix"),
         state_directory=st.absolute_path("directory", "/var/lib/flushctl"),
         milter_listen=_listen(mi, "listen", "unix:/var/spool/postfix/flushctl/milter.sock"),
+        milter_user=milter_user,
         finger_listen=_host_port(gw, "finger_listen", "0.0.0.0:79"),
         policy_listen=_policy_listen(gw),
         poller_interval=po.positive("interval", int, 60),

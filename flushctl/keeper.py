@@ -51,7 +51,8 @@ class Keeper:
         """One pass; what it did, for the log and `flushctl sweep`."""
         od = self.ondemand
         done: dict = {"rebuilt": od.rebuild_if_needed(), "taken_in": od.take_in(),
-                      "swept": od.sweep_all(), "returned": self.return_refused()}
+                      "swept": od.sweep_all(), "returned": self.return_refused(),
+                "recounted": od.recount_at_quota()}
         for domain, count in done["rebuilt"].items():
             log.info("event=rebuilt domain=%s messages=%d", domain, count)
         return done

@@ -221,7 +221,27 @@ class Ledger:
         except sqlite3.DatabaseError:
             self._db.close()
             raise
-        self._inode = os.stat(self.path).st_ino
+        st = os.stat(self.path)
+        self._inode = st.st_ino
+        if self.fresh and st.st_mode & 0o777 != 0o660 and st.st_uid == os.geteuid():
+            # shared with the state directory's group (see share): SQLite
+            # gives its -wal and -shm files the database file's mode and owner
+            os.chmod(self.path, 0o660)
+
+    def share(self, gid: int) -> None:
+        """Let the group ``gid`` (an unprivileged daemon's) write the ledger:
+        the state directory root:gid, setgid (files made in it by root
+        processes keep the group), mode 2770 (and others' search bit, if
+        it had it: a socket may live below); the ledger's files 0660."""
+        directory = os.path.dirname(self.path)
+        os.chown(directory, 0, gid)
+        os.chmod(directory, 0o2770 | (os.stat(directory).st_mode & 0o001))
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.chown(self.path + suffix, -1, gid)
+                os.chmod(self.path + suffix, 0o660)
+            except FileNotFoundError:
+                pass
 
     def check_file(self) -> bool:
         """Open the ledger afresh if its file was removed or replaced; True if so."""

@@ -816,6 +816,24 @@ class OnDemand:
             self.ledger.set_releasing_until(dom, now + 60)
         return {"reheld": reheld, "in_flight": busy}
 
+    def recount_at_quota(self) -> list[str]:
+        """Count again from the queue (pruning what is gone) every domain
+        the ledger's running totals put at its quota, or near its byte
+        quota.  The milter runs unprivileged and cannot read Postfix's
+        queue: it answers 4xx at a quota until a pass of this finds the
+        mail an admin deleted or Postfix delivered."""
+        states = self.ledger.states()
+        done = []
+        for name, dom in sorted(self.config.domains.items()):
+            state = states.get(name)
+            if state is None:
+                continue
+            if (dom.quota_messages is not None and state.messages >= dom.quota_messages) or \
+                    (dom.quota_bytes is not None and state.bytes >= 0.9 * dom.quota_bytes):
+                self.locate(name)
+                done.append(name)
+        return done
+
     def sweep_all(self) -> dict[str, dict[str, int]]:
         """Sweep every domain in a release, and any whose mail lies in the
         deferred queue (known from the last listing)."""

@@ -90,24 +90,29 @@ def bind(hp, backlog: int) -> socket.socket:
     return sock
 
 
-def account(user: str) -> pwd.struct_passwd:
+def account(user: str, who: str = "gateway") -> pwd.struct_passwd:
     try:
         entry = pwd.getpwnam(user)
     except KeyError:
-        raise PrivsepError(f"gateway: user {user!r} does not exist "
-                           "(create it, or set [gateway] user)") from None
+        raise PrivsepError(f"{who}: user {user!r} does not exist "
+                           f"(create it, or set [{who}] user)") from None
     if entry.pw_uid == 0:
-        raise PrivsepError(f"gateway: user {user!r} is root; name an unprivileged user")
+        raise PrivsepError(f"{who}: user {user!r} is root; name an unprivileged user")
     return entry
 
 
-def drop_privileges(entry: pwd.struct_passwd) -> None:
-    """Become ``entry`` for good: groups, gid, then uid; no way back."""
-    os.setgroups([])
+def drop_privileges(entry: pwd.struct_passwd, who: str = "gateway",
+                    groups: bool = False) -> None:
+    """Become ``entry`` for good: groups (none, or with ``groups`` the
+    user's own from the group database), gid, then uid; no way back."""
+    if groups:
+        os.initgroups(entry.pw_name, entry.pw_gid)
+    else:
+        os.setgroups([])
     os.setresgid(entry.pw_gid, entry.pw_gid, entry.pw_gid)
     os.setresuid(entry.pw_uid, entry.pw_uid, entry.pw_uid)
     if os.getuid() == 0 or os.geteuid() == 0:
-        raise PrivsepError("gateway: could not give up root")
+        raise PrivsepError(f"{who}: could not give up root")
     os.chdir("/")
 
 

@@ -21,6 +21,7 @@ import time
 
 import Milter
 
+from flushctl import privsep
 from flushctl.config import Config
 from flushctl.metrics import Counts
 from flushctl.ondemand import OnDemand
@@ -45,6 +46,7 @@ class Shared:
         self.counts = Counts()   # refusals; "held" is counted with the ledger record
         self._recount_lock = threading.Lock()
         self._recounted: dict[str, float] = {}
+        self.queue_unreadable = False
 
     def totals(self, domain: str) -> tuple[int, int]:
         """Held (messages, bytes) for a domain, exact whenever it matters.
@@ -60,8 +62,14 @@ class Shared:
                 due = time.monotonic() - self._recounted.get(domain, -1e9) > QUOTA_RECHECK
                 if due:
                     self._recounted[domain] = time.monotonic()
-            if due:
-                self.ondemand.locate(domain)  # prunes what is gone
+            if due and not self.queue_unreadable:
+                try:
+                    self.ondemand.locate(domain)  # prunes what is gone
+                except PermissionError as exc:
+                    # unprivileged, the queue is Postfix's: the keeper's
+                    # passes prune the ledger instead (every few seconds)
+                    self.queue_unreadable = True
+                    log.warning("event=no_recount reason=%r", str(exc))
                 state = self.ledger.state(domain)
                 totals = (state.messages, state.bytes)
         return totals
@@ -211,13 +219,22 @@ def _prepare_unix_socket(path: str) -> None:
     os.chmod(directory, 0o750)
     if os.path.exists(path):
         os.unlink(path)
+
+
+def _when_open(path: str | None, user) -> None:
+    """runmilter opens the socket, then serves: in between, give a unix
+    socket to Postfix (group postfix, 0660), then give up root for good
+    (``user``: the account to become, or None)."""
     original = Milter.milter.opensocket
 
     def opensocket(rmsock):
-        # runmilter opens the socket, then serves: give it to Postfix in between
         result = original(rmsock)
-        os.chown(path, -1, gid)
-        os.chmod(path, 0o660)
+        if path is not None:
+            os.chown(path, -1, _postfix_gid())
+            os.chmod(path, 0o660)
+        if user is not None:
+            privsep.drop_privileges(user, "milter", groups=True)
+            log.info("event=privileges user=%s uid=%d", user.pw_name, os.getuid())
         return result
 
     Milter.milter.opensocket = opensocket
@@ -229,9 +246,16 @@ def run(config: Config, ondemand: OnDemand | None = None) -> None:
     od.layout  # read the queue layout now: fail early if Postfix is not there
     shared = OnDemandMilter.shared = Shared(config, od)
     listen = config.milter_listen
+    user = None
+    if config.milter_user and os.geteuid() == 0:
+        # the milter reads every message: it does that as its own user, in
+        # the state directory's group (to write the ledger) and postfix's
+        user = privsep.account(config.milter_user, "milter")
+        od.ledger.share(user.pw_gid)
     if listen.kind == "unix":
         _prepare_unix_socket(listen.path)
         os.umask(0o007)
+    _when_open(listen.path if listen.kind == "unix" else None, user)
     Milter.factory = OnDemandMilter
     Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE)
     stop = threading.Event()

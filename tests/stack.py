@@ -280,6 +280,7 @@ config_directory = "{pf.config_directory}"
 directory = "{state_dir}"
 [milter]
 listen = "unix:{state_dir}/milter/milter.sock"
+user = "nobody"   # as in production: unprivileged once its socket is open
 [gateway]
 finger_listen = "{pf.address}:{ports.finger_port}"
 policy_listen = "unix:{pf.queue_directory}/private/flushctl-policy"

@@ -5,6 +5,7 @@ It changes the machine's own Postfix (port 25) and starts the daemons
 (CI=true) or with FLUSHCTL_DEPLOY_TEST=1, as root.
 """
 
+import grp
 import json
 import os
 import pwd
@@ -120,6 +121,18 @@ def test_playbook_deploys_a_working_host_and_converges(tmp_path):
     [listener] = {c.pid for c in psutil.net_connections("tcp")
                   if c.status == psutil.CONN_LISTEN and c.laddr.port == 79}
     assert psutil.Process(listener).username() == "flushctl"
+    # the milter reads every message as its own user, in the postfix group,
+    # with no capability left
+    milters = [p for p in psutil.process_iter(["cmdline"])
+               if p.info["cmdline"] and p.info["cmdline"][-1:] == ["milter"]]
+    assert milters, "no milter running"
+    for proc in milters:
+        with open(f"/proc/{proc.pid}/status") as fh:
+            status = dict(line.rstrip("\n").split(":\t", 1) for line in fh if ":\t" in line)
+        milter_user = pwd.getpwnam("flushctl-milter")
+        assert status["Uid"].split() == [str(milter_user.pw_uid)] * 4, status["Uid"]
+        assert int(status["CapEff"], 16) == 0, status["CapEff"]
+        assert str(grp.getgrnam("postfix").gr_gid) in status["Groups"].split()
 
     # ETRN asks the gateway over a socket only Postfix reaches
     policy = "/var/spool/postfix/private/flushctl-policy"

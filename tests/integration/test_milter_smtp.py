@@ -47,7 +47,10 @@ def test_quota_gives_452_and_nothing_bounces(stack):
     assert "4.2.2" in replies[0][1]
     [row] = stack.status("small.test")
     assert row["messages"] == 2
-    # once some of it is gone, the domain takes mail again
+    # once some of it is gone, the domain takes mail again: the milter runs
+    # unprivileged and cannot read Postfix's queue, the keeper (in the
+    # poller, as in production) finds the mail gone within a pass or two
+    stack.start_poller()
     ids = [m["queue_id"] for m in stack.queue()]
     stack.pf.run("postsuper", "-c", str(stack.pf.config_directory), "-d", ids[0])
     wait_until(lambda: rcpt_reply(stack, ["c@small.test"])[0][0] == 250, timeout=30,
@@ -107,3 +110,54 @@ def test_socket_reachable_by_postfix_only(stack):
                                  "--init-groups", "/usr/bin/python3", "-c", probe, path],
                                 capture_output=True, text=True)
     assert as_postfix.stdout.strip() == "connected", as_postfix.stderr
+
+
+def _status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as fh:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in fh if ":\t" in line)
+
+
+def test_milter_runs_as_its_own_user_without_capabilities(stack):
+    """Issue 15, item 4: the milter reads every message, so once its socket is
+    open it runs as `[milter] user` (here nobody, as the stack starts every
+    daemon as production does), with no capability left; it writes the
+    ledger through the state directory's group, and holds and counts mail
+    as before."""
+    import grp
+    import os
+    import pwd
+    import stat
+
+    import psutil
+
+    nobody = pwd.getpwnam("nobody")
+    wait_until(lambda: "event=privileges user=nobody" in
+               (stack.state_dir / "milter.log").read_text(), what="privileges given up")
+    proc = psutil.Process(stack.milter.pid)
+    milters = [p for p in [proc, *proc.children(recursive=True)] if "milter" in " ".join(p.cmdline())]
+    assert milters
+    for p in milters:
+        status = _status(p.pid)
+        assert status["Uid"].split() == [str(nobody.pw_uid)] * 4, status["Uid"]
+        assert status["Gid"].split() == [str(nobody.pw_gid)] * 4, status["Gid"]
+        assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0, status
+        assert status["NoNewPrivs"] == "1"
+    st = os.stat(stack.state_dir)
+    assert (st.st_uid, st.st_gid) == (0, nobody.pw_gid)
+    assert stat.S_IMODE(st.st_mode) & 0o2770 == 0o2770
+    ledger = os.stat(stack.state_dir / "ledger.sqlite3")
+    assert (ledger.st_gid, stat.S_IMODE(ledger.st_mode)) == (nobody.pw_gid, 0o660)
+    stack.send(["a@customer.test"])
+    wait_until(lambda: stack.status("customer.test")[0]["messages"] == 1, what="held, counted")
+    assert grp.getgrgid(nobody.pw_gid).gr_name == "nogroup"
+
+
+def test_a_milter_user_that_does_not_exist_is_a_clear_error(stack):
+    stack.stop_milter()
+    text = stack.config_path.read_text().replace('user = "nobody"   # as in production',
+                                                 'user = "no-such-milter-user"   #', 1)
+    stack.config_path.write_text(text)
+    proc = stack.flushctl("milter", check=False, timeout=30)
+    assert proc.returncode != 0
+    assert "milter: user 'no-such-milter-user' does not exist" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -107,6 +107,25 @@ def test_milter_listen_inet():
     assert cfg.milter_listen.pymilter_spec == "inet:8899@127.0.0.1"
 
 
+@pytest.mark.parametrize("text, user", [
+    ("", "flushctl-milter"),                 # its own user by default
+    ('[milter]\nuser = "mail-filter"\n', "mail-filter"),
+    ('[milter]\nuser = ""\n', ""),           # stays root: the admin says so
+])
+def test_milter_user(text, user):
+    assert parse(text).milter_user == user
+
+
+@pytest.mark.parametrize("value, message", [
+    ('"root"', "milter.user: the milter reads every message"),
+    ('"Bad User"', "milter.user: not a user name"),
+    ("7", "milter.user"),
+])
+def test_milter_user_refused(value, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(f"[milter]\nuser = {value}\n")
+
+
 def test_milter_listen_unix_is_normalised():
     cfg = parse('[milter]\nlisten = "unix:/var/spool/postfix//flushctl/./milter.sock"\n')
     assert cfg.milter_listen.path == "/var/spool/postfix/flushctl/milter.sock"
