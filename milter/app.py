@@ -79,6 +79,7 @@ class OnDemandMilter(Milter.Base):
     shared: Shared  # set by run()
 
     def __init__(self):
+        self.local = False
         self._reset()
 
     def _reset(self):
@@ -86,14 +87,25 @@ class OnDemandMilter(Milter.Base):
         self.route: str | None = None
         self.size = 0
         self.forged: dict[str, int] = {}   # headers of ours a sender wrote, by name
+        self.untaken = False   # local mail we would have refused: left to the keeper
 
     def _refuse(self, reply: policy.Reply) -> int:
+        if self.local and reply is not policy.LOCAL_PROBLEM:
+            # no client to tell: the keeper takes the customer's part in later
+            self.untaken = True
+            log.info("event=left_to_keeper reason=%r", reply.text)
+            return Milter.CONTINUE
         self.shared.counts.add("milter_decisions", policy.result_name(reply))
         self.setreply(reply.code, reply.dsn, reply.text)
         return Milter.TEMPFAIL if reply.temporary else Milter.REJECT
 
-    @Milter.nocallback
     def connect(self, hostname, family, hostaddr):
+        # Mail that comes through pickup (sendmail) has no SMTP client: Postfix
+        # presents it as localhost, port 0.  Nothing can be refused to it (a
+        # refused recipient would leave the whole message in maildrop, retried
+        # for ever): it is tagged and held only when all of it is one
+        # customer's, else left to the keeper, which holds the customer's part.
+        self.local = isinstance(hostaddr, tuple) and len(hostaddr) >= 2 and hostaddr[1] == 0
         return Milter.CONTINUE
 
     @Milter.nocallback
@@ -150,21 +162,26 @@ class OnDemandMilter(Milter.Base):
             for index in range(count, 0, -1):
                 self.chgheader(name, index, "")
 
+    def _untagged(self) -> int:
+        """Let the message through as it is, without headers of ours."""
+        if self.forged:
+            try:
+                self._unforge()
+            except Exception:
+                log.exception("event=error stage=eom")
+                return self._refuse(policy.LOCAL_PROBLEM)
+        return Milter.ACCEPT
+
     def eom(self):
         klass = self.klass
-        if not klass:
-            if self.forged:
-                try:
-                    self._unforge()
-                except Exception:
-                    log.exception("event=error stage=eom")
-                    return self._refuse(policy.LOCAL_PROBLEM)
-            return Milter.ACCEPT
+        if not klass or self.untaken:
+            return self._untagged()
         try:
             reply = policy.decide_eom(klass, self.size, self.shared.domains, self.shared.totals)
             if reply is not None:
                 log.info("event=refused domain=%s code=%s reason=quota", klass, reply.code)
-                return self._refuse(reply)
+                refused = self._refuse(reply)
+                return self._untagged() if refused == Milter.CONTINUE else refused
             queue_id = self.getsymval("i")
             if not queue_id:
                 log.error("event=error stage=eom reason='no {i} macro'")

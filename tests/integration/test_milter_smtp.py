@@ -161,3 +161,51 @@ def test_a_milter_user_that_does_not_exist_is_a_clear_error(stack):
     assert proc.returncode != 0
     assert "milter: user 'no-such-milter-user' does not exist" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _sendmail(stack, sender, rcpts, text):
+    import subprocess
+    subprocess.run(["/usr/sbin/sendmail", "-C", str(stack.pf.config_directory), "-f", sender,
+                    *rcpts], input=text, text=True, check=True, timeout=30)
+
+
+def test_local_submissions_are_never_refused_or_stranded(make_stack):
+    """The milter meets local submissions too (non_smtpd_milters), but there
+    is no client to refuse anything to: a refused recipient would leave the
+    whole message in maildrop, retried for ever.  Mixed mail (a customer and
+    another domain, two customers, over a quota) goes on untagged and the
+    keeper holds the customer's part; with the milter down, local mail is not
+    held up either."""
+    import os
+    def domains(port):
+        return (f'[domains."customer.test"]\nrelay = "[127.0.0.1]:{port}"\n'
+                f'[domains."small.test"]\nrelay = "[127.0.0.1]:{port}"\nquota_messages = 2\n')
+    stack = make_stack(domains=domains,
+                       extra_main={"relay_domains": "other.test",
+                                   "transport_maps": "inline:{other.test=smtp:[127.0.0.1]:9}"})
+    stack.start_poller()
+    maildrop = stack.pf.queue_directory / "maildrop"
+    _sendmail(stack, "root@provider.test", ["a@customer.test", "v@other.test"],
+              "Subject: mixed\n\nhi\n")
+    _sendmail(stack, "root@provider.test", ["b@customer.test", "c@small.test"],
+              "Subject: two customers\n\nhi\n")
+    for i in range(3):
+        _sendmail(stack, "root@provider.test", [f"q{i}@small.test"], f"Subject: q{i}\n\nhi\n")
+    wait_until(lambda: not os.listdir(maildrop), 20, what="maildrop empty")
+    # held: the customers' parts (the keeper's), and small.test past its quota of 2 too
+    wait_until(lambda: stack.status("customer.test")[0]["messages"] == 2, 30,
+               what="customer.test's parts held")
+    wait_until(lambda: stack.status("small.test")[0]["messages"] == 3, 30,
+               what="small.test's held, the quota never refusing local mail")
+    log = stack.pf.log()
+    assert "can't reject recipient" not in log
+    assert not [line for line in log.splitlines()
+                if "milter-reject" in line and "root@provider.test" in line]
+
+    stack.stop_milter()
+    _sendmail(stack, "root@provider.test", ["v2@other.test"], "Subject: milter down\n\nhi\n")
+    _sendmail(stack, "root@provider.test", ["d@customer.test"], "Subject: down, customer\n\nhi\n")
+    wait_until(lambda: not os.listdir(maildrop), 20, what="maildrop empty, milter down")
+    wait_until(lambda: stack.status("customer.test")[0]["messages"] == 3, 30,
+               what="the keeper holds what the milter could not")
+    assert any(r["address"] == "v2@other.test" for m in stack.queue() for r in m["recipients"])

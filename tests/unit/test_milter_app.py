@@ -332,3 +332,60 @@ def test_abort_resets_class():
     assert milter.abort() == Milter.CONTINUE
     assert milter.klass is None
     assert milter.size == 0
+
+
+# -- local submissions (sendmail): nothing refused, mixed mail left to the keeper
+
+def connected_ctx(port):
+    """A connection from localhost; libmilter gives the address as (ip, port)
+    (TestCtx's own _connect passes a bare string)."""
+    import socket
+    ctx = RecordingCtx()
+    ctx._setsymval("i", QUEUE_ID)
+    ctx._negotiate()
+    rc = Milter.connect_callback(ctx, "localhost", socket.AF_INET, ("127.0.0.1", port))
+    assert rc == Milter.CONTINUE
+    return ctx
+
+
+def local_ctx():
+    """A connection as Postfix presents non-SMTP mail: localhost, port 0."""
+    return connected_ctx(0)
+
+
+def test_local_mail_all_for_one_customer_is_held():
+    ctx = local_ctx()
+    assert transaction(ctx, "<alice@customer.example>") == Milter.ACCEPT
+    assert domain_headers(ctx) == [(HEADER, "customer.example")]
+    assert len(ctx.quarantined) == 1
+
+
+@pytest.mark.parametrize("rcpts", [
+    ["<alice@customer.example>", "<victim@elsewhere.example>"],   # a second domain
+    ["<alice@customer.example>", "<carol@second.example>"],       # another customer
+])
+def test_local_mixed_mail_is_never_refused_and_left_to_the_keeper(ondemand, rcpts):
+    ctx = local_ctx()
+    assert ctx._envfrom("<root@mx.example>") == Milter.CONTINUE
+    for rcpt in rcpts:
+        assert ctx._envrcpt(rcpt) == Milter.CONTINUE   # a refusal would strand it in maildrop
+    text = f"{HEADER}: forged.example\n" + MESSAGE
+    assert send_data(ctx, text) == Milter.ACCEPT
+    assert ctx._reply is None and ctx.quarantined == [] and domain_headers(ctx) == []
+    assert ctx.changed == [(HEADER, 1, "")]              # still no forged tag
+    assert ondemand.ledger.entries("customer.example") == []
+
+
+def test_local_mail_over_quota_goes_on_untagged(ondemand):
+    ondemand.ledger.record("AAAAAAAAAA", "small.example", 10)
+    ctx = local_ctx()
+    assert transaction(ctx, "<x@small.example>") == Milter.ACCEPT
+    assert ctx._reply is None and ctx.quarantined == []
+    assert [e.queue_id for e in ondemand.ledger.entries("small.example")] == ["AAAAAAAAAA"]
+
+
+def test_smtp_from_localhost_is_not_local_mail(ondemand):
+    ctx = connected_ctx(40123)
+    assert ctx._envfrom("<s@example.org>") == Milter.CONTINUE
+    assert ctx._envrcpt("<alice@customer.example>") == Milter.CONTINUE
+    assert ctx._envrcpt("<victim@elsewhere.example>") == Milter.TEMPFAIL

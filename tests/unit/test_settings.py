@@ -386,7 +386,8 @@ def test_plan_drops_previous_entries_no_longer_ours():
 def test_plan_chrooted_milter_path():
     p = run_plan(make_config(CUSTOMER), chrooted=True)
     assert p.params["smtpd_milters"] == "unix:/flushctl/milter.sock"
-    assert p.params["non_smtpd_milters"] == "unix:/flushctl/milter.sock"
+    assert p.params["non_smtpd_milters"] == \
+        "{ unix:/flushctl/milter.sock, default_action=accept }"
 
 
 def test_cleanup_names_the_milter_in_its_own_chroot():
@@ -396,11 +397,16 @@ def test_cleanup_names_the_milter_in_its_own_chroot():
     p = settings.plan(cfg, DATA, {}, dict(EXPANDED), {}, set(), smtpd_chrooted=True,
                       cleanup_chrooted=False)
     assert p.params["smtpd_milters"] == "unix:/flushctl/milter.sock"
-    assert p.params["non_smtpd_milters"] == OUR_MILTER
+    assert p.params["non_smtpd_milters"] == f"{{ {OUR_MILTER}, default_action=accept }}"
     p = settings.plan(cfg, DATA, {}, dict(EXPANDED), {}, set(), smtpd_chrooted=False,
                       cleanup_chrooted=True)
     assert p.params["smtpd_milters"] == OUR_MILTER
-    assert p.params["non_smtpd_milters"] == "unix:/flushctl/milter.sock"
+    assert p.params["non_smtpd_milters"] == \
+        "{ unix:/flushctl/milter.sock, default_action=accept }"
+    # the admin's own milters stay, after ours, braces and all
+    p = run_plan(cfg, raw={"non_smtpd_milters": "{ inet:127.0.0.1:8891, protocol=6 }"})
+    assert settings.split_list(p.params["non_smtpd_milters"]) == [
+        f"{{ {OUR_MILTER}, default_action=accept }}", "{ inet:127.0.0.1:8891, protocol=6 }"]
     outside = make_config(CUSTOMER, listen="unix:/run/flushctl/milter.sock")
     with pytest.raises(SettingsError, match="cleanup runs chrooted"):
         settings.plan(outside, DATA, {}, dict(EXPANDED), {}, set(), smtpd_chrooted=False,
