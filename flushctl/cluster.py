@@ -99,6 +99,12 @@ async def send_etrn(peer: Peer, domains: list[str], helo: str, source: str | Non
             for domain in domains:
                 writer.write(f"ETRN {forwarded(domain)}\r\n".encode())
                 results[domain] = await _read_reply(reader)
+                if results[domain][0] == 501:
+                    # a peer of an older version, which does not know the
+                    # forwarded form: the plain one (it knows its peers by
+                    # address and EHLO name, as it always did)
+                    writer.write(f"ETRN {domain}\r\n".encode())
+                    results[domain] = await _read_reply(reader)
             writer.write(b"QUIT\r\n")
             await writer.drain()
             return results

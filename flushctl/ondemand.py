@@ -453,10 +453,16 @@ class OnDemand:
             log.info("event=release_shared domain=%s trigger=%s client=%s", dom, trigger,
                      client or "-")
             return None
-        # Held mail whose lifetime clock is old gets a new one first.
+        # Held mail whose lifetime clock is old gets a new one first.  A
+        # copy may go out on its own meanwhile: right after an earlier
+        # release, qmgr's next scan of new mail ignores defer_transports
+        # (Postfix's flush does that), and the copies pass through it.
+        # Those are part of this release too.
         old = rules.stale(candidates, now, self.stale_after())
+        sent_early = 0
         if old:
-            self.refresh(dom, [i.queue_id for i in old])
+            back = self.refresh(dom, [i.queue_id for i in old])
+            sent_early = max(0, len(old) - back)
             snap = self.snapshot(dom)
             candidates = rules.releasable(snap, trigger, routes)
         # A message that failed an attempt once has its retry time (the
@@ -469,12 +475,13 @@ class OnDemand:
         ids = [i.queue_id for i in candidates]
         # Recorded before the mail moves, so nobody sees a delivery without it.
         self.ledger.mark_released(ids, now)
-        log.info("event=release domain=%s trigger=%s client=%s messages=%d",
-                 dom, trigger, client or "-", len(ids))
+        log.info("event=release domain=%s trigger=%s client=%s messages=%d%s",
+                 dom, trigger, client or "-", len(ids),
+                 f" renewed_sent_early={sent_early}" if sent_early else "")
         self.postfix.release(ids)
         self.postfix.scan_deferred()
-        self.ledger.set_flush_result(dom, f"released {len(ids)}")
-        return len(ids)
+        self.ledger.set_flush_result(dom, f"released {len(ids) + sent_early}")
+        return len(ids) + sent_early
 
     def refresh(self, dom: str, queue_ids: list[str]) -> int:
         """Give held messages a new lifetime clock.
@@ -599,6 +606,32 @@ class OnDemand:
             self.ledger.add_foreign(queue, other)
         return counts, classified
 
+    def recheck_owners(self) -> int:
+        """Forget every ledger row whose message has no pending recipient in
+        the row's domain (or below it), and remember such held mail as not
+        ours.  For the first apply after versions that adopted mail by a
+        header a bounce could leak: mail planted with it was charged to a
+        customer and would have gone out with the customer's next release.
+        Returns the rows forgotten."""
+        ids = sorted(self.ledger.all_ids())
+        if not ids:
+            return 0
+        self._check_fingerprint()
+        entries = self.ledger.entries_by_id(ids)
+        stray, foreign = [], []
+        for msg in parse_postcat(self.postfix.read_messages(ids)):
+            entry = entries.get(msg.queue_id)
+            if entry is None or any(_within(rcpt, entry.domain) for rcpt in msg.recipients):
+                continue
+            stray.append(msg.queue_id)
+            foreign.append((msg.queue, msg.queue_id, self._customer_of(msg)[0]))
+            log.warning("event=not_ours queue_id=%s domain=%s", msg.queue_id, entry.domain)
+        if stray:
+            self.ledger.forget(stray)
+            for queue in {q for q, _, _ in foreign}:
+                self.ledger.add_foreign(queue, [(i, d) for q, i, d in foreign if q == queue])
+        return len(stray)
+
     def _tagged(self, msg: QueuedMessage) -> tuple[str, str] | None:
         """(domain, route) of held mail the milter tagged: one tag, naming
         the domain (or a parent domain) of one of its pending recipients."""
@@ -606,13 +639,12 @@ class OnDemand:
         if len(tags) != 1:
             return None
         tag = tags[0].strip().lower().rstrip(".")
+        dom = self.config.domains.get(tag)
+        if dom is None and tag not in self.ledger.states():
+            return None   # neither configured nor a domain this host held mail for
         for rcpt in msg.recipients:
-            parts = names.split_recipient(rcpt)
-            if parts is None:
-                continue
-            domain = parts[1].lower().rstrip(".")
-            if domain == tag or domain.endswith("." + tag):
-                dom = self.config.domains.get(tag)
+            if _within(rcpt, tag):
+                domain = names.split_recipient(rcpt)[1].lower().rstrip(".")
                 return tag, (route_of(dom, domain) if dom is not None else tag)
         return None
 
@@ -931,6 +963,15 @@ class OnDemand:
         self.postfix.delete(ids)
         self.snapshot(dom)  # prune what went
         return len(ids)
+
+
+def _within(rcpt: str, domain: str) -> bool:
+    """Is the recipient's domain ``domain`` or below it?"""
+    parts = names.split_recipient(rcpt)
+    if parts is None:
+        return False
+    name = parts[1].lower().rstrip(".")
+    return name == domain or name.endswith("." + domain)
 
 
 def _claimant_alive(result: str) -> bool:

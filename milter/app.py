@@ -155,9 +155,10 @@ class OnDemandMilter(Milter.Base):
         return Milter.CONTINUE
 
     def _unforge(self) -> None:
-        """Remove every header of ours a sender wrote.  The intake
-        header_checks remove them first; this covers an instance whose
-        smtpd skips header checks (receive_override_options)."""
+        """Remove every header of ours a sender wrote: the tag (this is
+        the only place that removes it at intake: requeued mail, which
+        never meets milters, keeps the tag we gave it) and the hold header
+        of earlier versions (the intake header_checks remove that first)."""
         for name, count in self.forged.items():
             for index in range(count, 0, -1):
                 self.chgheader(name, index, "")

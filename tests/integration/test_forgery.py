@@ -104,3 +104,39 @@ def test_headers_taken_from_held_mail_hold_nothing_and_charge_nobody(make_stack,
     assert len(stack.sink.messages()) == 2
     assert queued(stack, "victim3@other.test")[0]["queue_name"] == "hold"   # still the admin's
     assert queued(stack, "victim@other.test") and queued(stack, "victim2@other.test")
+
+
+def test_mail_planted_under_the_old_secret_is_no_customers_after_the_upgrade(make_stack,
+                                                                              tmp_path):
+    """Earlier versions adopted held mail by the secret's header: mail an
+    attacker planted with a leaked value was recorded as the customer's and
+    would leave with its next release.  The first apply of this version
+    (it finds the old secret and deletes it) checks every row again."""
+    from flushctl.ledger import Ledger
+    admin_checks = tmp_path / "admin_header_checks"
+    admin_checks.write_text("/^Subject: planted/ HOLD as the old secret's header did\n")
+    stack = make_stack(domains=one_customer,
+                       extra_main={"relay_domains": "other.test",
+                                   "transport_maps": "inline:{other.test=smtp:[127.0.0.1]:9}",
+                                   "header_checks": f"regexp:{admin_checks}"})
+    stack.send(["alice@customer.test"], subject="the customer's own")
+    stack.send(["victim@other.test"], sender="attacker@sender.test", subject="planted")
+    wait_until(lambda: len([m for m in stack.queue() if m["queue_name"] == "hold"]) == 2,
+               what="both held")
+    (planted,) = queued(stack, "victim@other.test")
+    # what the old keeper wrote for it: a row of the customer's
+    ledger = Ledger(str(stack.state_dir))
+    ledger.record(planted["queue_id"], "customer.test", planted["message_size"])
+    ledger.close()
+    assert stack.status("customer.test")[0]["messages"] == 2
+    (stack.state_dir / "hold-secret").write_text("0123456789abcdef0123456789abcdef\n")
+
+    stack.flushctl("apply")
+    assert not (stack.state_dir / "hold-secret").exists()
+    (status,) = stack.status("customer.test")
+    assert status["messages"] == 1, status
+    stack.sink.start()
+    assert "released 1" in stack.flushctl("flush", "customer.test").stdout
+    wait_until(lambda: len(stack.sink.messages()) == 1, 30, what="the customer's own delivered")
+    assert queued(stack, "victim@other.test")[0]["queue_name"] == "hold"   # untouched
+    assert stack.status("customer.test")[0]["messages"] == 0

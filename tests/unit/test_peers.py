@@ -85,8 +85,9 @@ def test_bad_cluster_config(text, says):
 class ScriptedPeer:
     """An SMTP server on loopback answering ETRN with a fixed reply."""
 
-    def __init__(self, etrn_reply: bytes):
+    def __init__(self, etrn_reply: bytes, old: bool = False):
         self.etrn_reply = etrn_reply
+        self.old = old
         self.commands: list[str] = []
 
     async def start(self) -> int:
@@ -100,6 +101,10 @@ class ScriptedPeer:
             self.commands.append(command)
             if command.startswith("EHLO"):
                 writer.write(b"250-peer.example\r\n250 ETRN\r\n")
+            elif command.startswith("ETRN _forwarded.") and self.old:
+                # a gateway of an older version: no such domain name
+                writer.write(b"501 5.5.4 <" + command[5:].encode() + b">: Etrn command "
+                             b"rejected: invalid domain name\r\n")
             elif command.startswith("ETRN"):
                 writer.write(self.etrn_reply)
             else:
@@ -205,6 +210,23 @@ def test_the_gateway_knows_peers_by_address_and_by_ehlo_name():
     assert [how for _, how, _ in rel.triggers] == ["peer", "etrn", "peer"]
     # a domain a peer asks for that is not ours: a final no, so it stops trying
     assert _etrn(gw, "192.0.2.3", "x", "other.example").startswith("554 ")
+
+
+def test_a_peer_of_an_older_version_gets_the_plain_form(tmp_path):
+    """Mixed versions while a cluster is upgraded: an older peer refuses the
+    forwarded form as a bad domain name (501); the same session asks again
+    in the form it knows, and the release is acknowledged."""
+    async def run():
+        peer = ScriptedPeer(b"250 Queuing started\r\n", old=True)
+        ledger, fwd = _forwarder(tmp_path, [await peer.start()])
+        ledger.queue_forwards("a.example", fwd.cluster.peers)
+        await fwd.round()
+        peer.server.close()
+        return ledger.forwards(), peer.commands
+    left, commands = asyncio.run(run())
+    assert commands == ["EHLO mx1.provider.example", "ETRN _forwarded.a.example",
+                        "ETRN a.example", "QUIT"]
+    assert left == []
 
 
 def test_a_forwarded_etrn_is_known_by_itself_and_grants_nothing():
