@@ -34,15 +34,21 @@ def queued(stack, address: str) -> list[dict]:
     return [m for m in stack.queue() if any(r["address"] == address for r in m["recipients"])]
 
 
-def test_headers_taken_from_held_mail_hold_nothing_and_charge_nobody(make_stack, tmp_path):
+def beside_another_domain(make_stack, tmp_path, hold_rule: str):
+    """customer.test, and the admin's own relay domain other.test (its server
+    down: its mail waits, deferred), with the admin's own HOLD rule."""
     admin_checks = tmp_path / "admin_header_checks"
+    admin_checks.write_text(hold_rule + "\n")
+    return make_stack(domains=one_customer,
+                      extra_main={"relay_domains": "other.test",
+                                  "transport_maps": "inline:{other.test=smtp:[127.0.0.1]:9}",
+                                  "header_checks": f"regexp:{admin_checks}"})
+
+
+def test_headers_taken_from_held_mail_hold_nothing_and_charge_nobody(make_stack, tmp_path):
     # the admin's own rule that holds some mail: a second way into the hold queue
-    admin_checks.write_text("/^Subject: quarantine me/ HOLD admin's quarantine\n")
-    stack = make_stack(domains=one_customer,
-                       extra_main={"relay_domains": "other.test",
-                                   # its server is down: the mail waits, deferred
-                                   "transport_maps": "inline:{other.test=smtp:[127.0.0.1]:9}",
-                                   "header_checks": f"regexp:{admin_checks}"})
+    stack = beside_another_domain(make_stack, tmp_path,
+                                  "/^Subject: quarantine me/ HOLD admin's quarantine")
     stack.start_poller()   # the keeper: what it takes in, it takes in here
     stack.send(["alice@customer.test"], subject="the customer's own")
     wait_until(lambda: stack.status("customer.test")[0]["messages"] == 1, 20, what="held")
@@ -113,12 +119,8 @@ def test_mail_planted_under_the_old_secret_is_no_customers_after_the_upgrade(mak
     would leave with its next release.  The first apply of this version
     (it finds the old secret and deletes it) checks every row again."""
     from flushctl.ledger import Ledger
-    admin_checks = tmp_path / "admin_header_checks"
-    admin_checks.write_text("/^Subject: planted/ HOLD as the old secret's header did\n")
-    stack = make_stack(domains=one_customer,
-                       extra_main={"relay_domains": "other.test",
-                                   "transport_maps": "inline:{other.test=smtp:[127.0.0.1]:9}",
-                                   "header_checks": f"regexp:{admin_checks}"})
+    stack = beside_another_domain(make_stack, tmp_path,
+                                  "/^Subject: planted/ HOLD as the old secret's header did")
     stack.send(["alice@customer.test"], subject="the customer's own")
     stack.send(["victim@other.test"], sender="attacker@sender.test", subject="planted")
     wait_until(lambda: len([m for m in stack.queue() if m["queue_name"] == "hold"]) == 2,

@@ -113,6 +113,18 @@ class ScriptedPeer:
         writer.close()
 
 
+def _one_round(tmp_path, peer, domains):
+    """One forwarder round to ``peer`` for ``domains``: (forwards left, commands seen)."""
+    async def run():
+        ledger, fwd = _forwarder(tmp_path, [await peer.start()])
+        for domain in domains:
+            ledger.queue_forwards(domain, fwd.cluster.peers)
+        await fwd.round()
+        peer.server.close()
+        return ledger.forwards(), peer.commands
+    return asyncio.run(run())
+
+
 def _forwarder(tmp_path, ports, retry_for=7200.0):
     ledger = Ledger(str(tmp_path))
     peers = tuple(Peer("127.0.0.1", p) for p in ports)
@@ -126,16 +138,7 @@ def _forwarder(tmp_path, ports, retry_for=7200.0):
     (b"554 5.7.1 <a.example>: not a domain of this host\r\n", False),
 ])
 def test_forwarder_acts_on_the_reply(tmp_path, reply, kept):
-    async def run():
-        peer = ScriptedPeer(reply)
-        ledger, fwd = _forwarder(tmp_path, [await peer.start()])
-        ledger.queue_forwards("a.example", fwd.cluster.peers)
-        ledger.queue_forwards("b.example", fwd.cluster.peers)
-        await fwd.round()
-        peer.server.close()
-        return ledger.forwards(), peer.commands
-    left, commands = asyncio.run(run())
-    # one session for both domains
+    left, commands = _one_round(tmp_path, ScriptedPeer(reply), ["a.example", "b.example"])
     # one session for both domains, each ETRN marked as forwarded
     assert commands == ["EHLO mx1.provider.example", "ETRN _forwarded.a.example",
                         "ETRN _forwarded.b.example", "QUIT"]
@@ -216,14 +219,8 @@ def test_a_peer_of_an_older_version_gets_the_plain_form(tmp_path):
     """Mixed versions while a cluster is upgraded: an older peer refuses the
     forwarded form as a bad domain name (501); the same session asks again
     in the form it knows, and the release is acknowledged."""
-    async def run():
-        peer = ScriptedPeer(b"250 Queuing started\r\n", old=True)
-        ledger, fwd = _forwarder(tmp_path, [await peer.start()])
-        ledger.queue_forwards("a.example", fwd.cluster.peers)
-        await fwd.round()
-        peer.server.close()
-        return ledger.forwards(), peer.commands
-    left, commands = asyncio.run(run())
+    left, commands = _one_round(tmp_path, ScriptedPeer(b"250 Queuing started\r\n", old=True),
+                                ["a.example"])
     assert commands == ["EHLO mx1.provider.example", "ETRN _forwarded.a.example",
                         "ETRN a.example", "QUIT"]
     assert left == []
