@@ -271,19 +271,22 @@ LEGACY_FILES = (("state", "hold-secret"), ("maps", "hold_tagged"))
 
 
 def _forget_hold_secret(config: Config) -> None:
-    """Delete the secret and its table; the first time, also check again
-    whose every message the ledger counts is (``OnDemand.recheck_owners``)."""
-    found = False
-    for where, name in LEGACY_FILES:
-        base = config.state_directory if where == "state" else settings.map_dir(config)
-        try:
-            os.unlink(os.path.join(base, name))
-            found = True
-        except FileNotFoundError:
-            pass
-    if found and os.path.exists(os.path.join(config.state_directory, "ledger.sqlite3")):
+    """Delete the secret and its table; first, check again whose every
+    message the ledger counts is (``OnDemand.recheck_owners``).  If that
+    check fails, the files stay, and the next apply tries again."""
+    paths = [os.path.join(config.state_directory if where == "state"
+                          else settings.map_dir(config), name)
+             for where, name in LEGACY_FILES]
+    if not any(os.path.exists(p) for p in paths):
+        return
+    if os.path.exists(os.path.join(config.state_directory, "ledger.sqlite3")):
         from .ondemand import OnDemand
         OnDemand(config).recheck_owners()
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def _chgrp_postfix(path: str, mode: int) -> None:

@@ -96,13 +96,15 @@ async def send_etrn(peer: Peer, domains: list[str], helo: str, source: str | Non
             if code != 250:
                 raise PeerError(f"EHLO: {code} {text}")
             results = {}
+            plain = False   # a peer of an older version: the plain form for the rest
             for domain in domains:
-                writer.write(f"ETRN {forwarded(domain)}\r\n".encode())
+                writer.write(f"ETRN {domain if plain else forwarded(domain)}\r\n".encode())
                 results[domain] = await _read_reply(reader)
-                if results[domain][0] == 501:
-                    # a peer of an older version, which does not know the
-                    # forwarded form: the plain one (it knows its peers by
-                    # address and EHLO name, as it always did)
+                if results[domain][0] == 501 and not plain:
+                    # it does not know the forwarded form (it knows its peers
+                    # by address and EHLO name, as it always did); one such
+                    # error per session, smtpd counts them
+                    plain = True
                     writer.write(f"ETRN {domain}\r\n".encode())
                     results[domain] = await _read_reply(reader)
             writer.write(b"QUIT\r\n")

@@ -91,6 +91,7 @@ _ADDED_COLUMNS = (
     ("domains", "backoff_until", "REAL"),    # the poller waits until then (attempts tempfailed)
     ("domains", "backoff", "REAL"),          # the current backoff step, seconds
     ("domains", "release_refused", "INTEGER"),  # did the last release include refused mail
+    ("domains", "recount_asked", "REAL"),    # the milter refused at a quota: count again
 )
 
 
@@ -188,6 +189,7 @@ class Ledger:
     def _open(self) -> None:
         self.fresh = not os.path.exists(self.path)
         try:
+            self._create()
             self._connect()
         except sqlite3.DatabaseError as exc:
             if getattr(exc, "sqlite_errorcode", None) not in CORRUPT:
@@ -198,6 +200,7 @@ class Ledger:
                     os.replace(self.path + suffix, aside + suffix)
             log.warning("event=ledger_corrupt path=%s kept_as=%s", self.path, aside)
             self.fresh = True
+            self._create()
             self._connect()
         self.generation += 1
 
@@ -221,27 +224,59 @@ class Ledger:
         except sqlite3.DatabaseError:
             self._db.close()
             raise
-        st = os.stat(self.path)
-        self._inode = st.st_ino
-        if self.fresh and st.st_mode & 0o777 != 0o660 and st.st_uid == os.geteuid():
-            # shared with the state directory's group (see share): SQLite
-            # gives its -wal and -shm files the database file's mode and owner
-            os.chmod(self.path, 0o660)
+        self._inode = os.stat(self.path).st_ino
+
+    def _create(self) -> None:
+        """Make a missing ledger file before SQLite does: 0660, in the state
+        directory's group, whoever creates it and whatever its umask.  SQLite
+        gives the -wal and -shm files the database file's mode (and, run by
+        root, its owner and group), so an unprivileged milter sharing that
+        group (``share``) can always write all three."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o660)
+        except FileExistsError:
+            return
+        try:
+            os.fchmod(fd, 0o660)
+            if os.geteuid() == 0:
+                os.fchown(fd, -1, os.stat(os.path.dirname(self.path)).st_gid)
+        finally:
+            os.close(fd)
 
     def share(self, gid: int) -> None:
         """Let the group ``gid`` (an unprivileged daemon's) write the ledger:
-        the state directory root:gid, setgid (files made in it by root
-        processes keep the group), mode 2770 (and others' search bit, if
-        it had it: a socket may live below); the ledger's files 0660."""
+        the state directory root:gid, 0770 (and others' search bit, if it
+        had it: a socket may live below), the ledger's files 0660 in that
+        group.  No setgid bit: systemd's RestrictSUIDSGID refuses it, and
+        the ledger makes its files in the directory's group itself."""
         directory = os.path.dirname(self.path)
-        os.chown(directory, 0, gid)
-        os.chmod(directory, 0o2770 | (os.stat(directory).st_mode & 0o001))
+        st = os.stat(directory)
+        if (st.st_uid, st.st_gid) != (0, gid):
+            os.chown(directory, 0, gid)
+        mode = 0o770 | (st.st_mode & 0o001)
+        if st.st_mode & 0o7777 != mode:
+            os.chmod(directory, mode)
         for suffix in ("", "-wal", "-shm"):
             try:
                 os.chown(self.path + suffix, -1, gid)
                 os.chmod(self.path + suffix, 0o660)
             except FileNotFoundError:
                 pass
+
+    def ask_recount(self, domain: str, when: float) -> None:
+        """The milter refused mail at the domain's quota by running totals it
+        cannot check against the queue: the keeper counts it again."""
+        self._update(domain, recount_asked=when)
+
+    def recounts_asked(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute(
+                "SELECT domain FROM domains WHERE recount_asked IS NOT NULL")]
+
+    def recounted(self, domain: str, asked_before: float) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE domains SET recount_asked = NULL WHERE domain = ? "
+                       "AND recount_asked <= ?", (domain, asked_before))
 
     def check_file(self) -> bool:
         """Open the ledger afresh if its file was removed or replaced; True if so."""

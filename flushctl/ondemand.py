@@ -848,22 +848,19 @@ class OnDemand:
             self.ledger.set_releasing_until(dom, now + 60)
         return {"reheld": reheld, "in_flight": busy}
 
-    def recount_at_quota(self) -> list[str]:
+    def recount_asked(self) -> list[str]:
         """Count again from the queue (pruning what is gone) every domain
-        the ledger's running totals put at its quota, or near its byte
-        quota.  The milter runs unprivileged and cannot read Postfix's
-        queue: it answers 4xx at a quota until a pass of this finds the
-        mail an admin deleted or Postfix delivered."""
-        states = self.ledger.states()
+        the milter asked for: it runs unprivileged, cannot read Postfix's
+        queue, and answers 4xx at a quota by the ledger's running totals
+        until a pass of this finds the mail an admin deleted or Postfix
+        delivered."""
         done = []
-        for name, dom in sorted(self.config.domains.items()):
-            state = states.get(name)
-            if state is None:
-                continue
-            if (dom.quota_messages is not None and state.messages >= dom.quota_messages) or \
-                    (dom.quota_bytes is not None and state.bytes >= 0.9 * dom.quota_bytes):
-                self.locate(name)
-                done.append(name)
+        for name in self.ledger.recounts_asked():
+            started = time.time()
+            if name in self.config.domains:
+                self.snapshot(name)
+            self.ledger.recounted(name, started)
+            done.append(name)
         return done
 
     def sweep_all(self) -> dict[str, dict[str, int]]:

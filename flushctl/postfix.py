@@ -20,6 +20,9 @@ DEFAULT_TIMEOUT = 60.0
 SEARCH_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 
+_POSTCAT_GONE = re.compile(r"open queue file ([0-9A-Za-z]+)")
+
+
 class PostfixError(Exception):
     """A Postfix command failed; the text says which and why."""
 
@@ -160,9 +163,16 @@ class Postfix:
         out = []
         for start in range(0, len(id_list), batch):
             chunk = id_list[start:start + batch]
-            proc = self._run([_binary("postcat"), "-c", self.config_directory, "-e", "-h",
-                              "-q", *chunk], check=False)
-            out.append(proc.stdout)
+            while chunk:
+                proc = self._run([_binary("postcat"), "-c", self.config_directory, "-e",
+                                  "-h", "-q", *chunk], check=False)
+                out.append(proc.stdout)
+                # postcat stops at the first message that is gone (delivered
+                # meanwhile): go on with the ones after it
+                gone = _POSTCAT_GONE.search(proc.stderr or "") if proc.returncode else None
+                if gone is None or gone.group(1) not in chunk:
+                    break
+                chunk = chunk[chunk.index(gone.group(1)) + 1:]
         return "".join(out)
 
     def scan_deferred(self) -> None:

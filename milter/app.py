@@ -48,16 +48,17 @@ class Shared:
         self._recounted: dict[str, float] = {}
         self.queue_unreadable = False
 
-    def totals(self, domain: str) -> tuple[int, int]:
+    def totals(self, domain: str, size: int = 0) -> tuple[int, int]:
         """Held (messages, bytes) for a domain, exact whenever it matters.
 
         The ledger's running totals can still include mail delivered since
-        the last prune; when they say "at the quota", recount from the
-        queue (at most every QUOTA_RECHECK seconds per domain).
+        the last prune; when they say a message of ``size`` would not fit
+        the quota, recount from the queue (at most every QUOTA_RECHECK
+        seconds per domain).
         """
         state = self.ledger.state(domain)
         totals = (state.messages, state.bytes)
-        if policy.over_quota(self.domains[domain], *totals):
+        if policy.over_quota(self.domains[domain], *totals, size=size):
             with self._recount_lock:
                 due = time.monotonic() - self._recounted.get(domain, -1e9) > QUOTA_RECHECK
                 if due:
@@ -66,10 +67,13 @@ class Shared:
                 try:
                     self.ondemand.locate(domain)  # prunes what is gone
                 except PermissionError as exc:
-                    # unprivileged, the queue is Postfix's: the keeper's
-                    # passes prune the ledger instead (every few seconds)
+                    # unprivileged, the queue is Postfix's: the keeper counts
+                    # again the domains we ask it to (a pass every few seconds)
                     self.queue_unreadable = True
-                    log.warning("event=no_recount reason=%r", str(exc))
+                    log.info("event=recount_by_keeper reason=%r", str(exc))
+            if due and self.queue_unreadable:
+                self.ledger.ask_recount(domain, time.time())
+            if due:
                 state = self.ledger.state(domain)
                 totals = (state.messages, state.bytes)
         return totals
@@ -178,7 +182,8 @@ class OnDemandMilter(Milter.Base):
         if not klass or self.untaken:
             return self._untagged()
         try:
-            reply = policy.decide_eom(klass, self.size, self.shared.domains, self.shared.totals)
+            reply = policy.decide_eom(klass, self.size, self.shared.domains,
+                                      lambda d: self.shared.totals(d, self.size))
             if reply is not None:
                 log.info("event=refused domain=%s code=%s reason=quota", klass, reply.code)
                 refused = self._refuse(reply)

@@ -34,7 +34,7 @@ def test_apply_sets_everything_then_changes_nothing():
             f"relay_domains = hash:{mapdir}/relay_domains",
             f"transport_maps = hash:{mapdir}/transport",
             "defer_transports = ondemand",
-            f"fast_flush_domains = hash:{mapdir}/relay_domains",
+            f"fast_flush_domains = hash:{mapdir}/flush_domains",
             f"relay_recipient_maps = hash:{mapdir}/relay_recipients",
             "milter_default_action = tempfail",
             "enable_long_queue_ids = yes",
@@ -45,6 +45,10 @@ def test_apply_sets_everything_then_changes_nothing():
         # the admin's own milter stays, after ours
         milters = [l for l in settings.splitlines() if l.startswith("smtpd_milters")][0]
         assert milters.endswith(", inet:127.0.0.1:8891")
+        # and local submissions meet ours too, never held up by it
+        assert f"non_smtpd_milters = {{ unix:{stack.state_dir}/milter/milter.sock, " \
+            "default_action=accept }" in settings
+        assert f"header_checks = regexp:{mapdir}/intake" in settings
         assert "ondemand" in stack.pf.postconf("-M", "ondemand/unix")
         lookup = stack.pf.run("postmap", "-c", str(stack.pf.config_directory), "-q",
                               "customer.test", f"hash:{mapdir}/transport").stdout.strip()

@@ -1,6 +1,7 @@
 """What an SMTP client sees from the milter, through a real Postfix."""
 
 import smtplib
+import time
 
 import pytest
 
@@ -144,7 +145,7 @@ def test_milter_runs_as_its_own_user_without_capabilities(stack):
         assert status["NoNewPrivs"] == "1"
     st = os.stat(stack.state_dir)
     assert (st.st_uid, st.st_gid) == (0, nobody.pw_gid)
-    assert stat.S_IMODE(st.st_mode) & 0o2770 == 0o2770
+    assert stat.S_IMODE(st.st_mode) & 0o7770 == 0o770   # no setgid: RestrictSUIDSGID
     ledger = os.stat(stack.state_dir / "ledger.sqlite3")
     assert (ledger.st_gid, stat.S_IMODE(ledger.st_mode)) == (nobody.pw_gid, 0o660)
     stack.send(["a@customer.test"])
@@ -209,3 +210,35 @@ def test_local_submissions_are_never_refused_or_stranded(make_stack):
     wait_until(lambda: stack.status("customer.test")[0]["messages"] == 3, 30,
                what="the keeper holds what the milter could not")
     assert any(r["address"] == "v2@other.test" for m in stack.queue() for r in m["recipients"])
+
+
+def test_a_ledger_made_anew_by_root_is_still_the_milters_to_write(stack):
+    """The ledger removed while the milter runs, and made anew by a root
+    process before the milter notices (the keeper's rebuild, a root
+    `flushctl`): its files are the state directory group's, 0660, so the
+    unprivileged milter goes on recording (before: 451 for every message)."""
+    import os
+    import stat
+
+    from flushctl.ledger import Ledger
+    stack.send(["a@customer.test"])
+    wait_until(lambda: len(stack.queue()) == 1, what="held")
+    old_umask = os.umask(0o022)   # a root shell's
+    try:
+        for suffix in ("", "-wal", "-shm"):
+            path = stack.state_dir / f"ledger.sqlite3{suffix}"
+            if path.exists():
+                path.unlink()
+        root_ledger = Ledger(str(stack.state_dir))
+        root_ledger.state("customer.test")
+    finally:
+        os.umask(old_umask)
+    gid = os.stat(stack.state_dir).st_gid
+    for suffix in ("", "-wal", "-shm"):
+        st = os.stat(stack.state_dir / f"ledger.sqlite3{suffix}")
+        assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (gid, 0o660), suffix
+    time.sleep(6)   # the milter's upkeep notices the new file and opens it
+    stack.send(["b@customer.test"])   # 451 if the milter could not write it
+    wait_until(lambda: len(stack.queue()) == 2, what="held")
+    root_ledger.close()
+    assert "readonly" not in (stack.state_dir / "milter.log").read_text()
