@@ -109,7 +109,11 @@ class OnDemandMilter(Milter.Base):
         # refused recipient would leave the whole message in maildrop, retried
         # for ever): it is tagged and held only when all of it is one
         # customer's, else left to the keeper, which holds the customer's part.
-        self.local = isinstance(hostaddr, tuple) and len(hostaddr) >= 2 and hostaddr[1] == 0
+        # (An SMTP client whose port smtpd could not tell also shows port
+        # 0, but not as localhost at a loopback address.)
+        self.local = (hostname == "localhost" and isinstance(hostaddr, tuple)
+                      and len(hostaddr) >= 2 and hostaddr[1] == 0
+                      and hostaddr[0] in ("127.0.0.1", "::1"))
         return Milter.CONTINUE
 
     @Milter.nocallback

@@ -384,8 +384,15 @@ def test_local_mail_over_quota_goes_on_untagged(ondemand):
     assert [e.queue_id for e in ondemand.ledger.entries("small.example")] == ["AAAAAAAAAA"]
 
 
-def test_smtp_from_localhost_is_not_local_mail(ondemand):
-    ctx = connected_ctx(40123)
+@pytest.mark.parametrize("host, address", [
+    ("localhost", ("127.0.0.1", 40123)),          # SMTP from this host
+    ("client.example", ("192.0.2.7", 0)),         # smtpd could not tell the port
+])
+def test_smtp_is_not_local_mail(ondemand, host, address):
+    import socket
+    ctx = RecordingCtx()
+    ctx._negotiate()
+    Milter.connect_callback(ctx, host, socket.AF_INET, address)
     assert ctx._envfrom("<s@example.org>") == Milter.CONTINUE
     assert ctx._envrcpt("<alice@customer.example>") == Milter.CONTINUE
     assert ctx._envrcpt("<victim@elsewhere.example>") == Milter.TEMPFAIL
