@@ -499,9 +499,10 @@ class OnDemand:
         back, last_change = 0, time.monotonic()
         while time.monotonic() < deadline:
             time.sleep(0.2)
-            if any(os.path.exists(self.layout.path("maildrop", q)) for q in queue_ids):
+            if any(os.path.exists(self.layout.path("maildrop", q)) for q in queue_ids) \
+                    or self.layout.ids("incoming"):
                 last_change = time.monotonic()
-                continue   # pickup has not taken them all yet
+                continue   # pickup has not taken them all yet, or qmgr not seen them
             self.take_in()
             now_back = self.ledger.recorded_since(dom, started, started)
             if now_back >= len(queue_ids):
