@@ -52,7 +52,7 @@ class Keeper:
         od = self.ondemand
         done: dict = {"rebuilt": od.rebuild_if_needed(), "taken_in": od.take_in(),
                       "swept": od.sweep_all(), "returned": self.return_refused(),
-                "recounted": od.recount_asked()}
+                      "recounted": od.recount_asked()}
         for domain, count in done["rebuilt"].items():
             log.info("event=rebuilt domain=%s messages=%d", domain, count)
         return done

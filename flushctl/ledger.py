@@ -559,6 +559,12 @@ class Ledger:
             if _counted:
                 _count(db, _counted[0], _counted[1:])
 
+    def has_domain(self, domain: str) -> bool:
+        """Has this ledger ever had a row for ``domain``?"""
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM domains WHERE domain = ?",
+                                    (domain,)).fetchone() is not None
+
     def states(self) -> dict[str, DomainState]:
         """Every domain's row, in one read."""
         with self._lock:

@@ -489,9 +489,10 @@ class OnDemand:
         ``postsuper -r`` sends them back through pickup and cleanup, under
         new queue ids, to the deferred queue (the on-demand transport is a
         deferred one), where ``take_in`` holds them again by their
-        recipients: no header of theirs decides it.  Whoever records the copies (this
-        process or the keeper), the ledger counts them: rows recorded since
-        the start for mail that arrived before it.  Returns that count.
+        recipients: no header of theirs decides it.  Whoever records the
+        copies (this process or the keeper), the ledger counts them: rows
+        recorded since the start for mail that arrived before it.  Returns
+        that count.
         """
         started = time.time()
         self.postfix.requeue(queue_ids)
@@ -641,7 +642,7 @@ class OnDemand:
             return None
         tag = tags[0].strip().lower().rstrip(".")
         dom = self.config.domains.get(tag)
-        if dom is None and tag not in self.ledger.states():
+        if dom is None and not self.ledger.has_domain(tag):
             return None   # neither configured nor a domain this host held mail for
         for rcpt in msg.recipients:
             if _within(rcpt, tag):

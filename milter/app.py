@@ -63,17 +63,17 @@ class Shared:
                 due = time.monotonic() - self._recounted.get(domain, -1e9) > QUOTA_RECHECK
                 if due:
                     self._recounted[domain] = time.monotonic()
-            if due and not self.queue_unreadable:
-                try:
-                    self.ondemand.locate(domain)  # prunes what is gone
-                except PermissionError as exc:
-                    # unprivileged, the queue is Postfix's: the keeper counts
-                    # again the domains we ask it to (a pass every few seconds)
-                    self.queue_unreadable = True
-                    log.info("event=recount_by_keeper reason=%r", str(exc))
-            if due and self.queue_unreadable:
-                self.ledger.ask_recount(domain, time.time())
             if due:
+                if not self.queue_unreadable:
+                    try:
+                        self.ondemand.locate(domain)  # prunes what is gone
+                    except PermissionError as exc:
+                        # unprivileged, the queue is Postfix's: the keeper counts
+                        # again the domains we ask it to (a pass every few seconds)
+                        self.queue_unreadable = True
+                        log.info("event=recount_by_keeper reason=%r", str(exc))
+                if self.queue_unreadable:
+                    self.ledger.ask_recount(domain, time.time())
                 state = self.ledger.state(domain)
                 totals = (state.messages, state.bytes)
         return totals
