@@ -212,8 +212,12 @@ def gateway(ctx):
 def poller(ctx, once, as_json):
     """Probe domains that hold mail; release when their server answers (foreground)."""
     from .poller import run_forever, run_once
+    from .privsep import PrivsepError
     if not once:
-        run_forever(ctx.ondemand)
+        try:
+            run_forever(ctx.ondemand)
+        except PrivsepError as exc:
+            raise CliError(str(exc)) from None
         return
     entries = run_once(ctx.ondemand)
     if as_json:

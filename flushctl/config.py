@@ -158,6 +158,7 @@ class Config:
     submission: Submission | None = None
     cluster: Cluster | None = None
     metrics_listen: HostPort | None = None   # the poller's Prometheus endpoint; None: off
+    poller_user: str = "nobody"  # probes and metrics run as this user; "" keeps one process
 
     def domain(self, name: str) -> Domain:
         """The configured domain ``name``, or KeyError with a helpful text."""
@@ -499,7 +500,10 @@ def parse(text: str, path: str = "<config>") -> Config:
     gateway_user = _user(gw, "nobody", 'the network side must not run as root; name an '
                          'unprivileged user, or "" for one process')
     po = _Section(path, "poller", data.get("poller", {}))
-    po.check_keys({"interval", "probe_timeout", "concurrency", "own_hosts", "nameservers"})
+    po.check_keys({"interval", "probe_timeout", "concurrency", "own_hosts", "nameservers",
+                   "user"})
+    poller_user = _user(po, "nobody", "the poller talks to customers' servers and serves "
+                        'metrics: name an unprivileged user, or "" for one process')
     own_hosts = []
     for item in po.get("own_hosts", list, []):
         try:
@@ -541,6 +545,7 @@ def parse(text: str, path: str = "<config>") -> Config:
         finger_listen=_host_port(gw, "finger_listen", "0.0.0.0:79"),
         policy_listen=_policy_listen(gw),
         poller_interval=po.positive("interval", int, 60),
+        poller_user=poller_user,
         gateway=GatewaySettings(
             release_window=gw.positive("release_window", float, 60.0),
             max_connections=gw.positive("max_connections", int, 512),

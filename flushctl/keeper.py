@@ -50,7 +50,8 @@ class Keeper:
     def tick(self) -> dict:
         """One pass; what it did, for the log and `flushctl sweep`."""
         od = self.ondemand
-        done: dict = {"rebuilt": od.rebuild_if_needed(), "taken_in": od.take_in(),
+        done: dict = {"rebuilt": od.rebuild_if_needed(), "nudged": od.nudge_incoming(),
+                      "taken_in": od.take_in(),
                       "swept": od.sweep_all(), "returned": self.return_refused(),
                       "recounted": od.recount_asked()}
         for domain, count in done["rebuilt"].items():

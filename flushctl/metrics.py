@@ -160,16 +160,20 @@ def exposition(ondemand, registry) -> bytes:
     return domain_lines(ondemand).encode() + generate_latest(registry)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    ondemand = None
-    registry = None
+def scrape_of(ondemand):
+    """A function that writes one scrape of ``ondemand``'s figures."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector(ondemand))
+    return lambda: exposition(ondemand, registry)
 
+
+class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path.split("?", 1)[0] not in ("/metrics", "/"):
             self.send_error(404)
             return
         try:
-            body = exposition(self.ondemand, self.registry)
+            body = self.server.scrape()
         except Exception:
             log.exception("event=error stage=scrape")
             self.send_error(500)
@@ -184,23 +188,34 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-def serve(ondemand) -> ThreadingHTTPServer | None:
-    """Start the endpoint in a thread, if configured; None when it is off or
-    cannot listen (logged: the poller's own work goes on)."""
-    listen = ondemand.config.metrics_listen
-    if listen is None:
+def listen(config) -> ThreadingHTTPServer | None:
+    """The endpoint's socket, bound (before the poller gives up root: the
+    port may be a privileged one) but not yet served; None when it is off
+    or cannot listen (logged: the poller's own work goes on)."""
+    where = config.metrics_listen
+    if where is None:
         return None
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(Collector(ondemand))
-    handler = type("Handler", (_Handler,), {"ondemand": ondemand, "registry": registry})
-    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    family = socket.AF_INET6 if ":" in where.host else socket.AF_INET
     server_class = type("Server", (ThreadingHTTPServer,),
                         {"address_family": family, "daemon_threads": True})
     try:
-        server = server_class((listen.host, listen.port), handler)
+        return server_class((where.host, where.port), _Handler)
     except OSError as exc:
-        log.error("event=error stage=metrics listen=%s reason=%r", listen, str(exc))
+        log.error("event=error stage=metrics listen=%s reason=%r", where, str(exc))
         return None
+
+
+def start(server: ThreadingHTTPServer | None, scrape, where) -> None:
+    """Serve ``server`` in a thread; ``scrape()`` writes each answer."""
+    if server is None:
+        return
+    server.scrape = scrape
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-    log.info("event=metrics_start listen=%s", listen)
+    log.info("event=metrics_start listen=%s", where)
+
+
+def serve(ondemand) -> ThreadingHTTPServer | None:
+    """Listen and serve ``ondemand``'s figures in this process."""
+    server = listen(ondemand.config)
+    start(server, scrape_of(ondemand), ondemand.config.metrics_listen)
     return server

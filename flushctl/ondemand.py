@@ -23,6 +23,7 @@ queue entries; this module carries them out.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -33,7 +34,7 @@ from . import release_rules as rules
 from .config import Config, Domain
 from .ledger import DomainState, Entry, Ledger
 from .postfix import Postfix, PostfixError
-from .probe import Prober, ProbeResult, is_ip, probe
+from .probe import NOWHERE, UNROUTABLE, Prober, ProbeResult, is_ip, probe, routable
 from .queuefiles import (FORCED_EXPIRE_BIT, QueueLayout, QueueWatch, QueuedMessage,
                          parse_duration, parse_postcat, read_defer_log)
 from .release_rules import Item, Snapshot
@@ -328,20 +329,6 @@ class OnDemand:
             self._postfix_prober = self.prober.same_view()
         return self._postfix_prober
 
-    def unroutable(self, dom: Domain, routes) -> dict[str, str]:
-        """{route: why} of routes Postfix's own resolver cannot send anywhere
-        although ours can ({} when the two cannot differ)."""
-        other = self.postfix_prober()
-        if other is None:
-            return {}
-        import asyncio
-
-        async def run():
-            return await asyncio.gather(*(other.route_targets(dom, r) for r in routes))
-        return {route: problem or outcome
-                for route, (targets, outcome, problem) in zip(routes, asyncio.run(run()))
-                if not targets}
-
     def record_probe(self, domain: str, result: ProbeResult) -> None:
         self.ledger.record_probe(domain, result.reachable,
                                  None if result.reachable else result.text(), result.when,
@@ -380,19 +367,16 @@ class OnDemand:
             raise Refused(f"{name}: backing off until "
                           f"{time.strftime('%H:%M:%S', time.localtime(state.backoff_until))} "
                           "after failed attempts", "backoff")
-        results = {}
+        results, fresh = {}, {}
         for route in sorted({i.route for i in candidates}):
             if probed and route in probed:
-                results[route] = probed[route]
+                results[route] = probed[route]   # the poller checked them as below
             else:
-                results[route] = probe(dom, self.prober, route)
+                fresh[route] = probe(dom, self.prober, route)
         # Postfix's smtp client must be able to route them too (its resolver
         # may not be the poller's): else the mail stays held, and says why
-        for route, why in self.unroutable(dom, [r for r, res in results.items()
-                                                 if res.reachable]).items():
-            results[route] = ProbeResult(
-                "unroutable", "", f"Postfix cannot route {route}: {why} (the poller's "
-                f"nameservers can: see `flushctl check`)", time.time())
+        if fresh:
+            results.update(asyncio.run(routable(self.postfix_prober(), dom, fresh)))
         # the domain's row shows the probe of its own route (or the first)
         shown = results.get(name) or next(iter(results.values()))
         self.record_probe(name, shown)
@@ -401,7 +385,7 @@ class OnDemand:
         if not reachable:
             # not a release: the probe result (status: last_error) says why
             texts = "; ".join(res.text() for _, res in unreachable)
-            code = "nowhere" if all(res.outcome in ("nowhere to deliver", "unroutable")
+            code = "nowhere" if all(res.outcome in (NOWHERE, UNROUTABLE)
                                     for _, res in unreachable) else "unreachable"
             raise Refused(f"{name}: mail server not reachable ({texts}); "
                           "the mail stays held", code)
@@ -503,6 +487,7 @@ class OnDemand:
             if any(os.path.exists(self.layout.path("maildrop", q)) for q in queue_ids) \
                     or self.layout.ids("incoming"):
                 last_change = time.monotonic()
+                self.nudge_incoming()
                 continue   # pickup has not taken them all yet, or qmgr not seen them
             self.take_in()
             now_back = self.ledger.recorded_since(dom, started, started)
@@ -515,6 +500,17 @@ class OnDemand:
                 break   # the rest went elsewhere (delivered, say): nothing to wait for
         self.snapshot(dom)  # the old ids are gone now: prune them
         return back
+
+    def nudge_incoming(self) -> int:
+        """Wake qmgr for mail it set aside in the incoming queue (a flush
+        that raced a delivery agent's lock): else it waits there for
+        qmgr's next wakeup, up to five minutes, neither held nor sent.
+        Returns how many were waiting."""
+        waiting = self.layout.set_aside(time.time())
+        if waiting:
+            log.info("event=nudge queue=incoming messages=%d", len(waiting))
+            self.postfix.scan_incoming()
+        return len(waiting)
 
     # -- taking in what the milter did not see ------------------------------
     def take_in(self, queues=("deferred", "hold")) -> dict[str, int]:

@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import signal
+import threading
 import time
 from dataclasses import dataclass
 
+from . import privsep
 from .ondemand import OnDemand, Refused
-from .probe import ProbeResult
+from .probe import ProbeResult, Prober, routable
 
 log = logging.getLogger("flushctl.poller")
 
@@ -55,43 +59,22 @@ class CycleEntry:
                 "released": self.released}
 
 
-class Poller:
+class LocalOps:
+    """What the poller asks of the ledger and Postfix, done in this process
+    (one process as root, or the root half of a split poller)."""
+
     def __init__(self, ondemand: OnDemand):
         self.ondemand = ondemand
-        self.config = ondemand.config
 
-    async def cycle(self) -> list[CycleEntry]:
-        od = self.ondemand
-        candidates, waiting = await asyncio.to_thread(od.poller_candidates)
-        prober = od.prober
-        limit = asyncio.Semaphore(self.config.poller_concurrency)
-        entries = [CycleEntry(name, ProbeResult(NOT_PROBED, "", f"backing off until "
-                                                f"{time.strftime('%H:%M:%S', time.localtime(until))}",
-                                                time.time()), BACKING_OFF)
-                   for name, until in sorted(waiting.items())]
+    def candidates(self) -> tuple[dict[str, list[str]], dict[str, float]]:
+        return self.ondemand.poller_candidates()
 
-        async def one(name: str, routes: list[str]) -> CycleEntry:
-            dom = self.config.domains[name]
-            async with limit:
-                results = dict(zip(routes, await asyncio.gather(
-                    *(prober.probe(dom, route) for route in routes))))
-            result = results.get(name) or results[routes[0]]
-            await asyncio.to_thread(od.record_probe, name, result)
-            if not any(r.reachable for r in results.values()):
-                log.info("event=probe domain=%s result=%s target=%s detail=%r",
-                         name, result.outcome.replace(" ", "_"), result.target or "-",
-                         result.detail)
-                return CycleEntry(name, result, HELD)
-            result = next(r for r in results.values() if r.reachable)
-            action, released = await asyncio.to_thread(self._release, name, results)
-            log.info("event=probe domain=%s result=reachable target=%s action=%s released=%d",
-                     name, result.target, action.replace(" ", "_"), released)
-            return CycleEntry(name, result, action, released)
+    def record_probe(self, name: str, result: ProbeResult) -> None:
+        self.ondemand.record_probe(name, result)
 
-        entries += await asyncio.gather(*(one(d, r) for d, r in sorted(candidates.items())))
-        return entries
-
-    def _release(self, name: str, results: dict[str, ProbeResult]) -> tuple[str, int]:
+    def release(self, name: str, results: dict[str, ProbeResult]) -> tuple[str, int]:
+        """Release ``name`` if no earlier release is still at work, with
+        the poller's probes: (action, messages released)."""
         od = self.ondemand
         try:
             if od.in_flight(name):
@@ -107,6 +90,53 @@ class Poller:
         if flushed.probe is None:
             return NOTHING, 0
         return RELEASED, flushed.released
+
+
+class Poller:
+    """The loop: probes here, everything else through ``ops`` (a
+    ``LocalOps``, or a ``RemoteOps`` in the unprivileged half)."""
+
+    def __init__(self, config, ops, prober: Prober, postfix_prober: Prober | None = None):
+        self.config = config
+        self.ops = ops
+        self.prober = prober
+        self.postfix_prober = postfix_prober
+
+    @classmethod
+    def local(cls, ondemand: OnDemand) -> "Poller":
+        return cls(ondemand.config, LocalOps(ondemand), ondemand.prober,
+                   ondemand.postfix_prober())
+
+    async def cycle(self) -> list[CycleEntry]:
+        candidates, waiting = await asyncio.to_thread(self.ops.candidates)
+        limit = asyncio.Semaphore(self.config.poller_concurrency)
+        entries = [CycleEntry(name, ProbeResult(NOT_PROBED, "", f"backing off until "
+                                                f"{time.strftime('%H:%M:%S', time.localtime(until))}",
+                                                time.time()), BACKING_OFF)
+                   for name, until in sorted(waiting.items())]
+
+        async def one(name: str, routes: list[str]) -> CycleEntry:
+            dom = self.config.domains[name]
+            async with limit:
+                results = dict(zip(routes, await asyncio.gather(
+                    *(self.prober.probe(dom, route) for route in routes))))
+                # Postfix's smtp client must be able to route them too
+                results = await routable(self.postfix_prober, dom, results)
+            result = results.get(name) or results[routes[0]]
+            await asyncio.to_thread(self.ops.record_probe, name, result)
+            if not any(r.reachable for r in results.values()):
+                log.info("event=probe domain=%s result=%s target=%s detail=%r",
+                         name, result.outcome.replace(" ", "_"), result.target or "-",
+                         result.detail)
+                return CycleEntry(name, result, HELD)
+            result = next(r for r in results.values() if r.reachable)
+            action, released = await asyncio.to_thread(self.ops.release, name, results)
+            log.info("event=probe domain=%s result=reachable target=%s action=%s released=%d",
+                     name, result.target, action.replace(" ", "_"), released)
+            return CycleEntry(name, result, action, released)
+
+        entries += await asyncio.gather(*(one(d, r) for d, r in sorted(candidates.items())))
+        return entries
 
     async def run(self, stop: asyncio.Event) -> None:
         interval = self.config.poller_interval
@@ -130,31 +160,182 @@ class Poller:
 
 
 def run_once(ondemand: OnDemand) -> list[CycleEntry]:
-    return asyncio.run(Poller(ondemand).cycle())
+    return asyncio.run(Poller.local(ondemand).cycle())
+
+
+# -- the split: probes and metrics unprivileged, the rest as root ----------------
+
+ACTIONS = (RELEASED, HELD, BUSY, NOTHING, PAUSED, FAILED, BACKING_OFF)
+_OUTCOME = re.compile(r"[a-z][a-z ]{0,39}")
+_ROUTE = re.compile(r"[a-z0-9._-]{1,253}")
+
+
+def encode_probe(result: ProbeResult) -> list:
+    return [result.outcome, result.target, result.detail, result.when]
+
+
+def decode_probe(data) -> ProbeResult:
+    """A probe result from the unprivileged half; ``privsep.Malformed`` if
+    it is not one.  Its outcome is believed: the worst a lie can do is
+    release a domain whose server does not answer (the mail goes to the
+    deferred queue, and the keeper holds it again) or record a wrong
+    probe, as a finger query from the customer's network could anyway."""
+    if not (isinstance(data, list) and len(data) == 4
+            and isinstance(data[0], str) and _OUTCOME.fullmatch(data[0])
+            and isinstance(data[1], str) and len(data[1]) <= 300
+            and isinstance(data[2], str) and len(data[2]) <= 1000
+            and isinstance(data[3], (int, float)) and not isinstance(data[3], bool)):
+        raise privsep.Malformed(f"malformed probe result {data!r:.100}")
+    return ProbeResult(data[0], data[1], data[2], float(data[3]))
+
+
+class RemoteOps:
+    """In the unprivileged half: ``LocalOps``'s methods, asked of the root half."""
+
+    def __init__(self, channel: privsep.Channel):
+        self.channel = channel
+
+    def candidates(self):
+        reply = self.channel.call({"op": "candidates"})
+        return ({d: list(r) for d, r in reply["candidates"].items()},
+                {d: float(u) for d, u in reply["waiting"].items()})
+
+    def record_probe(self, name: str, result: ProbeResult) -> None:
+        self.channel.call({"op": "probe", "domain": name, "result": encode_probe(result)})
+
+    def release(self, name: str, results: dict[str, ProbeResult]) -> tuple[str, int]:
+        try:
+            reply = self.channel.call({"op": "release", "domain": name, "results":
+                                       {r: encode_probe(res) for r, res in results.items()}})
+        except privsep.PrivsepError as exc:
+            log.error("event=error stage=release domain=%s reason=%r", name, str(exc))
+            return FAILED, 0
+        return reply["action"], reply["released"]
+
+
+def answer_scrape(scrape, request: dict) -> dict:
+    """The root half's answer on the scrapes' channel: the figures, nothing else."""
+    if request != {"op": "metrics"}:
+        raise privsep.Malformed(f"not a scrape: {request!r:.80}")
+    return {"body": scrape().decode()}
+
+
+def answer(ops: LocalOps, request: dict) -> dict:
+    """The root half's answer to one request of the unprivileged half: only
+    these three, each checked (a configured domain, well-formed probe
+    results) before anything is done; ``privsep.Malformed`` otherwise."""
+    op = request.get("op")
+    domains = ops.ondemand.config.domains
+    if op == "candidates" and set(request) == {"op"}:
+        candidates, waiting = ops.candidates()
+        return {"candidates": candidates, "waiting": waiting}
+    name = request.get("domain")
+    if not isinstance(name, str) or name not in domains:
+        raise privsep.Malformed(f"not a configured domain: {name!r:.80}")
+    if op == "probe" and set(request) == {"op", "domain", "result"}:
+        ops.record_probe(name, decode_probe(request["result"]))
+        return {}
+    if op == "release" and set(request) == {"op", "domain", "results"} \
+            and isinstance(request["results"], dict) and 0 < len(request["results"]) <= 100:
+        results = {}
+        for route, data in request["results"].items():
+            if not _ROUTE.fullmatch(route):
+                raise privsep.Malformed(f"malformed route {route!r:.80}")
+            results[route] = decode_probe(data)
+        action, released = ops.release(name, results)
+        return {"action": action, "released": released}
+    raise privsep.Malformed(f"not a request the poller sends: {op!r:.40}")
+
+
+def _keeper(config):
+    """The keeper, in a thread of its own, on its own OnDemand (its own
+    ledger connection and caches); returns a function that stops it."""
+    from .keeper import Keeper
+    stop = threading.Event()
+    thread = threading.Thread(target=Keeper(OnDemand(config)).run, args=(stop,),
+                              name="keeper", daemon=True)
+    thread.start()
+
+    def end():
+        stop.set()
+        thread.join(10)
+    return end
+
+
+def _preload() -> None:
+    """Import now what the unprivileged half would import on first use:
+    once it has given up root it may not be able to read the
+    interpreter's library (installed under a private directory, or
+    hidden by the unit's ProtectHome)."""
+    import concurrent.futures.thread  # noqa: F401  asyncio.to_thread's executor
+    import dns._asyncio_backend  # noqa: F401
+    import dns.rdata
+    import encodings.idna  # noqa: F401
+    dns.rdata.load_all_types()   # dnspython loads a record type's code when it first sees one
 
 
 def run_forever(ondemand: OnDemand) -> None:
-    import threading
+    """Run the poller, its metrics endpoint and the keeper until SIGTERM.
 
+    Started as root with ``[poller] user``, it splits in two (as the
+    gateway does): the half that talks to customers' servers and answers
+    scrapes runs as that user; the root half keeps the ledger, the queue
+    and the keeper (``postsuper`` is root's), and answers four kinds of
+    request: what to probe, a probe's result, a release, a scrape's figures.
+    """
     from . import metrics
-    from .keeper import Keeper
-    server = metrics.serve(ondemand)
-    # the keeper works on its own OnDemand (its own ledger connection and caches)
-    keeper_stop = threading.Event()
-    keeper = threading.Thread(target=Keeper(OnDemand(ondemand.config)).run,
-                              args=(keeper_stop,), name="keeper", daemon=True)
-    keeper.start()
+    config = ondemand.config
+    user = config.poller_user
+    entry = privsep.account(user, "poller") if user and os.geteuid() == 0 else None
+    server = metrics.listen(config)   # bound first: the port may be a privileged one
+    # Postfix's settings, read once before the split: the probers need them
+    prober, postfix_prober = ondemand.prober, ondemand.postfix_prober()
+    if entry is not None:
+        _preload()
 
-    async def main():
+    async def loop(poller: Poller, gone: threading.Event | None = None):
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
+        running = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await Poller(ondemand).run(stop)
-    try:
-        asyncio.run(main())
-    finally:
-        keeper_stop.set()
-        keeper.join(10)
+            running.add_signal_handler(sig, stop.set)
+        async def watch():   # the root half is gone: nobody can release; stop
+            while not gone.is_set():
+                await asyncio.sleep(1.0)
+            stop.set()
+        watching = running.create_task(watch()) if gone is not None else None
+        await poller.run(stop)
+        if watching is not None:
+            watching.cancel()
+
+    if entry is None:
+        end_keeper = _keeper(config)
+        metrics.start(server, metrics.scrape_of(ondemand), config.metrics_listen)
+        try:
+            asyncio.run(loop(Poller.local(ondemand)))
+        finally:
+            end_keeper()
+            if server is not None:
+                server.shutdown()
+        return
+
+    def child(_sockets, channels):
+        work, scrapes = (privsep.Channel(c) for c in channels)
+        metrics.start(server, lambda: scrapes.call({"op": "metrics"})["body"].encode(),
+                      config.metrics_listen)
+        log.info("event=split user=%s", user)
+        asyncio.run(loop(Poller(config, RemoteOps(work), prober, postfix_prober), work.gone))
+
+    def parent(channels):
+        work, scrapes = channels
         if server is not None:
-            server.shutdown()
+            server.socket.close()   # the unprivileged half serves it
+        end_keeper = _keeper(config)
+        scrape = metrics.scrape_of(OnDemand(config))   # its own ledger connection
+        threading.Thread(target=privsep.serve_channel, name="scrapes", daemon=True,
+                         args=(scrapes, lambda r: answer_scrape(scrape, r), "poller")).start()
+        try:
+            privsep.serve_channel(work, lambda r: answer(LocalOps(ondemand), r), "poller")
+        finally:
+            end_keeper()
+
+    privsep.run_split([], entry, child, parent, who="poller", channels=2)

@@ -183,6 +183,10 @@ class Postfix:
         """
         self._kick("qmgr", "FD")
 
+    def scan_incoming(self) -> None:
+        """Ask qmgr to look at the incoming queue now."""
+        self._kick("qmgr", "I")
+
     def _kick(self, service: str, request: str) -> None:
         """postkick, robustly.
 

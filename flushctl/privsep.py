@@ -23,6 +23,7 @@ import re
 import pwd
 import signal
 import socket
+import threading
 import time
 
 from .config import HostPort
@@ -36,6 +37,10 @@ TRIGGERS = ("finger", "etrn", "peer", "report")  # report: what is held, nothing
 
 class PrivsepError(Exception):
     pass
+
+
+class Malformed(Exception):
+    """A request the unprivileged half we started would never send."""
 
 
 def bind_unix(path: str, backlog: int) -> socket.socket:
@@ -175,6 +180,72 @@ class RemoteReleaser:
             raise PrivsepError("the release service did not answer") from None
 
 
+class Channel:
+    """In an unprivileged worker: ask the root half, one JSON line out and
+    one back, one request at a time (callers in several threads wait their
+    turn).  ``PrivsepError`` when the root half answers with an error or
+    is gone; ``gone`` is set then."""
+
+    def __init__(self, sock: socket.socket):
+        self._file = sock.makefile("rwb")
+        self._lock = threading.Lock()
+        self.gone = threading.Event()
+
+    def call(self, request: dict) -> dict:
+        with self._lock:
+            if self.gone.is_set():
+                raise PrivsepError("the root half is gone")
+            try:
+                self._file.write(json.dumps(request).encode() + b"\n")
+                self._file.flush()
+                line = self._file.readline()
+            except (OSError, ValueError) as exc:
+                line = b""
+                log.error("event=error stage=privsep reason=%r", str(exc))
+            if not line:
+                self.gone.set()
+                raise PrivsepError("the root half is gone")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise PrivsepError(reply["error"])
+        return reply
+
+
+def serve_channel(sock: socket.socket, handle, who: str) -> None:
+    """In the root half: answer each request of a ``Channel`` with
+    ``handle(request)`` until the worker hangs up.  Every request gets an
+    answer (an exception becomes ``{"error": text}``), except one the
+    worker would never send (``Malformed``, or not JSON, or too long):
+    then the root half stops serving it, and hangs up."""
+    with sock, sock.makefile("rwb") as channel:
+        while line := channel.readline(MAX_MESSAGE + 1):
+            try:
+                if len(line) > MAX_MESSAGE or not line.endswith(b"\n"):
+                    raise Malformed("request too long")
+                try:
+                    request = json.loads(line)
+                except ValueError:
+                    raise Malformed("not JSON") from None
+                if not isinstance(request, dict):
+                    raise Malformed("not an object")
+                try:
+                    reply = handle(request)
+                except Malformed:
+                    raise
+                except Exception as exc:
+                    log.exception("event=error stage=%s_root request=%.40s", who,
+                                  request.get("op"))
+                    reply = {"error": str(exc) or type(exc).__name__}
+            except Malformed as exc:
+                log.error("event=refused how=privsep who=%s reason=%r", who, str(exc))
+                return
+            try:
+                channel.write(json.dumps(reply).encode() + b"\n")
+                channel.flush()
+            except OSError:
+                return
+
+
 # -- the parent's side --------------------------------------------------------
 
 def check_request(request, domains) -> tuple[int, str, str, str]:
@@ -277,24 +348,30 @@ async def serve_releases(sock: socket.socket, releaser, domains, encode, gate=No
             task.cancel()
 
 
-def run_split(sockets, entry, serve_child, serve_parent) -> None:
+def run_split(sockets, entry, serve_child, serve_parent, who: str = "gateway",
+              channels: int = 1) -> None:
     """Fork: the child drops to ``entry`` and runs ``serve_child(sockets, channel)``,
-    the parent keeps root and runs ``serve_parent(channel)``; each ends the other."""
-    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    the parent keeps root and runs ``serve_parent(channel)``; each ends the other.
+    With ``channels`` > 1 each side gets a list of that many channels."""
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(channels)]
+    parent_ends = [p for p, _ in pairs]
+    child_ends = [c for _, c in pairs]
     pid = os.fork()
     if pid == 0:
         status = 1
         try:
-            parent_end.close()
-            drop_privileges(entry)
-            serve_child(sockets, child_end)
+            for end in parent_ends:
+                end.close()
+            drop_privileges(entry, who)
+            serve_child(sockets, child_ends[0] if channels == 1 else child_ends)
             status = 0
         except BaseException:
-            log.exception("event=error stage=gateway_child")
+            log.exception("event=error stage=%s_child", who)
         finally:
             logging.shutdown()
             os._exit(status)
-    child_end.close()
+    for end in child_ends:
+        end.close()
     for sock in sockets:
         sock.close()
 
@@ -307,10 +384,10 @@ def run_split(sockets, entry, serve_child, serve_parent) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
     try:
-        serve_parent(parent_end)
+        serve_parent(parent_ends[0] if channels == 1 else parent_ends)
     finally:
         forward(signal.SIGTERM, None)
         _, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
     if code not in (0, -signal.SIGTERM, -signal.SIGINT):
-        raise PrivsepError(f"gateway: the unprivileged worker ended with status {code}")
+        raise PrivsepError(f"{who}: the unprivileged worker ended with status {code}")

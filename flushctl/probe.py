@@ -204,6 +204,28 @@ def probe(dom: Domain, prober: Prober, route: str | None = None) -> ProbeResult:
     return asyncio.run(prober.probe(dom, route))
 
 
+UNROUTABLE = "unroutable"   # ours resolves it, Postfix's smtp client cannot
+
+
+async def routable(other: Prober | None, dom: Domain,
+                   results: dict[str, ProbeResult]) -> dict[str, ProbeResult]:
+    """``results`` with each reachable route that ``other`` (a prober that
+    resolves as Postfix's smtp client does, or None when the two cannot
+    differ) cannot send anywhere marked UNROUTABLE: then the mail stays
+    held, and says why."""
+    reachable = [r for r, res in results.items() if res.reachable]
+    if other is None or not reachable:
+        return results
+    found = await asyncio.gather(*(other.route_targets(dom, r) for r in reachable))
+    checked = dict(results)
+    for route, (targets, outcome, problem) in zip(reachable, found):
+        if not targets:
+            checked[route] = ProbeResult(
+                UNROUTABLE, "", f"Postfix cannot route {route}: {problem or outcome} (the "
+                "poller's nameservers can: see `flushctl check`)", time.time())
+    return checked
+
+
 def record_types(inet_protocols: str) -> tuple[str, ...]:
     """The address records Postfix uses under ``inet_protocols`` (pure)."""
     spec = set(inet_protocols.replace(",", " ").split())

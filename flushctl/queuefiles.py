@@ -13,6 +13,7 @@ queue: this is what keeps per-domain status flat in queue size.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 
 # Postfix's "safe" alphabet for long queue ids: digits, then consonants.
@@ -27,6 +28,7 @@ QUEUES = ("hold", "incoming", "active", "deferred", "maildrop")
 # Postfix marks a message whose expiry an admin forced (postsuper -e/-f)
 # with the group-execute bit of its queue file (MAIL_QUEUE_STAT_EXPIRE).
 FORCED_EXPIRE_BIT = 0o010
+SET_ASIDE_AFTER = 2.0   # seconds a complete message may sit in incoming unseen by qmgr
 # hash subdirectory names: the upper-case hex digits of the hash key
 _HEX = "0123456789ABCDEF"
 
@@ -89,6 +91,25 @@ class QueueLayout:
         found = []
         for directory in self.leaf_directories(queue):
             found.extend(_ids_in(directory))
+        return found
+
+    def set_aside(self, now: float, after: float = SET_ASIDE_AFTER) -> list[str]:
+        """Complete messages that have sat in the incoming queue for more
+        than ``after`` seconds: ones qmgr put back there because a delivery
+        agent still had them locked ("skipped, still being delivered", a
+        flush racing a delivery).  qmgr looks at incoming again only when
+        something wakes it, up to five minutes later.  Complete: cleanup
+        sets the owner's execute bit when it has written the file; a
+        rename (into incoming) sets its ctime."""
+        found = []
+        for directory in self.leaf_directories("incoming"):
+            for queue_id in _ids_in(directory):
+                try:
+                    st = os.stat(os.path.join(directory, queue_id))
+                except FileNotFoundError:
+                    continue
+                if st.st_mode & stat.S_IXUSR and now - st.st_ctime > after:
+                    found.append(queue_id)
         return found
 
     def locate_once(self, queue_id: str) -> tuple[str, os.stat_result] | None:

@@ -12,12 +12,14 @@ held forever, unseen.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import smtplib
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -573,6 +575,31 @@ def test_a_lost_ledger_finds_the_mail_the_keeper_took_in(make_stack):
     stack.sink.start()
     stack.flushctl("flush", "customer.test", "--wait", "--timeout", "60")
     assert len(stack.sink.messages()) == 1
+
+
+def test_mail_qmgr_set_aside_in_incoming_is_not_left_there(make_stack):
+    """qmgr puts a message back into the incoming queue when a delivery
+    agent still has it locked (a flush or a short retry racing the end of
+    a delivery: "skipped, still being delivered") and looks there again
+    only when something wakes it, up to five minutes later.  The keeper
+    wakes it: the message is held like any other, not left aside."""
+    stack = make_stack(domains=one_customer)
+    stack.stop_milter()            # untagged: it waits in the deferred queue
+    sendmail(stack, "root@provider.test", "alice@customer.test", "set aside")
+    [entry] = wait_until(lambda: [m for m in stack.queue() if m["queue_name"] == "deferred"],
+                         20, what="deferred")
+    queue_directory = Path(stack.pf.queue_directory)
+    [path] = [p for p in (queue_directory / "deferred").rglob(entry["queue_id"])]
+    # as qmgr does: with a deferred message whose retry time has come
+    os.utime(path, (time.time() - 1, time.time() - 1))
+    os.rename(path, queue_directory / "incoming" / entry["queue_id"])
+    time.sleep(3)
+    assert [m["queue_name"] for m in stack.queue()] == ["incoming"]   # qmgr did not look
+
+    def held():
+        stack.flushctl("sweep")
+        return stack.status("customer.test")[0]["queues"] == {"hold": 1}
+    wait_until(held, 30, interval=1, what="held, not left in incoming")
 
 
 def test_outside_recipients_go_their_own_way_once_the_customer_has_its_copy(make_stack):

@@ -125,3 +125,161 @@ relay = "mxcust.test:{port}"
         assert "null MX" in rows["nullmx.test"]["last_error"]
     finally:
         ours.cleanup()
+
+
+# -- issue 15, item 4: the half that talks to customers runs unprivileged ---------------
+
+def _status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as fh:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in fh if ":\t" in line)
+
+
+def _halves(stack):
+    import psutil
+    log = stack.state_dir / "poller.log"
+    seen = log.read_text().count("event=split") if log.exists() else 0
+    wait_until(lambda: log.read_text().count("event=split") > seen, 15,
+               what="the unprivileged half started")
+    parent = psutil.Process(stack.poller.pid)
+
+    def halves():   # not the keeper's postsuper or postcat of the moment
+        found = []
+        for proc in parent.children():
+            try:
+                if "poller" in proc.cmdline():
+                    found.append(proc)
+            except psutil.NoSuchProcess:
+                pass
+        return found
+    [child] = wait_until(halves, what="the unprivileged half")
+    return parent, child
+
+
+def test_probes_and_metrics_run_unprivileged(make_stack):
+    """Started as root (with the unit's capabilities), the poller probes
+    customers' servers and answers scrapes as `[poller] user` (nobody here,
+    the default), with no capability left; only its root half keeps root,
+    and it does the releasing and the keeper's work (postsuper is root's).
+    Releases, probes and scrapes all go through the split."""
+    import pwd
+
+    import psutil
+
+    stack = make_stack(extra_main=SHORT_LIFETIMES, poller_extra="interval = 1")
+    stack.send(["u@customer.test"])
+    wait_until(lambda: len(stack.queue()) == 1, what="held")
+    stack.start_poller()
+    parent, child = _halves(stack)
+    nobody = pwd.getpwnam("nobody")
+    status = _status(child.pid)
+    assert status["Uid"].split() == [str(nobody.pw_uid)] * 4, status["Uid"]
+    assert status["Gid"].split() == [str(nobody.pw_gid)] * 4, status["Gid"]
+    assert status["Groups"].strip() == ""
+    assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0, status
+    assert status["NoNewPrivs"] == "1"
+    assert _status(parent.pid)["Uid"].split()[0] == "0"
+    port = stack.cfg.metrics_listen.port
+    [listener] = [c for c in psutil.net_connections("tcp")
+                  if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    assert listener.pid == child.pid
+    assert "event=split user=nobody" in (stack.state_dir / "poller.log").read_text()
+    # a probe, a refused one recorded; then the customer answers: released
+    wait_until(lambda: stack.status("customer.test")[0]["reachable"] is False, 15,
+               what="a failed probe recorded")
+    stack.sink.start()
+    wait_until(lambda: len(stack.sink.messages()) == 1, 20, what="released by the poller")
+    assert stack.status("customer.test")[0]["last_flush_trigger"] == "poller"
+    # the keeper (root half) still takes in what the milter never saw
+    stack.sink.stop()
+    stack.stop_milter()
+    import subprocess
+    subprocess.run(["/usr/sbin/sendmail", "-C", str(stack.pf.config_directory),
+                    "v@customer.test"], input="Subject: local\n\nhello\n", text=True,
+                   check=True, timeout=30)
+    wait_until(lambda: stack.status("customer.test")[0]["queues"] == {"hold": 1}, 20,
+               what="taken in by the keeper")
+    scrape = stack.scrape()
+    assert scrape[("flushctl_held_messages", frozenset({("domain", "customer.test")}))] == 1
+
+
+def test_the_poller_halves_end_together(make_stack):
+    """The unprivileged half killed: the root half ends with an error (the
+    supervisor restarts both); the root half killed: the unprivileged half
+    stops by itself, its port free for the next start."""
+    stack = make_stack(poller_extra="interval = 1")
+    stack.start_poller()
+    parent, child = _halves(stack)
+    child.kill()
+    assert stack.poller.wait(15) != 0
+    assert "unprivileged worker ended" in (stack.state_dir / "poller.log").read_text()
+    stack.start_poller()
+    parent, child = _halves(stack)
+    parent.kill()
+    child.wait(15)
+    stack.poller.wait(15)
+    stack.start_poller()
+    wait_until(stack.metrics_up, 15, what="the endpoint back")
+
+
+def test_the_root_half_answers_only_what_the_poller_asks(make_stack):
+    """A poller half taken over by an attacker speaks the protocol to a real
+    root half on a real instance: a paused domain stays paused; a domain
+    that is not configured, a request of another kind, a malformed probe
+    result end the conversation; what it may ask is answered."""
+    import json
+    import socket
+    import threading
+
+    from flushctl import poller, privsep
+    from flushctl.ondemand import OnDemand
+
+    stack = make_stack()
+    stack.sink.start()
+    stack.send(["u@customer.test"])
+    stack.send(["v@small.test"])
+    wait_until(lambda: len(stack.queue()) == 2, what="held")
+    stack.flushctl("pause", "small.test")
+    cfg = stack.cfg
+    reachable = ["reachable", "[127.0.0.1]", "220 lie", time.time()]
+
+    def conversation(*requests):
+        ours, theirs = socket.socketpair()
+        ops = poller.LocalOps(OnDemand(cfg))
+        server = threading.Thread(target=privsep.serve_channel,
+                                  args=(ours, lambda r: poller.answer(ops, r), "poller"))
+        server.start()
+        replies = []
+        with theirs, theirs.makefile("rb") as f:
+            for request in requests:
+                try:
+                    theirs.sendall(json.dumps(request).encode() + b"\n")
+                    line = f.readline()
+                except BrokenPipeError:   # the root half hung up
+                    line = b""
+                replies.append(json.loads(line) if line else None)
+        server.join(30)
+        return replies
+
+    [candidates] = conversation({"op": "candidates"})
+    assert set(candidates["candidates"]) == {"customer.test"}   # paused: not offered
+    # asked anyway: paused stays paused
+    [paused] = conversation({"op": "release", "domain": "small.test",
+                             "results": {"small.test": reachable}})
+    assert paused == {"action": "paused", "released": 0}
+    for hostile in ({"op": "release", "domain": "elsewhere.test",
+                     "results": {"elsewhere.test": reachable}},
+                    {"op": "flush", "domain": "customer.test"},
+                    {"op": "metrics"},
+                    {"op": "probe", "domain": "customer.test",
+                     "result": ["reachable", "x" * 5000, "", 0]},
+                    {"op": "release", "domain": "customer.test",
+                     "results": {"../../etc": reachable}}):
+        # no answer, and the root half stops serving that half
+        assert conversation(hostile, {"op": "candidates"}) == [None, None], hostile
+    assert {m["queue_name"] for m in stack.queue()} == {"hold"}   # nothing released
+    assert stack.sink.messages() == []
+    # what the poller asks is served: the release goes out
+    [released] = conversation({"op": "release", "domain": "customer.test",
+                               "results": {"customer.test": reachable}})
+    assert released == {"action": "released", "released": 1}
+    wait_until(lambda: len(stack.sink.messages()) == 1, what="delivered")
