@@ -137,6 +137,17 @@ def test_playbook_deploys_a_working_host_and_converges(tmp_path):
         assert int(proc_status["CapEff"], 16) == 0, proc_status["CapEff"]
         assert str(grp.getgrnam("postfix").gr_gid) in proc_status["Groups"].split()
 
+    # the poller probes customers and answers scrapes as its own user, with
+    # no capability; only its root half (the keeper, releases) keeps root
+    [scraper] = {c.pid for c in psutil.net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == 9469}
+    with open(f"/proc/{scraper}/status") as fh:
+        proc_status = dict(line.rstrip("\n").split(":\t", 1) for line in fh if ":\t" in line)
+    poller_user = pwd.getpwnam("flushctl-poller")
+    assert proc_status["Uid"].split() == [str(poller_user.pw_uid)] * 4, proc_status["Uid"]
+    assert int(proc_status["CapEff"], 16) == 0, proc_status["CapEff"]
+    assert psutil.Process(scraper).parent().username() == "root"
+
     # ETRN asks the gateway over a socket only Postfix reaches
     policy = "/var/spool/postfix/private/flushctl-policy"
     st = os.stat(policy)
