@@ -34,9 +34,9 @@ from . import release_rules as rules
 from .config import Config, Domain
 from .ledger import DomainState, Entry, Ledger
 from .postfix import Postfix, PostfixError
-from .probe import NOWHERE, UNROUTABLE, Prober, ProbeResult, is_ip, probe, routable
-from .queuefiles import (FORCED_EXPIRE_BIT, QueueLayout, QueueWatch, QueuedMessage,
-                         parse_duration, parse_postcat, read_defer_log)
+from .probe import NOT_PROBED, NOWHERE, UNROUTABLE, Prober, ProbeResult, is_ip, probe, routable
+from .queuefiles import (FORCED_EXPIRE_BIT, SET_ASIDE_AFTER, QueueLayout, QueueWatch,
+                         QueuedMessage, parse_duration, parse_postcat, read_defer_log)
 from .release_rules import Item, Snapshot
 from .routing import route_of
 from .settings import TAG_HEADER
@@ -128,6 +128,7 @@ class OnDemand:
         self._seen: dict[str, set[str]] = {}      # ids take_in has looked up, per queue
         self._ours_deferred: set[str] = set()     # ours, in the deferred queue at last look
         self._fingerprint: tuple | None = None
+        self._nudged_at = float("-inf")
         self._domains_text: str | None = None
         self.ledger = ledger or Ledger(config.state_directory)
         # a ledger file new to us (first run, removed, corrupt) is rebuilt
@@ -342,11 +343,14 @@ class OnDemand:
 
     # -- releasing ----------------------------------------------------------
     def flush(self, domain: str, trigger: str = "admin", client: str | None = None,
-              probed: dict[str, ProbeResult] | None = None) -> FlushResult:
+              probed: dict[str, ProbeResult] | None = None,
+              probed_only: bool = False) -> FlushResult:
         """Release the domain's held mail toward its servers, if they answer.
 
         ``probed``: probes of routes the caller has just made (the poller),
-        instead of probing them again.
+        instead of probing them again; with ``probed_only`` a route it did
+        not probe is taken as not answering (the poller's root half talks
+        to no customer's server itself).
         """
         dom = self.domain(domain)
         name = dom.name
@@ -371,6 +375,9 @@ class OnDemand:
         for route in sorted({i.route for i in candidates}):
             if probed and route in probed:
                 results[route] = probed[route]   # the poller checked them as below
+            elif probed_only:
+                results[route] = ProbeResult(NOT_PROBED, "", "not probed by the poller",
+                                             time.time())
             else:
                 fresh[route] = probe(dom, self.prober, route)
         # Postfix's smtp client must be able to route them too (its resolver
@@ -506,8 +513,11 @@ class OnDemand:
         that raced a delivery agent's lock): else it waits there for
         qmgr's next wakeup, up to five minutes, neither held nor sent.
         Returns how many were waiting."""
+        if time.monotonic() - self._nudged_at < SET_ASIDE_AFTER:
+            return 0   # qmgr was just woken: give it the time it is given
         waiting = self.layout.set_aside(time.time())
         if waiting:
+            self._nudged_at = time.monotonic()
             log.info("event=nudge queue=incoming messages=%d", len(waiting))
             self.postfix.scan_incoming()
         return len(waiting)

@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
-import re
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
 
 from . import privsep
 from .ondemand import OnDemand, Refused
-from .probe import ProbeResult, Prober, routable
+from .probe import OUTCOMES, ProbeResult, Prober, routable
 
 log = logging.getLogger("flushctl.poller")
 
@@ -42,7 +43,7 @@ NOTHING = "nothing held"
 PAUSED = "paused"
 FAILED = "failed"
 BACKING_OFF = "backing off"   # its last release tempfailed: Postfix's backoff first
-NOT_PROBED = "not probed"
+NOT_PROBED = "not probed"   # as probe.NOT_PROBED
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ class LocalOps:
         try:
             if od.in_flight(name):
                 return BUSY, 0
-            flushed = od.flush(name, trigger="poller", probed=results)
+            flushed = od.flush(name, trigger="poller", probed=results, probed_only=True)
         except Refused as exc:
             if exc.code == "backoff":
                 return BACKING_OFF, 0
@@ -165,13 +166,13 @@ def run_once(ondemand: OnDemand) -> list[CycleEntry]:
 
 # -- the split: probes and metrics unprivileged, the rest as root ----------------
 
-ACTIONS = (RELEASED, HELD, BUSY, NOTHING, PAUSED, FAILED, BACKING_OFF)
-_OUTCOME = re.compile(r"[a-z][a-z ]{0,39}")
-_ROUTE = re.compile(r"[a-z0-9._-]{1,253}")
+MAX_ROUTES = 10_000              # destinations in one release request, at most
+MAX_REQUEST = 16 * 1024 * 1024   # bytes: MAX_ROUTES probe results fit
+MAX_TEXT = 1000                  # characters of a probe's target or detail kept
 
 
 def encode_probe(result: ProbeResult) -> list:
-    return [result.outcome, result.target, result.detail, result.when]
+    return [result.outcome, result.target[:MAX_TEXT], result.detail[:MAX_TEXT], result.when]
 
 
 def decode_probe(data) -> ProbeResult:
@@ -181,12 +182,13 @@ def decode_probe(data) -> ProbeResult:
     deferred queue, and the keeper holds it again) or record a wrong
     probe, as a finger query from the customer's network could anyway."""
     if not (isinstance(data, list) and len(data) == 4
-            and isinstance(data[0], str) and _OUTCOME.fullmatch(data[0])
-            and isinstance(data[1], str) and len(data[1]) <= 300
-            and isinstance(data[2], str) and len(data[2]) <= 1000
-            and isinstance(data[3], (int, float)) and not isinstance(data[3], bool)):
+            and isinstance(data[0], str) and data[0] in OUTCOMES
+            and isinstance(data[1], str) and isinstance(data[2], str)
+            and isinstance(data[3], (int, float)) and not isinstance(data[3], bool)
+            and math.isfinite(data[3]) and 0 <= data[3] < 2**32):
         raise privsep.Malformed(f"malformed probe result {data!r:.100}")
-    return ProbeResult(data[0], data[1], data[2], float(data[3]))
+    # what a customer's DNS or greeting says may be long: cut, not refused
+    return ProbeResult(data[0], data[1][:MAX_TEXT], data[2][:MAX_TEXT], float(data[3]))
 
 
 class RemoteOps:
@@ -236,10 +238,11 @@ def answer(ops: LocalOps, request: dict) -> dict:
         ops.record_probe(name, decode_probe(request["result"]))
         return {}
     if op == "release" and set(request) == {"op", "domain", "results"} \
-            and isinstance(request["results"], dict) and 0 < len(request["results"]) <= 100:
+            and isinstance(request["results"], dict) \
+            and 0 < len(request["results"]) <= MAX_ROUTES:
         results = {}
         for route, data in request["results"].items():
-            if not _ROUTE.fullmatch(route):
+            if not (0 < len(route) <= 255 and route.isprintable() and " " not in route):
                 raise privsep.Malformed(f"malformed route {route!r:.80}")
             results[route] = decode_probe(data)
         action, released = ops.release(name, results)
@@ -293,13 +296,16 @@ def run_forever(ondemand: OnDemand) -> None:
     if entry is not None:
         _preload()
 
-    async def loop(poller: Poller, gone: threading.Event | None = None):
+    async def loop(poller: Poller, gone=None):
+        """Run ``poller`` until SIGTERM, or until ``gone()`` says the root
+        half is: then nobody can release, and this half ends too."""
         stop = asyncio.Event()
         running = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             running.add_signal_handler(sig, stop.set)
-        async def watch():   # the root half is gone: nobody can release; stop
-            while not gone.is_set():
+
+        async def watch():
+            while not gone():
                 await asyncio.sleep(1.0)
             stop.set()
         watching = running.create_task(watch()) if gone is not None else None
@@ -323,7 +329,13 @@ def run_forever(ondemand: OnDemand) -> None:
         metrics.start(server, lambda: scrapes.call({"op": "metrics"})["body"].encode(),
                       config.metrics_listen)
         log.info("event=split user=%s", user)
-        asyncio.run(loop(Poller(config, RemoteOps(work), prober, postfix_prober), work.gone))
+        root_half = os.getppid()
+
+        def gone() -> bool:   # hung up on either channel, or killed
+            return work.gone.is_set() or scrapes.gone.is_set() or os.getppid() != root_half
+        asyncio.run(loop(Poller(config, RemoteOps(work), prober, postfix_prober), gone))
+        if gone():   # not a stop asked for: an error, so the supervisor restarts us
+            raise privsep.PrivsepError("poller: the root half is gone")
 
     def parent(channels):
         work, scrapes = channels
@@ -331,10 +343,18 @@ def run_forever(ondemand: OnDemand) -> None:
             server.socket.close()   # the unprivileged half serves it
         end_keeper = _keeper(config)
         scrape = metrics.scrape_of(OnDemand(config))   # its own ledger connection
-        threading.Thread(target=privsep.serve_channel, name="scrapes", daemon=True,
-                         args=(scrapes, lambda r: answer_scrape(scrape, r), "poller")).start()
+        cut_off = []
+
+        def serve_scrapes():
+            if not privsep.serve_channel(scrapes, lambda r: answer_scrape(scrape, r), "poller"):
+                cut_off.append("scrapes")
+                work.shutdown(socket.SHUT_RDWR)   # ends the main channel too
+        threading.Thread(target=serve_scrapes, name="scrapes", daemon=True).start()
         try:
-            privsep.serve_channel(work, lambda r: answer(LocalOps(ondemand), r), "poller")
+            if not privsep.serve_channel(work, lambda r: answer(LocalOps(ondemand), r),
+                                         "poller", limit=MAX_REQUEST) or cut_off:
+                raise privsep.PrivsepError("poller: the unprivileged half asked what it "
+                                           "never asks; stopped")
         finally:
             end_keeper()
 

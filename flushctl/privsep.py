@@ -211,20 +211,21 @@ class Channel:
         return reply
 
 
-def serve_channel(sock: socket.socket, handle, who: str) -> None:
+def serve_channel(sock: socket.socket, handle, who: str, limit: int = MAX_MESSAGE) -> bool:
     """In the root half: answer each request of a ``Channel`` with
     ``handle(request)`` until the worker hangs up.  Every request gets an
     answer (an exception becomes ``{"error": text}``), except one the
-    worker would never send (``Malformed``, or not JSON, or too long):
-    then the root half stops serving it, and hangs up."""
+    worker would never send (``Malformed``, or not JSON, or over ``limit`` bytes):
+    then the root half stops serving it, and hangs up.  True when the
+    worker hung up, False when it was cut off for such a request."""
     with sock, sock.makefile("rwb") as channel:
-        while line := channel.readline(MAX_MESSAGE + 1):
+        while line := channel.readline(limit + 1):
             try:
-                if len(line) > MAX_MESSAGE or not line.endswith(b"\n"):
+                if len(line) > limit or not line.endswith(b"\n"):
                     raise Malformed("request too long")
                 try:
                     request = json.loads(line)
-                except ValueError:
+                except (ValueError, RecursionError):
                     raise Malformed("not JSON") from None
                 if not isinstance(request, dict):
                     raise Malformed("not an object")
@@ -238,12 +239,13 @@ def serve_channel(sock: socket.socket, handle, who: str) -> None:
                     reply = {"error": str(exc) or type(exc).__name__}
             except Malformed as exc:
                 log.error("event=refused how=privsep who=%s reason=%r", who, str(exc))
-                return
+                return False
             try:
                 channel.write(json.dumps(reply).encode() + b"\n")
                 channel.flush()
             except OSError:
-                return
+                return True
+    return True
 
 
 # -- the parent's side --------------------------------------------------------

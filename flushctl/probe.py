@@ -205,6 +205,9 @@ def probe(dom: Domain, prober: Prober, route: str | None = None) -> ProbeResult:
 
 
 UNROUTABLE = "unroutable"   # ours resolves it, Postfix's smtp client cannot
+NOT_PROBED = "not probed"
+OUTCOMES = frozenset({REACHABLE, REFUSED, TIMEOUT, BAD_GREETING, NO_ADDRESS, NOWHERE,
+                      UNROUTABLE, NOT_PROBED})
 
 
 async def routable(other: Prober | None, dom: Domain,
