@@ -165,7 +165,7 @@ def test_probes_and_metrics_run_unprivileged(make_stack):
 
     import psutil
 
-    stack = make_stack(extra_main=SHORT_LIFETIMES, poller_extra="interval = 1")
+    stack = make_stack(poller_extra="interval = 1")
     stack.send(["u@customer.test"])
     wait_until(lambda: len(stack.queue()) == 1, what="held")
     stack.start_poller()
