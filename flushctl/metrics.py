@@ -212,10 +212,3 @@ def start(server: ThreadingHTTPServer | None, scrape, where) -> None:
     server.scrape = scrape
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     log.info("event=metrics_start listen=%s", where)
-
-
-def serve(ondemand) -> ThreadingHTTPServer | None:
-    """Listen and serve ``ondemand``'s figures in this process."""
-    server = listen(ondemand.config)
-    start(server, scrape_of(ondemand), ondemand.config.metrics_listen)
-    return server

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from . import privsep
 from .ondemand import OnDemand, Refused
-from .probe import OUTCOMES, ProbeResult, Prober, routable
+from .probe import NOT_PROBED, OUTCOMES, ProbeResult, Prober, routable
 
 log = logging.getLogger("flushctl.poller")
 
@@ -43,7 +43,6 @@ NOTHING = "nothing held"
 PAUSED = "paused"
 FAILED = "failed"
 BACKING_OFF = "backing off"   # its last release tempfailed: Postfix's backoff first
-NOT_PROBED = "not probed"   # as probe.NOT_PROBED
 
 
 @dataclass(frozen=True)
@@ -351,8 +350,9 @@ def run_forever(ondemand: OnDemand) -> None:
                 work.shutdown(socket.SHUT_RDWR)   # ends the main channel too
         threading.Thread(target=serve_scrapes, name="scrapes", daemon=True).start()
         try:
-            if not privsep.serve_channel(work, lambda r: answer(LocalOps(ondemand), r),
-                                         "poller", limit=MAX_REQUEST) or cut_off:
+            ops = LocalOps(ondemand)
+            if not privsep.serve_channel(work, lambda r: answer(ops, r), "poller",
+                                         limit=MAX_REQUEST) or cut_off:
                 raise privsep.PrivsepError("poller: the unprivileged half asked what it "
                                            "never asks; stopped")
         finally:
