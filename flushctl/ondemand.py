@@ -515,9 +515,18 @@ class OnDemand:
         Returns how many were waiting."""
         if time.monotonic() - self._nudged_at < SET_ASIDE_AFTER:
             return 0   # qmgr was just woken: give it the time it is given
-        waiting = self.layout.set_aside(time.time())
+        now = time.time()
+        waiting = self.layout.set_aside(now)
         if waiting:
             self._nudged_at = time.monotonic()
+            # due now: qmgr had taken it to deliver it now (a flush may have
+            # taken it before its retry time, and qmgr's incoming scan
+            # passes over files whose time is still to come)
+            for queue_id in waiting:
+                try:
+                    os.utime(self.layout.path("incoming", queue_id), (now, now))
+                except FileNotFoundError:
+                    pass
             log.info("event=nudge queue=incoming messages=%d", len(waiting))
             self.postfix.scan_incoming()
         return len(waiting)

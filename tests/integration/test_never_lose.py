@@ -552,7 +552,9 @@ def test_mail_returned_to_a_sender_at_another_customer_is_that_customers(make_st
         time.sleep(3)                          # older than half its lifetime: renewed
         other.start()
         stack.flushctl("flush", "other.test", "--wait", "--timeout", "60")
-        [text] = other.messages()
+        # a renewed copy qmgr sent early can still be on its way when --wait
+        # returns (a known gap, see the issue notes): delivered, once
+        [text] = wait_until(other.messages, 30, what="the DSN delivered")
         assert "Undelivered Mail Returned to Sender" in text and "500 5.3.0" in text
         assert "X-OnDemand-Hold" not in text
         assert stack.queue() == [] and customer_losses(stack, "other.test") == []
@@ -590,8 +592,10 @@ def test_mail_qmgr_set_aside_in_incoming_is_not_left_there(make_stack):
                          20, what="deferred")
     queue_directory = Path(stack.pf.queue_directory)
     [path] = [p for p in (queue_directory / "deferred").rglob(entry["queue_id"])]
-    # as qmgr does: with a deferred message whose retry time has come
-    os.utime(path, (time.time() - 1, time.time() - 1))
+    # as qmgr does, with a message a flush took before its retry time: its
+    # mtime (the retry time) is still to come, which qmgr's incoming scan
+    # passes over
+    assert os.stat(path).st_mtime > time.time() + 60
     os.rename(path, queue_directory / "incoming" / entry["queue_id"])
     time.sleep(3)
     assert [m["queue_name"] for m in stack.queue()] == ["incoming"]   # qmgr did not look
