@@ -96,6 +96,7 @@ def _guard(fn):
     import functools
 
     from .ondemand import Refused
+    from .privsep import PrivsepError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -110,6 +111,8 @@ def _guard(fn):
             raise CliError(str(exc).strip("'\"")) from None
         except sqlite3.Error as exc:
             raise CliError(f"ledger: {exc}") from None
+        except PrivsepError as exc:
+            raise CliError(str(exc)) from None
     return wrapper
 
 
@@ -205,6 +208,21 @@ def gateway(ctx):
 
 
 @main.command()
+@pass_ctx
+def helper(ctx):
+    """Run the release helper, the one daemon that stays root (foreground):
+    releases for the gateway, the poller and non-root admins; the keeper."""
+    from .helper import run
+    from .privsep import PrivsepError
+    try:
+        run(ctx.config)
+    except PrivsepError as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"helper: cannot listen on {ctx.config.helper_socket}: {exc}") from None
+
+
+@main.command()
 @click.option("--once", is_flag=True, help="one cycle, print what it did, exit")
 @click.option("--json", "as_json", is_flag=True, help="with --once: print a JSON array")
 @pass_ctx
@@ -215,7 +233,7 @@ def poller(ctx, once, as_json):
     from .privsep import PrivsepError
     if not once:
         try:
-            run_forever(ctx.ondemand)
+            run_forever(ctx.config)
         except PrivsepError as exc:
             raise CliError(str(exc)) from None
         return
@@ -328,47 +346,66 @@ def _cluster_status(ctx, local, as_json) -> None:
 @pass_ctx
 @_guard
 def flush(ctx, domain, wait, timeout):
-    """Release the domain's held mail now (after checking its server answers)."""
+    """Release the domain's held mail now (after checking its server answers).
+    As root it releases itself; anyone else in the helper's group asks the
+    release helper (`flushctl helper`)."""
+    import os
+
+    from .helper import release_report
+    from .ondemand import wait_for
     name = ctx.domain(domain)
-    od = ctx.ondemand
-    result = od.flush(name, trigger="admin")
-    if result.forwarded:
-        click.echo(f"{name}: sent on to {result.forwarded} peer(s) as ETRN (by the gateway)")
-    if result.shared:
-        st = od.ledger.state(name)
-        click.echo(f"{name}: a release started {_fmt_time(st.last_flush)} "
-                   f"({st.last_flush_trigger}) answers for this one")
+    if os.geteuid() == 0:
+        od = ctx.ondemand
+        report = release_report(od, name)
+
+        def step():
+            return od.wait_step(name)
+    else:
+        from . import helper, privsep
+        channel = privsep.Channel(helper.connect(ctx.config, "admin"))
+        report = channel.call({"op": "flush", "domain": name})
+
+        def step():
+            reply = channel.call({"op": "wait", "domain": name})
+            return reply["present"], reply["verdict"]
+    if "refused" in report:
+        raise CliError(report["text"],
+                       EXIT_PAUSED if report["refused"] == "paused" else EXIT_UNREACHABLE)
+    if report["forwarded"]:
+        click.echo(f"{name}: sent on to {report['forwarded']} peer(s) as ETRN (by the gateway)")
+    if report["shared"]:
+        click.echo(f"{name}: a release started {_fmt_time(report['since'])} "
+                   f"({report['by']}) answers for this one")
         if not wait:
             return
-    elif result.probe is None and result.on_the_way:
-        click.echo(f"{name}: {result.on_the_way} message(s) already on their way "
+    elif not report["probed"] and report["on_the_way"]:
+        click.echo(f"{name}: {report['on_the_way']} message(s) already on their way "
                    "(an earlier release)")
         if not wait:
             return
-    elif result.probe is None:
+    elif not report["probed"]:
         click.echo(f"{name}: nothing held")
         return
     else:
-        click.echo(f"{name}: released {result.released} message(s) to {result.probe.target}")
-    for route, res in result.unreachable:
-        click.echo(f"{name}: {route}: not released, its server does not answer ({res.text()})")
+        click.echo(f"{name}: released {report['released']} message(s) to {report['target']}")
+    for route, text in report["unreachable"]:
+        click.echo(f"{name}: {route}: not released, its server does not answer ({text})")
     if not wait:
         return
     if sys.stderr.isatty():
-        total = max(result.released, 1)
+        total = max(report["released"], 1)
         with click.progressbar(length=total, label=f"{name}: delivering",
                                file=sys.stderr) as bar:
             done = [0]
 
             def progress(remaining):
-                step = max(0, total - remaining) - done[0]
-                if step > 0:
-                    bar.update(step)
-                    done[0] += step
-            ok = od.wait(name, timeout, progress)
+                step_by = max(0, total - remaining) - done[0]
+                if step_by > 0:
+                    bar.update(step_by)
+                    done[0] += step_by
+            ok, remaining = wait_for(step, timeout, progress)
     else:
-        ok = od.wait(name, timeout)
-    remaining = od.status(name).messages
+        ok, remaining = wait_for(step, timeout)
     if not ok:
         raise CliError(f"{name}: {remaining} message(s) still held", EXIT_STILL_HELD)
     click.echo(f"{name}: nothing held")

@@ -159,6 +159,8 @@ class Config:
     cluster: Cluster | None = None
     metrics_listen: HostPort | None = None   # the poller's Prometheus endpoint; None: off
     poller_user: str = "nobody"  # probes and metrics run as this user; "" keeps one process
+    helper_socket: str = "/run/flushctl/helper.sock"   # the release helper's unix socket
+    helper_group: str = "flushctl"   # its socket's group: the daemons and non-root admins
 
     def domain(self, name: str) -> Domain:
         """The configured domain ``name``, or KeyError with a helpful text."""
@@ -466,8 +468,14 @@ def parse(text: str, path: str = "<config>") -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     top = _Section(path, "", data)
-    top.check_keys({"postfix", "state", "milter", "gateway", "poller", "relay", "submission",
-                    "cluster", "metrics", "domains"})
+    top.check_keys({"postfix", "state", "milter", "gateway", "poller", "helper", "relay",
+                    "submission", "cluster", "metrics", "domains"})
+    he = _Section(path, "helper", data.get("helper", {}))
+    he.check_keys({"socket", "group"})
+    helper_socket = he.absolute_path("socket", "/run/flushctl/helper.sock")
+    helper_group = he.get("group", str, "flushctl")
+    if not re.fullmatch(r"[a-z_][a-z0-9_.-]{0,31}", helper_group):
+        he.fail("group", f"not a group name: {helper_group!r}")
     me = _Section(path, "metrics", data.get("metrics", {}))
     me.check_keys({"listen"})
     metrics_listen = None
@@ -564,6 +572,8 @@ def parse(text: str, path: str = "<config>") -> Config:
         submission=_submission(path, data),
         cluster=_cluster(path, data),
         metrics_listen=metrics_listen,
+        helper_socket=helper_socket,
+        helper_group=helper_group,
     )
 
 

@@ -244,6 +244,7 @@ class Gateway:
         self.policy_uids = frozenset({0, *_uid_of("postfix")})
         self.tasks: set[asyncio.Task] = set()
         self.counts = Counts()   # handed to the ledger by the releaser every few seconds
+        self.asked_to_stop = False   # by SIGTERM or SIGINT
 
     def _log(self, how: str, client: str, domain: str, result: str,
              protocol: str | None = None, detail: str = "") -> None:
@@ -388,13 +389,18 @@ class Gateway:
             self.finger_protocol, sock=finger_sock)
         policy_server = await asyncio.start_server(
             self.handle_policy, sock=policy_sock, limit=policyproto.MAX_REQUEST)
-        stop = closed or asyncio.Event()
+        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        def asked():
+            self.asked_to_stop = True
+            stop.set()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, asked)
+        if closed is not None:   # the release helper hung up: nobody can release
+            loop.create_task(closed.wait()).add_done_callback(lambda _: stop.set())
         log.info("event=start finger=%s policy=%s domains=%d user=%s",
                  self.config.finger_listen, self.config.policy_listen,
-                 len(self.config.domains), _user())
+                 len(self.config.domains), privsep.current_user())
         if ready:
             ready()
         refresh = loop.create_task(refresh_peers(self.config, self.gate, stop))
@@ -509,18 +515,14 @@ def _peer_uid(writer) -> int | None:
     return struct.unpack("3i", creds)[1]
 
 
-def _user() -> str:
-    try:
-        import pwd
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return str(os.geteuid())
-
-
-async def serve_parent(config: Config, channel, releaser, peers: frozenset[str]) -> None:
-    """The root half: carry out the network half's requests, deciding again
-    what protects a customer (flush_from, rate limits, peers) with a gate
-    of its own, and answering every one."""
+async def serve_parent(config: Config, channel, releaser,
+                       peers: frozenset[str] | None = None) -> None:
+    """The release helper's side of one gateway: carry out its requests,
+    deciding again what protects a customer (flush_from, rate limits,
+    peers) with a gate of its own, and answering every one."""
+    if peers is None:
+        peers = await asyncio.to_thread(cluster.peer_addresses, config.cluster) \
+            if config.cluster else frozenset()
     gate = Gate(config.domains, per_minute=config.gateway.rate_per_minute,
                 burst=config.gateway.rate_burst, peers=peers)
     refresh = asyncio.get_running_loop().create_task(refresh_peers(config, gate))
@@ -531,6 +533,27 @@ async def serve_parent(config: Config, channel, releaser, peers: frozenset[str])
             failed=lambda text: Outcome(FAILED, 0, "", text, None))
     finally:
         refresh.cancel()
+
+
+async def with_forwarder(config: Config, rel: Releaser, serving) -> None:
+    """Run the coroutine ``serving`` and, with [cluster], the forwarder
+    that sends ``rel``'s releases on to the peers beside it."""
+    if config.cluster is None:
+        await serving
+        return
+    forwarder = cluster.Forwarder(rel.ondemand.ledger, config.cluster)
+    rel.forwarded = forwarder.wake.set
+    stop = asyncio.Event()
+    task = asyncio.get_running_loop().create_task(forwarder.run(stop))
+    try:
+        await serving
+    finally:
+        stop.set()
+        task.cancel()   # not waiting out a peer's timeout: what is pending stays queued
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
 
 
 async def refresh_peers(config: Config, gate: Gate, stop: asyncio.Event | None = None
@@ -558,59 +581,41 @@ def bind(config: Config) -> list:
 
 
 def run(config: Config, ondemand: OnDemand | None = None) -> None:
-    """Bind, then serve: split in two when started as root with ``[gateway] user``."""
+    """Bind, then serve.  Started as root with ``[gateway] user`` empty,
+    one process releases itself; otherwise it serves as ``[gateway] user``
+    (as root: bind, then become it) and every release goes through the
+    release helper (``flushctl helper``), which decides again."""
+    from . import helper
     user = config.gateway.user
-    entry = privsep.account(user) if user and os.geteuid() == 0 else None
+    root = os.geteuid() == 0
+    entry = privsep.account(user) if user and root else None
     sockets = bind(config)
-    window = config.gateway.release_window
     peers = cluster.peer_addresses(config.cluster) if config.cluster else frozenset()
     if peers:
         log.info("event=peers addresses=%s", ",".join(sorted(peers)))
 
-    def releaser() -> Releaser:
-        try:
-            return Releaser(ondemand or OnDemand(config), window)
-        except (OSError, sqlite3.Error) as exc:
-            raise privsep.PrivsepError(
-                f"cannot open the ledger in {config.state_directory}: {exc}") from None
-
-    async def with_forwarder(rel: Releaser, serving) -> None:
-        """Run ``serving`` and, with [cluster], the forwarder beside it."""
-        if config.cluster is None:
-            await serving
-            return
-        forwarder = cluster.Forwarder(rel.ondemand.ledger, config.cluster)
-        rel.forwarded = forwarder.wake.set
-        stop = asyncio.Event()
-        task = asyncio.get_running_loop().create_task(forwarder.run(stop))
-        try:
-            await serving
-        finally:
-            stop.set()
-            task.cancel()   # not waiting out a peer's timeout: what is pending stays queued
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-
-    if entry is None:
+    if root and entry is None:
         async def single():
-            rel = releaser()
-            await with_forwarder(rel, Gateway(config, rel, peers).serve(sockets))
+            try:
+                rel = Releaser(ondemand or OnDemand(config), config.gateway.release_window)
+                rel.ondemand.ledger   # opened now: a ledger that cannot be is said at start
+            except (OSError, sqlite3.Error) as exc:
+                raise privsep.PrivsepError(
+                    f"cannot open the ledger in {config.state_directory}: {exc}") from None
+            await with_forwarder(config, rel, Gateway(config, rel, peers).serve(sockets))
         asyncio.run(single())
         return
 
-    def child(socks, channel):
-        async def main():
-            remote = privsep.RemoteReleaser(channel, decode_outcome)
-            await remote.start()
-            await Gateway(config, remote, peers).serve(socks, closed=remote.closed)
-        asyncio.run(main())
+    if entry is not None:
+        privsep.drop_privileges(entry, "gateway", groups=True)
+    channel = helper.connect(config, "gateway", wait=helper.CONNECT_WAIT)
 
-    def parent(channel):
-        async def main():
-            rel = releaser()
-            await with_forwarder(rel, serve_parent(config, channel, rel, peers))
-        asyncio.run(main())
-
-    privsep.run_split(sockets, entry, child, parent)
+    async def main():
+        remote = privsep.RemoteReleaser(channel, decode_outcome)
+        await remote.start()
+        gateway = Gateway(config, remote, peers)
+        await gateway.serve(sockets, closed=remote.closed)
+        if not gateway.asked_to_stop:
+            # not a stop asked for: exit with an error, and the supervisor restarts us
+            raise privsep.PrivsepError("gateway: the release helper is gone")
+    asyncio.run(main())

@@ -1,4 +1,4 @@
-"""The keeper: queue housekeeping, run by the poller (and `flushctl sweep`).
+"""The keeper: queue housekeeping, run by the release helper (and `flushctl sweep`).
 
 Every few seconds it
 - takes in mail for customers that the milter never saw (a local
@@ -103,3 +103,17 @@ class Keeper:
             except Exception:
                 log.exception("event=error stage=keeper")
             stop.wait(interval)
+
+
+def start_thread(config):
+    """The keeper, in a thread of its own, on its own OnDemand (its own
+    ledger connection and caches); returns a function that stops it."""
+    stop = threading.Event()
+    thread = threading.Thread(target=Keeper(OnDemand(config)).run, args=(stop,),
+                              name="keeper", daemon=True)
+    thread.start()
+
+    def end():
+        stop.set()
+        thread.join(10)
+    return end

@@ -115,6 +115,23 @@ def _item(entry: Entry, found) -> Item:
                 entry.released, entry.refused, entry.refused_since)
 
 
+def wait_for(step, timeout: float, progress=None, interval: float = 0.5
+             ) -> tuple[bool, int]:
+    """Call ``step()`` (``OnDemand.wait_step``, here or through the release
+    helper) until it says done or stuck, or ``timeout`` seconds pass:
+    (True if nothing is left queued, messages left)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        present, verdict = step()
+        if progress:
+            progress(present)
+        if verdict is not None:
+            return verdict, present
+        if time.monotonic() >= deadline:
+            return False, present
+        time.sleep(interval)
+
+
 class OnDemand:
     def __init__(self, config: Config, postfix: Postfix | None = None,
                  layout: QueueLayout | None = None, ledger: Ledger | None = None):
@@ -130,10 +147,24 @@ class OnDemand:
         self._fingerprint: tuple | None = None
         self._nudged_at = float("-inf")
         self._domains_text: str | None = None
-        self.ledger = ledger or Ledger(config.state_directory)
+        self._ledger: Ledger | None = None
+        self._rebuilt = 0
+        if ledger is not None:
+            self._take(ledger)
+
+    @property
+    def ledger(self) -> Ledger:
+        """The ledger, opened on first use: a process that only probes (the
+        unprivileged poller) never opens it."""
+        if self._ledger is None:
+            self._take(Ledger(self.config.state_directory))
+        return self._ledger
+
+    def _take(self, ledger: Ledger) -> None:
+        self._ledger = ledger
         # a ledger file new to us (first run, removed, corrupt) is rebuilt
         # from the queue's tag headers before it is trusted
-        self._rebuilt = 0 if self.ledger.fresh else self.ledger.generation
+        self._rebuilt = 0 if ledger.fresh else ledger.generation
 
     def needs_rebuild(self) -> bool:
         """Is the ledger file new to us (removed, replaced, corrupt)? One stat."""
@@ -895,21 +926,21 @@ class OnDemand:
         Gives up early when everything left is back on hold (its delivery
         failed and the sweep put it back): nothing more will go out.
         """
+        name = self.domain(domain).name
+        return wait_for(lambda: self.wait_step(name), timeout, progress, interval)[0]
+
+    def wait_step(self, domain: str) -> tuple[int, bool | None]:
+        """One look for ``wait``: (messages still queued, True when none
+        is, False when what is left is back on hold, None: still going)."""
         dom = self.domain(domain).name
-        deadline = time.monotonic() + timeout
-        while True:
-            snap = self.snapshot(dom)
-            if progress:
-                progress(len(snap.present))
-            if not snap.present:
-                return True
-            if snap.of_kind(rules.FAILED):
-                self.sweep(dom)
-            elif not snap.of_kind(rules.IN_FLIGHT, rules.WAITING, rules.STRAY):
-                return False
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(interval)
+        snap = self.snapshot(dom)
+        if not snap.present:
+            return 0, True
+        if snap.of_kind(rules.FAILED):
+            self.sweep(dom)
+        elif not snap.of_kind(rules.IN_FLIGHT, rules.WAITING, rules.STRAY):
+            return len(snap.present), False
+        return len(snap.present), None
 
     # -- returning mail to its senders ----------------------------------------
     def return_to_senders(self, domain: str, refused_only: bool = False,

@@ -14,8 +14,9 @@ backoff time, doubling) however friendly the greeting, and it never
 retries mail the customer's server refused (5xx) by itself: that waits
 for the customer's own trigger or an admin.
 
-The same process runs the keeper (``keeper``): queue housekeeping every
-few seconds, in a thread of its own.
+The poller runs unprivileged: every release, and everything that reads
+the ledger or the queue, goes through the release helper (``helper``),
+which also runs the keeper.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ import logging
 import math
 import os
 import signal
-import socket
-import threading
 import time
 from dataclasses import dataclass
 
@@ -249,21 +248,6 @@ def answer(ops: LocalOps, request: dict) -> dict:
     raise privsep.Malformed(f"not a request the poller sends: {op!r:.40}")
 
 
-def _keeper(config):
-    """The keeper, in a thread of its own, on its own OnDemand (its own
-    ledger connection and caches); returns a function that stops it."""
-    from .keeper import Keeper
-    stop = threading.Event()
-    thread = threading.Thread(target=Keeper(OnDemand(config)).run, args=(stop,),
-                              name="keeper", daemon=True)
-    thread.start()
-
-    def end():
-        stop.set()
-        thread.join(10)
-    return end
-
-
 def _preload() -> None:
     """Import now what the unprivileged half would import on first use:
     once it has given up root it may not be able to read the
@@ -276,86 +260,75 @@ def _preload() -> None:
     dns.rdata.load_all_types()   # dnspython loads a record type's code when it first sees one
 
 
-def run_forever(ondemand: OnDemand) -> None:
-    """Run the poller, its metrics endpoint and the keeper until SIGTERM.
+def run_forever(config, ondemand: OnDemand | None = None) -> None:
+    """Run the poller and its metrics endpoint until SIGTERM.
 
-    Started as root with ``[poller] user``, it splits in two (as the
-    gateway does): the half that talks to customers' servers and answers
-    scrapes runs as that user; the root half keeps the ledger, the queue
-    and the keeper (``postsuper`` is root's), and answers four kinds of
-    request: what to probe, a probe's result, a release, a scrape's figures.
+    Started as root with ``[poller] user`` empty, one process does all,
+    the keeper included.  Otherwise it runs as ``[poller] user`` (as root:
+    bind the metrics port, then become it): it probes and serves scrapes,
+    and asks the release helper (``flushctl helper``, which runs the
+    keeper) for four things only: what to probe, a probe's result to
+    record, a release, a scrape's figures.
     """
-    from . import metrics
-    config = ondemand.config
+    from . import helper, metrics
+    from .keeper import start_thread
     user = config.poller_user
-    entry = privsep.account(user, "poller") if user and os.geteuid() == 0 else None
+    root = os.geteuid() == 0
+    entry = privsep.account(user, "poller") if user and root else None
     server = metrics.listen(config)   # bound first: the port may be a privileged one
-    # Postfix's settings, read once before the split: the probers need them
-    prober, postfix_prober = ondemand.prober, ondemand.postfix_prober()
-    if entry is not None:
-        _preload()
-
-    async def loop(poller: Poller, gone=None):
-        """Run ``poller`` until SIGTERM, or until ``gone()`` says the root
-        half is: then nobody can release, and this half ends too."""
-        stop = asyncio.Event()
-        running = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            running.add_signal_handler(sig, stop.set)
-
-        async def watch():
-            while not gone():
-                await asyncio.sleep(1.0)
-            stop.set()
-        watching = running.create_task(watch()) if gone is not None else None
-        await poller.run(stop)
-        if watching is not None:
-            watching.cancel()
-
-    if entry is None:
-        end_keeper = _keeper(config)
+    if root and entry is None:
+        ondemand = ondemand or OnDemand(config)
+        end_keeper = start_thread(config)
         metrics.start(server, metrics.scrape_of(ondemand), config.metrics_listen)
         try:
-            asyncio.run(loop(Poller.local(ondemand)))
+            asyncio.run(_loop(Poller.local(ondemand)))
         finally:
             end_keeper()
             if server is not None:
                 server.shutdown()
         return
 
-    def child(_sockets, channels):
-        work, scrapes = (privsep.Channel(c) for c in channels)
-        metrics.start(server, lambda: scrapes.call({"op": "metrics"})["body"].encode(),
-                      config.metrics_listen)
-        log.info("event=split user=%s", user)
-        root_half = os.getppid()
+    # Postfix's settings, read before root goes: the probers need them (an
+    # OnDemand that only probes never opens the ledger)
+    probing = OnDemand(config)
+    prober, postfix_prober = probing.prober, probing.postfix_prober()
+    _preload()
+    if entry is not None:
+        privsep.drop_privileges(entry, "poller", groups=True)
+    work = privsep.Channel(helper.connect(config, "poller", wait=helper.CONNECT_WAIT))
+    scrapes = privsep.Channel(helper.connect(config, "scrape", wait=helper.CONNECT_WAIT))
+    metrics.start(server, lambda: scrapes.call({"op": "metrics"})["body"].encode(),
+                  config.metrics_listen)
+    log.info("event=unprivileged user=%s", privsep.current_user())
 
-        def gone() -> bool:   # hung up on either channel, or killed
-            return work.gone.is_set() or scrapes.gone.is_set() or os.getppid() != root_half
-        asyncio.run(loop(Poller(config, RemoteOps(work), prober, postfix_prober), gone))
-        if gone():   # not a stop asked for: an error, so the supervisor restarts us
-            raise privsep.PrivsepError("poller: the root half is gone")
+    def gone() -> bool:   # the helper hung up on either channel
+        return work.hung_up() or scrapes.hung_up()
+    asked = asyncio.run(_loop(Poller(config, RemoteOps(work), prober, postfix_prober), gone))
+    if server is not None:
+        server.shutdown()
+    if not asked:   # not a stop asked for: an error, so the supervisor restarts us
+        raise privsep.PrivsepError("poller: the release helper is gone")
 
-    def parent(channels):
-        work, scrapes = channels
-        if server is not None:
-            server.socket.close()   # the unprivileged half serves it
-        end_keeper = _keeper(config)
-        scrape = metrics.scrape_of(OnDemand(config))   # its own ledger connection
-        cut_off = []
 
-        def serve_scrapes():
-            if not privsep.serve_channel(scrapes, lambda r: answer_scrape(scrape, r), "poller"):
-                cut_off.append("scrapes")
-                work.shutdown(socket.SHUT_RDWR)   # ends the main channel too
-        threading.Thread(target=serve_scrapes, name="scrapes", daemon=True).start()
-        try:
-            ops = LocalOps(ondemand)
-            if not privsep.serve_channel(work, lambda r: answer(ops, r), "poller",
-                                         limit=MAX_REQUEST) or cut_off:
-                raise privsep.PrivsepError("poller: the unprivileged half asked what it "
-                                           "never asks; stopped")
-        finally:
-            end_keeper()
+async def _loop(poller: Poller, gone=None) -> bool:
+    """Run ``poller`` until SIGTERM (True), or until ``gone()`` says the
+    release helper is (False): then nobody can release, and it ends too."""
+    stop = asyncio.Event()
+    running = asyncio.get_running_loop()
+    asked = []
 
-    privsep.run_split([], entry, child, parent, who="poller", channels=2)
+    def ask():
+        asked.append(True)
+        stop.set()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        running.add_signal_handler(sig, ask)
+
+    async def watch():
+        while not gone():
+            await asyncio.sleep(1.0)
+        stop.set()
+    watching = running.create_task(watch()) if gone is not None else None
+    await poller.run(stop)
+    if watching is not None:
+        watching.cancel()
+    return bool(asked)

@@ -1,15 +1,14 @@
-"""Privilege separation for the gateway: the network side runs unprivileged.
+"""Privilege separation: what reads the network runs unprivileged.
 
 Releasing mail needs ``postsuper``, which Postfix reserves for root; the
 gateway also binds port 79.  Neither needs root in the code that reads
-what strangers send.  So the gateway binds its listeners as root, then
-forks: the child drops to ``[gateway] user`` and serves finger and the
-policy protocol (parsing, authorisation, rate limits), and the parent,
-still root, carries out releases the child asks for over a socketpair,
-one JSON line each way, and nothing else.  The parent checks every
-request again (a configured domain, a known trigger, a short client
-address): a child taken over by an attacker can ask for what a finger
-query could anyway, and no more.
+what strangers send.  So the daemons that do (the gateway, the poller)
+bind their listeners, give up root for good (``drop_privileges``), and
+ask the release helper (``helper``) for every release, one JSON line each
+way; the helper checks every request again.  This module holds the parts
+both sides share: binding, dropping, the asking side (``RemoteReleaser``
+for the asyncio gateway, ``Channel`` for threads) and the answering side
+(``serve_releases``, ``serve_channel``), each bounded and validated.
 """
 
 from __future__ import annotations
@@ -21,12 +20,11 @@ import logging
 import os
 import re
 import pwd
-import signal
+import select
 import socket
 import threading
 import time
 
-from .config import HostPort
 
 log = logging.getLogger("flushctl.gateway")
 
@@ -121,6 +119,14 @@ def drop_privileges(entry: pwd.struct_passwd, who: str = "gateway",
     os.chdir("/")
 
 
+def current_user() -> str:
+    """The name this process runs as (for the log)."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
 # -- the child's side ---------------------------------------------------------
 
 class RemoteReleaser:
@@ -187,9 +193,33 @@ class Channel:
     is gone; ``gone`` is set then."""
 
     def __init__(self, sock: socket.socket):
+        self._sock = sock
         self._file = sock.makefile("rwb")
         self._lock = threading.Lock()
         self.gone = threading.Event()
+
+    def hung_up(self) -> bool:
+        """Has the root half hung up?  A look that does not wait (and says
+        no while a call is under way: that call will tell)."""
+        if self.gone.is_set():
+            return True
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            readable, _, _ = select.select([self._sock], [], [], 0)
+            if not readable:
+                return False
+            try:
+                data = self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return False
+            except OSError:
+                data = b""
+            if not data:
+                self.gone.set()
+            return not data
+        finally:
+            self._lock.release()
 
     def call(self, request: dict) -> dict:
         with self._lock:
@@ -348,48 +378,3 @@ async def serve_releases(sock: socket.socket, releaser, domains, encode, gate=No
         writer.close()
         for task in tasks:
             task.cancel()
-
-
-def run_split(sockets, entry, serve_child, serve_parent, who: str = "gateway",
-              channels: int = 1) -> None:
-    """Fork: the child drops to ``entry`` and runs ``serve_child(sockets, channel)``,
-    the parent keeps root and runs ``serve_parent(channel)``; each ends the other.
-    With ``channels`` > 1 each side gets a list of that many channels."""
-    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(channels)]
-    parent_ends = [p for p, _ in pairs]
-    child_ends = [c for _, c in pairs]
-    pid = os.fork()
-    if pid == 0:
-        status = 1
-        try:
-            for end in parent_ends:
-                end.close()
-            drop_privileges(entry, who)
-            serve_child(sockets, child_ends[0] if channels == 1 else child_ends)
-            status = 0
-        except BaseException:
-            log.exception("event=error stage=%s_child", who)
-        finally:
-            logging.shutdown()
-            os._exit(status)
-    for end in child_ends:
-        end.close()
-    for sock in sockets:
-        sock.close()
-
-    def forward(signum, _frame):
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, forward)
-    try:
-        serve_parent(parent_ends[0] if channels == 1 else parent_ends)
-    finally:
-        forward(signal.SIGTERM, None)
-        _, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code not in (0, -signal.SIGTERM, -signal.SIGINT):
-        raise PrivsepError(f"{who}: the unprivileged worker ended with status {code}")

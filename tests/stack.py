@@ -137,6 +137,7 @@ class Stack:
     milter: subprocess.Popen | None = None
     gateway: subprocess.Popen | None = None
     poller: subprocess.Popen | None = None
+    helper: subprocess.Popen | None = None
 
     @property
     def cfg(self):
@@ -151,7 +152,28 @@ class Stack:
             return subprocess.Popen([*DAEMON, name], env=env, stdout=subprocess.DEVNULL,
                                     stderr=log, start_new_session=True)
 
+    def start_helper(self):
+        """The release helper (root), which the gateway and the poller ask."""
+        if self.helper is not None and self.helper.poll() is None:
+            return
+        self.helper = self._daemon("helper")
+        path = Path(self.cfg.helper_socket)
+        wait_until(lambda: _connectable(path) or self.helper.poll() is not None, 15,
+                   what="release helper socket")
+        assert self.helper.poll() is None, self.daemon_log("helper")
+
+    def stop_helper(self, sig=signal.SIGTERM):
+        _stop(self.helper, sig)
+        self.helper = None
+
+    def daemon_log(self, name: str) -> str:
+        try:
+            return (self.state_dir / f"{name}.log").read_text()
+        except FileNotFoundError:
+            return ""
+
     def start_poller(self):
+        self.start_helper()
         self.poller = self._daemon("poller")
 
     def stop_poller(self):
@@ -159,6 +181,7 @@ class Stack:
         self.poller = None
 
     def start_gateway(self):
+        self.start_helper()
         self.gateway = self._daemon("gateway")
         cfg = self.cfg
         for where in (cfg.finger_listen, cfg.policy_listen):
@@ -189,10 +212,9 @@ class Stack:
         return proc.stdout + proc.stderr
 
     def gateway_log(self) -> str:
-        try:
-            return (self.state_dir / "gateway.log").read_text()
-        except FileNotFoundError:
-            return ""
+        """The gateway's log, then its release helper's (which releases,
+        refuses what the gateway should not have asked, and forwards)."""
+        return self.daemon_log("gateway") + self.daemon_log("helper")
 
     def flushctl(self, *args, check=True, timeout=120):
         env = dict(os.environ, FLUSHCTL_CONFIG=str(self.config_path))
@@ -252,12 +274,13 @@ class Stack:
     def dead_daemons(self) -> list[str]:
         return [f"{name} exited {proc.returncode}"
                 for name, proc in (("milter", self.milter), ("gateway", self.gateway),
-                                   ("poller", self.poller))
+                                   ("poller", self.poller), ("helper", self.helper))
                 if proc is not None and proc.poll() is not None]
 
     def destroy(self):
         self.stop_poller()
         self.stop_gateway()
+        self.stop_helper()
         self.stop_milter()
         self.sink.cleanup()
         self.pf.destroy()
@@ -288,6 +311,9 @@ policy_listen = "unix:{pf.queue_directory}/private/flushctl-policy"
 [poller]
 probe_timeout = 2
 {poller_extra}
+[helper]
+socket = "{state_dir.parent}/run/helper.sock"
+group = "nogroup"   # nobody's: the daemons' user here
 [metrics]
 listen = "127.0.0.1:{free_port()}"
 {extra}

@@ -1,6 +1,7 @@
 """finger and ETRN release held mail through the gateway, with real clients."""
 
 import re
+import signal
 import sys
 import smtplib
 import socket
@@ -310,38 +311,50 @@ def test_policy_service_is_for_postfix_only(make_stack):
 
 
 def test_network_side_runs_unprivileged(gw):
-    """Started as root, the gateway serves the network as `nobody`; only its
-    parent keeps root, and it releases nothing the child could not ask for."""
+    """Started as root, the gateway binds its listeners and becomes `nobody`
+    for good, no capability left; the release helper (root) releases what
+    it asks for."""
     import psutil
-    parent = psutil.Process(gw.gateway.pid)
-    assert parent.uids().real == 0
-    [child] = parent.children()
-    assert child.username() == "nobody" and child.uids().effective != 0
-    assert child.gids().effective != 0
-    assert _listener(gw.cfg.finger_listen.port).pid == child.pid
-    assert _unix_listener(gw.cfg.policy_listen.path).pid == child.pid
+    proc = psutil.Process(gw.gateway.pid)
+    assert proc.username() == "nobody"
+    assert set(proc.uids()) == {65534} and set(proc.gids()) == {65534}, proc.uids()
+    status = _proc_status(gw.gateway.pid)
+    assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0, status
+    assert proc.children() == []
+    assert psutil.Process(gw.helper.pid).uids().effective == 0
+    assert _listener(gw.cfg.finger_listen.port).pid == gw.gateway.pid
+    assert _unix_listener(gw.cfg.policy_listen.path).pid == gw.gateway.pid
     assert "user=nobody" in gw.gateway_log()
-    # releases still work through the split
+    # releases still work, through the helper
     hold(gw, 1)
     gw.sink.start()
     assert "Delivery started" in run_finger(gw, "customer.test")
     wait_until(lambda: len(gw.sink.messages()) == 1, what="delivery")
+    assert "event=connect role=gateway uid=65534" in gw.daemon_log("helper")
 
 
-def test_split_ends_together(gw):
-    """Either half dying ends the other, so a supervisor restarts the whole."""
-    import psutil
-    parent = psutil.Process(gw.gateway.pid)
-    [child] = parent.children()
-    child.kill()
+def _proc_status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as fh:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in fh if ":\t" in line)
+
+
+def test_the_gateway_ends_when_its_release_helper_does(gw):
+    """The helper killed: nobody can release, so the gateway ends by itself
+    with an error (the supervisor restarts both); the gateway killed: the
+    helper serves the next one."""
+    gw.stop_helper(signal.SIGKILL)
     assert gw.gateway.wait(15) != 0
-    assert "unprivileged worker ended" in gw.gateway_log()
+    assert "the release helper is gone" in gw.daemon_log("gateway")
+    gw.start_gateway()          # starts the helper first
+    gw.gateway.kill()
+    gw.gateway.wait(15)
     gw.start_gateway()
-    parent = psutil.Process(gw.gateway.pid)
-    [child] = parent.children()
+    assert gw.helper.poll() is None
+    hold(gw, 1)
+    gw.sink.start()
+    assert "Delivery started" in run_finger(gw, "customer.test")
     gw.gateway.terminate()
-    assert gw.gateway.wait(15) == 0
-    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    assert gw.gateway.wait(15) == 0     # a stop asked for: no error
     gw.gateway = None
 
 
@@ -352,16 +365,15 @@ def test_gateway_user_must_exist(make_stack):
     assert "user 'no-such-user-here' does not exist" in proc.stderr
 
 
-def test_the_root_half_decides_again_whatever_the_network_half_asks(make_stack):
-    """A network half taken over by an attacker speaks the privsep protocol
-    to the real root half (a real release service on a real instance): it
+def test_the_release_helper_decides_again_whatever_the_gateway_asks(make_stack):
+    """A gateway taken over by an attacker speaks the protocol to the real
+    release helper (on a real instance): it
     cannot release a domain for a client outside its flush_from, nor claim
     a peer's rights, nor flood it; every request is answered."""
     import asyncio
     import json
 
-    from flushctl import gateway
-    from flushctl.ondemand import OnDemand
+    from flushctl import helper
 
     def domains(port):
         return (f'[domains."customer.test"]\nrelay = "[127.0.0.1]:{port}"\n'
@@ -371,11 +383,10 @@ def test_the_root_half_decides_again_whatever_the_network_half_asks(make_stack):
     stack.send(["u@customer.test"])
     wait_until(lambda: len(stack.queue()) == 1, what="held")
     cfg = stack.cfg
-    rel = gateway.Releaser(OnDemand(cfg), cfg.gateway.release_window)
-    parent_end, child_end = socket.socketpair()
+    stack.start_helper()
+    child_end = helper.connect(cfg, "gateway")
 
     async def hostile():
-        server = asyncio.create_task(gateway.serve_parent(cfg, parent_end, rel, frozenset()))
         reader, writer = await asyncio.open_unix_connection(sock=child_end)
         asks = [{"id": 1, "domain": "customer.test", "how": "finger", "client": "203.0.113.9"},
                 {"id": 2, "domain": "customer.test", "how": "peer", "client": "203.0.113.9"}] \
@@ -389,7 +400,6 @@ def test_the_root_half_decides_again_whatever_the_network_half_asks(make_stack):
             reply = json.loads(await asyncio.wait_for(reader.readline(), 30))
             answers[reply["id"]] = reply["outcome"]
         writer.close()
-        await asyncio.wait_for(server, 30)
         return answers
     answers = asyncio.run(hostile())
     assert len(answers) == 12

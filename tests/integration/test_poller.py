@@ -1,6 +1,7 @@
 """The poller releases held mail by itself once the customer's server answers."""
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -134,33 +135,21 @@ def _status(pid: int) -> dict[str, str]:
         return dict(line.rstrip("\n").split(":\t", 1) for line in fh if ":\t" in line)
 
 
-def _halves(stack):
+def _unprivileged(stack):
+    """The poller, once it has given up root."""
     import psutil
     log = stack.state_dir / "poller.log"
-    seen = log.read_text().count("event=split") if log.exists() else 0
-    wait_until(lambda: log.read_text().count("event=split") > seen, 15,
-               what="the unprivileged half started")
-    parent = psutil.Process(stack.poller.pid)
-
-    def halves():   # not the keeper's postsuper or postcat of the moment
-        found = []
-        for proc in parent.children():
-            try:
-                if "poller" in proc.cmdline():
-                    found.append(proc)
-            except psutil.NoSuchProcess:
-                pass
-        return found
-    [child] = wait_until(halves, what="the unprivileged half")
-    return parent, child
+    wait_until(lambda: log.exists() and "event=unprivileged" in log.read_text(), 15,
+               what="the poller unprivileged")
+    return psutil.Process(stack.poller.pid)
 
 
 def test_probes_and_metrics_run_unprivileged(make_stack):
     """Started as root (with the unit's capabilities), the poller probes
     customers' servers and answers scrapes as `[poller] user` (nobody here,
-    the default), with no capability left; only its root half keeps root,
-    and it does the releasing and the keeper's work (postsuper is root's).
-    Releases, probes and scrapes all go through the split."""
+    the default), with no capability left; only the release helper keeps
+    root, and it does the releasing and the keeper's work (postsuper is
+    root's).  Releases, probes and scrapes all go through the helper."""
     import pwd
 
     import psutil
@@ -169,27 +158,30 @@ def test_probes_and_metrics_run_unprivileged(make_stack):
     stack.send(["u@customer.test"])
     wait_until(lambda: len(stack.queue()) == 1, what="held")
     stack.start_poller()
-    parent, child = _halves(stack)
+    poller_proc = _unprivileged(stack)
     nobody = pwd.getpwnam("nobody")
-    status = _status(child.pid)
+    status = _status(poller_proc.pid)
     assert status["Uid"].split() == [str(nobody.pw_uid)] * 4, status["Uid"]
     assert status["Gid"].split() == [str(nobody.pw_gid)] * 4, status["Gid"]
-    assert status["Groups"].strip() == ""
     assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0, status
     assert status["NoNewPrivs"] == "1"
-    assert _status(parent.pid)["Uid"].split()[0] == "0"
+    assert poller_proc.children() == []
+    assert _status(stack.helper.pid)["Uid"].split()[0] == "0"
     port = stack.cfg.metrics_listen.port
     [listener] = [c for c in psutil.net_connections("tcp")
                   if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
-    assert listener.pid == child.pid
-    assert "event=split user=nobody" in (stack.state_dir / "poller.log").read_text()
+    assert listener.pid == poller_proc.pid
+    assert "event=unprivileged user=nobody" in (stack.state_dir / "poller.log").read_text()
     # a probe, a refused one recorded; then the customer answers: released
     wait_until(lambda: stack.status("customer.test")[0]["reachable"] is False, 15,
                what="a failed probe recorded")
     stack.sink.start()
     wait_until(lambda: len(stack.sink.messages()) == 1, 20, what="released by the poller")
     assert stack.status("customer.test")[0]["last_flush_trigger"] == "poller"
-    # the keeper (root half) still takes in what the milter never saw
+    helper_log = stack.daemon_log("helper")
+    assert "event=connect role=poller uid=65534" in helper_log
+    assert "event=connect role=scrape uid=65534" in helper_log
+    # the keeper (in the helper) still takes in what the milter never saw
     stack.sink.stop()
     stack.stop_milter()
     import subprocess
@@ -206,36 +198,36 @@ def test_probes_and_metrics_run_unprivileged(make_stack):
     assert scrape[("flushctl_held_messages", frozenset({("domain", "customer.test")}))] == 1
 
 
-def test_the_poller_halves_end_together(make_stack):
-    """The unprivileged half killed: the root half ends with an error (the
-    supervisor restarts both); the root half killed: the unprivileged half
-    stops by itself, its port free for the next start."""
+def test_the_poller_ends_when_its_release_helper_does(make_stack):
+    """The helper killed: the poller, idle between cycles, notices within
+    seconds and ends with an error, its port free for the next start; the
+    poller killed: the helper serves the next one."""
     stack = make_stack(poller_extra="interval = 60")   # no cycle to notice it by
     stack.start_poller()
-    parent, child = _halves(stack)
-    child.kill()
-    assert stack.poller.wait(15) != 0, (stack.state_dir / "poller.log").read_text()
-    stack.start_poller()
-    parent, child = _halves(stack)
-    parent.kill()
-    child.wait(5)                  # gone within seconds (psutil raises if not)
-    assert "the root half is gone" in (stack.state_dir / "poller.log").read_text()
+    _unprivileged(stack)
+    stack.stop_helper(signal.SIGKILL)
+    assert stack.poller.wait(15) != 0
+    assert "the release helper is gone" in (stack.state_dir / "poller.log").read_text()
+    stack.start_poller()   # the helper first
+    _unprivileged(stack)
+    stack.poller.kill()
     stack.poller.wait(15)
     stack.start_poller()
+    assert stack.helper.poll() is None
     wait_until(stack.metrics_up, 15, what="the endpoint back")
+    stack.poller.terminate()
+    assert stack.poller.wait(15) == 0     # a stop asked for: no error
+    stack.poller = None
 
 
-def test_the_root_half_answers_only_what_the_poller_asks(make_stack):
-    """A poller half taken over by an attacker speaks the protocol to a real
-    root half on a real instance: a paused domain stays paused; a domain
+def test_the_release_helper_answers_only_what_the_poller_asks(make_stack):
+    """A poller taken over by an attacker speaks the protocol to the real
+    release helper on a real instance: a paused domain stays paused; a domain
     that is not configured, a request of another kind, a malformed probe
     result end the conversation; what it may ask is answered."""
     import json
-    import socket
-    import threading
 
-    from flushctl import poller, privsep
-    from flushctl.ondemand import OnDemand
+    from flushctl import helper
 
     stack = make_stack()
     stack.sink.start()
@@ -246,23 +238,20 @@ def test_the_root_half_answers_only_what_the_poller_asks(make_stack):
     cfg = stack.cfg
     reachable = ["reachable", "[127.0.0.1]", "220 lie", time.time()]
 
+    stack.start_helper()
+
     def conversation(*requests):
-        ours, theirs = socket.socketpair()
-        ops = poller.LocalOps(OnDemand(cfg))
-        server = threading.Thread(target=privsep.serve_channel,
-                                  args=(ours, lambda r: poller.answer(ops, r), "poller"))
-        server.start()
+        """Requests on one connection to the real helper, as the poller's role."""
         replies = []
-        with theirs, theirs.makefile("rb") as f:
+        with helper.connect(cfg, "poller") as theirs, theirs.makefile("rb") as f:
             for request in requests:
                 raw = request if isinstance(request, str) else json.dumps(request)
                 try:
                     theirs.sendall(raw.encode() + b"\n")
                     line = f.readline()
-                except (BrokenPipeError, ConnectionResetError):   # the root half hung up
+                except (BrokenPipeError, ConnectionResetError):   # the helper hung up
                     line = b""
                 replies.append(json.loads(line) if line else None)
-        server.join(30)
         return replies
 
     # a customer's long greeting or DNS name is cut, not a reason to stop
@@ -285,9 +274,9 @@ def test_the_root_half_answers_only_what_the_poller_asks(make_stack):
                     "[" * 100_000,                              # deep enough to recurse
                     {"op": "release", "domain": "customer.test",
                      "results": {"customer.test\nX": reachable}}):
-        # no answer, and the root half stops serving that half
+        # no answer, and the helper stops serving that connection
         assert conversation(hostile, {"op": "candidates"}) == [None, None], hostile
-    # probes of a destination the mail does not go to: the root half probes
+    # probes of a destination the mail does not go to: the helper probes
     # nothing itself, and releases nothing
     [elsewhere] = conversation({"op": "release", "domain": "customer.test",
                                 "results": {"other.test": reachable}})
