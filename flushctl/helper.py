@@ -69,10 +69,10 @@ class Peer:
 def peer_of(sock: socket.socket) -> Peer:
     pid, uid, gid = struct.unpack("3i", sock.getsockopt(
         socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 4096)
+    try:   # Python reads at most 1024 bytes: 256 groups
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
         groups = struct.unpack(f"{len(raw) // 4}I", raw[:len(raw) // 4 * 4])
-    except OSError:   # an older kernel: the primary group only
+    except OSError:   # an older kernel, or more groups: the primary group only
         groups = ()
     return Peer(pid, uid, gid, frozenset(groups) | {gid})
 

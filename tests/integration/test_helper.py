@@ -1,0 +1,199 @@
+"""Issue 15, item 4: the release helper is the one daemon that keeps root,
+and the kernel, not the asker, says who may ask it for what.
+
+Clients that are not root run as forked children of the test that give up
+root for good before they act (this machine's Python lives where only root
+may read, so a fresh non-root interpreter cannot start; what runs after
+the fork is the same CLI and client code)."""
+
+import json
+import os
+import socket
+import stat
+import tempfile
+
+import pytest
+
+from conftest import wait_until
+
+# imported now: after the fork the child may no longer read the library
+import click.testing  # noqa: F401
+import flushctl.cli
+import flushctl.helper
+import flushctl.ondemand  # noqa: F401
+import flushctl.privsep
+
+NOGROUP = 65534    # the helper's group in the test stacks ([helper] group = "nogroup")
+ADMIN = 4242       # no passwd entry: a member of the group by its gid
+OUTSIDER = 4243
+
+
+def as_user(uid: int, gid: int, groups: list[int], fn):
+    """Run ``fn()`` in a child that is ``uid``/``gid``/``groups`` for good;
+    what it returns (JSON-able), or ("raised", text)."""
+    out = tempfile.TemporaryFile()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgroups(groups)
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            try:
+                result = fn()
+            except BaseException as exc:   # noqa: BLE001 the parent asserts on it
+                result = ["raised", f"{type(exc).__name__}: {exc}"]
+            out.write(json.dumps(result).encode())
+            out.flush()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    out.seek(0)
+    return json.loads(out.read())
+
+
+def cli_as(uid, gid, groups, config, *args):
+    """`flushctl ARGS` as that user: (exit code, stdout, stderr)."""
+    def run():
+        from click.testing import CliRunner
+        result = CliRunner().invoke(
+            flushctl.cli.main, ["--config", str(config), *args])
+        return [result.exit_code, result.stdout, result.stderr]
+    return as_user(uid, gid, groups, run)
+
+
+def hello_as(uid, gid, groups, cfg, role):
+    """Ask the helper for ``role`` as that user: "ok" or why not."""
+    def run():
+        try:
+            flushctl.helper.connect(cfg, role).close()
+            return "ok"
+        except flushctl.privsep.PrivsepError as exc:
+            return str(exc)
+    return as_user(uid, gid, groups, run)
+
+
+@pytest.fixture
+def stack(make_stack):
+    stack = make_stack()
+    stack.start_helper()
+    return stack
+
+
+def test_the_helper_socket_is_roots_and_its_groups_only(stack):
+    path = stack.cfg.helper_socket
+    st = os.stat(path)
+    assert stat.S_ISSOCK(st.st_mode)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, NOGROUP, 0o660)
+    parent = os.stat(os.path.dirname(path))
+    assert parent.st_uid == 0 and not parent.st_mode & 0o022
+    assert stack.helper is not None and stack.helper.poll() is None
+    # one helper per socket: a second one refuses to start, the first goes on
+    second = stack.flushctl("helper", check=False, timeout=30)
+    assert second.returncode == 1 and "another helper already listens" in second.stderr
+    assert stack.helper.poll() is None
+    assert hello_as(0, 0, [], stack.cfg, "admin") == "ok"
+
+
+def test_a_non_root_admin_in_the_group_releases_through_the_helper(stack):
+    """`flushctl flush` by a member of [helper] group who is not root: the
+    helper releases (the same outcome and output as root's), and --wait
+    waits through it."""
+    stack.send(["u@customer.test"])
+    stack.send(["v@customer.test"])
+    wait_until(lambda: len(stack.queue()) == 2, what="held")
+    stack.sink.start()
+    code, out, err = cli_as(ADMIN, OUTSIDER, [NOGROUP], stack.config_path,
+                            "flush", "--wait", "--timeout", "60", "customer.test")
+    assert code == 0, (out, err)
+    assert f"customer.test: released 2 message(s) to 127.0.0.1:{stack.sink.port}" in out
+    assert out.rstrip().endswith("customer.test: nothing held")
+    assert len(stack.sink.messages()) == 2
+    [row] = stack.status("customer.test")
+    assert row["last_flush_trigger"] == "admin"
+    assert f"event=connect role=admin uid={ADMIN}" in stack.daemon_log("helper")
+    # nothing held now: said so, exit 0
+    code, out, _ = cli_as(ADMIN, NOGROUP, [], stack.config_path, "flush", "customer.test")
+    assert (code, out.strip()) == (0, "customer.test: nothing held")
+
+
+def test_the_helpers_answers_keep_the_documented_exit_codes(stack):
+    """Paused and unreachable, asked through the helper: exit 4 and 3, as
+    for root; an unknown domain is refused before anything is asked."""
+    stack.send(["u@customer.test"])
+    wait_until(lambda: len(stack.queue()) == 1, what="held")
+    stack.flushctl("pause", "customer.test")
+    code, _, err = cli_as(ADMIN, NOGROUP, [], stack.config_path, "flush", "customer.test")
+    assert code == 4 and "paused" in err
+    stack.flushctl("resume", "customer.test")
+    code, _, err = cli_as(ADMIN, NOGROUP, [], stack.config_path, "flush", "customer.test")
+    assert code == 3, err       # smtp-sink not started: the server does not answer
+    assert stack.queue()[0]["queue_name"] == "hold"
+    code, _, err = cli_as(ADMIN, NOGROUP, [], stack.config_path, "flush", "nowhere.test")
+    assert code == 1 and "not a configured domain" in err
+
+
+def test_who_may_ask_is_what_the_kernel_says(stack):
+    """A local user outside the group cannot even connect; a member cannot
+    take a daemon's role; a daemon's user cannot take the admin's, nor
+    release as an admin; nothing is released by any of them."""
+    cfg = stack.cfg
+    stack.send(["u@customer.test"])
+    wait_until(lambda: len(stack.queue()) == 1, what="held")
+    stack.sink.start()
+    refused = hello_as(OUTSIDER, OUTSIDER, [], cfg, "admin")
+    assert "may not use the release helper" in refused, refused
+    code, _, err = cli_as(OUTSIDER, OUTSIDER, [], stack.config_path, "flush", "customer.test")
+    assert code == 1 and "may not use the release helper" in err
+    for role in ("gateway", "poller", "scrape"):
+        answer = hello_as(ADMIN, NOGROUP, [], cfg, role)
+        assert "refused" in answer and "user" in answer, (role, answer)
+    # nobody is the gateway's and the poller's user here
+    assert hello_as(65534, NOGROUP, [], cfg, "gateway") == "ok"
+    assert hello_as(65534, NOGROUP, [], cfg, "poller") == "ok"
+    answer = hello_as(65534, NOGROUP, [], cfg, "admin")
+    assert "runs a daemon" in answer, answer
+    code, _, err = cli_as(65534, NOGROUP, [], stack.config_path, "flush", "customer.test")
+    assert code == 1 and "runs a daemon" in err
+    assert hello_as(ADMIN, NOGROUP, [], cfg, "root") != "ok"
+    assert stack.queue()[0]["queue_name"] == "hold" and stack.sink.messages() == []
+    log = stack.daemon_log("helper")
+    assert "event=refused how=helper role=admin uid=65534" in log
+
+
+def test_an_admin_asks_only_what_an_admin_asks(stack):
+    """Over an admin's connection: a poller's or a gateway's request, or
+    garbage, ends that connection; a wrong domain is answered with an
+    error; the helper goes on serving."""
+    cfg = stack.cfg
+
+    def talk(*lines):
+        replies = []
+        with flushctl.helper.connect(cfg, "admin") as sock, sock.makefile("rb") as f:
+            for line in lines:
+                try:
+                    sock.sendall(line.encode() + b"\n")
+                    reply = f.readline()
+                except (BrokenPipeError, ConnectionResetError):
+                    reply = b""
+                replies.append(json.loads(reply) if reply else None)
+        return replies
+
+    assert talk('{"op": "flush", "domain": "elsewhere.test"}')[0]["error"].endswith(
+        "not a configured domain")
+    for hostile in ('{"op": "candidates"}', '{"op": "metrics"}',
+                    '{"id": 1, "domain": "customer.test", "how": "finger", "client": "unknown"}',
+                    '{"op": "flush", "domain": "customer.test", "trigger": "peer"}',
+                    "not json"):
+        assert talk(hostile, '{"op": "wait", "domain": "customer.test"}') == [None, None], \
+            hostile
+    assert talk('{"op": "wait", "domain": "customer.test"}') == [
+        {"present": 0, "verdict": True}]
+    # a client that says nothing is hung up on; the helper is still there
+    with socket.socket(socket.AF_UNIX) as idle:
+        idle.connect(cfg.helper_socket)
+        idle.settimeout(30)
+        assert idle.recv(10) == b""
+    assert stack.helper.poll() is None
