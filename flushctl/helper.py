@@ -301,7 +301,9 @@ class Helper:
                 return
             conn.setblocking(True)
             await loop.run_in_executor(self.threads, self._serve_thread, role, conn)
-        except (asyncio.TimeoutError, Malformed, ValueError, ConnectionError) as exc:
+        except ConnectionError as exc:   # a look whether it listens, or a peer gone
+            log.debug("event=hangup how=helper role=%s reason=%r", role, str(exc))
+        except (asyncio.TimeoutError, Malformed, ValueError) as exc:
             log.warning("event=refused how=helper role=%s uid=%s reason=%r", role,
                         peer.uid if peer else "-", str(exc) or type(exc).__name__)
         except asyncio.CancelledError:

@@ -60,9 +60,9 @@ def bind_unix(path: str, backlog: int) -> socket.socket:
             sock.bind(path)
         finally:
             os.umask(old)
+        os.chmod(path, 0o660)   # while ours: after the chown it is postfix's
         if os.geteuid() == 0:
             os.chown(path, postfix.pw_uid, gid)
-        os.chmod(path, 0o660)
         sock.listen(backlog)
         sock.setblocking(False)
     except OSError:

@@ -25,21 +25,34 @@ from instance import PostfixInstance, free_port  # noqa: E402
 
 FLUSHCTL = [sys.executable, "-m", "flushctl"]
 ROOT = Path(__file__).resolve().parent.parent
-UNIT = ROOT / "ansible/roles/flushctl/templates/flushctl@.service.j2"
+UNITS = ROOT / "ansible/roles/flushctl/templates/units"
 
 
-def unit_capabilities() -> str:
-    """The systemd unit's CapabilityBoundingSet, in setpriv's words."""
-    for line in UNIT.read_text().splitlines():
-        if line.startswith("CapabilityBoundingSet="):
-            caps = line.split("=", 1)[1].split()
-            return ",".join(["-all"] + ["+" + c.removeprefix("CAP_").lower() for c in caps])
-    raise AssertionError(f"{UNIT}: no CapabilityBoundingSet")
+def unit_privileges(daemon: str) -> tuple[str | None, str]:
+    """The daemon's systemd drop-in: (its User=, or None for root; its
+    CapabilityBoundingSet in setpriv's words)."""
+    user, caps = None, []
+    for line in (UNITS / f"{daemon}.conf.j2").read_text().splitlines():
+        if line.startswith("User="):
+            user = line.split("=", 1)[1]
+        elif line.startswith("CapabilityBoundingSet="):
+            caps = line.split("=", 1)[1].split()   # the last assignment wins
+    return user, ",".join(["-all"] + ["+" + c.removeprefix("CAP_").lower() for c in caps])
 
 
-# Daemons run as the unit runs them: only its capabilities, no new privileges.
-DAEMON = ["setpriv", "--no-new-privs", "--bounding-set", unit_capabilities(),
-          "--inh-caps", "-all", *FLUSHCTL]
+def daemon_command(daemon: str) -> list[str]:
+    """`flushctl DAEMON` as its unit runs it: its capabilities only, no new
+    privileges.  A daemon whose unit names a User= (the poller) starts
+    here as root with only the capabilities to become that user at once,
+    which it does before anything else: this machine's Python lives where
+    only root may read, so an interpreter cannot start as that user."""
+    user, caps = unit_privileges(daemon)
+    if user is not None:
+        assert caps == "-all", f"{daemon}: a User= unit keeps no capability"
+        caps = "-all,+setuid,+setgid"
+    return ["setpriv", "--no-new-privs", "--bounding-set", caps, "--inh-caps", "-all",
+            *FLUSHCTL, daemon]
+
 
 def wait_until(predicate, timeout=20.0, interval=0.1, what="condition"):
     deadline = time.monotonic() + timeout
@@ -149,7 +162,7 @@ class Stack:
         env = dict(os.environ, FLUSHCTL_CONFIG=str(self.config_path))
         with open(self.state_dir / f"{name}.log", "ab") as log:
             # its own process group, so a test can kill it with its children
-            return subprocess.Popen([*DAEMON, name], env=env, stdout=subprocess.DEVNULL,
+            return subprocess.Popen(daemon_command(name), env=env, stdout=subprocess.DEVNULL,
                                     stderr=log, start_new_session=True)
 
     def start_helper(self):

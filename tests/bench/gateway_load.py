@@ -72,8 +72,9 @@ def run(report: Report, quick: bool) -> None:
                                   stack.gateway_log()))
         report.add("P5", f"1000 triggers for one domain in {took:.2f} s ({failed} failed)",
                    f"{releases} release(s)", "-", "-", "<= 2", releases <= 2 and failed == 0)
-        report.add("P5", "peak RSS under load: gateway (both halves) / milter",
+        report.add("P5", "peak RSS under load: gateway / release helper / milter",
                    f"{peak_rss(stack.gateway.pid) / 2**20:.0f} / "
+                   f"{peak_rss(stack.helper.pid) / 2**20:.0f} / "
                    f"{peak_rss(stack.milter.pid) / 2**20:.0f} MiB", "-", "-", "-", None)
     finally:
         stack.destroy()

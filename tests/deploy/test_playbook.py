@@ -32,6 +32,7 @@ pytestmark = pytest.mark.skipif(
 
 EXAMPLE_VARS = ROOT / "ansible" / "example-vars.yml"
 LOGIN = "carol@customer.example"
+ADMIN = "flushctl-deploy-admin"   # a login user the role lets release without root
 PASSWORD = "p" + secrets.token_urlsafe(12)   # never "-...": swaks would take it for an option
 
 
@@ -62,7 +63,8 @@ def test_playbook_deploys_a_working_host_and_converges(tmp_path):
     # the example vars, plus SASL submission with one login
     extra = tmp_path / "submission.json"
     extra.write_text(json.dumps({"flushctl_submission_enabled": True,
-                                 "flushctl_submission_users": {LOGIN: PASSWORD}}))
+                                 "flushctl_submission_users": {LOGIN: PASSWORD},
+                                 "flushctl_admins": [ADMIN]}))
     # this host is one of three backup MX hosts in the inventory's group;
     # the play runs on this one only
     inventory = tmp_path / "inventory.ini"
@@ -114,13 +116,40 @@ def test_playbook_deploys_a_working_host_and_converges(tmp_path):
     assert "customer.example:" in finger and "message(s)" in finger, finger
     assert "does not answer" in finger  # nothing listens at the example relay
 
+    # an admin who is not root releases through the helper: the same
+    # answer as root's (exit 3: the customer's server does not answer)
+    flush = subprocess.run(["runuser", "-u", ADMIN, "--", "/usr/local/sbin/flushctl",
+                            "flush", "customer.example"], capture_output=True, text=True,
+                           timeout=120)
+    assert flush.returncode == 3 and "does not answer" in flush.stderr, flush
+    assert f"role=admin uid={pwd.getpwnam(ADMIN).pw_uid}" in \
+        Path("/var/log/flushctl/helper.log").read_text()
+    # a local user outside the helper's group cannot even ask
+    flush = subprocess.run(["runuser", "-u", "nobody", "--", "/usr/local/sbin/flushctl",
+                            "flush", "customer.example"], capture_output=True, text=True,
+                           timeout=120)
+    assert flush.returncode == 1 and "may not use the release helper" in flush.stderr, flush
+    assert status()["messages"] >= 1     # still held
+
     subprocess.run(["/usr/local/sbin/flushctl", "purge", "customer.example", "--yes"],
                    check=True, capture_output=True, timeout=60)
+
+    # only the release helper stays root, and its socket is root's and
+    # the group's that the daemons' users and the admins are in
+    st = os.stat("/run/flushctl/helper.sock")
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660
+    assert (st.st_uid, grp.getgrgid(st.st_gid).gr_name) == (0, "flushctl")
+    assert "flushctl-gateway" in grp.getgrnam("flushctl").gr_mem
+    assert "flushctl-poller" in grp.getgrnam("flushctl").gr_mem
+    helpers = [p for p in psutil.process_iter(["cmdline"])
+               if (p.info["cmdline"] or [])[-3:] == ["--config", "/etc/flushctl/flushctl.toml",
+                                                    "helper"]]
+    assert len(helpers) == 1 and helpers[0].username() == "root"
 
     # the gateway serves port 79 as the unprivileged user the role made
     [listener] = {c.pid for c in psutil.net_connections("tcp")
                   if c.status == psutil.CONN_LISTEN and c.laddr.port == 79}
-    assert psutil.Process(listener).username() == "flushctl"
+    assert psutil.Process(listener).username() == "flushctl-gateway"
     # the milter reads every message as its own user, in the postfix group,
     # with no capability left
     # (the deployed one: other test runs may have private milters of their own)
@@ -137,8 +166,8 @@ def test_playbook_deploys_a_working_host_and_converges(tmp_path):
         assert int(proc_status["CapEff"], 16) == 0, proc_status["CapEff"]
         assert str(grp.getgrnam("postfix").gr_gid) in proc_status["Groups"].split()
 
-    # the poller probes customers and answers scrapes as its own user, with
-    # no capability; only its root half (the keeper, releases) keeps root
+    # the poller probes customers and answers scrapes as its own user: it
+    # was never root, and can gain no capability
     [scraper] = {c.pid for c in psutil.net_connections("tcp")
                  if c.status == psutil.CONN_LISTEN and c.laddr.port == 9469}
     with open(f"/proc/{scraper}/status") as fh:
@@ -146,7 +175,7 @@ def test_playbook_deploys_a_working_host_and_converges(tmp_path):
     poller_user = pwd.getpwnam("flushctl-poller")
     assert proc_status["Uid"].split() == [str(poller_user.pw_uid)] * 4, proc_status["Uid"]
     assert int(proc_status["CapEff"], 16) == 0, proc_status["CapEff"]
-    assert psutil.Process(scraper).parent().username() == "root"
+    assert int(proc_status["CapBnd"], 16) == 0, proc_status["CapBnd"]
 
     # ETRN asks the gateway over a socket only Postfix reaches
     policy = "/var/spool/postfix/private/flushctl-policy"
