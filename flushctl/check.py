@@ -3,8 +3,9 @@
 Checks, each independent of the others:
 - Postfix runs, and its settings are what `flushctl apply` wants;
 - the milter's socket accepts connections, the gateway listens on its
-  finger and policy ports, a poller process runs for this config (psutil)
-  and serves the metrics endpoint;
+  finger and policy ports, so does the release helper on its socket, and
+  a poller process runs for this config (psutil) and serves the metrics
+  endpoint;
 - the ledger agrees with the queue (held messages of ours it lacks,
   held mail for customers that is not ours, held mail of domains no
   longer configured);
@@ -25,7 +26,6 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from . import names
 from .config import Config, HostPort, Listen
 from .ondemand import OnDemand
 from .postfix import PostfixError
@@ -110,6 +110,12 @@ def _daemons(config: Config, report: Report) -> None:
         if why:
             spec = where.milter_spec if isinstance(where, Listen) else str(where)
             report.problems.append(f"{name}: nothing accepts connections on {spec} ({why})")
+    report.checks.append("helper")
+    why = _connectable(Listen("unix", path=config.helper_socket))
+    if why:
+        report.problems.append(f"helper: nothing accepts connections on "
+                               f"{config.helper_socket} ({why}): no release but root's, "
+                               "no keeper")
     report.checks.append("poller")
     if not _daemon_running(config, "poller"):
         report.problems.append(f"poller: no `flushctl poller` process for {config.path}")

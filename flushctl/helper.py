@@ -254,6 +254,7 @@ class Helper:
         async def accept() -> None:
             while True:
                 conn, _ = await loop.sock_accept(self.listener)
+                conn.setblocking(False)
                 if len(self.open) >= MAX_CONNECTIONS:
                     log.warning("event=refused how=helper reason=too_many_connections")
                     conn.close()

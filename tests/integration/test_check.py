@@ -41,12 +41,13 @@ def test_all_well(checked):
     code, out = check(checked, "--json")
     data = json.loads(out)
     assert code == 0 and data["ok"] and data["problems"] == []
-    assert {"mx", "poller", "metrics"} <= set(data["checks"])
+    assert {"mx", "helper", "poller", "metrics"} <= set(data["checks"])
 
 
 def test_each_problem_is_one_line(checked):
     checked.stop_poller()
     checked.stop_gateway()
+    checked.stop_helper()
     checked.dns.records[("small.test", "MX")] = [(10, "mx.elsewhere.test")]
     checked.pf.postconf("-e", "smtpd_milters=")
     code, out = check(checked)
@@ -57,11 +58,12 @@ def test_each_problem_is_one_line(checked):
     assert any(line.startswith("gateway finger: nothing accepts connections") for line in lines)
     assert any(line.startswith("gateway policy: nothing accepts connections") for line in lines)
     assert any(line.startswith("poller: no `flushctl poller` process") for line in lines)
+    assert any(line.startswith("helper: nothing accepts connections") for line in lines), out
     assert "mx: small.test: MX mx.elsewhere.test names none of our hosts (mx.provider.test)" \
         in lines, out
-    assert len(lines) == 5, out
+    assert len(lines) == 6, out
     data = json.loads(check(checked, "--json")[1])
-    assert data["ok"] is False and len(data["problems"]) == 5
+    assert data["ok"] is False and len(data["problems"]) == 6
 
 
 def test_ledger_that_lost_rows_is_caught_and_mended(checked):
