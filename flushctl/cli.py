@@ -219,7 +219,10 @@ def helper(ctx):
     except PrivsepError as exc:
         raise CliError(str(exc)) from None
     except OSError as exc:
-        raise CliError(f"helper: cannot listen on {ctx.config.helper_socket}: {exc}") from None
+        raise CliError(f"helper: {exc}") from None
+    except sqlite3.Error as exc:
+        raise CliError(f"helper: cannot open the ledger in {ctx.config.state_directory}: "
+                       f"{exc}") from None
 
 
 @main.command()

@@ -134,7 +134,7 @@ async def ask_report(peer: Peer, domain: str, port: int, source: str | None = No
 
 @dataclass
 class Forwarder:
-    """In the gateway (its root half): sends the ledger's pending forwards."""
+    """In the release helper: sends the ledger's pending forwards."""
 
     ledger: Ledger
     cluster: Cluster

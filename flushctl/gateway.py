@@ -71,7 +71,8 @@ class Releaser:
     def __init__(self, ondemand: OnDemand, window: float):
         self.ondemand = ondemand
         self.window = window
-        self._inflight: dict[str, asyncio.Future] = {}
+        self._inflight: dict[str, asyncio.Task] = {}
+        self._tasks: set[asyncio.Task] = set()   # releases under way (the loop keeps weak refs)
         self._recent: dict[str, tuple[float, Outcome, float]] = {}
         self._sent_on: dict[str, float] = {}   # domain -> when last queued for the peers
         self.forwarded = None   # called when a release was queued for the peers
@@ -103,8 +104,16 @@ class Releaser:
             # nothing here, but the peers may hold some: they release too
             await self._send_on(domain, how)
             return Outcome(NOTHING, 0, "", "", empty)
-        future = asyncio.get_running_loop().create_future()
-        self._inflight[domain] = future
+        # The release is a task of its own: the trigger that started it may
+        # go (its connection closed) while the release runs on and others
+        # wait for its outcome.
+        task = asyncio.get_running_loop().create_task(self._run(domain, how, client))
+        self._inflight[domain] = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(task)
+
+    async def _run(self, domain: str, how: str, client: str) -> Outcome:
         started = time.time()
         try:
             outcome = await asyncio.to_thread(self._release, domain, how, client)
@@ -119,7 +128,6 @@ class Releaser:
             self._recent[domain] = (time.monotonic(), outcome, started)
         else:
             self._recent.pop(domain, None)
-        future.set_result(outcome)
         return outcome
 
     async def add_counts(self, items) -> None:
@@ -225,7 +233,7 @@ class Gateway:
     """The network side: listeners, parsing, authorisation, rate limits.
 
     ``releaser`` is a ``Releaser`` when everything runs in one process, or
-    a ``privsep.RemoteReleaser`` in the unprivileged child.
+    a ``privsep.RemoteReleaser`` asking the release helper.
     """
 
     def __init__(self, config: Config, releaser, peers: frozenset[str] = frozenset()):
@@ -284,7 +292,7 @@ class Gateway:
             if items:
                 try:
                     await self.releaser.add_counts(items)
-                except Exception as exc:   # the ledger or the parent: next time
+                except Exception as exc:   # the ledger or the helper: next time
                     self.counts.restore(items)
                     log.warning("event=error stage=counts reason=%r", str(exc))
             if last:
@@ -515,24 +523,21 @@ def _peer_uid(writer) -> int | None:
     return struct.unpack("3i", creds)[1]
 
 
-async def serve_parent(config: Config, channel, releaser,
-                       peers: frozenset[str] | None = None) -> None:
-    """The release helper's side of one gateway: carry out its requests,
-    deciding again what protects a customer (flush_from, rate limits,
-    peers) with a gate of its own, and answering every one."""
-    if peers is None:
-        peers = await asyncio.to_thread(cluster.peer_addresses, config.cluster) \
-            if config.cluster else frozenset()
-    gate = Gate(config.domains, per_minute=config.gateway.rate_per_minute,
+def helper_gate(config: Config, peers: frozenset[str]) -> Gate:
+    """The release helper's own gate: one for every gateway that connects."""
+    return Gate(config.domains, per_minute=config.gateway.rate_per_minute,
                 burst=config.gateway.rate_burst, peers=peers)
-    refresh = asyncio.get_running_loop().create_task(refresh_peers(config, gate))
-    try:
-        await privsep.serve_releases(
-            channel, releaser, config.domains, encode_outcome, gate,
-            refused=lambda verdict: Outcome(FAILED, 0, "", f"refused: {verdict}", None),
-            failed=lambda text: Outcome(FAILED, 0, "", text, None))
-    finally:
-        refresh.cancel()
+
+
+async def serve_parent(config: Config, channel, releaser, gate: Gate) -> None:
+    """The release helper's side of one gateway: carry out its requests,
+    deciding again with ``gate`` (the helper's, shared by every gateway
+    connection) what protects a customer (flush_from, rate limits,
+    peers), and answering every one."""
+    await privsep.serve_releases(
+        channel, releaser, config.domains, encode_outcome, gate,
+        refused=lambda verdict: Outcome(FAILED, 0, "", f"refused: {verdict}", None),
+        failed=lambda text: Outcome(FAILED, 0, "", text, None))
 
 
 async def with_forwarder(config: Config, rel: Releaser, serving) -> None:

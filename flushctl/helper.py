@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import fcntl
 import grp
 import json
 import logging
@@ -53,8 +54,13 @@ ROLES = ("gateway", "poller", "scrape", "admin")
 MAX_HELLO = 200          # bytes of the opening line
 HELLO_TIMEOUT = 10.0     # seconds a connection may take to say its role
 MAX_CONNECTIONS = 64     # connections served at once
+# connections per role at once: a daemon taken over cannot take the others' room
+PER_ROLE = {"gateway": 4, "poller": 2, "scrape": 2, "admin": 16}
+MAX_WAITING_PER_UID = 8  # connections of one uid that have not said their role yet
+ADMIN_IDLE = 120.0       # seconds an admin's connection may stay silent
 CONNECT_WAIT = 30.0      # seconds a starting daemon waits for the helper to listen
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)   # Linux 4.13
+_LOCKS: list[int] = []   # the helper's lock file, open for as long as it runs
 
 
 @dataclass(frozen=True)
@@ -118,10 +124,11 @@ def connect(config: Config, role: str, wait: float = 0.0) -> socket.socket:
     deadline = time.monotonic() + wait
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(HELLO_TIMEOUT)   # a helper whose backlog is full: not forever
         try:
             sock.connect(path)
             break
-        except (FileNotFoundError, ConnectionRefusedError):
+        except (FileNotFoundError, ConnectionRefusedError, TimeoutError):
             sock.close()
             if time.monotonic() >= deadline:
                 raise PrivsepError(f"the release helper is not running (`flushctl helper`; "
@@ -135,7 +142,6 @@ def connect(config: Config, role: str, wait: float = 0.0) -> socket.socket:
             sock.close()
             raise PrivsepError(f"cannot reach the release helper ({path}): {exc}") from None
     try:
-        sock.settimeout(HELLO_TIMEOUT)
         sock.sendall(json.dumps({"role": role}).encode() + b"\n")
         line = b""
         while not line.endswith(b"\n") and len(line) <= MAX_HELLO:
@@ -144,7 +150,9 @@ def connect(config: Config, role: str, wait: float = 0.0) -> socket.socket:
                 break
             line += chunk
         reply = json.loads(line) if line.endswith(b"\n") else {"error": "no answer"}
-        if not isinstance(reply, dict) or reply.get("role") != role:
+        if not isinstance(reply, dict):
+            reply = {"error": f"an answer that is not one: {reply!r:.80}"}
+        if reply.get("role") != role:
             raise PrivsepError(f"the release helper refused: {reply.get('error', reply)}")
         sock.settimeout(None)
     except (OSError, ValueError) as exc:
@@ -202,19 +210,30 @@ def bind(config: Config) -> socket.socket:
         raise PrivsepError(f"helper: there is no group {config.helper_group!r} "
                            "(create it, or set [helper] group)") from None
     directory = os.path.dirname(path)
-    os.makedirs(directory, mode=0o755, exist_ok=True)
+    missing = []
+    where = directory
+    while not os.path.isdir(where):
+        missing.append(where)
+        where = os.path.dirname(where)
+    for part in reversed(missing):
+        os.mkdir(part)
+        os.chmod(part, 0o755)   # whatever the umask: the group must reach the socket
     st = os.lstat(directory)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
         raise PrivsepError(f"helper: {directory} must be a directory of root's that no one "
                            "else may write to")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if not (st.st_mode & 0o001 or st.st_gid == gid and st.st_mode & 0o010):
+        raise PrivsepError(f"helper: {directory} must be searchable by group "
+                           f"{config.helper_group} (mode 0755, say)")
+    # one helper per socket: the lock is held for as long as this process lives
+    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                   0o600)
     try:
-        probe.connect(path)
-        raise PrivsepError(f"helper: another helper already listens on {path}")
-    except (FileNotFoundError, ConnectionRefusedError):
-        pass
-    finally:
-        probe.close()
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        raise PrivsepError(f"helper: another helper already listens on {path}") from None
+    _LOCKS.append(lock)
     if os.path.lexists(path):
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -245,15 +264,27 @@ class Helper:
         self.threads = concurrent.futures.ThreadPoolExecutor(MAX_CONNECTIONS,
                                                              thread_name_prefix="helper")
         self.open: set[socket.socket] = set()
+        self.roles: dict[str, int] = {}           # connections per role, once said
+        self.waiting: dict[int, int] = {}         # connections per uid not yet said
+        self.gate = None                          # the gateways' gate, made in serve()
 
     async def serve(self, stop: asyncio.Event) -> None:
-        from .gateway import with_forwarder
+        from . import cluster
+        from .gateway import helper_gate, refresh_peers, with_forwarder
         loop = asyncio.get_running_loop()
         tasks: set[asyncio.Task] = set()
+        peers = await asyncio.to_thread(cluster.peer_addresses, self.config.cluster) \
+            if self.config.cluster else frozenset()
+        self.gate = helper_gate(self.config, peers)
 
         async def accept() -> None:
             while True:
-                conn, _ = await loop.sock_accept(self.listener)
+                try:
+                    conn, _ = await loop.sock_accept(self.listener)
+                except OSError as exc:   # out of file descriptors, say: not the end
+                    log.error("event=error stage=accept reason=%r", str(exc))
+                    await asyncio.sleep(0.5)
+                    continue
                 conn.setblocking(False)
                 if len(self.open) >= MAX_CONNECTIONS:
                     log.warning("event=refused how=helper reason=too_many_connections")
@@ -266,8 +297,10 @@ class Helper:
 
         async def until_stopped() -> None:
             accepting = loop.create_task(accept())
+            refreshing = loop.create_task(refresh_peers(self.config, self.gate))
             await stop.wait()
             accepting.cancel()
+            refreshing.cancel()
             for conn in list(self.open):   # the threads' reads end, and so do they
                 try:
                     conn.shutdown(socket.SHUT_RDWR)
@@ -284,23 +317,37 @@ class Helper:
 
     async def connection(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        role, peer = "-", None
+        role, peer, counted = "-", None, None
         try:
             peer = peer_of(conn)
-            role = await asyncio.wait_for(self._hello(loop, conn), HELLO_TIMEOUT)
+            if self.waiting.get(peer.uid, 0) >= MAX_WAITING_PER_UID:
+                raise Malformed("too many connections that have not said their role")
+            self.waiting[peer.uid] = self.waiting.get(peer.uid, 0) + 1
+            try:
+                role = await asyncio.wait_for(self._hello(loop, conn), HELLO_TIMEOUT)
+            finally:
+                self.waiting[peer.uid] -= 1
+                if not self.waiting[peer.uid]:
+                    del self.waiting[peer.uid]
             why = refusal(role, peer, self.config)
+            if why is None and self.roles.get(role, 0) >= PER_ROLE[role]:
+                why = f"{PER_ROLE[role]} {role} connections already"
             if why is not None:
                 log.warning("event=refused how=helper role=%s uid=%d pid=%d reason=%r",
                             role, peer.uid, peer.pid, why)
                 await loop.sock_sendall(conn, json.dumps({"error": why}).encode() + b"\n")
                 return
+            counted = role
+            self.roles[role] = self.roles.get(role, 0) + 1
             await loop.sock_sendall(conn, json.dumps({"role": role}).encode() + b"\n")
             log.info("event=connect role=%s uid=%d pid=%d", role, peer.uid, peer.pid)
             if role == "gateway":
                 from .gateway import serve_parent
-                await serve_parent(self.config, conn, self.releaser)
+                await serve_parent(self.config, conn, self.releaser, self.gate)
                 return
             conn.setblocking(True)
+            if role == "admin":   # an admin's command that stops talking is hung up on
+                conn.settimeout(ADMIN_IDLE)
             await loop.run_in_executor(self.threads, self._serve_thread, role, conn)
         except ConnectionError as exc:   # a look whether it listens, or a peer gone
             log.debug("event=hangup how=helper role=%s reason=%r", role, str(exc))
@@ -312,6 +359,8 @@ class Helper:
         except Exception:
             log.exception("event=error stage=helper role=%s", role)
         finally:
+            if counted is not None:
+                self.roles[counted] -= 1
             self.open.discard(conn)
             conn.close()
 

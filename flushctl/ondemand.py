@@ -380,7 +380,7 @@ class OnDemand:
 
         ``probed``: probes of routes the caller has just made (the poller),
         instead of probing them again; with ``probed_only`` a route it did
-        not probe is taken as not answering (the poller's root half talks
+        not probe is taken as not answering (the release helper talks
         to no customer's server itself).
         """
         dom = self.domain(domain)

@@ -60,7 +60,7 @@ class CycleEntry:
 
 class LocalOps:
     """What the poller asks of the ledger and Postfix, done in this process
-    (one process as root, or the root half of a split poller)."""
+    (one process as root, or the release helper for the poller)."""
 
     def __init__(self, ondemand: OnDemand):
         self.ondemand = ondemand
@@ -93,7 +93,7 @@ class LocalOps:
 
 class Poller:
     """The loop: probes here, everything else through ``ops`` (a
-    ``LocalOps``, or a ``RemoteOps`` in the unprivileged half)."""
+    ``LocalOps``, or a ``RemoteOps`` asking the release helper)."""
 
     def __init__(self, config, ops, prober: Prober, postfix_prober: Prober | None = None):
         self.config = config
@@ -113,6 +113,14 @@ class Poller:
                                                 f"{time.strftime('%H:%M:%S', time.localtime(until))}",
                                                 time.time()), BACKING_OFF)
                    for name, until in sorted(waiting.items())]
+
+        # the helper's config may be newer than ours: a domain we do not
+        # know waits for our restart
+        unknown = sorted(set(candidates) - set(self.config.domains))
+        if unknown:
+            log.warning("event=skipped reason=not_in_our_config domains=%s",
+                        ",".join(unknown[:20]))
+            candidates = {d: r for d, r in candidates.items() if d in self.config.domains}
 
         async def one(name: str, routes: list[str]) -> CycleEntry:
             dom = self.config.domains[name]
@@ -174,7 +182,7 @@ def encode_probe(result: ProbeResult) -> list:
 
 
 def decode_probe(data) -> ProbeResult:
-    """A probe result from the unprivileged half; ``privsep.Malformed`` if
+    """A probe result from the poller; ``privsep.Malformed`` if
     it is not one.  Its outcome is believed: the worst a lie can do is
     release a domain whose server does not answer (the mail goes to the
     deferred queue, and the keeper holds it again) or record a wrong
@@ -190,7 +198,7 @@ def decode_probe(data) -> ProbeResult:
 
 
 class RemoteOps:
-    """In the unprivileged half: ``LocalOps``'s methods, asked of the root half."""
+    """In the unprivileged poller: ``LocalOps``'s methods, asked of the release helper."""
 
     def __init__(self, channel: privsep.Channel):
         self.channel = channel
@@ -214,14 +222,14 @@ class RemoteOps:
 
 
 def answer_scrape(scrape, request: dict) -> dict:
-    """The root half's answer on the scrapes' channel: the figures, nothing else."""
+    """The release helper's answer to a scrape connection: the figures, nothing else."""
     if request != {"op": "metrics"}:
         raise privsep.Malformed(f"not a scrape: {request!r:.80}")
     return {"body": scrape().decode()}
 
 
 def answer(ops: LocalOps, request: dict) -> dict:
-    """The root half's answer to one request of the unprivileged half: only
+    """The release helper's answer to one request of the poller: only
     these three, each checked (a configured domain, well-formed probe
     results) before anything is done; ``privsep.Malformed`` otherwise."""
     op = request.get("op")
@@ -249,7 +257,7 @@ def answer(ops: LocalOps, request: dict) -> dict:
 
 
 def _preload() -> None:
-    """Import now what the unprivileged half would import on first use:
+    """Import now what the poller would import on first use:
     once it has given up root it may not be able to read the
     interpreter's library (installed under a private directory, or
     hidden by the unit's ProtectHome)."""

@@ -26,10 +26,11 @@ import threading
 import time
 
 
-log = logging.getLogger("flushctl.gateway")
+log = logging.getLogger("flushctl.privsep")
 
 MAX_MESSAGE = 64 * 1024
-REQUEST_TIMEOUT = 300.0   # seconds the child waits for a release's outcome
+MAX_INFLIGHT = 256        # a gateway's requests under way at once in the helper
+REQUEST_TIMEOUT = 300.0   # seconds the gateway waits for a release's outcome
 TRIGGERS = ("finger", "etrn", "peer", "report")  # report: what is held, nothing released
 
 
@@ -38,7 +39,7 @@ class PrivsepError(Exception):
 
 
 class Malformed(Exception):
-    """A request the unprivileged half we started would never send."""
+    """A request the daemon that may take this role would never send."""
 
 
 def bind_unix(path: str, backlog: int) -> socket.socket:
@@ -127,10 +128,10 @@ def current_user() -> str:
         return str(os.geteuid())
 
 
-# -- the child's side ---------------------------------------------------------
+# -- the asking side (an unprivileged daemon) -----------------------------------
 
 class RemoteReleaser:
-    """In the unprivileged child: asks the parent to release, awaits the outcome."""
+    """In the unprivileged gateway: asks the release helper to release, awaits the outcome."""
 
     def __init__(self, sock: socket.socket, decode):
         self.sock = sock
@@ -156,14 +157,14 @@ class RemoteReleaser:
         except (ConnectionError, ValueError, KeyError) as exc:
             log.error("event=error stage=privsep reason=%r", str(exc))
         finally:
-            # The parent is gone: nobody can release any more; stop.
+            # The helper is gone: nobody can release any more; stop.
             for future in self._pending.values():
                 if not future.done():
                     future.set_exception(PrivsepError("release service gone"))
             self.closed.set()
 
     async def add_counts(self, items) -> None:
-        """Hand the network side's request counts to the parent (no answer)."""
+        """Hand the gateway's request counts to the helper (no answer)."""
         if self.closed.is_set():
             raise PrivsepError("release service gone")
         self._writer.write(json.dumps({"counts": [[n, list(l), c] for n, l, c in items]})
@@ -187,9 +188,9 @@ class RemoteReleaser:
 
 
 class Channel:
-    """In an unprivileged worker: ask the root half, one JSON line out and
+    """In an unprivileged daemon: ask the release helper, one JSON line out and
     one back, one request at a time (callers in several threads wait their
-    turn).  ``PrivsepError`` when the root half answers with an error or
+    turn).  ``PrivsepError`` when the helper answers with an error or
     is gone; ``gone`` is set then."""
 
     def __init__(self, sock: socket.socket):
@@ -199,7 +200,7 @@ class Channel:
         self.gone = threading.Event()
 
     def hung_up(self) -> bool:
-        """Has the root half hung up?  A look that does not wait (and says
+        """Has the helper hung up?  A look that does not wait (and says
         no while a call is under way: that call will tell)."""
         if self.gone.is_set():
             return True
@@ -224,7 +225,7 @@ class Channel:
     def call(self, request: dict) -> dict:
         with self._lock:
             if self.gone.is_set():
-                raise PrivsepError("the root half is gone")
+                raise PrivsepError("the release helper is gone")
             try:
                 self._file.write(json.dumps(request).encode() + b"\n")
                 self._file.flush()
@@ -234,7 +235,7 @@ class Channel:
                 log.error("event=error stage=privsep reason=%r", str(exc))
             if not line:
                 self.gone.set()
-                raise PrivsepError("the root half is gone")
+                raise PrivsepError("the release helper is gone")
         reply = json.loads(line)
         if "error" in reply:
             raise PrivsepError(reply["error"])
@@ -242,14 +243,20 @@ class Channel:
 
 
 def serve_channel(sock: socket.socket, handle, who: str, limit: int = MAX_MESSAGE) -> bool:
-    """In the root half: answer each request of a ``Channel`` with
+    """In the release helper: answer each request of a ``Channel`` with
     ``handle(request)`` until the worker hangs up.  Every request gets an
     answer (an exception becomes ``{"error": text}``), except one the
     worker would never send (``Malformed``, or not JSON, or over ``limit`` bytes):
-    then the root half stops serving it, and hangs up.  True when the
+    then the helper stops serving it, and hangs up.  True when the
     worker hung up, False when it was cut off for such a request."""
     with sock, sock.makefile("rwb") as channel:
-        while line := channel.readline(limit + 1):
+        while True:
+            try:
+                line = channel.readline(limit + 1)
+            except OSError:   # silent past its time, or cut: as if it hung up
+                return True
+            if not line:
+                break
             try:
                 if len(line) > limit or not line.endswith(b"\n"):
                     raise Malformed("request too long")
@@ -278,10 +285,10 @@ def serve_channel(sock: socket.socket, handle, who: str, limit: int = MAX_MESSAG
     return True
 
 
-# -- the parent's side --------------------------------------------------------
+# -- the answering side (the release helper) ------------------------------------
 
 def check_request(request, domains) -> tuple[int, str, str, str]:
-    """Validate one request from the child; ValueError if it is not one we serve."""
+    """Validate one request of a gateway; ValueError if it is not one we serve."""
     if not isinstance(request, dict) or set(request) != {"id", "domain", "how", "client"}:
         raise ValueError("malformed request")
     rid, domain, how, client = (request["id"], request["domain"], request["how"],
@@ -290,9 +297,11 @@ def check_request(request, domains) -> tuple[int, str, str, str]:
         raise ValueError("malformed id")
     if how not in TRIGGERS:
         raise ValueError(f"unknown trigger {how!r}")
-    # the configured domains are keyed by their canonical names
-    if not isinstance(domain, str) or domain not in domains:
-        raise ValueError(f"not a configured domain: {domain!r}")
+    # a domain name in canonical form; one this process does not serve is
+    # answered, refused by the gate (the gateway may have read a newer
+    # config: a finger for a domain it knows must not end the conversation)
+    if not isinstance(domain, str) or domain not in domains and not _canonical(domain):
+        raise ValueError(f"not a domain name in canonical form: {domain!r:.80}")
     if not isinstance(client, str):
         raise ValueError("malformed client")
     if client != "unknown":
@@ -300,11 +309,19 @@ def check_request(request, domains) -> tuple[int, str, str, str]:
     return rid, domain, how, client
 
 
+def _canonical(domain: str) -> bool:
+    from .names import domain as canonical
+    try:
+        return canonical(domain) == domain
+    except ValueError:
+        return False
+
+
 _LABEL = re.compile(r"[a-z_]{1,40}")
 
 
 def check_counts(message) -> list[tuple[str, tuple, int]]:
-    """Validate the child's request counts; ValueError if they are not that."""
+    """Validate a gateway's request counts; ValueError if they are not that."""
     if not isinstance(message, dict) or set(message) != {"counts"} \
             or not isinstance(message["counts"], list) or len(message["counts"]) > 1000:
         raise ValueError("malformed counts")
@@ -334,6 +351,9 @@ async def serve_releases(sock: socket.socket, releaser, domains, encode, gate=No
     """
     reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_MESSAGE)
     tasks = set()
+    # requests under way at once: a client that sends without reading the
+    # answers is not read from until some are done
+    room = asyncio.Semaphore(MAX_INFLIGHT)
 
     async def one(rid, domain, how, client):
         verdict = gate.check(client, domain, time.monotonic()) if gate is not None else None
@@ -369,9 +389,11 @@ async def serve_releases(sock: socket.socket, releaser, domains, encode, gate=No
                 # Not something the child we started would send: stop serving it.
                 log.error("event=refused how=privsep reason=%r", str(exc))
                 break
+            await room.acquire()
             task = asyncio.get_running_loop().create_task(one(*args))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
+            task.add_done_callback(lambda _: room.release())
     except (ConnectionError, ValueError) as exc:
         log.error("event=error stage=privsep reason=%r", str(exc))
     finally:

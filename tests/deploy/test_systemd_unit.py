@@ -57,6 +57,9 @@ def test_every_daemon_has_its_drop_in_and_the_role_starts_them_all():
 
 @pytest.mark.parametrize("daemon", DAEMONS)
 def test_unit_verifies(tmp_path, daemon):
+    for other in DAEMONS:   # the gateway and the poller want the helper
+        if other != daemon:
+            render(tmp_path, other)
     unit = render(tmp_path, daemon)
     proc = subprocess.run(["systemd-analyze", "verify", str(unit)],
                           capture_output=True, text=True, timeout=60)

@@ -407,5 +407,43 @@ def test_the_release_helper_decides_again_whatever_the_gateway_asks(make_stack):
     assert "not allowed" in answers[1]["detail"] and "not allowed" in answers[2]["detail"]
     # the 5-request burst was spent on the refusals and reports; the rest: rate limited
     assert sum("rate limited" in a["detail"] for a in answers.values()) >= 5
+
+    # a new connection does not bring a new burst: the helper's gate is one;
+    # a domain the helper does not serve (a gateway with a newer config) is
+    # refused and answered, and the conversation goes on
+    again = helper.connect(cfg, "gateway")
+
+    async def more():
+        reader, writer = await asyncio.open_unix_connection(sock=again)
+        answers = {}
+        for rid, domain in ((1, "customer.test"), (2, "added.test"), (3, "customer.test")):
+            writer.write(json.dumps({"id": rid, "domain": domain, "how": "finger",
+                                     "client": "203.0.113.9"}).encode() + b"\n")
+            await writer.drain()
+            reply = json.loads(await asyncio.wait_for(reader.readline(), 30))
+            answers[reply["id"]] = reply["outcome"]
+        writer.close()
+        return answers
+    answers = asyncio.run(more())
+    assert "rate limited" in answers[1]["detail"] and "rate limited" in answers[3]["detail"]
+    assert answers[2]["kind"] == "failed" and "refused" in answers[2]["detail"]
     assert stack.queue()[0]["queue_name"] == "hold"      # nothing was released
     assert stack.sink.messages() == []
+
+
+def test_a_domain_the_helper_does_not_know_yet_leaves_the_gateway_up(make_stack):
+    """One config edited and only the gateway restarted: a finger for the
+    new domain is answered (not released: the helper does not serve it
+    yet), and the gateway stays up for everyone else."""
+    stack = make_stack()
+    stack.start_helper()
+    with open(stack.config_path, "a") as fh:
+        fh.write(f'\n[domains."added.test"]\nrelay = "[127.0.0.1]:{stack.sink.port}"\n')
+    stack.start_gateway()
+    out = stack.finger("added.test")
+    assert "added.test" in out and "Delivery started" not in out, out
+    time.sleep(1)
+    assert stack.gateway.poll() is None, stack.gateway_log()
+    hold(stack, 1)
+    stack.sink.start()
+    assert "Delivery started" in run_finger(stack, "customer.test")

@@ -19,6 +19,7 @@ from conftest import wait_until
 # imported now: after the fork the child may no longer read the library
 import click.testing  # noqa: F401
 import flushctl.cli
+import flushctl.config
 import flushctl.helper
 import flushctl.ondemand  # noqa: F401
 import flushctl.privsep
@@ -197,3 +198,74 @@ def test_an_admin_asks_only_what_an_admin_asks(stack):
         idle.settimeout(30)
         assert idle.recv(10) == b""
     assert stack.helper.poll() is None
+
+
+def test_no_role_crowds_out_the_others(stack):
+    """Each role has room of its own, and a uid's silent connections are
+    few: the poller's user holding all it may, or a member opening
+    connections that say nothing, leaves the admin and the gateway served."""
+    cfg = stack.cfg
+    held = [flushctl.helper.connect(cfg, "poller") for _ in range(2)]
+    held += [flushctl.helper.connect(cfg, "scrape") for _ in range(2)]
+    with pytest.raises(flushctl.privsep.PrivsepError, match="2 poller connections already"):
+        flushctl.helper.connect(cfg, "poller")
+    silent = []
+    for _ in range(20):    # as root: its own 8 silent ones, then hung up on at once
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(cfg.helper_socket)
+        silent.append(sock)
+    silent[-1].settimeout(10)
+    assert silent[-1].recv(10) == b""
+    assert hello_as(ADMIN, NOGROUP, [], cfg, "admin") == "ok"
+    assert hello_as(65534, NOGROUP, [], cfg, "gateway") == "ok"
+    for sock in held + silent:
+        sock.close()
+    wait_until(lambda: hello_as(65534, NOGROUP, [], cfg, "poller") == "ok", 15,
+               what="the poller's room free again")
+
+
+def test_the_helper_goes_on_after_running_out_of_file_descriptors(stack):
+    """accept() failing (EMFILE) is logged and the helper accepts again
+    once descriptors are free: not a helper that looks alive and answers
+    nobody."""
+    import psutil
+    proc = psutil.Process(stack.helper.pid)
+    soft, hard = proc.rlimit(psutil.RLIMIT_NOFILE)
+    proc.rlimit(psutil.RLIMIT_NOFILE, (proc.num_fds() + 2, hard))
+    crowd = []
+    try:
+        for _ in range(8):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(stack.cfg.helper_socket)
+            crowd.append(sock)
+        wait_until(lambda: "stage=accept" in stack.daemon_log("helper"), 15,
+                   what="the failed accept logged")
+    finally:
+        for sock in crowd:
+            sock.close()
+        proc.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
+    wait_until(lambda: hello_as(ADMIN, NOGROUP, [], stack.cfg, "admin") == "ok", 20,
+               what="served again")
+    assert stack.helper.poll() is None
+
+
+def test_the_socket_directory_is_reachable_whatever_the_umask(stack):
+    """A helper started under a tight umask (systemd's UMask=0027) makes
+    the directory of its socket searchable, so the group reaches it."""
+    import subprocess
+    import sys
+    cfg_text = stack.config_path.read_text()
+    other = stack.state_dir.parent / "run2" / "deeper" / "helper.sock"
+    path = stack.state_dir.parent / "umask.toml"
+    path.write_text(cfg_text.replace(stack.cfg.helper_socket, str(other)))
+    proc = subprocess.Popen(["sh", "-c", 'umask 027; exec "$@"', "sh", sys.executable, "-m",
+                             "flushctl", "--config", str(path), "helper"],
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        wait_until(lambda: os.path.exists(other), 15, what="the second helper's socket")
+        assert stat.S_IMODE(os.stat(other.parent).st_mode) == 0o755
+        cfg = flushctl.config.load(str(path))
+        assert hello_as(ADMIN, NOGROUP, [], cfg, "admin") == "ok"
+    finally:
+        proc.terminate()
+        proc.wait(15)
