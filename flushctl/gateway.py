@@ -399,13 +399,16 @@ class Gateway:
             self.handle_policy, sock=policy_sock, limit=policyproto.MAX_REQUEST)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
         def asked():
             self.asked_to_stop = True
             stop.set()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, asked)
+        watching = None
         if closed is not None:   # the release helper hung up: nobody can release
-            loop.create_task(closed.wait()).add_done_callback(lambda _: stop.set())
+            watching = loop.create_task(closed.wait())   # held: the loop's refs are weak
+            watching.add_done_callback(lambda _: stop.set())
         log.info("event=start finger=%s policy=%s domains=%d user=%s",
                  self.config.finger_listen, self.config.policy_listen,
                  len(self.config.domains), privsep.current_user())
@@ -416,6 +419,8 @@ class Gateway:
         async with finger_server, policy_server:
             await stop.wait()
         refresh.cancel()
+        if watching is not None:
+            watching.cancel()
         await counting
         log.info("event=stop")
 

@@ -212,6 +212,11 @@ class Ledger:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=30000")
             with self._tx():
+                # foreign_mail is a cache of verdicts: one of an older shape
+                # (no scope) is dropped and made anew, not migrated
+                old = {row[1] for row in self._db.execute("PRAGMA table_info(foreign_mail)")}
+                if old and "scope" not in old:
+                    self._db.execute("DROP TABLE foreign_mail")
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         self._db.execute(stmt)

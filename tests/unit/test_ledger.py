@@ -184,3 +184,22 @@ def test_failed_transaction_rolls_back(ledger):
     # the ledger is still usable and unchanged
     assert totals(ledger, "customer.example") == (1, 100)
     assert ledger.record("BBBBBB", "customer.example", 1) is True
+
+
+def test_a_ledger_of_an_older_version_opens_and_works(tmp_path):
+    """An upgraded host: its foreign_mail table predates the scope column
+    (CREATE TABLE IF NOT EXISTS kept the old one, and every keeper pass
+    failed on it). The cache is made anew; the rest of the ledger stays."""
+    import sqlite3
+    first = Ledger(str(tmp_path))
+    first.record("Q1", "customer.example", 100, arrival=1.0)
+    first.close()
+    db = sqlite3.connect(tmp_path / FILENAME)
+    db.executescript("DROP TABLE foreign_mail; CREATE TABLE foreign_mail ("
+                     "queue TEXT NOT NULL, queue_id TEXT NOT NULL, domain TEXT, "
+                     "PRIMARY KEY (queue, queue_id));"
+                     "INSERT INTO foreign_mail VALUES ('hold', 'Q9', NULL);")
+    db.close()
+    ledger = Ledger(str(tmp_path))
+    ledger.set_foreign_scope("config-1")
+    assert ledger.state("customer.example").messages == 1
