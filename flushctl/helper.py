@@ -254,11 +254,11 @@ def bind(config: Config) -> socket.socket:
 
 
 class Helper:
-    def __init__(self, config: Config, listener: socket.socket):
+    def __init__(self, config: Config):
         from .gateway import Releaser
         from .ondemand import OnDemand
         self.config = config
-        self.listener = listener
+        self.listener: socket.socket | None = None   # bound once all else is ready
         self.releaser = Releaser(OnDemand(config), config.gateway.release_window)
         self.releaser.ondemand.ledger   # opened now: a ledger that cannot be is said at start
         self.threads = concurrent.futures.ThreadPoolExecutor(MAX_CONNECTIONS,
@@ -406,14 +406,15 @@ def run(config: Config) -> None:
     from .keeper import start_thread
     if os.geteuid() != 0:
         raise PrivsepError("helper: must run as root (postsuper is root's)")
-    listener = bind(config)
+    helper = Helper(config)   # the ledger opened: its socket is bound only once ready
+    listener = helper.listener = bind(config)
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await Helper(config, listener).serve(stop)
+        await helper.serve(stop)
 
     end_keeper = start_thread(config)
     try:

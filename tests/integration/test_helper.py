@@ -229,6 +229,8 @@ def test_the_helper_goes_on_after_running_out_of_file_descriptors(stack):
     once descriptors are free: not a helper that looks alive and answers
     nobody."""
     import psutil
+    wait_until(lambda: "event=start socket=" in stack.daemon_log("helper"), 15,
+               what="the helper serving")
     proc = psutil.Process(stack.helper.pid)
     soft, hard = proc.rlimit(psutil.RLIMIT_NOFILE)
     proc.rlimit(psutil.RLIMIT_NOFILE, (proc.num_fds() + 2, hard))
