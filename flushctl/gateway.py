@@ -107,6 +107,8 @@ class Releaser:
         # The release is a task of its own: the trigger that started it may
         # go (its connection closed) while the release runs on and others
         # wait for its outcome.
+        if domain in self._inflight:   # started while this one looked at the ledger
+            return _shared(await asyncio.shield(self._inflight[domain]))
         task = asyncio.get_running_loop().create_task(self._run(domain, how, client))
         self._inflight[domain] = task
         self._tasks.add(task)
@@ -569,7 +571,7 @@ async def with_forwarder(config: Config, rel: Releaser, serving) -> None:
 async def refresh_peers(config: Config, gate: Gate, stop: asyncio.Event | None = None
                         ) -> None:
     """The peers' names may move to other addresses: look them up again now
-    and then (each half of the gateway keeps its own gate)."""
+    and then (the gateway and the release helper each keep their own gate)."""
     if config.cluster is None:
         return
     stop = stop or asyncio.Event()
@@ -579,7 +581,11 @@ async def refresh_peers(config: Config, gate: Gate, stop: asyncio.Event | None =
             return
         except asyncio.TimeoutError:
             pass
-        found = await asyncio.to_thread(cluster.peer_addresses, config.cluster)
+        try:
+            found = await asyncio.to_thread(cluster.peer_addresses, config.cluster)
+        except Exception:   # the next look may do better; the gate keeps what it has
+            log.exception("event=error stage=peers")
+            continue
         if found and found != gate.peers:
             log.info("event=peers addresses=%s", ",".join(sorted(found)))
             gate.peers = found

@@ -128,7 +128,8 @@ def connect(config: Config, role: str, wait: float = 0.0) -> socket.socket:
         try:
             sock.connect(path)
             break
-        except (FileNotFoundError, ConnectionRefusedError, TimeoutError):
+        # a full backlog: EAGAIN at once on a unix socket, like a helper not there yet
+        except (FileNotFoundError, ConnectionRefusedError, BlockingIOError, TimeoutError):
             sock.close()
             if time.monotonic() >= deadline:
                 raise PrivsepError(f"the release helper is not running (`flushctl helper`; "

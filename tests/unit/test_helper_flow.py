@@ -109,3 +109,32 @@ def test_a_release_outlives_the_trigger_that_started_it():
         assert (await asyncio.wait_for(later, 10)).shared
         assert rel.started == 1
     asyncio.run(run())
+
+
+def test_two_triggers_during_a_ledger_rebuild_start_one_release():
+    """While the ledger is rebuilt, the look at it runs in a thread: a
+    second trigger that arrives meanwhile joins the first one's release
+    instead of starting its own (and losing both one's bookkeeping)."""
+    import threading
+    import time
+
+    class Rebuilding(HeldMail):
+        def needs_rebuild(self):
+            return True
+
+        def status_if_empty(self, domain):
+            time.sleep(0.2)
+            return None
+
+    async def run():
+        rel = SlowReleaser()
+        rel.ondemand = Rebuilding()
+        rel.go = threading.Event()
+        rel.go.set()
+        outcomes = await asyncio.gather(
+            rel.trigger("customer.example", "finger", "192.0.2.1"),
+            rel.trigger("customer.example", "finger", "192.0.2.2"))
+        assert rel.started == 1
+        assert sorted(o.shared for o in outcomes) == [False, True]
+        assert rel._inflight == {}
+    asyncio.run(run())

@@ -77,3 +77,38 @@ def test_helper_config_defaults_and_errors():
         config.parse('[helper]\ngroup = "Bad Group"\n', "f.toml")
     with pytest.raises(ConfigError, match=r"f.toml: helper.user: unknown key"):
         config.parse('[helper]\nuser = "x"\n', "f.toml")
+
+
+def test_a_helper_whose_backlog_is_full_is_waited_for(tmp_path):
+    """A unix socket with a full backlog refuses a connect at once
+    (EAGAIN): a starting daemon waits for it as for a helper not yet
+    there, rather than giving up at once."""
+    import socket
+    import time
+
+    from flushctl import helper
+    from flushctl.privsep import PrivsepError
+    path = tmp_path / "helper.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(0)
+    crowd = []
+    try:
+        while True:   # fill the backlog: nobody accepts
+            sock = socket.socket(socket.AF_UNIX)
+            sock.setblocking(False)
+            try:
+                sock.connect(str(path))
+            except BlockingIOError:
+                sock.close()
+                break
+            crowd.append(sock)
+        cfg = config.parse(f'[helper]\nsocket = "{path}"\n', "f.toml")
+        started = time.monotonic()
+        with pytest.raises(PrivsepError, match="not running"):
+            helper.connect(cfg, "admin", wait=1.0)
+        assert time.monotonic() - started >= 1.0
+    finally:
+        for sock in crowd:
+            sock.close()
+        listener.close()
