@@ -235,23 +235,7 @@ def bind(config: Config) -> socket.socket:
         os.close(lock)
         raise PrivsepError(f"helper: another helper already listens on {path}") from None
     _LOCKS.append(lock)
-    if os.path.lexists(path):
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        old = os.umask(0o177)
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old)
-        os.chown(path, 0, gid)
-        os.chmod(path, 0o660)
-        sock.listen(MAX_CONNECTIONS)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    return privsep.listen_unix(path, MAX_CONNECTIONS, (0, gid))
 
 
 class Helper:

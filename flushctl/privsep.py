@@ -52,6 +52,12 @@ def bind_unix(path: str, backlog: int) -> socket.socket:
         gid = grp.getgrnam("postfix").gr_gid
     except KeyError:
         raise PrivsepError("there is no postfix user or group: is Postfix installed?") from None
+    return listen_unix(path, backlog, (postfix.pw_uid, gid) if os.geteuid() == 0 else None)
+
+
+def listen_unix(path: str, backlog: int, owner: tuple[int, int] | None) -> socket.socket:
+    """A listening, non-blocking unix socket at ``path``, mode 0660, given
+    to ``owner`` (uid, gid) when set; a stale socket is replaced."""
     if os.path.lexists(path):
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -61,9 +67,9 @@ def bind_unix(path: str, backlog: int) -> socket.socket:
             sock.bind(path)
         finally:
             os.umask(old)
-        os.chmod(path, 0o660)   # while ours: after the chown it is postfix's
-        if os.geteuid() == 0:
-            os.chown(path, postfix.pw_uid, gid)
+        os.chmod(path, 0o660)   # while ours: after the chown it may be another's
+        if owner is not None:
+            os.chown(path, *owner)
         sock.listen(backlog)
         sock.setblocking(False)
     except OSError:
