@@ -3,9 +3,10 @@
 Checks, each independent of the others:
 - Postfix runs, and its settings are what `flushctl apply` wants;
 - the milter's socket accepts connections, the gateway listens on its
-  finger and policy ports, so does the release helper on its socket, and
-  a poller process runs for this config (psutil) and serves the metrics
-  endpoint;
+  finger and policy ports (bound by the release helper, so a gateway
+  process for this config must run too), so does the release helper on
+  its socket, and a poller process runs for this config (psutil) and
+  serves the metrics endpoint;
 - the ledger agrees with the queue (held messages of ours it lacks,
   held mail for customers that is not ours, held mail of domains no
   longer configured);
@@ -103,6 +104,7 @@ def _postfix(od: OnDemand, report: Report) -> None:
 
 
 def _daemons(config: Config, report: Report) -> None:
+    listening = 0
     for name, where in (("milter", config.milter_listen), ("gateway finger", config.finger_listen),
                         ("gateway policy", config.policy_listen)):
         report.checks.append(name)
@@ -110,6 +112,12 @@ def _daemons(config: Config, report: Report) -> None:
         if why:
             spec = where.milter_spec if isinstance(where, Listen) else str(where)
             report.problems.append(f"{name}: nothing accepts connections on {spec} ({why})")
+        elif name.startswith("gateway"):
+            listening += 1
+    # the helper holds the gateway's listeners: they accept with no gateway to answer
+    if listening and not _daemon_running(config, "gateway"):
+        report.problems.append(f"gateway: no `flushctl gateway` process for {config.path}: "
+                               "the helper holds its sockets, queries wait unanswered")
     report.checks.append("helper")
     why = _connectable(Listen("unix", path=config.helper_socket))
     if why:

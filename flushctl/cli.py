@@ -185,11 +185,11 @@ def check_config(ctx):
 @pass_ctx
 def milter(ctx):
     """Run the milter (foreground, until SIGTERM)."""
-    from flushctl_milter.app import run
+    from flushctl_milter.app import MilterSetupError, run
     from .privsep import PrivsepError
     try:
         run(ctx.config, ctx.ondemand)
-    except (PostfixError, PrivsepError) as exc:
+    except (PostfixError, PrivsepError, MilterSetupError) as exc:
         raise CliError(str(exc)) from None
 
 

@@ -143,7 +143,7 @@ class Config:
     config_directory: str
     state_directory: str
     milter_listen: Listen
-    milter_user: str            # the milter runs as this user once its socket is open; "" = root
+    milter_user: str            # the milter runs as this user, never root; "" = root
     finger_listen: HostPort
     policy_listen: Listen       # Postfix's policy service for ETRN: a unix socket in private/
     poller_interval: int

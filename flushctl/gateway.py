@@ -592,25 +592,30 @@ async def refresh_peers(config: Config, gate: Gate, stop: asyncio.Event | None =
 
 
 def bind(config: Config) -> list:
-    return [privsep.bind(config.finger_listen, backlog=1024),
-            privsep.bind(config.policy_listen, backlog=128)]
+    """The gateway's listeners, finger and policy (root's work: port 79,
+    Postfix's private/); both or neither."""
+    finger = privsep.bind(config.finger_listen, backlog=1024)
+    try:
+        return [finger, privsep.bind(config.policy_listen, backlog=128)]
+    except BaseException:
+        finger.close()
+        raise
 
 
 def run(config: Config, ondemand: OnDemand | None = None) -> None:
-    """Bind, then serve.  Started as root with ``[gateway] user`` empty,
-    one process releases itself; otherwise it serves as ``[gateway] user``
-    (as root: bind, then become it) and every release goes through the
-    release helper (``flushctl helper``), which decides again."""
+    """Serve.  Started as root with ``[gateway] user`` empty, one process
+    binds and releases itself.  Otherwise it serves as ``[gateway] user``
+    (as root, it becomes that user before anything else) with no privilege
+    at all: the release helper (``flushctl helper``, root) binds its
+    listeners (port 79, the policy socket in Postfix's private/) and hands
+    them over, and decides again every release it asks for."""
     from . import helper
     user = config.gateway.user
     root = os.geteuid() == 0
-    entry = privsep.account(user) if user and root else None
-    sockets = bind(config)
-    peers = cluster.peer_addresses(config.cluster) if config.cluster else frozenset()
-    if peers:
-        log.info("event=peers addresses=%s", ",".join(sorted(peers)))
+    if root and not user:
+        sockets = bind(config)
+        peers = _peers(config)
 
-    if root and entry is None:
         async def single():
             try:
                 rel = Releaser(ondemand or OnDemand(config), config.gateway.release_window)
@@ -622,9 +627,10 @@ def run(config: Config, ondemand: OnDemand | None = None) -> None:
         asyncio.run(single())
         return
 
-    if entry is not None:
-        privsep.drop_privileges(entry, "gateway", groups=True)
-    channel = helper.connect(config, "gateway", wait=helper.CONNECT_WAIT)
+    if root:
+        privsep.drop_privileges(privsep.account(user), "gateway", groups=True)
+    channel, sockets = helper.connect_gateway(config, wait=helper.CONNECT_WAIT)
+    peers = _peers(config)
 
     async def main():
         remote = privsep.RemoteReleaser(channel, decode_outcome)
@@ -635,3 +641,10 @@ def run(config: Config, ondemand: OnDemand | None = None) -> None:
             # not a stop asked for: exit with an error, and the supervisor restarts us
             raise privsep.PrivsepError("gateway: the release helper is gone")
     asyncio.run(main())
+
+
+def _peers(config: Config) -> frozenset:
+    peers = cluster.peer_addresses(config.cluster) if config.cluster else frozenset()
+    if peers:
+        log.info("event=peers addresses=%s", ",".join(sorted(peers)))
+    return peers

@@ -52,6 +52,7 @@ log = logging.getLogger("flushctl.helper")
 
 ROLES = ("gateway", "poller", "scrape", "admin")
 MAX_HELLO = 200          # bytes of the opening line
+MAX_GRANT = 4096         # bytes of the helper's answer to it (the gateway's: where it listens)
 HELLO_TIMEOUT = 10.0     # seconds a connection may take to say its role
 MAX_CONNECTIONS = 64     # connections served at once
 # connections per role at once: a daemon taken over cannot take the others' room
@@ -120,6 +121,50 @@ def connect(config: Config, role: str, wait: float = 0.0) -> socket.socket:
     """A connection to the helper in ``role``, ready for requests;
     ``PrivsepError`` saying why not.  ``wait``: seconds to wait for a
     helper that is still starting."""
+    sock, _, fds = _open(config, role, wait)
+    for fd in fds:
+        os.close(fd)
+    return sock
+
+
+def gateway_listen(config: Config) -> list[str]:
+    """Where the gateway listens, in the words both sides compare."""
+    return [str(config.finger_listen), str(config.policy_listen)]
+
+
+def connect_gateway(config: Config, wait: float = 0.0) -> tuple[socket.socket, list]:
+    """The gateway's connection to the helper, and its listening sockets
+    (finger, policy), which the helper bound as root and sent along."""
+    sock, reply, fds = _open(config, "gateway", wait)
+    listeners: list[socket.socket] = []
+    try:
+        if len(fds) != 2:
+            raise PrivsepError(f"the release helper sent {len(fds)} listening sockets, not 2 "
+                               f"(is [gateway] user, {config.gateway.user!r}, this process's?)")
+        if reply.get("listen") != gateway_listen(config):
+            raise PrivsepError(
+                f"the release helper listens for the gateway on {reply.get('listen')}, "
+                f"this gateway's config on {gateway_listen(config)}: restart the helper "
+                "with the same config")
+        while fds:
+            listener = socket.socket(fileno=fds[0])   # not a socket: OSError
+            fds.pop(0)
+            listeners.append(listener)
+            listener.set_inheritable(False)
+            listener.setblocking(False)
+    except (PrivsepError, OSError) as exc:
+        sock.close()
+        for listener in listeners:
+            listener.close()
+        for fd in fds:
+            os.close(fd)
+        if isinstance(exc, PrivsepError):
+            raise
+        raise PrivsepError(f"the release helper sent what is not a socket: {exc}") from None
+    return sock, listeners
+
+
+def _open(config: Config, role: str, wait: float) -> tuple[socket.socket, dict, list[int]]:
     path = config.helper_socket
     deadline = time.monotonic() + wait
     while True:
@@ -142,11 +187,15 @@ def connect(config: Config, role: str, wait: float = 0.0) -> socket.socket:
         except OSError as exc:
             sock.close()
             raise PrivsepError(f"cannot reach the release helper ({path}): {exc}") from None
+    fds: list[int] = []
     try:
         sock.sendall(json.dumps({"role": role}).encode() + b"\n")
         line = b""
-        while not line.endswith(b"\n") and len(line) <= MAX_HELLO:
-            chunk = sock.recv(1)   # one byte at a time: nothing after the line is taken
+        while not line.endswith(b"\n") and len(line) <= MAX_GRANT:
+            # one byte at a time: nothing after the line is taken; the
+            # gateway's listeners come with the first
+            chunk, more, _, _ = socket.recv_fds(sock, 1, 2)
+            fds += more
             if not chunk:
                 break
             line += chunk
@@ -158,11 +207,15 @@ def connect(config: Config, role: str, wait: float = 0.0) -> socket.socket:
         sock.settimeout(None)
     except (OSError, ValueError) as exc:
         sock.close()
+        for fd in fds:
+            os.close(fd)
         raise PrivsepError(f"the release helper did not answer: {exc}") from None
     except PrivsepError:
         sock.close()
+        for fd in fds:
+            os.close(fd)
         raise
-    return sock
+    return sock, reply, fds
 
 
 # -- what an admin may ask --------------------------------------------------------
@@ -252,6 +305,7 @@ class Helper:
         self.roles: dict[str, int] = {}           # connections per role, once said
         self.waiting: dict[int, int] = {}         # connections per uid not yet said
         self.gate = None                          # the gateways' gate, made in serve()
+        self.listeners: list[socket.socket] | None = None   # the gateway's, once asked for
 
     async def serve(self, stop: asyncio.Event) -> None:
         from . import cluster
@@ -322,9 +376,26 @@ class Helper:
                             role, peer.uid, peer.pid, why)
                 await loop.sock_sendall(conn, json.dumps({"error": why}).encode() + b"\n")
                 return
+            granted, fds = {"role": role}, []
+            # the listeners go to the gateway's user only: not to root, whose
+            # own gateway binds for itself, nor to anyone else
+            if role == "gateway" and peer.uid == _uid(self.config.gateway.user):
+                try:
+                    listeners = self._gateway_listeners()
+                except (OSError, PrivsepError) as exc:
+                    log.error("event=error stage=listen reason=%r", str(exc))
+                    await loop.sock_sendall(conn, json.dumps(
+                        {"error": f"cannot listen for the gateway: {exc}"}).encode() + b"\n")
+                    return
+                granted["listen"] = gateway_listen(self.config)
+                fds = [sock.fileno() for sock in listeners]
             counted = role
             self.roles[role] = self.roles.get(role, 0) + 1
-            await loop.sock_sendall(conn, json.dumps({"role": role}).encode() + b"\n")
+            # the gateway's listeners travel with the answer (SCM_RIGHTS); a
+            # reply this short goes whole into an empty socket buffer
+            data = json.dumps(granted).encode() + b"\n"
+            if socket.send_fds(conn, [data], fds) != len(data):
+                raise ConnectionError("could not answer in one piece")
             log.info("event=connect role=%s uid=%d pid=%d", role, peer.uid, peer.pid)
             if role == "gateway":
                 from .gateway import serve_parent
@@ -348,6 +419,33 @@ class Helper:
                 self.roles[counted] -= 1
             self.open.discard(conn)
             conn.close()
+
+    def _gateway_listeners(self) -> list[socket.socket]:
+        """The gateway's finger and policy sockets: bound here, as root (port
+        79; Postfix's private/ is postfix's alone), the first time a gateway
+        asks, and kept open for as long as the helper runs, so that the
+        gateway itself never needs root and a restarted one gets the same
+        sockets (what came in meanwhile waits in their backlog)."""
+        if self.listeners is not None and not all(map(_listening, self.listeners)):
+            # a gateway shut them down (they are one socket, shared): bind anew
+            log.warning("event=rebind for=gateway reason=not_listening")
+            self.close_listeners()
+        if self.listeners is None:
+            from .gateway import bind as bind_gateway
+            self.listeners = bind_gateway(self.config)
+            log.info("event=listen for=gateway finger=%s policy=%s",
+                     self.config.finger_listen, self.config.policy_listen)
+        return self.listeners
+
+    def close_listeners(self) -> None:
+        for sock in self.listeners or ():
+            sock.close()
+        if self.listeners and self.config.policy_listen.kind == "unix":
+            try:
+                os.unlink(self.config.policy_listen.path)
+            except OSError:
+                pass
+        self.listeners = None
 
     @staticmethod
     async def _hello(loop, conn: socket.socket) -> str:
@@ -386,6 +484,26 @@ class Helper:
             log.error("event=refused how=helper role=%s reason=cut_off", role)
 
 
+def _listening(sock: socket.socket) -> bool:
+    """Does the socket still take connections?  A gateway holds the same
+    socket and may have shut it down: then TCP's says it no longer
+    accepts, and a unix socket refuses a connection."""
+    try:
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            return False
+        if sock.family != socket.AF_UNIX:
+            return True
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.setblocking(False)
+            try:
+                probe.connect(sock.getsockname())
+            except BlockingIOError:   # a full backlog: still listening
+                pass
+        return True
+    except OSError:
+        return False
+
+
 def run(config: Config) -> None:
     """Serve until SIGTERM: the keeper, the forwarder and every role."""
     from .keeper import start_thread
@@ -406,6 +524,7 @@ def run(config: Config) -> None:
         asyncio.run(main())
     finally:
         end_keeper()
+        helper.close_listeners()
         listener.close()
         try:
             os.unlink(config.helper_socket)

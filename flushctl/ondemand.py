@@ -157,8 +157,19 @@ class OnDemand:
         """The ledger, opened on first use: a process that only probes (the
         unprivileged poller) never opens it."""
         if self._ledger is None:
-            self._take(Ledger(self.config.state_directory))
+            self._take(Ledger(self.config.state_directory, as_uid=self._milter_uid()))
         return self._ledger
+
+    def _milter_uid(self) -> int | None:
+        """The milter's uid: a root process acts as it in the state directory
+        the milter shares (see ``ledger._Guard``)."""
+        if not self.config.milter_user or os.geteuid() != 0:
+            return None
+        import pwd
+        try:
+            return pwd.getpwnam(self.config.milter_user).pw_uid
+        except KeyError:
+            return None
 
     def _take(self, ledger: Ledger) -> None:
         self._ledger = ledger

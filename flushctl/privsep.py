@@ -1,11 +1,13 @@
 """Privilege separation: what reads the network runs unprivileged.
 
 Releasing mail needs ``postsuper``, which Postfix reserves for root; the
-gateway also binds port 79.  Neither needs root in the code that reads
-what strangers send.  So the daemons that do (the gateway, the poller)
-bind their listeners, give up root for good (``drop_privileges``), and
-ask the release helper (``helper``) for every release, one JSON line each
-way; the helper checks every request again.  This module holds the parts
+gateway's listeners need root too (port 79, Postfix's private/).  Neither
+needs root in the code that reads what strangers send.  So the daemons
+that do (the gateway, the poller) run as their own users, never root
+(``drop_privileges`` at once where they are started as root), and ask
+the release helper (``helper``) for every release, one JSON line each
+way; the helper checks every request again, and binds the gateway's
+listeners for it.  This module holds the parts
 both sides share: binding, dropping, the asking side (``RemoteReleaser``
 for the asyncio gateway, ``Channel`` for threads) and the answering side
 (``serve_releases``, ``serve_channel``), each bounded and validated.
@@ -44,7 +46,7 @@ class Malformed(Exception):
 
 def bind_unix(path: str, backlog: int) -> socket.socket:
     """A listening unix socket at ``path`` that only Postfix may reach: owner
-    postfix, mode 0660 (as root, before privileges go: its directory is
+    postfix, mode 0660 (in the release helper, as root: its directory is
     Postfix's private/, 0700 postfix).  A stale socket is replaced."""
     import grp
     try:
@@ -79,7 +81,7 @@ def listen_unix(path: str, backlog: int, owner: tuple[int, int] | None) -> socke
 
 
 def bind(hp, backlog: int) -> socket.socket:
-    """A listening socket on ``hp`` (as root, before privileges go): TCP for
+    """A listening socket on ``hp`` (as root, in the helper or a one-process gateway): TCP for
     a HostPort or an inet Listen, ``bind_unix`` for a unix Listen."""
     if getattr(hp, "kind", "inet") == "unix":
         return bind_unix(hp.path, backlog)

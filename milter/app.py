@@ -16,6 +16,7 @@ from __future__ import annotations
 import grp
 import logging
 import os
+import sqlite3
 import threading
 import time
 
@@ -235,54 +236,69 @@ def _postfix_gid() -> int:
         return -1
 
 
-def _prepare_unix_socket(path: str) -> None:
-    """Only root and the postfix group may reach the socket: its directory
-    is root:postfix 0750 (no setgid bit: systemd's RestrictSUIDSGID forbids
-    it), and the socket itself gets group postfix as soon as it exists."""
+def _check_socket_directory(path: str) -> None:
+    """The milter's socket goes into a directory of its own that `flushctl
+    apply` (root) made: owner the milter's user, group postfix, setgid, no
+    access for others; so only Postfix reaches the socket.  Anything else
+    is said now, with the fix."""
     directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    gid = _postfix_gid()
-    os.chown(directory, 0 if os.geteuid() == 0 else -1, gid)
-    os.chmod(directory, 0o750)
-    if os.path.exists(path):
-        os.unlink(path)
+    try:
+        st = os.stat(directory)
+    except OSError as exc:
+        raise MilterSetupError(f"milter: {directory}: {exc.strerror}; run `flushctl apply` "
+                               "as root first (it makes the socket's directory)") from None
+    if st.st_uid != os.geteuid() or st.st_gid != _postfix_gid() or st.st_mode & 0o7777 != 0o2750:
+        raise MilterSetupError(
+            f"milter: {directory} must be the milter's own (owner {privsep.current_user()}, "
+            "group postfix, mode 2750): run `flushctl apply` as root")
+    try:
+        os.unlink(path)   # a socket left by an earlier milter
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise MilterSetupError(f"milter: cannot replace {path}: {exc.strerror}") from None
 
 
-def _when_open(path: str | None, user) -> None:
+class MilterSetupError(Exception):
+    """The milter cannot start as it is: said once, with what to do."""
+
+
+def _when_open(path: str | None) -> None:
     """runmilter opens the socket, then serves: in between, give a unix
-    socket to Postfix (group postfix, 0660), then give up root for good
-    (``user``: the account to become, or None)."""
+    socket to Postfix (0660; its directory's setgid bit made it postfix's)."""
     original = Milter.milter.opensocket
 
     def opensocket(rmsock):
         result = original(rmsock)
         if path is not None:
-            os.chown(path, -1, _postfix_gid())
             os.chmod(path, 0o660)
-        if user is not None:
-            privsep.drop_privileges(user, "milter", groups=True)
-            log.info("event=privileges user=%s uid=%d", user.pw_name, os.getuid())
         return result
 
     Milter.milter.opensocket = opensocket
 
 
 def run(config: Config, ondemand: OnDemand | None = None) -> None:
-    """Serve until SIGTERM/SIGINT (libmilter handles the signals)."""
+    """Serve until SIGTERM/SIGINT (libmilter handles the signals).  The
+    milter never reads a message as root: its unit starts it as [milter]
+    user, and started as root it becomes that user before anything else."""
+    if config.milter_user and os.geteuid() == 0:
+        privsep.drop_privileges(privsep.account(config.milter_user, "milter"), "milter",
+                                groups=True)
+    log.info("event=privileges user=%s uid=%d", privsep.current_user(), os.geteuid())
     od = ondemand or OnDemand(config)
     od.layout  # read the queue layout now: fail early if Postfix is not there
+    try:
+        od.ledger   # opened now: a ledger it may not write is said at start
+    except (OSError, sqlite3.Error) as exc:
+        raise MilterSetupError(f"milter: cannot open the ledger in {config.state_directory} "
+                               f"as {privsep.current_user()}: {exc}; run `flushctl apply` as "
+                               "root (it lets the milter's group write it)") from None
     shared = OnDemandMilter.shared = Shared(config, od)
     listen = config.milter_listen
-    user = None
-    if config.milter_user and os.geteuid() == 0:
-        # the milter reads every message: it does that as its own user, in
-        # the state directory's group (to write the ledger) and postfix's
-        user = privsep.account(config.milter_user, "milter")
-        od.ledger.share(user.pw_gid)
     if listen.kind == "unix":
-        _prepare_unix_socket(listen.path)
+        _check_socket_directory(listen.path)
         os.umask(0o007)
-    _when_open(listen.path if listen.kind == "unix" else None, user)
+    _when_open(listen.path if listen.kind == "unix" else None)
     Milter.factory = OnDemandMilter
     Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE)
     stop = threading.Event()

@@ -194,8 +194,14 @@ class Stack:
         self.poller = None
 
     def start_gateway(self):
+        """The gateway, once it serves: the helper binds its listeners (they
+        take connections from then on), the gateway says when it accepts."""
         self.start_helper()
+        started = self.daemon_log("gateway").count("event=start ")
         self.gateway = self._daemon("gateway")
+        wait_until(lambda: self.daemon_log("gateway").count("event=start ") > started
+                   or self.gateway.poll() is not None, 15, what="gateway started")
+        assert self.gateway.poll() is None, self.daemon_log("gateway")
         cfg = self.cfg
         for where in (cfg.finger_listen, cfg.policy_listen):
             if getattr(where, "kind", "inet") == "unix":
@@ -250,9 +256,7 @@ class Stack:
             return smtp.sendmail(sender, rcpts, msg)
 
     def start_milter(self):
-        sock = self.state_dir / "milter" / "milter.sock"
-        if sock.exists():
-            sock.unlink()
+        sock = Path(self.cfg.milter_listen.path)
         self.milter = self._daemon("milter")
         wait_until(lambda: _connectable(sock), 15, what="milter socket")
 
@@ -315,8 +319,8 @@ config_directory = "{pf.config_directory}"
 [state]
 directory = "{state_dir}"
 [milter]
-listen = "unix:{state_dir}/milter/milter.sock"
-user = "nobody"   # as in production: unprivileged once its socket is open
+listen = "unix:{state_dir.parent}/milter/milter.sock"
+user = "nobody"   # as in production: never root
 [gateway]
 finger_listen = "{pf.address}:{ports.finger_port}"
 policy_listen = "unix:{pf.queue_directory}/private/flushctl-policy"

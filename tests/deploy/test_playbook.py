@@ -146,36 +146,52 @@ def test_playbook_deploys_a_working_host_and_converges(tmp_path):
                                                     "helper"]]
     assert len(helpers) == 1 and helpers[0].username() == "root"
 
-    # the gateway serves port 79 as the unprivileged user the role made
-    [listener] = {c.pid for c in psutil.net_connections("tcp")
-                  if c.status == psutil.CONN_LISTEN and c.laddr.port == 79}
-    assert psutil.Process(listener).username() == "flushctl-gateway"
-    # the milter reads every message as its own user, in the postfix group,
-    # with no capability left
-    # (the deployed one: other test runs may have private milters of their own)
-    milters = [p for p in psutil.process_iter(["cmdline"])
-               if (p.info["cmdline"] or [])[-3:] == ["--config", "/etc/flushctl/flushctl.toml",
-                                                    "milter"]]
-    assert milters, "no milter running"
-    for proc in milters:
+    # the milter, the gateway and the poller run as the users the role
+    # made, from the start (User=), with no capability they could ever
+    # gain. (The deployed ones: other
+    # test runs may have private daemons of their own.)
+    def deployed(name):
+        found = [p for p in psutil.process_iter(["cmdline"])
+                 if (p.info["cmdline"] or [])[-3:] == ["--config", "/etc/flushctl/flushctl.toml",
+                                                      name]]
+        assert found, f"no {name} running"
+        return found
+
+    def unprivileged(proc, user):
         with open(f"/proc/{proc.pid}/status") as fh:
             proc_status = dict(line.rstrip("\n").split(":\t", 1) for line in fh
                                if ":\t" in line)
-        milter_user = pwd.getpwnam("flushctl-milter")
-        assert proc_status["Uid"].split() == [str(milter_user.pw_uid)] * 4, proc_status["Uid"]
+        entry = pwd.getpwnam(user)
+        assert proc_status["Uid"].split() == [str(entry.pw_uid)] * 4, proc_status["Uid"]
         assert int(proc_status["CapEff"], 16) == 0, proc_status["CapEff"]
-        assert str(grp.getgrnam("postfix").gr_gid) in proc_status["Groups"].split()
+        assert int(proc_status["CapBnd"], 16) == 0, proc_status["CapBnd"]
+        return proc_status
+
+    [gateway] = deployed("gateway")
+    unprivileged(gateway, "flushctl-gateway")
+    # port 79 is bound by the helper and served by the gateway: nobody else holds it
+    def listens_on_79(proc):
+        try:
+            return any(c.status == psutil.CONN_LISTEN and c.laddr.port == 79
+                       for c in proc.net_connections("tcp"))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return False
+    holders = {p.pid for p in psutil.process_iter() if listens_on_79(p)}
+    assert holders == {gateway.pid, helpers[0].pid}, holders
+    for proc in deployed("milter"):
+        proc_status = unprivileged(proc, "flushctl-milter")
+        # in no group but its own: the postfix group reads SASL databases and maps
+        assert proc_status["Groups"].split() == [str(pwd.getpwnam("flushctl-milter").pw_gid)], \
+            proc_status["Groups"]
+    milter_dir = os.stat("/var/spool/postfix/flushctl")
+    assert (pwd.getpwuid(milter_dir.st_uid).pw_name, grp.getgrgid(milter_dir.st_gid).gr_name,
+            stat.S_IMODE(milter_dir.st_mode)) == ("flushctl-milter", "postfix", 0o2750)
 
     # the poller probes customers and answers scrapes as its own user: it
     # was never root, and can gain no capability
     [scraper] = {c.pid for c in psutil.net_connections("tcp")
                  if c.status == psutil.CONN_LISTEN and c.laddr.port == 9469}
-    with open(f"/proc/{scraper}/status") as fh:
-        proc_status = dict(line.rstrip("\n").split(":\t", 1) for line in fh if ":\t" in line)
-    poller_user = pwd.getpwnam("flushctl-poller")
-    assert proc_status["Uid"].split() == [str(poller_user.pw_uid)] * 4, proc_status["Uid"]
-    assert int(proc_status["CapEff"], 16) == 0, proc_status["CapEff"]
-    assert int(proc_status["CapBnd"], 16) == 0, proc_status["CapBnd"]
+    unprivileged(psutil.Process(scraper), "flushctl-poller")
 
     # ETRN asks the gateway over a socket only Postfix reaches
     policy = "/var/spool/postfix/private/flushctl-policy"

@@ -46,7 +46,7 @@ def test_apply_sets_everything_then_changes_nothing():
         milters = [l for l in settings.splitlines() if l.startswith("smtpd_milters")][0]
         assert milters.endswith(", inet:127.0.0.1:8891")
         # and local submissions meet ours too, never held up by it
-        assert f"non_smtpd_milters = {{ unix:{stack.state_dir}/milter/milter.sock, " \
+        assert f"non_smtpd_milters = {{ unix:{stack.cfg.milter_listen.path}, " \
             "default_action=accept }" in settings
         assert f"header_checks = regexp:{mapdir}/intake" in settings
         assert "ondemand" in stack.pf.postconf("-M", "ondemand/unix")

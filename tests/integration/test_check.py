@@ -66,6 +66,19 @@ def test_each_problem_is_one_line(checked):
     assert data["ok"] is False and len(data["problems"]) == 6
 
 
+def test_a_gateway_that_is_gone_is_missed_though_its_ports_answer(checked):
+    """The helper keeps the gateway's sockets open while no gateway runs:
+    they accept connections that nobody answers. check says so."""
+    checked.stop_gateway()
+    code, out = check(checked)
+    lines = out.splitlines()
+    assert code == 1
+    assert lines == [f"gateway: no `flushctl gateway` process for {checked.config_path}: "
+                     "the helper holds its sockets, queries wait unanswered"], out
+    checked.start_gateway()
+    assert check(checked)[0] == 0
+
+
 def test_ledger_that_lost_rows_is_caught_and_mended(checked):
     for i in range(3):
         checked.send([f"user{i}@customer.test"])

@@ -1,7 +1,10 @@
 """finger and ETRN release held mail through the gateway, with real clients."""
 
+import os
+import pwd
 import re
 import signal
+import stat
 import sys
 import smtplib
 import socket
@@ -11,7 +14,8 @@ import time
 
 import pytest
 
-from conftest import wait_until
+from conftest import free_port, wait_until
+from stack import daemon_command
 
 
 def domains(sink_port):
@@ -220,20 +224,26 @@ def test_new_mail_is_released_by_the_next_trigger_inside_the_window(make_stack):
 
 # -- privilege separation ------------------------------------------------------
 
-def _listener(port):
+def _listeners(port):
+    """The processes that hold the TCP socket listening on ``port``."""
     import psutil
-    for conn in psutil.net_connections("tcp"):
-        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port:
-            return psutil.Process(conn.pid)
-    raise AssertionError(f"nobody listens on {port}")
+    return {proc.pid for proc in psutil.process_iter()
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                   for c in _connections(proc, "tcp"))}
 
 
-def _unix_listener(path):
+def _unix_listeners(path):
     import psutil
-    for conn in psutil.net_connections("unix"):
-        if conn.laddr == path and conn.pid:
-            return psutil.Process(conn.pid)
-    raise AssertionError(f"nobody listens on {path}")
+    return {proc.pid for proc in psutil.process_iter()
+            if any(c.laddr == path for c in _connections(proc, "unix"))}
+
+
+def _connections(proc, kind):
+    import psutil
+    try:
+        return proc.net_connections(kind)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []
 
 
 ATTACK = """
@@ -311,9 +321,12 @@ def test_policy_service_is_for_postfix_only(make_stack):
 
 
 def test_network_side_runs_unprivileged(gw):
-    """Started as root, the gateway binds its listeners and becomes `nobody`
-    for good, no capability left; the release helper (root) releases what
-    it asks for."""
+    """Issue 15, item 4: the gateway is `nobody` for good, no capability
+    left, started as its unit starts it (User=, no capability: here root
+    with only what it takes to become that user at once). It binds nothing
+    itself: the release helper (root) binds port 79's socket and the policy
+    socket in Postfix's private/ and hands them over; only the gateway
+    reads from them. The helper releases what it asks for."""
     import psutil
     proc = psutil.Process(gw.gateway.pid)
     assert proc.username() == "nobody"
@@ -322,15 +335,67 @@ def test_network_side_runs_unprivileged(gw):
     assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0, status
     assert proc.children() == []
     assert psutil.Process(gw.helper.pid).uids().effective == 0
-    assert _listener(gw.cfg.finger_listen.port).pid == gw.gateway.pid
-    assert _unix_listener(gw.cfg.policy_listen.path).pid == gw.gateway.pid
+    assert _listeners(gw.cfg.finger_listen.port) == {gw.helper.pid, gw.gateway.pid}
+    assert _unix_listeners(gw.cfg.policy_listen.path) == {gw.helper.pid, gw.gateway.pid}
+    st = os.stat(gw.cfg.policy_listen.path)
+    assert pwd.getpwuid(st.st_uid).pw_name == "postfix" and stat.S_IMODE(st.st_mode) == 0o660
     assert "user=nobody" in gw.gateway_log()
+    assert "event=listen for=gateway" in gw.daemon_log("helper")
     # releases still work, through the helper
     hold(gw, 1)
     gw.sink.start()
     assert "Delivery started" in run_finger(gw, "customer.test")
     wait_until(lambda: len(gw.sink.messages()) == 1, what="delivery")
     assert "event=connect role=gateway uid=65534" in gw.daemon_log("helper")
+
+
+def test_a_restarted_gateway_answers_what_came_in_meanwhile(gw):
+    """The listeners stay open in the helper while the gateway is down
+    (restarted, upgraded, crashed): a finger query that arrives then waits
+    in the backlog and is answered by the next gateway, not refused."""
+    hold(gw, 1)
+    gw.stop_gateway()
+    with socket.create_connection(finger_addr(gw), timeout=30) as sock:
+        sock.sendall(b"customer.test\r\n")
+        gw.start_gateway()
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    assert b"customer.test: 1 message(s)" in answer, answer
+
+
+def test_the_gateway_says_why_it_has_no_listeners(make_stack):
+    """The helper cannot bind (the port is taken): the gateway exits with
+    the reason, and the helper binds again for the next gateway once the
+    port is free. A gateway whose config names other listeners than the
+    helper's is refused at start with what to do."""
+    stack = make_stack(gateway=False)
+    cfg = stack.cfg
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind((cfg.finger_listen.host, cfg.finger_listen.port))
+    squatter.listen(1)
+    stack.start_helper()
+    env = dict(os.environ, FLUSHCTL_CONFIG=str(stack.config_path))
+    failed = subprocess.run(daemon_command("gateway"), env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert failed.returncode == 1
+    assert "cannot listen for the gateway" in failed.stderr and "in use" in failed.stderr, \
+        failed.stderr
+    squatter.close()
+    stack.start_gateway()
+    stack.sink.start()
+    hold(stack, 1)
+    assert "Delivery started" in run_finger(stack, "customer.test")
+    # another config: another finger port than the helper's
+    other = stack.state_dir / "other.toml"
+    other.write_text(stack.config_path.read_text().replace(
+        f":{cfg.finger_listen.port}\"", f":{free_port()}\""))
+    env["FLUSHCTL_CONFIG"] = str(other)
+    refused = subprocess.run(daemon_command("gateway"), env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode == 1 and "restart the helper" in refused.stderr, refused.stderr
+    assert stack.gateway.poll() is None
 
 
 def _proc_status(pid: int) -> dict[str, str]:

@@ -271,3 +271,82 @@ def test_the_socket_directory_is_reachable_whatever_the_umask(stack):
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def test_the_gateways_listeners_go_to_the_gateways_user_only(stack):
+    """The helper binds the gateway's finger and policy sockets as root and
+    sends them with its answer to the gateway's role; another local user
+    asking for that role gets a refusal and no socket."""
+    cfg = stack.cfg
+
+    def ask():
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(cfg.helper_socket)
+        sock.sendall(b'{"role": "gateway"}\n')
+        data, names = b"", []
+        while not data.endswith(b"\n"):
+            chunk, fds, _, _ = socket.recv_fds(sock, 4096, 8)
+            for fd in fds:
+                with socket.socket(fileno=fd) as got:
+                    names.append(got.getsockname())
+            if not chunk:
+                break
+            data += chunk
+        return [json.loads(data), names]
+
+    for uid, groups in ((OUTSIDER, []), (ADMIN, [NOGROUP])):
+        reply, names = as_user(uid, NOGROUP, groups, ask)
+        assert "error" in reply and names == [], (uid, reply, names)
+    reply, names = as_user(65534, NOGROUP, [], ask)
+    assert reply["role"] == "gateway", reply
+    assert names == [[cfg.finger_listen.host, cfg.finger_listen.port],
+                     cfg.policy_listen.path], names
+
+
+def test_a_gateway_that_shuts_its_listeners_spoils_them_for_no_one(stack):
+    """The gateway holds the very sockets the helper keeps (SCM_RIGHTS
+    shares them): one that shuts them down (taken over, or buggy) stops
+    them for the helper too. The next gateway the helper grants gets
+    sockets bound anew, that take connections."""
+    cfg = stack.cfg
+
+    def finger_and_policy_take_connections():
+        try:
+            with socket.create_connection((cfg.finger_listen.host, cfg.finger_listen.port), 5):
+                pass
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(cfg.policy_listen.path)
+            return True
+        except OSError:
+            return False
+
+    def spoil():
+        sock, listeners = flushctl.helper.connect_gateway(cfg)
+        for listener in listeners:
+            listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        sock.close()
+        return "spoiled"
+
+    def take():
+        sock, listeners = flushctl.helper.connect_gateway(cfg)
+        for listener in listeners:
+            listener.close()
+        sock.close()
+        return "taken"
+
+    assert as_user(65534, NOGROUP, [], take) == "taken"
+    assert finger_and_policy_take_connections()
+    assert as_user(65534, NOGROUP, [], spoil) == "spoiled"
+    assert not finger_and_policy_take_connections()
+    assert as_user(65534, NOGROUP, [], take) == "taken"
+    assert finger_and_policy_take_connections()
+    assert "event=rebind for=gateway" in stack.daemon_log("helper")
+    # root may take the gateway's role (to ask), but is sent no listener
+    with flushctl.helper.connect(cfg, "gateway"):
+        pass
+    try:
+        flushctl.helper.connect_gateway(cfg)
+        raise AssertionError("root was sent the gateway's listeners")
+    except flushctl.privsep.PrivsepError as exc:
+        assert "sent 0 listening sockets" in str(exc)

@@ -89,24 +89,29 @@ def test_milter_down_means_tempfail_never_untagged(stack):
 
 
 def test_socket_reachable_by_postfix_only(stack):
-    """root:postfix, no setgid bit (systemd's RestrictSUIDSGID forbids it),
-    and nobody else can connect; Postfix can, as the test above shows."""
+    """The socket's directory is the milter's own, made by `flushctl apply`:
+    owner [milter] user, group postfix, 2750 (the setgid bit gives the
+    socket postfix's group; the milter, never root, sets no such bit
+    itself); the socket 0660. Postfix connects; another local user cannot."""
     import grp
     import os
+    import pwd
     import stat
     import subprocess
 
     path = stack.cfg.milter_listen.path
     postfix_gid = grp.getgrnam("postfix").gr_gid
-    for p, mode in ((os.path.dirname(path), 0o750), (path, 0o660)):
+    nobody = pwd.getpwnam("nobody").pw_uid
+    for p, mode in ((os.path.dirname(path), 0o2750), (path, 0o660)):
         st = os.stat(p)
-        assert (st.st_uid, st.st_gid) == (0, postfix_gid), p
+        assert (st.st_uid, st.st_gid) == (nobody, postfix_gid), p
         assert stat.S_IMODE(st.st_mode) == mode, (p, oct(st.st_mode))
     probe = ("import socket,sys; s=socket.socket(socket.AF_UNIX); "
              "s.connect(sys.argv[1]); print('connected')")
-    as_nobody = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-                                "/usr/bin/python3", "-c", probe, path], capture_output=True, text=True)
-    assert "connected" not in as_nobody.stdout and "Permission denied" in as_nobody.stderr
+    # a local user of no group of ours (not the milter's user: it owns the socket)
+    as_other = subprocess.run(["setpriv", "--reuid=4242", "--regid=4242", "--clear-groups",
+                               "/usr/bin/python3", "-c", probe, path], capture_output=True, text=True)
+    assert "connected" not in as_other.stdout and "Permission denied" in as_other.stderr
     as_postfix = subprocess.run(["setpriv", "--reuid=postfix", "--regid=postfix",
                                  "--init-groups", "/usr/bin/python3", "-c", probe, path],
                                 capture_output=True, text=True)
@@ -242,3 +247,83 @@ def test_a_ledger_made_anew_by_root_is_still_the_milters_to_write(stack):
     wait_until(lambda: len(stack.queue()) == 2, what="held")
     root_ledger.close()
     assert "readonly" not in (stack.state_dir / "milter.log").read_text()
+
+
+def test_the_milter_is_never_root_and_says_what_it_lacks(stack):
+    """Issue 15, item 4: the milter's unit starts it as its user with no
+    capability, so it cannot make its socket's directory or share the
+    ledger itself: `flushctl apply` (root) does. A directory that is not
+    the milter's (an old version's root:postfix one, say) stops it at
+    start with what to do, and it serves once apply has run."""
+    import os
+
+    directory = os.path.dirname(stack.cfg.milter_listen.path)
+    stack.stop_milter()
+    os.chown(directory, 0, -1)
+    proc = stack.flushctl("milter", check=False, timeout=60)   # root: becomes nobody first
+    assert proc.returncode == 1
+    assert "must be the milter's own" in proc.stderr and "flushctl apply" in proc.stderr, \
+        proc.stderr
+    stack.flushctl("apply")
+    stack.start_milter()
+    stack.send(["a@customer.test"])
+    wait_until(lambda: len(stack.queue()) == 1, what="held")
+    assert stack.queue()[0]["queue_name"] == "hold"
+
+
+def test_apply_takes_no_directory_of_postfixs_for_the_milter(stack):
+    """A careless admin puts the milter's socket in Postfix's private/:
+    apply refuses (making that directory the milter's would cut Postfix
+    off from its own services) and changes nothing."""
+    import os
+    import stat
+
+    private = os.path.join(stack.pf.queue_directory, "private")
+    before = os.stat(private)
+    text = stack.config_path.read_text()
+    stack.config_path.write_text(text.replace(
+        f'unix:{stack.cfg.milter_listen.path}', f'unix:{private}/flushctl-milter'))
+    try:
+        proc = stack.flushctl("apply", check=False)
+        assert proc.returncode == 1
+        assert "holds other files" in proc.stderr and "a directory of its own" in proc.stderr, \
+            proc.stderr
+        after = os.stat(private)
+        assert (after.st_uid, after.st_gid, stat.S_IMODE(after.st_mode)) == \
+            (before.st_uid, before.st_gid, stat.S_IMODE(before.st_mode))
+    finally:
+        stack.config_path.write_text(text)
+
+
+def test_apply_follows_no_link_to_the_milters_directory(stack):
+    """apply makes the socket's directory the milter's: it must not be led
+    to make another directory the milter's. A directory above it that
+    another user may change (here the milter's own user, who could swap
+    the socket's directory for a link between apply's look and its chown)
+    is refused, and so is a link in place of the socket's directory; no
+    directory changes hands."""
+    import os
+    import stat
+
+    text = stack.config_path.read_text()
+    path = stack.cfg.milter_listen.path
+    mine = stack.state_dir.parent / "mine"
+    mine.mkdir()
+    os.chown(mine, 65534, 65534)
+    victim = stack.state_dir.parent / "root-only"
+    victim.mkdir(mode=0o700)
+    try:
+        stack.config_path.write_text(text.replace(f"unix:{path}", f"unix:{mine}/sock/milter.sock"))
+        proc = stack.flushctl("apply", check=False)
+        assert proc.returncode == 1, proc.stdout
+        assert f"{mine} may be changed by others than root" in proc.stderr, proc.stderr
+        assert not (mine / "sock").exists()
+        link = stack.state_dir.parent / "linked"
+        link.symlink_to(victim)
+        stack.config_path.write_text(text.replace(f"unix:{path}", f"unix:{link}/milter.sock"))
+        proc = stack.flushctl("apply", check=False)
+        assert proc.returncode == 1 and "not a directory" in proc.stderr, proc.stderr
+        st = os.stat(victim)
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o700)
+    finally:
+        stack.config_path.write_text(text)
