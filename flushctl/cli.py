@@ -116,6 +116,9 @@ def _guard(fn):
     return wrapper
 
 
+DAEMONS = frozenset({"milter", "gateway", "helper", "poller"})   # they log what they do
+
+
 class KeyValueFormatter(logging.Formatter):
     """One line per event: ``ts=... level=... src=... event=... key=value ...``.
 
@@ -136,11 +139,15 @@ class KeyValueFormatter(logging.Formatter):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", metavar="PATH",
               help=f"config file (default: ${config_mod.ENV_VAR}, else {config_mod.DEFAULT_PATH})")
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-level", default=None,
+              type=click.Choice(["debug", "info", "warning", "error"]),
+              help="log lines on stderr from this level up (default: info for the "
+                   "daemons, warning for commands, whose outcome is their output)")
 @click.pass_context
 def main(ctx, config_path, log_level):
     """SMTP-on-demand for Postfix: hold a customer's mail while it is offline."""
+    if log_level is None:
+        log_level = "info" if ctx.invoked_subcommand in DAEMONS else "warning"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(KeyValueFormatter())
     logging.basicConfig(level=log_level.upper(), handlers=[handler])

@@ -364,6 +364,8 @@ class Gateway:
                 await writer.drain()
         except ConnectionError:
             pass
+        except asyncio.CancelledError:
+            pass   # the gateway stops: the connection ends with it, nothing to say
         except Exception:
             log.exception("event=error stage=policy")
         finally:

@@ -30,7 +30,9 @@ def _fill(text: str) -> str:
     values = {"ansible_managed": "managed", "flushctl_source": str(ROOT),
               "flushctl_config_path": "/etc/flushctl/flushctl.toml",
               "flushctl_state_directory": "/var/lib/flushctl",
-              "flushctl_poller_user": "flushctl-poller"}
+              "flushctl_poller_user": "flushctl-poller",
+              "flushctl_gateway_user": "flushctl-gateway",
+              "flushctl_milter_user": "flushctl-milter"}
     text = re.sub(r"\{\{ (\w+) \}\}", lambda m: values[m.group(1)], text)
     assert "{{" not in text and "{%" not in text
     return text

@@ -72,3 +72,20 @@ def test_domains_json(stack):
     assert [r["domain"] for r in rows] == ["customer.test", "listed.test", "small.test"]
     listed = rows[1]
     assert listed["recipients"] == ["alice@listed.test", "bob@listed.test"]
+
+
+def test_commands_print_data_and_one_outcome_not_the_daemons_log(stack):
+    """Issue 16, item 9: `flushctl flush` prints its outcome, not the
+    library's key=value log lines (those are the daemons'), unless
+    --log-level asks for them."""
+    stack.send(["a@customer.test"])
+    wait_until(lambda: len(hold_ids(stack)) == 1, what="held")
+    stack.sink.start()
+    proc = stack.flushctl("flush", "customer.test", "--wait", "--timeout", "30")
+    assert "released 1" in proc.stdout, proc.stdout
+    assert proc.stderr == "", proc.stderr
+    stack.send(["b@customer.test"])
+    wait_until(lambda: len(hold_ids(stack)) == 1, what="held again")
+    proc = stack.flushctl("--log-level", "info", "flush", "customer.test", "--wait",
+                          "--timeout", "30")
+    assert "event=release" in proc.stderr, proc.stderr

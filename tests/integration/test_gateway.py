@@ -512,3 +512,22 @@ def test_a_domain_the_helper_does_not_know_yet_leaves_the_gateway_up(make_stack)
     hold(stack, 1)
     stack.sink.start()
     assert "Delivery started" in run_finger(stack, "customer.test")
+
+
+def test_sigterm_with_a_policy_connection_open_stops_quietly(gw):
+    """Issue 16, item 9: the gateway stopped while Postfix holds a policy
+    connection open (as it does between ETRNs) logs one event=stop line,
+    no traceback, and exits 0."""
+    with socket.socket(socket.AF_UNIX) as policy, \
+            socket.create_connection(finger_addr(gw), timeout=10) as finger:
+        policy.connect(gw.cfg.policy_listen.path)
+        policy.sendall(b"request=smtpd_access_policy\nprotocol_state=ETRN\n")  # half a request
+        finger.sendall(b"custom")                                            # half a query
+        time.sleep(0.5)
+        before = gw.gateway_log().count("event=stop")
+        gw.gateway.terminate()
+        assert gw.gateway.wait(15) == 0
+    gw.gateway = None
+    log = gw.daemon_log("gateway")
+    assert log.count("event=stop") == before + 1, log
+    assert "traceback" not in log.lower() and "Task was destroyed" not in log, log
