@@ -39,7 +39,7 @@ def _view(targets) -> list:
 
 
 def _servers(config: Config) -> str:
-    return ", ".join(f"{h}:{p}" for h, p in config.nameservers)
+    return ", ".join(str(n) for n in config.nameservers)
 
 
 @dataclass

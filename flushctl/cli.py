@@ -19,6 +19,7 @@ import click
 
 from . import config as config_mod
 from . import names
+from .config import UnknownDomain
 from .postfix import PostfixError
 
 EXIT_ERROR = 1
@@ -71,21 +72,21 @@ class Context:
     def domain(self, name: str) -> str:
         try:
             return self.config.domain(name).name
-        except KeyError as exc:
-            raise CliError(str(exc).strip("'\"")) from None
+        except UnknownDomain as exc:
+            raise CliError(str(exc)) from None
 
     def domain_or_removed(self, name: str) -> str:
         """A configured domain, or a removed one whose mail is still held."""
         try:
             return self.config.domain(name).name
-        except KeyError as exc:
+        except UnknownDomain as exc:
             try:
                 key = names.domain(name)
             except ValueError:
-                raise CliError(str(exc).strip("'\"")) from None
+                raise CliError(str(exc)) from None
             if key in self.ondemand.removed_domains():
                 return key
-            raise CliError(str(exc).strip("'\"")) from None
+            raise CliError(str(exc)) from None
 
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -107,8 +108,8 @@ def _guard(fn):
             raise CliError(str(exc), code) from None
         except PostfixError as exc:
             raise CliError(str(exc)) from None
-        except KeyError as exc:
-            raise CliError(str(exc).strip("'\"")) from None
+        except UnknownDomain as exc:
+            raise CliError(str(exc)) from None
         except sqlite3.Error as exc:
             raise CliError(f"ledger: {exc}") from None
         except PrivsepError as exc:

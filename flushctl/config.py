@@ -25,6 +25,14 @@ class ConfigError(Exception):
     """A configuration problem, phrased for the admin."""
 
 
+class UnknownDomain(LookupError):
+    """A name that is not a domain this config serves (or no domain name at
+    all); its text says which, for the admin or the customer who asked."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown domain"
+
+
 @dataclass(frozen=True)
 class Listen:
     """A listening address: a unix socket path or a TCP host and port."""
@@ -150,7 +158,7 @@ class Config:
     probe_timeout: float
     poller_concurrency: int
     own_hosts: tuple
-    nameservers: tuple  # (ip, port) pairs; empty: the system's resolv.conf
+    nameservers: tuple[HostPort, ...]  # empty: the system's resolv.conf
     relay_networks: tuple  # customer networks that may relay outbound mail through us
     gateway: "GatewaySettings"
     transport_name: str
@@ -163,15 +171,15 @@ class Config:
     helper_group: str = "flushctl"   # its socket's group: the daemons and non-root admins
 
     def domain(self, name: str) -> Domain:
-        """The configured domain ``name``, or KeyError with a helpful text."""
+        """The configured domain ``name``, or ``UnknownDomain`` saying why not."""
         if name in self.domains:  # already in canonical form (the keys are)
             return self.domains[name]
         try:
             key = names.domain(name)
         except ValueError as exc:
-            raise KeyError(str(exc)) from None
+            raise UnknownDomain(str(exc)) from None
         if key not in self.domains:
-            raise KeyError(f"{key}: not a configured domain (see `flushctl domains`)")
+            raise UnknownDomain(f"{key}: not a configured domain (see `flushctl domains`)")
         return self.domains[key]
 
 
@@ -234,19 +242,52 @@ class _Section:
         return value
 
 
-def _host_port(section: _Section, key: str, default: str) -> HostPort:
-    value = section.get(key, str, default)
-    match = re.fullmatch(r"\[?([^\[\]]+?)\]?:(\d{1,5})", value)
+# "[HOST]:PORT" or "[HOST]", "HOST:PORT" or "HOST", or an IPv6 address bare
+_HOST_PORT = re.compile(r"\[(?P<inside>[A-Za-z0-9._:-]+)\](?::(?P<port1>\d{1,5}))?"
+                        r"|(?P<plain>[A-Za-z0-9._-]+)(?::(?P<port2>\d{1,5}))?"
+                        r"|(?P<bare6>[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*)")
+
+
+def split_host_port(section: _Section, key: str, text: str, shape: str,
+                    default_port: int | None = None) -> tuple[str, int, bool]:
+    """The one parser of a host and a port in this config: ``[HOST]:PORT``,
+    ``HOST:PORT``, and with a ``default_port`` also ``[HOST]``, ``HOST`` and
+    a bare IPv6 address (with a port, IPv6 goes in brackets).  (host, port,
+    bracketed); what the host may be is the caller's rule.  ``shape`` says
+    in the error what was expected."""
+    match = _HOST_PORT.fullmatch(text.strip())
     if not match:
-        section.fail(key, f"must be HOST:PORT, not {value!r}")
-    host, port = match.group(1), int(match.group(2))
+        section.fail(key, f"must be {shape}, not {text!r}")
+    if match.group("bare6") is not None:
+        host, digits, bracketed = match.group("bare6"), None, False
+        if default_port is None or not _is_ip(host):
+            section.fail(key, f"must be {shape}, not {text!r}")
+    elif match.group("inside") is not None:
+        host, digits, bracketed = match.group("inside"), match.group("port1"), True
+    else:
+        host, digits, bracketed = match.group("plain"), match.group("port2"), False
+    if digits is None and default_port is None:
+        section.fail(key, f"must be {shape}, not {text!r}")
+    port = default_port if digits is None else int(digits)
     if not 0 < port < 65536:
         section.fail(key, f"port out of range: {port}")
+    return host, port, bracketed
+
+
+def _is_ip(text: str) -> bool:
     try:
-        ipaddress.ip_address(host)
+        ipaddress.ip_address(text)
+        return True
     except ValueError:
-        if host != "localhost":
-            section.fail(key, f"host must be an IP address, not {host!r}")
+        return False
+
+
+def _host_port(section: _Section, key: str, default: str) -> HostPort:
+    """A listening address: an IP address (or localhost) and a port."""
+    value = section.get(key, str, default)
+    host, port, _ = split_host_port(section, key, value, "HOST:PORT")
+    if not _is_ip(host) and host != "localhost":
+        section.fail(key, f"host must be an IP address, not {host!r}")
     return HostPort(host, port)
 
 
@@ -313,19 +354,10 @@ def _relay(section: _Section, key: str) -> Relay | None:
     value = section.get(key, str)
     if value is None:
         return None
-    match = re.fullmatch(r"(\[)?([A-Za-z0-9.:-]+?)(\])?(?::(\d{1,5}))?", value.strip())
-    if not match or bool(match.group(1)) != bool(match.group(3)):
-        section.fail(key, f'must be "[host]:port" or "host:port", not {value!r}')
-    host = match.group(2)
-    port = int(match.group(4) or 25)
-    if not 0 < port < 65536:
-        section.fail(key, f"port out of range: {port}")
-    bracketed = bool(match.group(1))
-    try:
-        ipaddress.ip_address(host)
-        is_ip = True
-    except ValueError:
-        is_ip = False
+    host, port, bracketed = split_host_port(section, key, value,
+                                            '"[host]:port" or "host:port"', 25)
+    is_ip = _is_ip(host)
+    if not is_ip:
         try:
             host = names.domain(host)
         except ValueError as exc:
@@ -367,11 +399,8 @@ def _cluster(path: str, data: dict) -> Cluster | None:
     peers = []
     for item in sec.get("peers", list, required=True):
         text = str(item)
-        match = re.fullmatch(r"(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9.-]+))(?::(\d{1,5}))?", text)
-        port = int(match.group(3) or 25) if match else 0
-        if not match or not 0 < port < 65536:
-            sec.fail("peers", f'must be "HOST", "HOST:PORT" or "[IPv6]:PORT", not {text!r}')
-        host = match.group(1) or match.group(2)
+        host, port, _ = split_host_port(sec, "peers", text,
+                                        '"HOST", "HOST:PORT" or "[IPv6]:PORT"', 25)
         try:
             host = str(ipaddress.ip_address(host))
         except ValueError:
@@ -521,17 +550,11 @@ def parse(text: str, path: str = "<config>") -> Config:
     nameservers = []
     for item in po.get("nameservers", list, []):
         text = str(item)
-        host, port = (text, 53)
-        match = re.fullmatch(r"\[?([0-9A-Fa-f:.]+?)\]?(?::(\d{1,5}))?", text)
-        if match and (":" not in match.group(1) or text.startswith("[") or not match.group(2)):
-            host, port = match.group(1), int(match.group(2) or 53)
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
+        host, port, _ = split_host_port(po, "nameservers", text,
+                                        "an IP address (with optional :port)", 53)
+        if not _is_ip(host):
             po.fail("nameservers", f"not an IP address (with optional :port): {text!r}")
-        if not 0 < port < 65536:
-            po.fail("nameservers", f"port out of range: {text!r}")
-        nameservers.append((host, port))
+        nameservers.append(HostPort(host, port))
 
     transport = pf.get("transport", str, "ondemand")
     if not re.fullmatch(r"[a-z][a-z0-9_-]{0,30}", transport):

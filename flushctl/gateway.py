@@ -85,12 +85,9 @@ class Releaser:
                 log.exception("event=error stage=report domain=%s", domain)
                 return Outcome(REPORTED, 0, "", str(exc), None)
             return Outcome(REPORTED, 0, "", "", status)
-        # A release a moment ago answers for this trigger too, unless mail
-        # has arrived since: then there is something new to release.
-        recent = self._recent.get(domain)
-        if recent and time.monotonic() - recent[0] < self.window \
-                and not self.ondemand.ledger.arrived_since(domain, recent[2]):
-            return _shared(recent[1])
+        recent = self._recently(domain)
+        if recent is not None:
+            return recent
         if domain in self._inflight:
             return _shared(await asyncio.shield(self._inflight[domain]))
         # Most queries find nothing held: one row read answers them here,
@@ -107,13 +104,26 @@ class Releaser:
         # The release is a task of its own: the trigger that started it may
         # go (its connection closed) while the release runs on and others
         # wait for its outcome.
-        if domain in self._inflight:   # started while this one looked at the ledger
+        # started, or even done, while this one looked at the ledger
+        if domain in self._inflight:
             return _shared(await asyncio.shield(self._inflight[domain]))
+        recent = self._recently(domain)
+        if recent is not None:
+            return recent
         task = asyncio.get_running_loop().create_task(self._run(domain, how, client))
         self._inflight[domain] = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return await asyncio.shield(task)
+
+    def _recently(self, domain: str) -> Outcome | None:
+        """A release a moment ago answers for this trigger too, unless mail
+        has arrived since: then there is something new to release."""
+        recent = self._recent.get(domain)
+        if recent and time.monotonic() - recent[0] < self.window \
+                and not self.ondemand.ledger.arrived_since(domain, recent[2]):
+            return _shared(recent[1])
+        return None
 
     async def _run(self, domain: str, how: str, client: str) -> Outcome:
         started = time.time()

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from . import names
 from . import release_rules as rules
-from .config import Config, Domain
+from .config import Config, Domain, UnknownDomain
 from .ledger import DomainState, Entry, Ledger
 from .postfix import Postfix, PostfixError
 from .probe import NOT_PROBED, NOWHERE, UNROUTABLE, Prober, ProbeResult, is_ip, probe, routable
@@ -214,6 +214,7 @@ class OnDemand:
                                   self.seconds("bounce_queue_lifetime")])
 
     def domain(self, name: str) -> Domain:
+        """The configured domain, or ``UnknownDomain``."""
         return self.config.domain(name)
 
     # -- reading ------------------------------------------------------------
@@ -242,7 +243,7 @@ class OnDemand:
         """A configured domain, or one the ledger still holds mail for."""
         try:
             return self.domain(domain).name
-        except KeyError:
+        except UnknownDomain:
             name = names.domain(domain) if isinstance(domain, str) else domain
             if name in self.removed_domains():
                 return name

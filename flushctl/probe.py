@@ -75,8 +75,8 @@ class Prober:
         self.own_addresses = frozenset(own_addresses)
         if nameservers:
             resolver = dns.asyncresolver.Resolver(configure=False)
-            resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port)
-                                    for host, port in nameservers]
+            resolver.nameservers = [dns.nameserver.Do53Nameserver(n.host, n.port)
+                                    for n in nameservers]
         else:
             resolver = dns.asyncresolver.Resolver()
         resolver.cache = dns.resolver.LRUCache(100_000)

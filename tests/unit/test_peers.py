@@ -69,7 +69,7 @@ def test_cluster_config():
 
 @pytest.mark.parametrize("text, says", [
     ("peers = []", "empty list"),
-    ('peers = ["mx2.provider.example:0"]', "must be"),
+    ('peers = ["mx2.provider.example:0"]', "port out of range"),
     ('peers = ["mx2 provider"]', "must be"),
     ('peers = ["a.example", "a.example:25"]', "listed twice"),
     ('peers = ["a.example"]\nsource = "a.example"', "IP address"),
