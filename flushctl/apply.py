@@ -25,7 +25,7 @@ import stat
 import tempfile
 from dataclasses import dataclass, field
 
-from . import settings
+from . import holdtag, settings
 from .config import Config
 from .postfix import Postfix, PostfixError
 
@@ -268,19 +268,13 @@ def _prepare_maps(pf: Postfix, config: Config, maps: dict[str, str], names: list
     return moves
 
 
-# What earlier versions held requeued mail by: a secret in a header, named
-# by a header_checks table.  A value that may have leaked in a bounce
-# is worth nothing now, and is not kept either.
-LEGACY_FILES = (("state", "hold-secret"), ("maps", "hold_tagged"))
-
-
 def _forget_hold_secret(config: Config) -> None:
     """Delete the secret and its table; first, check again whose every
     message the ledger counts is (``OnDemand.recheck_owners``).  If that
     check fails, the files stay, and the next apply tries again."""
     paths = [os.path.join(config.state_directory if where == "state"
                           else settings.map_dir(config), name)
-             for where, name in LEGACY_FILES]
+             for where, name in holdtag.LEGACY_FILES]
     if not any(os.path.exists(p) for p in paths):
         return
     if os.path.exists(os.path.join(config.state_directory, "ledger.sqlite3")):

@@ -39,7 +39,7 @@ from .queuefiles import (FORCED_EXPIRE_BIT, SET_ASIDE_AFTER, QueueLayout, QueueW
                          QueuedMessage, parse_duration, parse_postcat, read_defer_log)
 from .release_rules import Item, Snapshot
 from .routing import route_of
-from .settings import TAG_HEADER
+from .holdtag import TAG_HEADER, tag_of
 
 RELEASE_WATCH = rules.RELEASE_WATCH
 # How long a refresh waits for pickup and cleanup to bring requeued mail back,
@@ -695,10 +695,9 @@ class OnDemand:
     def _tagged(self, msg: QueuedMessage) -> tuple[str, str] | None:
         """(domain, route) of held mail the milter tagged: one tag, naming
         the domain (or a parent domain) of one of its pending recipients."""
-        tags = msg.header(TAG_HEADER)
-        if len(tags) != 1:
+        tag = tag_of(msg.header(TAG_HEADER))
+        if tag is None:
             return None
-        tag = tags[0].strip().lower().rstrip(".")
         dom = self.config.domains.get(tag)
         if dom is None and not self.ledger.has_domain(tag):
             return None   # neither configured nor a domain this host held mail for

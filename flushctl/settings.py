@@ -14,6 +14,7 @@ import tomllib
 from dataclasses import dataclass
 from importlib import resources
 
+from . import holdtag
 from .config import Config
 from .names import forwarded, too_wide
 from .routing import transport_entries
@@ -98,12 +99,6 @@ def policy_spec(config: Config, queue_directory: str) -> str:
     return "unix:" + os.path.relpath(listen.path, queue)
 
 
-TAG_HEADER = "X-OnDemand-Domain"   # names the customer domain of a held message
-# The header earlier versions held requeued mail by (with a secret value):
-# no longer written, never obeyed, removed at intake and on the way out.
-HOLD_HEADER = "X-OnDemand-Hold"
-OUR_HEADERS = (TAG_HEADER, HOLD_HEADER)
-
 # Maps built with postmap; the others are regexp tables read as they are.
 HASH_MAPS = ("relay_domains", "flush_domains", "transport", "relay_recipients")
 
@@ -111,17 +106,9 @@ HASH_MAPS = ("relay_domains", "flush_domains", "transport", "relay_recipients")
 def render_maps(config: Config, requeue_uid: int | None = None) -> dict[str, str]:
     """Map source files (name -> text) for the configured domains.
 
-    Also the two regexp tables behind our headers: ``intake`` (every
-    message's own headers as cleanup receives them, from smtpd, sendmail
-    or a requeue) removes the hold header of earlier versions, which
-    nothing obeys now (the milter removes a tag a sender wrote, on
-    smtpd's and sendmail's mail, and adds its own); ``strip_hold`` keeps
-    that header from leaving in any smtp delivery.
-    With ``requeue_uid`` (the mail_owner's uid), ``intake`` also drops the
-    trace header that pickup adds to mail requeued with ``postsuper -r``
-    (``Received: by HOST (Postfix, from userid UID)``, the uid of the queue
-    file's owner): held mail whose lifetime clock is renewed again and
-    again would otherwise gain one per renewal, and reach hopcount_limit.
+    Also the two regexp tables behind our headers, ``intake`` and
+    ``strip_hold`` (their rules: ``holdtag``; ``requeue_uid``: the
+    mail_owner's uid, whose requeue trace header intake drops).
     """
     relay, flush, transport, recipients, any_user = [], [], [], [], []
     for name in sorted(config.domains):
@@ -136,18 +123,14 @@ def render_maps(config: Config, requeue_uid: int | None = None) -> dict[str, str
         else:
             recipients.extend(f"{local}@{name}\tOK\n" for local in sorted(dom.recipients))
     header = "# Written by flushctl apply from {}; do not edit.\n".format(config.path)
-    drop = ""
-    if requeue_uid is not None:
-        drop = (f"/^Received: by [^ ]+ \\([^,()]+, from userid {int(requeue_uid)}\\)/"
-                " IGNORE\n")
     return {
         "relay_domains": header + "".join(relay),
         "flush_domains": header + "".join(flush),
         "transport": header + "".join(transport),
         "relay_recipients": header + "".join(recipients),
         "relay_recipient_domains": header + "".join(any_user),
-        "intake": header + drop + f"/^{HOLD_HEADER}:/ IGNORE\n",
-        "strip_hold": header + f"/^{HOLD_HEADER}:/ IGNORE\n",
+        "intake": header + holdtag.intake_rules(requeue_uid),
+        "strip_hold": header + holdtag.strip_rules(),
     }
 
 

@@ -26,7 +26,7 @@ from flushctl import privsep
 from flushctl.config import Config
 from flushctl.metrics import Counts
 from flushctl.ondemand import OnDemand
-from flushctl.settings import OUR_HEADERS
+from flushctl.holdtag import OUR_HEADERS
 
 from . import policy
 

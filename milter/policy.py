@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from flushctl import names
 from flushctl.config import Domain
 from flushctl.routing import route_of
-from flushctl.settings import TAG_HEADER
+from flushctl.holdtag import TAG_HEADER
 
 HEADER = TAG_HEADER
 OTHER = ""  # transaction class of mail for no customer domain
