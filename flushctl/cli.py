@@ -182,11 +182,21 @@ def apply(ctx, dry_run, no_reload, removed):
 
 
 @main.command("check-config")
+@click.option("--json", "as_json", is_flag=True,
+              help='print a JSON object: {"path", "ok", "domains"} or {"path", "ok", "error"}')
 @pass_ctx
-def check_config(ctx):
-    """Validate the config file and say so."""
-    cfg = ctx.config
-    click.echo(f"{cfg.path}: ok, {len(cfg.domains)} domain(s)")
+def check_config(ctx, as_json):
+    """Validate the config file and say so (exit 1 if it is not valid)."""
+    if not as_json:
+        cfg = ctx.config
+        click.echo(f"{cfg.path}: ok, {len(cfg.domains)} domain(s)")
+        return
+    try:
+        cfg = config_mod.load(ctx.path)
+    except config_mod.ConfigError as exc:
+        click.echo(json.dumps({"path": ctx.path, "ok": False, "error": str(exc)}))
+        raise SystemExit(EXIT_ERROR) from None
+    click.echo(json.dumps({"path": cfg.path, "ok": True, "domains": sorted(cfg.domains)}))
 
 
 @main.command()
