@@ -17,6 +17,7 @@ from typing import Any
 
 from . import names
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_PATH = "/etc/flushctl/flushctl.toml"
 ENV_VAR = "FLUSHCTL_CONFIG"
 
@@ -85,7 +86,7 @@ class Domain:
     recipients: frozenset[str] | None = None  # lower-cased local parts
     quota_messages: int | None = None
     quota_bytes: int | None = None
-    flush_from: tuple = ()  # ip_network objects; empty means anyone
+    flush_from: tuple[Network, ...] = ()  # empty means anyone
     # hosts under the domain with routes of their own: host -> next hop
     hosts: dict = field(default_factory=dict)
     # seconds after its first 5xx that refused mail goes back to its sender; None: never
@@ -157,9 +158,9 @@ class Config:
     poller_interval: int
     probe_timeout: float
     poller_concurrency: int
-    own_hosts: tuple
+    own_hosts: tuple[str, ...]   # domain names, canonical
     nameservers: tuple[HostPort, ...]  # empty: the system's resolv.conf
-    relay_networks: tuple  # customer networks that may relay outbound mail through us
+    relay_networks: tuple[Network, ...]  # customer networks that may relay outbound mail through us
     gateway: "GatewaySettings"
     transport_name: str
     domains: dict[str, Domain] = field(default_factory=dict)
