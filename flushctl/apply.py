@@ -292,15 +292,13 @@ def _prepare_milter(config: Config) -> None:
     own for its socket (owner [milter] user, group postfix, 02750: only
     Postfix reaches in, and the socket the milter makes there is postfix's
     group by the setgid bit), and the ledger its group may write."""
-    import pwd
-    from . import ledger
+    from . import ledger, privsep
     uid, gid = 0, None
     if config.milter_user:
         try:
-            entry = pwd.getpwnam(config.milter_user)
-        except KeyError:
-            raise ApplyError(f"{config.path}: milter.user: user {config.milter_user!r} "
-                             "does not exist (create it, or set [milter] user)") from None
+            entry = privsep.account(config.milter_user, "milter")
+        except privsep.PrivsepError as exc:
+            raise ApplyError(f"{config.path}: {exc}") from None
         uid, gid = entry.pw_uid, entry.pw_gid
     listen = config.milter_listen
     if listen.kind == "unix":
