@@ -1,3 +1,3 @@
-from .cli import main
+from flushctl.cli import main
 
 main()

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from .config import Config, HostPort, Listen
-from .ondemand import OnDemand
-from .postfix import PostfixError
-from .probe import NOWHERE, describe
+from flushctl.config import Config, HostPort, Listen
+from flushctl.heldmail.library import OnDemand
+from flushctl.mta.commands import PostfixError
+from flushctl.poller.prober import NOWHERE, describe
 
 
 def _view(targets) -> list:
@@ -84,7 +84,7 @@ def _daemon_running(config: Config, daemon: str) -> bool:
 
 
 def _postfix(od: OnDemand, report: Report) -> None:
-    from .apply import ApplyError, apply
+    from flushctl.mta.apply import ApplyError, apply
     report.checks.append("postfix")
     try:
         if not od.postfix.running():

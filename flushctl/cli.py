@@ -17,10 +17,10 @@ import time
 
 import click
 
-from . import config as config_mod
-from . import names
-from .config import UnknownDomain
-from .postfix import PostfixError
+from flushctl import config as config_mod
+from flushctl import names
+from flushctl.config import UnknownDomain
+from flushctl.mta.commands import PostfixError
 
 EXIT_ERROR = 1
 EXIT_UNREACHABLE = 3
@@ -62,7 +62,7 @@ class Context:
     @property
     def ondemand(self):
         if self._ondemand is None:
-            from .ondemand import OnDemand
+            from flushctl.heldmail.library import OnDemand
             try:
                 self._ondemand = OnDemand(self.config)
             except (OSError, sqlite3.Error) as exc:
@@ -96,8 +96,8 @@ def _guard(fn):
     """Turn library errors into `Error: ...` and the documented exit codes."""
     import functools
 
-    from .ondemand import Refused
-    from .privsep import PrivsepError
+    from flushctl.heldmail.library import Refused
+    from flushctl.privsep.core import PrivsepError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -172,7 +172,7 @@ def apply(ctx, dry_run, no_reload, removed):
 
     A domain taken out of the config while mail is held for it stops the
     apply until one of the --*-removed options says what becomes of that mail."""
-    from .apply import ApplyError, apply as do_apply
+    from flushctl.mta.apply import ApplyError, apply as do_apply
     try:
         report = do_apply(ctx.config, dry_run=dry_run, reload=not no_reload, removed=removed)
     except ApplyError as exc:
@@ -204,7 +204,7 @@ def check_config(ctx, as_json):
 def milter(ctx):
     """Run the milter (foreground, until SIGTERM)."""
     from flushctl_milter.app import MilterSetupError, run
-    from .privsep import PrivsepError
+    from flushctl.privsep.core import PrivsepError
     try:
         run(ctx.config, ctx.ondemand)
     except (PostfixError, PrivsepError, MilterSetupError) as exc:
@@ -215,8 +215,8 @@ def milter(ctx):
 @pass_ctx
 def gateway(ctx):
     """Run the finger and ETRN gateway (foreground, until SIGTERM)."""
-    from .gateway import run
-    from .privsep import PrivsepError
+    from flushctl.gateway.main import run
+    from flushctl.privsep.core import PrivsepError
     try:
         run(ctx.config)
     except PrivsepError as exc:
@@ -230,8 +230,8 @@ def gateway(ctx):
 def helper(ctx):
     """Run the release helper, the one daemon that stays root (foreground):
     releases for the gateway, the poller and non-root admins; the keeper."""
-    from .helper import run
-    from .privsep import PrivsepError
+    from flushctl.privsep.helper import run
+    from flushctl.privsep.core import PrivsepError
     try:
         run(ctx.config)
     except PrivsepError as exc:
@@ -250,8 +250,8 @@ def helper(ctx):
 @_guard
 def poller(ctx, once, as_json):
     """Probe domains that hold mail; release when their server answers (foreground)."""
-    from .poller import run_forever, run_once
-    from .privsep import PrivsepError
+    from flushctl.poller.loop import run_forever, run_once
+    from flushctl.privsep.core import PrivsepError
     if not once:
         try:
             run_forever(ctx.config)
@@ -334,7 +334,7 @@ def _status_details(r) -> None:
 def _cluster_status(ctx, local, as_json) -> None:
     import asyncio
 
-    from . import cluster
+    from flushctl import cluster
     cfg = ctx.config
     if cfg.cluster is None:
         raise CliError(f"{cfg.path}: no [cluster] section: this host has no peers")
@@ -372,8 +372,8 @@ def flush(ctx, domain, wait, timeout):
     release helper (`flushctl helper`)."""
     import os
 
-    from .helper import release_report
-    from .ondemand import wait_for
+    from flushctl.privsep.helper import release_report
+    from flushctl.heldmail.library import wait_for
     name = ctx.domain(domain)
     if os.geteuid() == 0:
         od = ctx.ondemand
@@ -382,7 +382,8 @@ def flush(ctx, domain, wait, timeout):
         def step():
             return od.wait_step(name)
     else:
-        from . import helper, privsep
+        from flushctl.privsep import helper
+        from flushctl.privsep import core as privsep
         channel = privsep.Channel(helper.connect(ctx.config, "admin"))
         report = channel.call({"op": "flush", "domain": name})
 
@@ -490,7 +491,7 @@ def return_(ctx, domain, refused):
 @_guard
 def check(ctx, as_json):
     """Is everything in place and running? One line per problem (exit 1)."""
-    from .check import check as run_check
+    from flushctl.check import check as run_check
     report = run_check(ctx.ondemand)
     if as_json:
         click.echo(json.dumps(report.as_json(), indent=2))
@@ -536,7 +537,7 @@ def sweep(ctx):
     """One pass of the keeper (the poller runs it every few seconds): take in
     mail for customers the milter never saw, put mail that failed after a
     release back on hold."""
-    from .keeper import Keeper
+    from flushctl.heldmail.keeper import Keeper
     done = Keeper(ctx.ondemand).tick()
     for domain, count in sorted(done["taken_in"].items()):
         click.echo(f"{domain}: took in {count}")

@@ -24,10 +24,10 @@ import socket
 import time
 from dataclasses import dataclass
 
-from . import finger
-from .names import forwarded
-from .config import Cluster, Peer
-from .ledger import Forward, Ledger
+from flushctl.protocols import finger
+from flushctl.names import forwarded
+from flushctl.config import Cluster, Peer
+from flushctl.heldmail.ledger import Forward, Ledger
 
 log = logging.getLogger("flushctl.cluster")
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import names
+from flushctl import names
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_PATH = "/etc/flushctl/flushctl.toml"

@@ -1,0 +1,1 @@
+"""The Postfix-side settings and service definitions, as data (settings.toml)."""

@@ -48,7 +48,7 @@ def run(report: Report, quick: bool) -> None:
                         start_sink=True)
     try:
         from flushctl import config as config_mod
-        from flushctl.ondemand import OnDemand
+        from flushctl.heldmail.library import OnDemand
         cfg = config_mod.load(str(stack.config_path))
         od = OnDemand(cfg)
 

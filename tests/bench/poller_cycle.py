@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from instance import free_port  # noqa: E402
 
 from flushctl import config as config_mod  # noqa: E402
-from flushctl.ledger import Ledger  # noqa: E402
-from flushctl.ondemand import OnDemand  # noqa: E402
-from flushctl.poller import Poller  # noqa: E402
-from flushctl.queuefiles import QueueLayout  # noqa: E402
+from flushctl.heldmail.ledger import Ledger  # noqa: E402
+from flushctl.heldmail.library import OnDemand  # noqa: E402
+from flushctl.poller.loop import Poller  # noqa: E402
+from flushctl.mta.queuefiles import QueueLayout  # noqa: E402
 
 CONFIGURED = 10_000
 HOLDING = 1_000

@@ -33,7 +33,7 @@ def run(report: Report, quick: bool) -> None:
     stack = build_stack(domains=domains)
     try:
         from flushctl import config as config_mod
-        from flushctl.ondemand import OnDemand
+        from flushctl.heldmail.library import OnDemand
         smtp_source(stack, f"user@{DOMAIN}", HELD, 4)
         od = OnDemand(config_mod.load(str(stack.config_path)))
         env = dict(os.environ, FLUSHCTL_CONFIG=str(stack.config_path))

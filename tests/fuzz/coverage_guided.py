@@ -12,7 +12,11 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from flushctl import finger, gate, gateway, names, policyproto  # noqa: F401
+    from flushctl import names  # noqa: F401
+    from flushctl.protocols import finger
+    from flushctl.gateway import gate
+    from flushctl.gateway import main as gateway
+    from flushctl.protocols import smtpd_policy
 
 import test_parsers  # noqa: E402  (the same checks; it imports the instrumented modules)
 

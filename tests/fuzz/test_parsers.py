@@ -14,9 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from flushctl import finger, names, policyproto
-from flushctl.gate import ALLOWED, Gate
-from flushctl.gateway import etrn_action, Outcome, NOTHING
+from flushctl import names
+
+from flushctl.protocols import finger
+
+from flushctl.protocols import smtpd_policy
+from flushctl.gateway.gate import ALLOWED, Gate
+from flushctl.gateway.main import etrn_action, Outcome, NOTHING
 
 COUNT = int(os.environ.get("FLUSHCTL_FUZZ", "30000"))
 SEED = int(os.environ.get("FLUSHCTL_FUZZ_SEED", "1985"))
@@ -64,10 +68,10 @@ def check_finger_line(line: bytes) -> str:
 def check_policy_block(block: bytes, gate: Gate) -> str:
     """Parse one policy request; 'refused', 'parsed' or 'etrn' (an ETRN request)."""
     try:
-        request = policyproto.parse(block)
-    except policyproto.ProtocolError:
+        request = smtpd_policy.parse(block)
+    except smtpd_policy.ProtocolError:
         return "refused"
-    assert len(request.attrs) <= policyproto.MAX_ATTRIBUTES
+    assert len(request.attrs) <= smtpd_policy.MAX_ATTRIBUTES
     if request.state != "ETRN":
         return "parsed"
     try:
@@ -78,7 +82,7 @@ def check_policy_block(block: bytes, gate: Gate) -> str:
     # an unknown domain is never allowed, whatever the client address says
     assert gate.check(request.client_address, domain, 0.0) != ALLOWED
     action = etrn_action(domain, Outcome(NOTHING, 0, "", "", None))
-    assert policyproto.answer(action).count(b"\n") == 2
+    assert smtpd_policy.answer(action).count(b"\n") == 2
     return "etrn"
 
 

@@ -127,8 +127,10 @@ def test_apply_fails_whole_at_every_failure_point(monkeypatch):
     import os
     import shutil
 
-    from flushctl import apply as apply_mod, config as config_mod
-    from flushctl.postfix import Postfix
+    from flushctl import config as config_mod
+
+    from flushctl.mta import apply as apply_mod
+    from flushctl.mta.commands import Postfix
 
     stack = fresh_stack()
     stack.pf.start()

@@ -438,7 +438,7 @@ def test_the_release_helper_decides_again_whatever_the_gateway_asks(make_stack):
     import asyncio
     import json
 
-    from flushctl import helper
+    from flushctl.privsep import helper
 
     def domains(port):
         return (f'[domains."customer.test"]\nrelay = "[127.0.0.1]:{port}"\n'

@@ -20,9 +20,9 @@ from conftest import wait_until
 import click.testing  # noqa: F401
 import flushctl.cli
 import flushctl.config
-import flushctl.helper
-import flushctl.ondemand  # noqa: F401
-import flushctl.privsep
+import flushctl.privsep.helper
+import flushctl.heldmail.library  # noqa: F401
+import flushctl.privsep.core
 
 NOGROUP = 65534    # the helper's group in the test stacks ([helper] group = "nogroup")
 ADMIN = 4242       # no passwd entry: a member of the group by its gid
@@ -69,9 +69,9 @@ def hello_as(uid, gid, groups, cfg, role):
     """Ask the helper for ``role`` as that user: "ok" or why not."""
     def run():
         try:
-            flushctl.helper.connect(cfg, role).close()
+            flushctl.privsep.helper.connect(cfg, role).close()
             return "ok"
-        except flushctl.privsep.PrivsepError as exc:
+        except flushctl.privsep.core.PrivsepError as exc:
             return str(exc)
     return as_user(uid, gid, groups, run)
 
@@ -172,7 +172,7 @@ def test_an_admin_asks_only_what_an_admin_asks(stack):
 
     def talk(*lines):
         replies = []
-        with flushctl.helper.connect(cfg, "admin") as sock, sock.makefile("rb") as f:
+        with flushctl.privsep.helper.connect(cfg, "admin") as sock, sock.makefile("rb") as f:
             for line in lines:
                 try:
                     sock.sendall(line.encode() + b"\n")
@@ -205,10 +205,10 @@ def test_no_role_crowds_out_the_others(stack):
     few: the poller's user holding all it may, or a member opening
     connections that say nothing, leaves the admin and the gateway served."""
     cfg = stack.cfg
-    held = [flushctl.helper.connect(cfg, "poller") for _ in range(2)]
-    held += [flushctl.helper.connect(cfg, "scrape") for _ in range(2)]
-    with pytest.raises(flushctl.privsep.PrivsepError, match="2 poller connections already"):
-        flushctl.helper.connect(cfg, "poller")
+    held = [flushctl.privsep.helper.connect(cfg, "poller") for _ in range(2)]
+    held += [flushctl.privsep.helper.connect(cfg, "scrape") for _ in range(2)]
+    with pytest.raises(flushctl.privsep.core.PrivsepError, match="2 poller connections already"):
+        flushctl.privsep.helper.connect(cfg, "poller")
     silent = []
     for _ in range(20):    # as root: its own 8 silent ones, then hung up on at once
         sock = socket.socket(socket.AF_UNIX)
@@ -321,7 +321,7 @@ def test_a_gateway_that_shuts_its_listeners_spoils_them_for_no_one(stack):
             return False
 
     def spoil():
-        sock, listeners = flushctl.helper.connect_gateway(cfg)
+        sock, listeners = flushctl.privsep.helper.connect_gateway(cfg)
         for listener in listeners:
             listener.shutdown(socket.SHUT_RDWR)
             listener.close()
@@ -329,7 +329,7 @@ def test_a_gateway_that_shuts_its_listeners_spoils_them_for_no_one(stack):
         return "spoiled"
 
     def take():
-        sock, listeners = flushctl.helper.connect_gateway(cfg)
+        sock, listeners = flushctl.privsep.helper.connect_gateway(cfg)
         for listener in listeners:
             listener.close()
         sock.close()
@@ -343,10 +343,10 @@ def test_a_gateway_that_shuts_its_listeners_spoils_them_for_no_one(stack):
     assert finger_and_policy_take_connections()
     assert "event=rebind for=gateway" in stack.daemon_log("helper")
     # root may take the gateway's role (to ask), but is sent no listener
-    with flushctl.helper.connect(cfg, "gateway"):
+    with flushctl.privsep.helper.connect(cfg, "gateway"):
         pass
     try:
-        flushctl.helper.connect_gateway(cfg)
+        flushctl.privsep.helper.connect_gateway(cfg)
         raise AssertionError("root was sent the gateway's listeners")
-    except flushctl.privsep.PrivsepError as exc:
+    except flushctl.privsep.core.PrivsepError as exc:
         assert "sent 0 listening sockets" in str(exc)

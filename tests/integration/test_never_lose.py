@@ -282,7 +282,7 @@ def test_poller_backs_off_after_tempfails_and_a_customer_trigger_does_not(make_s
 
 def test_mail_renewed_60_times_is_delivered_with_one_received_header(make_stack):
     from flushctl import config as config_mod
-    from flushctl.ondemand import OnDemand
+    from flushctl.heldmail.library import OnDemand
     stack = make_stack()
     stack.send(["u@customer.test"], subject="renewed")
     wait_until(lambda: len(stack.queue()) == 1, what="held")
@@ -366,8 +366,8 @@ def test_renewal_while_others_record_the_copies_does_not_wait(make_stack):
 
 def test_held_mail_that_is_not_ours_is_read_once(make_stack):
     from flushctl import config as config_mod
-    from flushctl.ondemand import OnDemand
-    from flushctl.postfix import Postfix
+    from flushctl.heldmail.library import OnDemand
+    from flushctl.mta.commands import Postfix
 
     class Counting(Postfix):
         reads = 0

@@ -227,7 +227,7 @@ def test_the_release_helper_answers_only_what_the_poller_asks(make_stack):
     result end the conversation; what it may ask is answered."""
     import json
 
-    from flushctl import helper
+    from flushctl.privsep import helper
 
     stack = make_stack()
     stack.sink.start()

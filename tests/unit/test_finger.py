@@ -1,4 +1,4 @@
-"""flushctl.finger: RFC 1288 query lines, parsed without sockets."""
+"""flushctl.protocols.finger: RFC 1288 query lines, parsed without sockets."""
 
 import re
 
@@ -6,8 +6,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flushctl import finger, names
-from flushctl.finger import DOMAIN, EMPTY, FORWARD, INVALID, Query
+from flushctl import names
+
+from flushctl.protocols import finger
+from flushctl.protocols.finger import DOMAIN, EMPTY, FORWARD, INVALID, Query
 
 KINDS = {EMPTY, DOMAIN, FORWARD, INVALID}
 

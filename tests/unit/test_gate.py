@@ -1,4 +1,4 @@
-"""flushctl.gate: who may trigger a release, and how often (clock injected)."""
+"""flushctl.gateway.gate: who may trigger a release, and how often (clock injected)."""
 
 import ipaddress
 
@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flushctl.config import Domain
-from flushctl.gate import (ALLOWED, NOT_ALLOWED, RATE_LIMITED, Gate, TokenBucket, bucket_key,
+from flushctl.gateway.gate import (ALLOWED, NOT_ALLOWED, RATE_LIMITED, Gate, TokenBucket, bucket_key,
                            client_allowed)
 
 
@@ -261,7 +261,7 @@ def test_under_the_rate_is_never_limited(burst, per_minute):
 
 
 def test_ipv6_clients_share_a_bucket_per_64():
-    from flushctl.gate import RATE_LIMITED, Gate, bucket_key
+    from flushctl.gateway.gate import RATE_LIMITED, Gate, bucket_key
     assert bucket_key("2001:db8:1:2::5") == bucket_key("2001:db8:1:2:ffff::9")
     assert bucket_key("2001:db8:1:3::5") != bucket_key("2001:db8:1:2::5")
     assert bucket_key("::ffff:192.0.2.5") == "192.0.2.5"

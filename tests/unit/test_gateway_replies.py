@@ -1,4 +1,4 @@
-"""flushctl.gateway: the finger reply lines and the ETRN policy action (pure)."""
+"""flushctl.gateway.main: the finger reply lines and the ETRN policy action (pure)."""
 
 import re
 import time
@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flushctl import policyproto
-from flushctl.gateway import (FAILED, NOTHING, NOWHERE, PAUSED, RELEASED, UNREACHABLE,
+from flushctl.protocols import smtpd_policy
+from flushctl.gateway.main import (FAILED, NOTHING, NOWHERE, PAUSED, RELEASED, UNREACHABLE,
                               Outcome, etrn_action, finger_reply)
-from flushctl.ondemand import Status
+from flushctl.heldmail.library import Status
 
 DOM = "customer.example"
 AGE = 2 * 3600 + 5 * 60 + 30          # "2h 5m", far from a minute boundary
@@ -197,7 +197,7 @@ def test_etrn_codes_and_one_line(kind, code):
         assert action.split()[0] == code
         assert re.match(r"^4\d\d 4\.\d\.\d ", action)
     # and it goes out as exactly one attribute
-    wire = policyproto.answer(action)
+    wire = smtpd_policy.answer(action)
     assert wire == f"action={action}\n\n".encode()
 
 

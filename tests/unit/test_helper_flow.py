@@ -10,9 +10,9 @@ import json
 import socket
 from types import SimpleNamespace
 
-from flushctl import privsep
-from flushctl.gate import Gate
-from flushctl.gateway import RELEASED, Outcome, Releaser, encode_outcome
+from flushctl.privsep import core as privsep
+from flushctl.gateway.gate import Gate
+from flushctl.gateway.main import RELEASED, Outcome, Releaser, encode_outcome
 
 DOMAINS = {"customer.example": SimpleNamespace(flush_from=())}
 

@@ -7,7 +7,7 @@ import pytest
 
 from flushctl import config
 from flushctl.config import ConfigError
-from flushctl.helper import Peer, refusal
+from flushctl.privsep.helper import Peer, refusal
 
 CFG = config.parse("""
 [milter]
@@ -86,8 +86,8 @@ def test_a_helper_whose_backlog_is_full_is_waited_for(tmp_path):
     import socket
     import time
 
-    from flushctl import helper
-    from flushctl.privsep import PrivsepError
+    from flushctl.privsep import helper
+    from flushctl.privsep.core import PrivsepError
     path = tmp_path / "helper.sock"
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(path))

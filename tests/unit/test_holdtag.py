@@ -1,8 +1,8 @@
-"""flushctl.holdtag: the hold-tag contract in one place."""
+"""flushctl.heldmail.holdtag: the hold-tag contract in one place."""
 
 import re
 
-from flushctl import holdtag
+from flushctl.heldmail import holdtag
 
 
 def test_a_tag_is_exactly_one_header_naming_a_domain():

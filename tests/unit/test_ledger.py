@@ -1,11 +1,11 @@
-"""flushctl.ledger: held messages and per-domain totals in SQLite."""
+"""flushctl.heldmail.ledger: held messages and per-domain totals in SQLite."""
 
 import os
 import time
 
 import pytest
 
-from flushctl.ledger import FILENAME, DomainState, Entry, Ledger
+from flushctl.heldmail.ledger import FILENAME, DomainState, Entry, Ledger
 
 
 @pytest.fixture

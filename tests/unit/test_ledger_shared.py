@@ -13,8 +13,8 @@ import threading
 
 import pytest
 
-from flushctl import ledger as ledger_mod
-from flushctl.ledger import FILENAME, Ledger, share
+from flushctl.heldmail import ledger as ledger_mod
+from flushctl.heldmail.ledger import FILENAME, Ledger, share
 
 NOBODY, NOGROUP = 65534, 65534
 

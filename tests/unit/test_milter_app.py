@@ -17,8 +17,9 @@ import pytest
 from Milter import testctx
 
 from flushctl import config
-from flushctl.ledger import Ledger
-from flushctl_milter import app, policy
+from flushctl.heldmail.ledger import Ledger
+from flushctl_milter import app
+from flushctl_milter import rules
 from flushctl_milter.app import OnDemandMilter, Shared
 
 CONFIG = """
@@ -198,7 +199,7 @@ def test_second_customer_domain_gets_452(ondemand):
     assert ctx._envfrom("<sender@example.org>") == Milter.CONTINUE
     assert ctx._envrcpt("<alice@customer.example>") == Milter.CONTINUE
     assert ctx._envrcpt("<carol@second.example>") == Milter.TEMPFAIL
-    assert ctx._reply == ("452", "4.5.3", policy.SECOND_DOMAIN.text)
+    assert ctx._reply == ("452", "4.5.3", rules.SECOND_DOMAIN.text)
     # the first recipient's message still goes through and is held
     ctx._reply = None
     assert send_data(ctx) == Milter.ACCEPT

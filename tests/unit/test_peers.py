@@ -8,9 +8,11 @@ import time
 
 import pytest
 
-from flushctl import cluster, config, finger
+from flushctl import cluster, config
+
+from flushctl.protocols import finger
 from flushctl.config import Cluster, Peer
-from flushctl.ledger import Ledger
+from flushctl.heldmail.ledger import Ledger
 
 
 def test_backoff_doubles_up_to_a_minute():
@@ -184,20 +186,20 @@ class RecordingReleaser:
         self.triggers = []
 
     async def trigger(self, domain, how, client):
-        from flushctl.gateway import NOTHING, Outcome
+        from flushctl.gateway.main import NOTHING, Outcome
         self.triggers.append((domain, how, client))
         return Outcome(NOTHING, 0, "", "", None)
 
 
 def _etrn(gw, client, helo, domain="customer.example"):
-    from flushctl import policyproto
-    request = policyproto.Request({"protocol_state": "ETRN", "client_address": client,
+    from flushctl.protocols import smtpd_policy
+    request = smtpd_policy.Request({"protocol_state": "ETRN", "client_address": client,
                                    "helo_name": helo, "etrn_domain": domain})
     return asyncio.run(gw._policy_action(request))
 
 
 def test_the_gateway_knows_peers_by_address_and_by_ehlo_name():
-    from flushctl.gateway import Gateway
+    from flushctl.gateway.main import Gateway
     cfg = config.parse('[cluster]\npeers = ["mx2.provider.example", "192.0.2.3"]\n'
                        '[domains."customer.example"]\nflush_from = ["198.51.100.0/24"]\n')
     rel = RecordingReleaser()
@@ -231,7 +233,7 @@ def test_a_forwarded_etrn_is_known_by_itself_and_grants_nothing():
     """Issue 15, item 6: neither the address nor the EHLO name is a peer's,
     yet the ETRN says it was forwarded: released here, never sent on; and
     from outside flush_from refused like any other."""
-    from flushctl.gateway import Gateway
+    from flushctl.gateway.main import Gateway
     cfg = config.parse('[cluster]\npeers = ["mx2.provider.example"]\n'
                        '[domains."customer.example"]\nflush_from = ["198.51.100.0/24"]\n')
     rel = RecordingReleaser()
@@ -265,8 +267,8 @@ def test_unmark(argument, expected):
 
 
 def test_a_report_that_cannot_be_read_is_answered_not_left_waiting():
-    from flushctl import finger as finger_mod
-    from flushctl.gateway import REPORTED, Gateway, Releaser
+    from flushctl.protocols import finger as finger_mod
+    from flushctl.gateway.main import REPORTED, Gateway, Releaser
 
     class Broken:
         def status(self, domain):

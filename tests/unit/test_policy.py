@@ -1,10 +1,10 @@
-"""flushctl_milter.policy: RCPT and end-of-message decisions (no sockets)."""
+"""flushctl_milter.rules: RCPT and end-of-message decisions (no sockets)."""
 
 import pytest
 
 from flushctl import config
-from flushctl_milter import policy
-from flushctl_milter.policy import OTHER, QUOTA, SECOND_DOMAIN, UNKNOWN_RECIPIENT
+from flushctl_milter import rules
+from flushctl_milter.rules import OTHER, QUOTA, SECOND_DOMAIN, UNKNOWN_RECIPIENT
 
 CONFIG = """
 [domains."customer.example"]
@@ -41,7 +41,7 @@ EMPTY = totals_of()
 
 
 def rcpt(address, current=None, totals=EMPTY):
-    return policy.decide_rcpt(address, current, DOMAINS, totals)
+    return rules.decide_rcpt(address, current, DOMAINS, totals)
 
 
 # -- replies -------------------------------------------------------------------
@@ -50,8 +50,8 @@ def test_reply_codes():
     assert (SECOND_DOMAIN.code, SECOND_DOMAIN.dsn) == ("452", "4.5.3")
     assert (UNKNOWN_RECIPIENT.code, UNKNOWN_RECIPIENT.dsn) == ("550", "5.1.1")
     assert (QUOTA.code, QUOTA.dsn) == ("452", "4.2.2")
-    assert (policy.LOCAL_PROBLEM.code, policy.LOCAL_PROBLEM.dsn) == ("451", "4.3.0")
-    assert SECOND_DOMAIN.temporary and QUOTA.temporary and policy.LOCAL_PROBLEM.temporary
+    assert (rules.LOCAL_PROBLEM.code, rules.LOCAL_PROBLEM.dsn) == ("451", "4.3.0")
+    assert SECOND_DOMAIN.temporary and QUOTA.temporary and rules.LOCAL_PROBLEM.temporary
     assert not UNKNOWN_RECIPIENT.temporary
 
 
@@ -65,7 +65,7 @@ def test_reply_codes():
     ("postmaster", (OTHER, None, None)),
 ])
 def test_recipient_class(address, expected):
-    assert policy.recipient_class(address, DOMAINS) == expected
+    assert rules.recipient_class(address, DOMAINS) == expected
 
 
 # -- decide_rcpt ---------------------------------------------------------------
@@ -180,38 +180,38 @@ def test_non_customer_does_not_ask_totals():
 # -- decide_eom ----------------------------------------------------------------
 
 def test_eom_no_class():
-    assert policy.decide_eom(None, 10**9, DOMAINS, EMPTY) is None
-    assert policy.decide_eom(OTHER, 10**9, DOMAINS, EMPTY) is None
+    assert rules.decide_eom(None, 10**9, DOMAINS, EMPTY) is None
+    assert rules.decide_eom(OTHER, 10**9, DOMAINS, EMPTY) is None
 
 
 def test_eom_quota_bytes_pushed_over():
     totals = totals_of({"bytes.example": (1, 500)})
-    assert policy.decide_eom("bytes.example", 501, DOMAINS, totals) is QUOTA
+    assert rules.decide_eom("bytes.example", 501, DOMAINS, totals) is QUOTA
 
 
 def test_eom_quota_bytes_exactly_full_fits():
     totals = totals_of({"bytes.example": (1, 500)})
-    assert policy.decide_eom("bytes.example", 500, DOMAINS, totals) is None
+    assert rules.decide_eom("bytes.example", 500, DOMAINS, totals) is None
 
 
 def test_eom_quota_bytes_small_message_fits():
     totals = totals_of({"bytes.example": (1, 500)})
-    assert policy.decide_eom("bytes.example", 100, DOMAINS, totals) is None
+    assert rules.decide_eom("bytes.example", 100, DOMAINS, totals) is None
 
 
 def test_eom_quota_bytes_message_alone_too_big():
-    assert policy.decide_eom("bytes.example", 1001, DOMAINS, EMPTY) is QUOTA
+    assert rules.decide_eom("bytes.example", 1001, DOMAINS, EMPTY) is QUOTA
 
 
 def test_eom_quota_messages():
-    assert policy.decide_eom("small.example", 10, DOMAINS,
+    assert rules.decide_eom("small.example", 10, DOMAINS,
                              totals_of({"small.example": (2, 0)})) is QUOTA
-    assert policy.decide_eom("small.example", 10, DOMAINS,
+    assert rules.decide_eom("small.example", 10, DOMAINS,
                              totals_of({"small.example": (1, 0)})) is None
 
 
 def test_eom_without_quota():
-    assert policy.decide_eom("customer.example", 10**9, DOMAINS,
+    assert rules.decide_eom("customer.example", 10**9, DOMAINS,
                              totals_of({"customer.example": (10**5, 10**10)})) is None
 
 
@@ -221,7 +221,7 @@ def test_eom_without_quota():
     (2, 0, 0, True),
 ])
 def test_over_quota_messages(messages, held, size, over):
-    assert policy.over_quota(DOMAINS["small.example"], messages, held, size) is over
+    assert rules.over_quota(DOMAINS["small.example"], messages, held, size) is over
 
 
 @pytest.mark.parametrize("held, size, over", [
@@ -233,7 +233,7 @@ def test_over_quota_messages(messages, held, size, over):
     (400, 601, True),
 ])
 def test_over_quota_bytes(held, size, over):
-    assert policy.over_quota(DOMAINS["bytes.example"], 0, held, size) is over
+    assert rules.over_quota(DOMAINS["bytes.example"], 0, held, size) is over
 
 
 @pytest.mark.parametrize("rcpt, klass", [
@@ -241,11 +241,11 @@ def test_over_quota_bytes(held, size, over):
     ("u@pc_1.customer.example", "customer.example"),      # never let them slip past
 ])
 def test_odd_but_valid_recipients_are_the_customers(rcpt, klass):
-    from flushctl_milter.policy import recipient_class
+    from flushctl_milter.rules import recipient_class
     assert recipient_class(rcpt, DOMAINS)[0] == klass
 
 
 def test_quoted_local_part_is_matched_unquoted_against_the_list():
-    from flushctl_milter.policy import recipient_class
+    from flushctl_milter.rules import recipient_class
     _, local, _ = recipient_class('"Alice"@listed.example', DOMAINS)
     assert local == "Alice"

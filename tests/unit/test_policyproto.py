@@ -1,11 +1,11 @@
-"""flushctl.policyproto: Postfix's policy delegation protocol, pure."""
+"""flushctl.protocols.smtpd_policy: Postfix's policy delegation protocol, pure."""
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flushctl import policyproto
-from flushctl.policyproto import ProtocolError, Request
+from flushctl.protocols import smtpd_policy
+from flushctl.protocols.smtpd_policy import ProtocolError, Request
 
 # What smtpd 3.x sends for "ETRN customer.example" (SMTPD_POLICY_README).
 ETRN_REQUEST = (
@@ -41,7 +41,7 @@ ETRN_REQUEST = (
 # -- named cases ---------------------------------------------------------------
 
 def test_parse_etrn_request():
-    req = policyproto.parse(ETRN_REQUEST)
+    req = smtpd_policy.parse(ETRN_REQUEST)
     assert isinstance(req, Request)
     assert req.state == "ETRN"
     assert req.etrn_domain == "customer.example"
@@ -54,19 +54,19 @@ def test_parse_etrn_request():
 
 
 def test_parse_etrn_request_with_crlf():
-    req = policyproto.parse(ETRN_REQUEST.replace(b"\n", b"\r\n"))
+    req = smtpd_policy.parse(ETRN_REQUEST.replace(b"\n", b"\r\n"))
     assert req.state == "ETRN"
     assert req.etrn_domain == "customer.example"
     assert req.client_address == "192.0.2.10"
 
 
 def test_parse_etrn_hash_domain_kept_verbatim():
-    req = policyproto.parse(b"protocol_state=ETRN\netrn_domain=#Customer.Example\n\n")
+    req = smtpd_policy.parse(b"protocol_state=ETRN\netrn_domain=#Customer.Example\n\n")
     assert req.etrn_domain == "#Customer.Example"     # normalised later by wire_domain
 
 
 def test_parse_rcpt_request():
-    req = policyproto.parse(
+    req = smtpd_policy.parse(
         b"request=smtpd_access_policy\n"
         b"protocol_state=RCPT\n"
         b"protocol_name=SMTP\n"
@@ -81,11 +81,11 @@ def test_parse_rcpt_request():
 
 
 def test_state_is_upper_cased():
-    assert policyproto.parse(b"protocol_state=etrn\n\n").state == "ETRN"
+    assert smtpd_policy.parse(b"protocol_state=etrn\n\n").state == "ETRN"
 
 
 def test_defaults_when_missing():
-    req = policyproto.parse(b"\n")
+    req = smtpd_policy.parse(b"\n")
     assert req.attrs == {}
     assert req.state == ""
     assert req.client_address == ""
@@ -93,21 +93,21 @@ def test_defaults_when_missing():
 
 
 def test_value_may_contain_equals_sign():
-    req = policyproto.parse(b"ccert_subject=CN=mail.customer.example,O=x\n\n")
+    req = smtpd_policy.parse(b"ccert_subject=CN=mail.customer.example,O=x\n\n")
     assert req.attrs == {"ccert_subject": "CN=mail.customer.example,O=x"}
 
 
 def test_utf8_value():
-    req = policyproto.parse("client_name=bücher.example\n\n".encode("utf-8"))
+    req = smtpd_policy.parse("client_name=bücher.example\n\n".encode("utf-8"))
     assert req.attrs["client_name"] == "bücher.example"
 
 
 def test_request_without_request_attribute_is_accepted():
-    assert policyproto.parse(b"protocol_state=ETRN\n\n").attrs == {"protocol_state": "ETRN"}
+    assert smtpd_policy.parse(b"protocol_state=ETRN\n\n").attrs == {"protocol_state": "ETRN"}
 
 
 def test_later_duplicate_wins():
-    req = policyproto.parse(b"etrn_domain=a.example\netrn_domain=b.example\n\n")
+    req = smtpd_policy.parse(b"etrn_domain=a.example\netrn_domain=b.example\n\n")
     assert req.etrn_domain == "b.example"
 
 
@@ -126,7 +126,7 @@ def test_later_duplicate_wins():
 ])
 def test_parse_bad_line(block):
     with pytest.raises(ProtocolError, match="not an attribute line"):
-        policyproto.parse(block)
+        smtpd_policy.parse(block)
 
 
 @pytest.mark.parametrize("block", [
@@ -136,39 +136,39 @@ def test_parse_bad_line(block):
 ])
 def test_parse_not_utf8(block):
     with pytest.raises(ProtocolError, match="UTF-8"):
-        policyproto.parse(block)
+        smtpd_policy.parse(block)
 
 
 def test_parse_oversize():
-    assert policyproto.MAX_REQUEST == 32 * 1024
+    assert smtpd_policy.MAX_REQUEST == 32 * 1024
     line = b"x=" + b"a" * 100 + b"\n"
-    block = line * (policyproto.MAX_REQUEST // len(line) + 1)
-    assert len(block) > policyproto.MAX_REQUEST
+    block = line * (smtpd_policy.MAX_REQUEST // len(line) + 1)
+    assert len(block) > smtpd_policy.MAX_REQUEST
     with pytest.raises(ProtocolError, match="too long"):
-        policyproto.parse(block)
+        smtpd_policy.parse(block)
 
 
 def test_parse_size_boundary():
     head = b"x="
-    exact = head + b"a" * (policyproto.MAX_REQUEST - len(head) - 2) + b"\n\n"
-    assert len(exact) == policyproto.MAX_REQUEST
-    assert len(policyproto.parse(exact).attrs["x"]) == policyproto.MAX_REQUEST - 4
+    exact = head + b"a" * (smtpd_policy.MAX_REQUEST - len(head) - 2) + b"\n\n"
+    assert len(exact) == smtpd_policy.MAX_REQUEST
+    assert len(smtpd_policy.parse(exact).attrs["x"]) == smtpd_policy.MAX_REQUEST - 4
     with pytest.raises(ProtocolError):
-        policyproto.parse(exact[:-2] + b"a\n\n")
+        smtpd_policy.parse(exact[:-2] + b"a\n\n")
 
 
 def test_parse_too_many_attributes():
-    ok = b"".join(b"a%d=1\n" % i for i in range(policyproto.MAX_ATTRIBUTES)) + b"\n"
-    assert len(policyproto.parse(ok).attrs) == policyproto.MAX_ATTRIBUTES
-    too_many = b"".join(b"a%d=1\n" % i for i in range(policyproto.MAX_ATTRIBUTES + 1)) + b"\n"
+    ok = b"".join(b"a%d=1\n" % i for i in range(smtpd_policy.MAX_ATTRIBUTES)) + b"\n"
+    assert len(smtpd_policy.parse(ok).attrs) == smtpd_policy.MAX_ATTRIBUTES
+    too_many = b"".join(b"a%d=1\n" % i for i in range(smtpd_policy.MAX_ATTRIBUTES + 1)) + b"\n"
     with pytest.raises(ProtocolError, match="too many"):
-        policyproto.parse(too_many)
+        smtpd_policy.parse(too_many)
 
 
 @pytest.mark.parametrize("kind", [b"junk", b"smtpd_access_policy ", b"SMTPD_ACCESS_POLICY", b""])
 def test_parse_unknown_request_type(kind):
     with pytest.raises(ProtocolError, match="unknown request type"):
-        policyproto.parse(b"request=" + kind + b"\nprotocol_state=ETRN\n\n")
+        smtpd_policy.parse(b"request=" + kind + b"\nprotocol_state=ETRN\n\n")
 
 
 def test_protocol_error_is_a_value_error():
@@ -178,7 +178,7 @@ def test_protocol_error_is_a_value_error():
 @pytest.mark.parametrize("block", ["ñame=x\n\n", "²=x\n\n", "名前=x\n\n", "ａ=x\n\n"])
 def test_parse_non_ascii_attribute_name(block):
     with pytest.raises(ProtocolError):
-        policyproto.parse(block.encode("utf-8"))
+        smtpd_policy.parse(block.encode("utf-8"))
 
 
 # -- answer --------------------------------------------------------------------
@@ -193,7 +193,7 @@ def test_parse_non_ascii_attribute_name(block):
     ("bücher", "action=bücher\n\n".encode("utf-8")),
 ])
 def test_answer(action, encoded):
-    assert policyproto.answer(action) == encoded
+    assert smtpd_policy.answer(action) == encoded
 
 
 @pytest.mark.parametrize("action", [
@@ -207,18 +207,18 @@ def test_answer(action, encoded):
     "OK\x0caction=REJECT",
 ])
 def test_answer_cannot_inject_a_second_attribute(action):
-    out = policyproto.answer(action)
+    out = smtpd_policy.answer(action)
     assert out == b"action=OK action=REJECT\n\n"
     assert out.count(b"\n") == 2
     assert out.count(b"\r") == 0
 
 
 def test_answer_surrogate_replaced():
-    assert policyproto.answer("OK\udcff") == b"action=OK?\n\n"
+    assert smtpd_policy.answer("OK\udcff") == b"action=OK?\n\n"
 
 
 def test_dunno():
-    assert policyproto.DUNNO == "DUNNO"
+    assert smtpd_policy.DUNNO == "DUNNO"
 
 
 # -- properties ----------------------------------------------------------------
@@ -235,11 +235,11 @@ def test_dunno():
 ))
 def test_parse_returns_request_or_raises_protocol_error(block):
     try:
-        req = policyproto.parse(block)
+        req = smtpd_policy.parse(block)
     except ProtocolError:
         return
     assert isinstance(req, Request)
-    assert len(req.attrs) <= policyproto.MAX_ATTRIBUTES
+    assert len(req.attrs) <= smtpd_policy.MAX_ATTRIBUTES
     for name, value in req.attrs.items():
         assert name and "=" not in name and "\n" not in name
         assert "\n" not in value
@@ -261,7 +261,7 @@ def test_parse_round_trips(attrs, eol, with_request):
     if with_request:
         attrs = {"request": "smtpd_access_policy", **attrs}
     block = ("".join(f"{n}={v}{eol}" for n, v in attrs.items()) + eol).encode("utf-8")
-    assert policyproto.parse(block).attrs == attrs
+    assert smtpd_policy.parse(block).attrs == attrs
 
 
 @settings(max_examples=3000, deadline=None)
@@ -271,7 +271,7 @@ def test_parse_round_trips(attrs, eol, with_request):
     st.characters(categories=["Cs"]),                  # lone surrogates
 ), max_size=200))
 def test_answer_is_one_line(action):
-    out = policyproto.answer(action)
+    out = smtpd_policy.answer(action)
     assert out.startswith(b"action=")
     assert out.endswith(b"\n\n")
     assert out.count(b"\n\n") == 1
@@ -279,6 +279,6 @@ def test_answer_is_one_line(action):
     assert b"\r" not in out
     assert out.split(b"\n") == [out[:-2], b"", b""]
     # and what we sent parses back as one attribute
-    req = policyproto.parse(out)
+    req = smtpd_policy.parse(out)
     assert list(req.attrs) == ["action"]
     assert req.attrs["action"] == out[len(b"action="):-2].decode("utf-8")

@@ -11,9 +11,11 @@ import time
 
 import pytest
 
-from flushctl import poller, privsep
-from flushctl.probe import ProbeResult
-from flushctl.queuefiles import QueueLayout
+from flushctl.poller import loop as poller
+
+from flushctl.privsep import core as privsep
+from flushctl.poller.prober import ProbeResult
+from flushctl.mta.queuefiles import QueueLayout
 
 
 def test_a_probe_result_is_taken_only_in_the_prober_own_words():

@@ -1,11 +1,11 @@
-"""flushctl.privsep: what the root parent accepts from the unprivileged child."""
+"""flushctl.privsep.core: what the root parent accepts from the unprivileged child."""
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from flushctl import config
-from flushctl.privsep import PrivsepError, account, check_request
+from flushctl.privsep.core import PrivsepError, account, check_request
 
 DOMAINS = {"customer.example": object()}
 
@@ -85,8 +85,8 @@ import json  # noqa: E402
 import socket  # noqa: E402
 
 from flushctl import config as config_mod  # noqa: E402
-from flushctl.gate import Gate  # noqa: E402
-from flushctl.privsep import serve_releases  # noqa: E402
+from flushctl.gateway.gate import Gate  # noqa: E402
+from flushctl.privsep.core import serve_releases  # noqa: E402
 
 RESTRICTED = config_mod.parse("""
 [domains."restricted.example"]

@@ -1,10 +1,10 @@
-"""flushctl.queuefiles: where Postfix keeps a queue file."""
+"""flushctl.mta.queuefiles: where Postfix keeps a queue file."""
 
 import os
 
 import pytest
 
-from flushctl.queuefiles import QueueLayout, hash_key, relative_path
+from flushctl.mta.queuefiles import QueueLayout, hash_key, relative_path
 
 DEFAULT_HASHED = frozenset({"deferred", "defer"})
 
@@ -122,7 +122,7 @@ def test_locate_gone(tmp_path):
 
 # -- postcat -e -h, defer logs, listings (real output of Postfix 3.7.11) ------
 
-from flushctl.queuefiles import QueueWatch, parse_defer_log, parse_postcat  # noqa: E402
+from flushctl.mta.queuefiles import QueueWatch, parse_defer_log, parse_postcat  # noqa: E402
 
 SENDMAIL_T = """*** ENVELOPE RECORDS hold/0/08AF720C0A7 ***
 message_size:             313             190               2               0             313               0

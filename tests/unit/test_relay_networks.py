@@ -2,7 +2,9 @@
 
 import pytest
 
-from flushctl import config, settings
+from flushctl import config
+
+from flushctl.mta import settings
 from flushctl.config import ConfigError
 
 EXPANDED = {"queue_directory": "/var/spool/postfix", "mynetworks": "127.0.0.0/8",

@@ -1,9 +1,9 @@
-"""flushctl.release_rules: every hold/release decision, by name, over snapshots."""
+"""flushctl.heldmail.rules: every hold/release decision, by name, over snapshots."""
 
 import pytest
 
-from flushctl import release_rules as rules
-from flushctl.release_rules import Item, Snapshot
+from flushctl.heldmail import rules as rules
+from flushctl.heldmail.rules import Item, Snapshot
 
 NOW = 1_000_000.0
 

@@ -1,8 +1,10 @@
-"""flushctl.routing: where Postfix sends a customer's mail, and its MX rule."""
+"""flushctl.mta.routing: where Postfix sends a customer's mail, and its MX rule."""
 
 import pytest
 
-from flushctl import config, routing
+from flushctl import config
+
+from flushctl.mta import routing
 
 CONFIG = """
 [domains."relayed.example"]
@@ -142,5 +144,5 @@ def test_mx_targets_name_rule_without_address_rule():
     ("ipv4, ipv6", ("A", "AAAA")), ("", ("A", "AAAA")),
 ])
 def test_record_types_follow_inet_protocols(protocols, types):
-    from flushctl.probe import record_types
+    from flushctl.poller.prober import record_types
     assert record_types(protocols) == types

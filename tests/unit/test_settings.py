@@ -1,9 +1,11 @@
-"""flushctl.settings: what the Postfix instance must look like (pure)."""
+"""flushctl.mta.settings: what the Postfix instance must look like (pure)."""
 
 import pytest
 
-from flushctl import config, settings
-from flushctl.settings import SettingsError
+from flushctl import config
+
+from flushctl.mta import settings
+from flushctl.mta.settings import SettingsError
 
 DATA = settings.load_data()
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from flushctl import names
 from flushctl.config import Domain
-from flushctl.routing import route_of
-from flushctl.holdtag import TAG_HEADER
+from flushctl.mta.routing import route_of
+from flushctl.heldmail.holdtag import TAG_HEADER
 
 HEADER = TAG_HEADER
 OTHER = ""  # transaction class of mail for no customer domain

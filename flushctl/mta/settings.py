@@ -14,10 +14,10 @@ import tomllib
 from dataclasses import dataclass
 from importlib import resources
 
-from . import holdtag
-from .config import Config
-from .names import forwarded, too_wide
-from .routing import transport_entries
+from flushctl.heldmail import holdtag
+from flushctl.config import Config
+from flushctl.names import forwarded, too_wide
+from flushctl.mta.routing import transport_entries
 
 
 class SettingsError(Exception):
@@ -25,7 +25,7 @@ class SettingsError(Exception):
 
 
 def load_data() -> dict:
-    text = resources.files("flushctl_postfix").joinpath("settings.toml").read_text()
+    text = resources.files("postfix").joinpath("settings.toml").read_text()
     return tomllib.loads(text)
 
 

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterable
 
-from . import names
+from flushctl import names
 
 DEFAULT_TIMEOUT = 60.0
 SEARCH_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"

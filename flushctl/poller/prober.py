@@ -28,8 +28,8 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from .config import Domain, Relay
-from .routing import host_is_ours, mx_targets, relay_of
+from flushctl.config import Domain, Relay
+from flushctl.mta.routing import host_is_ours, mx_targets, relay_of
 
 REACHABLE = "reachable"
 REFUSED = "refused"

@@ -22,13 +22,13 @@ import time
 
 import Milter
 
-from flushctl import privsep
+from flushctl.privsep import core as privsep
 from flushctl.config import Config
 from flushctl.metrics import Counts
-from flushctl.ondemand import OnDemand
-from flushctl.holdtag import OUR_HEADERS
+from flushctl.heldmail.library import OnDemand
+from flushctl.heldmail.holdtag import OUR_HEADERS
 
-from . import policy
+from flushctl_milter import rules
 
 log = logging.getLogger("flushctl.milter")
 
@@ -59,7 +59,7 @@ class Shared:
         """
         state = self.ledger.state(domain)
         totals = (state.messages, state.bytes)
-        if policy.over_quota(self.domains[domain], *totals, size=size):
+        if rules.over_quota(self.domains[domain], *totals, size=size):
             with self._recount_lock:
                 due = time.monotonic() - self._recounted.get(domain, -1e9) > QUOTA_RECHECK
                 if due:
@@ -94,13 +94,13 @@ class OnDemandMilter(Milter.Base):
         self.forged: dict[str, int] = {}   # headers of ours a sender wrote, by name
         self.untaken = False   # local mail we would have refused: left to the keeper
 
-    def _refuse(self, reply: policy.Reply) -> int:
-        if self.local and reply is not policy.LOCAL_PROBLEM:
+    def _refuse(self, reply: rules.Reply) -> int:
+        if self.local and reply is not rules.LOCAL_PROBLEM:
             # no client to tell: the keeper takes the customer's part in later
             self.untaken = True
             log.info("event=left_to_keeper reason=%r", reply.text)
             return Milter.CONTINUE
-        self.shared.counts.add("milter_decisions", policy.result_name(reply))
+        self.shared.counts.add("milter_decisions", rules.result_name(reply))
         self.setreply(reply.code, reply.dsn, reply.text)
         return Milter.TEMPFAIL if reply.temporary else Milter.REJECT
 
@@ -127,16 +127,16 @@ class OnDemandMilter(Milter.Base):
 
     def envrcpt(self, rcpt, *params):
         try:
-            reply, klass = policy.decide_rcpt(rcpt, self.klass, self.shared.domains,
+            reply, klass = rules.decide_rcpt(rcpt, self.klass, self.shared.domains,
                                               self.shared.totals)
             if reply is None and klass:
-                reply, self.route = policy.decide_route(rcpt, klass, self.route,
+                reply, self.route = rules.decide_route(rcpt, klass, self.route,
                                                         self.shared.domains)
             if reply is None:
                 self.klass = klass
         except Exception:
             log.exception("event=error stage=rcpt")
-            return self._refuse(policy.LOCAL_PROBLEM)
+            return self._refuse(rules.LOCAL_PROBLEM)
         if reply is not None:
             log.info("event=refused rcpt=%s code=%s reason=%r", rcpt, reply.code, reply.text)
             return self._refuse(reply)
@@ -179,7 +179,7 @@ class OnDemandMilter(Milter.Base):
                 self._unforge()
             except Exception:
                 log.exception("event=error stage=eom")
-                return self._refuse(policy.LOCAL_PROBLEM)
+                return self._refuse(rules.LOCAL_PROBLEM)
         return Milter.ACCEPT
 
     def eom(self):
@@ -187,7 +187,7 @@ class OnDemandMilter(Milter.Base):
         if not klass or self.untaken:
             return self._untagged()
         try:
-            reply = policy.decide_eom(klass, self.size, self.shared.domains,
+            reply = rules.decide_eom(klass, self.size, self.shared.domains,
                                       lambda d: self.shared.totals(d, self.size))
             if reply is not None:
                 log.info("event=refused domain=%s code=%s reason=quota", klass, reply.code)
@@ -196,16 +196,16 @@ class OnDemandMilter(Milter.Base):
             queue_id = self.getsymval("i")
             if not queue_id:
                 log.error("event=error stage=eom reason='no {i} macro'")
-                return self._refuse(policy.LOCAL_PROBLEM)
-            size = self.size + len(policy.HEADER) + len(klass) + 4
+                return self._refuse(rules.LOCAL_PROBLEM)
+            size = self.size + len(rules.HEADER) + len(klass) + 4
             self.shared.ledger.record(queue_id, klass, size, route=self.route,
                                       counted=("milter_decisions", "held"))
             self._unforge()
-            self.addheader(policy.HEADER, klass)
+            self.addheader(rules.HEADER, klass)
             self.quarantine(f"on-demand: held for {klass}")
         except Exception:
             log.exception("event=error stage=eom domain=%s", klass)
-            return self._refuse(policy.LOCAL_PROBLEM)
+            return self._refuse(rules.LOCAL_PROBLEM)
         log.info("event=held queue_id=%s domain=%s size=%d", queue_id, klass, size)
         return Milter.ACCEPT
 

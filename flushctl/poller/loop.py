@@ -29,9 +29,9 @@ import signal
 import time
 from dataclasses import dataclass
 
-from . import privsep
-from .ondemand import OnDemand, Refused
-from .probe import NOT_PROBED, OUTCOMES, ProbeResult, Prober, routable
+from flushctl.privsep import core as privsep
+from flushctl.heldmail.library import OnDemand, Refused
+from flushctl.poller.prober import NOT_PROBED, OUTCOMES, ProbeResult, Prober, routable
 
 log = logging.getLogger("flushctl.poller")
 
@@ -278,8 +278,9 @@ def run_forever(config, ondemand: OnDemand | None = None) -> None:
     keeper) for four things only: what to probe, a probe's result to
     record, a release, a scrape's figures.
     """
-    from . import helper, metrics
-    from .keeper import start_thread
+    from flushctl import metrics
+    from flushctl.privsep import helper
+    from flushctl.heldmail.keeper import start_thread
     user = config.poller_user
     root = os.geteuid() == 0
     entry = privsep.account(user, "poller") if user and root else None

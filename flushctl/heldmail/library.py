@@ -29,17 +29,17 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from . import names
-from . import release_rules as rules
-from .config import Config, Domain, UnknownDomain
-from .ledger import DomainState, Entry, Ledger
-from .postfix import Postfix, PostfixError
-from .probe import NOT_PROBED, NOWHERE, UNROUTABLE, Prober, ProbeResult, is_ip, probe, routable
-from .queuefiles import (FORCED_EXPIRE_BIT, SET_ASIDE_AFTER, QueueLayout, QueueWatch,
+from flushctl import names
+from flushctl.heldmail import rules as rules
+from flushctl.config import Config, Domain, UnknownDomain
+from flushctl.heldmail.ledger import DomainState, Entry, Ledger
+from flushctl.mta.commands import Postfix, PostfixError
+from flushctl.poller.prober import NOT_PROBED, NOWHERE, UNROUTABLE, Prober, ProbeResult, is_ip, probe, routable
+from flushctl.mta.queuefiles import (FORCED_EXPIRE_BIT, SET_ASIDE_AFTER, QueueLayout, QueueWatch,
                          QueuedMessage, parse_duration, parse_postcat, read_defer_log)
-from .release_rules import Item, Snapshot
-from .routing import route_of
-from .holdtag import TAG_HEADER, tag_of
+from flushctl.heldmail.rules import Item, Snapshot
+from flushctl.mta.routing import route_of
+from flushctl.heldmail.holdtag import TAG_HEADER, tag_of
 
 RELEASE_WATCH = rules.RELEASE_WATCH
 # How long a refresh waits for pickup and cleanup to bring requeued mail back,
@@ -312,7 +312,7 @@ class OnDemand:
     def prober(self) -> Prober:
         """One prober (and DNS cache) for this process; our own hosts left out."""
         if self._prober is None:
-            from .probe import record_types
+            from flushctl.poller.prober import record_types
             try:
                 protocols = self.postfix.get("inet_protocols")["inet_protocols"]
             except (PostfixError, KeyError):
@@ -337,7 +337,7 @@ class OnDemand:
     def own_addresses(self) -> frozenset[str]:
         """Addresses Postfix takes for itself (inet_interfaces, proxy_interfaces)
         and the peers written as addresses."""
-        from .routing import own_addresses
+        from flushctl.mta.routing import own_addresses
         import psutil
         import socket
         try:

@@ -25,9 +25,11 @@ import stat
 import tempfile
 from dataclasses import dataclass, field
 
-from . import holdtag, settings
-from .config import Config
-from .postfix import Postfix, PostfixError
+from flushctl.heldmail import holdtag
+
+from flushctl.mta import settings
+from flushctl.config import Config
+from flushctl.mta.commands import Postfix, PostfixError
 
 STATE_FILE = "applied.json"
 MANAGED = ("queue_directory", "mynetworks", "smtpd_relay_restrictions")
@@ -127,8 +129,8 @@ def _save_ours(config: Config, plan: settings.Plan, kept: list[str]) -> None:
 def _held_removed(config: Config) -> dict[str, tuple[int, int]]:
     """Domains no longer configured whose mail the ledger holds:
     {domain: (messages, bytes)}, exact against the queue."""
-    from .ledger import FILENAME
-    from .ondemand import OnDemand
+    from flushctl.heldmail.ledger import FILENAME
+    from flushctl.heldmail.library import OnDemand
     if not os.path.exists(os.path.join(config.state_directory, FILENAME)):
         return {}   # no ledger yet: nothing of ours recorded (and apply creates none)
     od = OnDemand(config)
@@ -161,7 +163,7 @@ def _settle_removed(config: Config, held: dict[str, tuple[int, int]], action: st
                                        "(flushctl status shows them)"
                                        for d, (n, _) in sorted(held.items())]
         return
-    from .ondemand import OnDemand
+    from flushctl.heldmail.library import OnDemand
     od = OnDemand(config)
     try:
         for dom in sorted(held):
@@ -278,7 +280,7 @@ def _forget_hold_secret(config: Config) -> None:
     if not any(os.path.exists(p) for p in paths):
         return
     if os.path.exists(os.path.join(config.state_directory, "ledger.sqlite3")):
-        from .ondemand import OnDemand
+        from flushctl.heldmail.library import OnDemand
         OnDemand(config).recheck_owners()
     for path in paths:
         try:
@@ -292,7 +294,8 @@ def _prepare_milter(config: Config) -> None:
     own for its socket (owner [milter] user, group postfix, 02750: only
     Postfix reaches in, and the socket the milter makes there is postfix's
     group by the setgid bit), and the ledger its group may write."""
-    from . import ledger, privsep
+    from flushctl.heldmail import ledger
+    from flushctl.privsep import core as privsep
     uid, gid = 0, None
     if config.milter_user:
         try:

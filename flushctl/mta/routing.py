@@ -23,7 +23,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from .config import Domain, Relay
+from flushctl.config import Domain, Relay
 
 
 def route_of(dom: Domain, rcpt_domain: str) -> str:

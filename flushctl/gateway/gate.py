@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from .config import Domain
+from flushctl.config import Domain
 
 ALLOWED = "allowed"
 NOT_ALLOWED = "not allowed"  # unknown domain or client outside flush_from: one answer for both

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from . import names
+from flushctl import names
 
 MAX_LINE = 512  # bytes, CRLF included; RFC 1288 queries are short
 

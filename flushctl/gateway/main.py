@@ -27,11 +27,17 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
-from . import cluster, finger, names, policyproto, privsep
-from .config import Config
-from .metrics import FLUSH_INTERVAL, Counts
-from .gate import ALLOWED, NOT_ALLOWED, Gate
-from .ondemand import OnDemand, Refused, Status
+from flushctl import cluster, names
+
+from flushctl.protocols import finger
+
+from flushctl.protocols import smtpd_policy
+
+from flushctl.privsep import core as privsep
+from flushctl.config import Config
+from flushctl.metrics import FLUSH_INTERVAL, Counts
+from flushctl.gateway.gate import ALLOWED, NOT_ALLOWED, Gate
+from flushctl.heldmail.library import OnDemand, Refused, Status
 
 log = logging.getLogger("flushctl.gateway")
 
@@ -366,11 +372,11 @@ class Gateway:
                     log.warning("event=refused how=etrn reason=request_too_long")
                     return
                 try:
-                    request = policyproto.parse(block)
-                except policyproto.ProtocolError as exc:
+                    request = smtpd_policy.parse(block)
+                except smtpd_policy.ProtocolError as exc:
                     log.warning("event=refused how=etrn reason=%r", str(exc))
                     return
-                writer.write(policyproto.answer(await self._policy_action(request)))
+                writer.write(smtpd_policy.answer(await self._policy_action(request)))
                 await writer.drain()
         except ConnectionError:
             pass
@@ -382,9 +388,9 @@ class Gateway:
             self.open["policy"] -= 1
             writer.close()
 
-    async def _policy_action(self, request: policyproto.Request) -> str:
+    async def _policy_action(self, request: smtpd_policy.Request) -> str:
         if request.state != "ETRN":
-            return policyproto.DUNNO
+            return smtpd_policy.DUNNO
         client = request.client_address
         argument, marked = names.unmark(request.etrn_domain)
         try:
@@ -410,7 +416,7 @@ class Gateway:
         finger_server = await asyncio.get_running_loop().create_server(
             self.finger_protocol, sock=finger_sock)
         policy_server = await asyncio.start_server(
-            self.handle_policy, sock=policy_sock, limit=policyproto.MAX_REQUEST)
+            self.handle_policy, sock=policy_sock, limit=smtpd_policy.MAX_REQUEST)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
 
@@ -621,7 +627,7 @@ def run(config: Config, ondemand: OnDemand | None = None) -> None:
     at all: the release helper (``flushctl helper``, root) binds its
     listeners (port 79, the policy socket in Postfix's private/) and hands
     them over, and decides again every release it asks for."""
-    from . import helper
+    from flushctl.privsep import helper
     user = config.gateway.user
     root = os.geteuid() == 0
     if root and not user:

@@ -318,7 +318,7 @@ def check_request(request, domains) -> tuple[int, str, str, str]:
 
 
 def _canonical(domain: str) -> bool:
-    from .names import domain as canonical
+    from flushctl.names import domain as canonical
     try:
         return canonical(domain) == domain
     except ValueError:

@@ -133,7 +133,7 @@ class QueueLayout:
 
 
 def _ids_in(directory: str) -> list[str]:
-    from .names import is_queue_id
+    from flushctl.names import is_queue_id
     try:
         with os.scandir(directory) as entries:
             return [e.name for e in entries if is_queue_id(e.name)]

@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 
-from .ondemand import OnDemand
+from flushctl.heldmail.library import OnDemand
 
 log = logging.getLogger("flushctl.keeper")
 

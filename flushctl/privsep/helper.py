@@ -44,9 +44,9 @@ import struct
 import time
 from dataclasses import dataclass
 
-from . import privsep
-from .config import Config
-from .privsep import Malformed, PrivsepError
+from flushctl.privsep import core as privsep
+from flushctl.config import Config
+from flushctl.privsep.core import Malformed, PrivsepError
 
 log = logging.getLogger("flushctl.helper")
 
@@ -222,7 +222,7 @@ def _open(config: Config, role: str, wait: float) -> tuple[socket.socket, dict, 
 
 def release_report(ondemand, name: str) -> dict:
     """`flushctl flush NAME`'s release, as data (the same wherever it runs)."""
-    from .ondemand import Refused
+    from flushctl.heldmail.library import Refused
     try:
         result = ondemand.flush(name, trigger="admin")
     except Refused as exc:
@@ -293,8 +293,8 @@ def bind(config: Config) -> socket.socket:
 
 class Helper:
     def __init__(self, config: Config):
-        from .gateway import Releaser
-        from .ondemand import OnDemand
+        from flushctl.gateway.main import Releaser
+        from flushctl.heldmail.library import OnDemand
         self.config = config
         self.listener: socket.socket | None = None   # bound once all else is ready
         self.releaser = Releaser(OnDemand(config), config.gateway.release_window)
@@ -308,8 +308,8 @@ class Helper:
         self.listeners: list[socket.socket] | None = None   # the gateway's, once asked for
 
     async def serve(self, stop: asyncio.Event) -> None:
-        from . import cluster
-        from .gateway import helper_gate, refresh_peers, with_forwarder
+        from flushctl import cluster
+        from flushctl.gateway.main import helper_gate, refresh_peers, with_forwarder
         loop = asyncio.get_running_loop()
         tasks: set[asyncio.Task] = set()
         peers = await asyncio.to_thread(cluster.peer_addresses, self.config.cluster) \
@@ -398,7 +398,7 @@ class Helper:
                 raise ConnectionError("could not answer in one piece")
             log.info("event=connect role=%s uid=%d pid=%d", role, peer.uid, peer.pid)
             if role == "gateway":
-                from .gateway import serve_parent
+                from flushctl.gateway.main import serve_parent
                 await serve_parent(self.config, conn, self.releaser, self.gate)
                 return
             conn.setblocking(True)
@@ -431,7 +431,7 @@ class Helper:
             log.warning("event=rebind for=gateway reason=not_listening")
             self.close_listeners()
         if self.listeners is None:
-            from .gateway import bind as bind_gateway
+            from flushctl.gateway.main import bind as bind_gateway
             self.listeners = bind_gateway(self.config)
             log.info("event=listen for=gateway finger=%s policy=%s",
                      self.config.finger_listen, self.config.policy_listen)
@@ -469,8 +469,9 @@ class Helper:
     def _serve_thread(self, role: str, conn: socket.socket) -> None:
         """A poller, scrape or admin connection, in a thread of its own with
         its own ``OnDemand`` (its own ledger connection)."""
-        from . import metrics, poller
-        from .ondemand import OnDemand
+        from flushctl import metrics
+        from flushctl.poller import loop as poller
+        from flushctl.heldmail.library import OnDemand
         od = OnDemand(self.config)
         if role == "poller":
             ops = poller.LocalOps(od)
@@ -506,7 +507,7 @@ def _listening(sock: socket.socket) -> bool:
 
 def run(config: Config) -> None:
     """Serve until SIGTERM: the keeper, the forwarder and every role."""
-    from .keeper import start_thread
+    from flushctl.heldmail.keeper import start_thread
     if os.geteuid() != 0:
         raise PrivsepError("helper: must run as root (postsuper is root's)")
     helper = Helper(config)   # the ledger opened: its socket is bound only once ready
