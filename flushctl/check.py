@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from flushctl.config import Config, HostPort, Listen
-from flushctl.heldmail.library import OnDemand
+from flushctl.heldmail.library import HeldMail
 from flushctl.mta.commands import PostfixError
 from flushctl.poller.prober import NOWHERE, describe
 
@@ -83,7 +83,7 @@ def _daemon_running(config: Config, daemon: str) -> bool:
     return False
 
 
-def _postfix(od: OnDemand, report: Report) -> None:
+def _postfix(od: HeldMail, report: Report) -> None:
     from flushctl.mta.apply import ApplyError, apply
     report.checks.append("postfix")
     try:
@@ -135,7 +135,7 @@ def _daemons(config: Config, report: Report) -> None:
                                    f"({why}); see its log")
 
 
-def _ledger(od: OnDemand, report: Report) -> None:
+def _ledger(od: HeldMail, report: Report) -> None:
     report.checks.append("ledger")
     try:
         taken = od.take_in()   # ours but unrecorded: record them now, as the keeper would
@@ -160,7 +160,7 @@ def _ledger(od: OnDemand, report: Report) -> None:
                 f"return` or `purge` it, or `flushctl apply --release-removed`")
 
 
-def _mx(od: OnDemand, report: Report) -> None:
+def _mx(od: HeldMail, report: Report) -> None:
     report.checks.append("mx")
     config = od.config
     own = od.own_hosts()
@@ -208,7 +208,7 @@ def _mx(od: OnDemand, report: Report) -> None:
 STALE_FORWARD = 300.0   # seconds a release may wait for a peer before it is a problem
 
 
-def _cluster(od: OnDemand, report: Report) -> None:
+def _cluster(od: HeldMail, report: Report) -> None:
     cluster = od.config.cluster
     if cluster is None:
         return
@@ -229,7 +229,7 @@ def _cluster(od: OnDemand, report: Report) -> None:
             f"last error: {rows[0].last_error or '-'}")
 
 
-def check(od: OnDemand) -> Report:
+def check(od: HeldMail) -> Report:
     report = Report()
     _postfix(od, report)
     _daemons(od.config, report)

@@ -1,4 +1,4 @@
-"""The `flushctl` command line: a thin click shell over ``OnDemand``.
+"""The `flushctl` command line: a thin click shell over ``HeldMail``.
 
 Data goes to stdout, errors to stderr as ``Error: ...``.  Exit codes:
 0 done; 1 error (bad config, Postfix failed, unknown domain; `check`
@@ -62,9 +62,9 @@ class Context:
     @property
     def ondemand(self):
         if self._ondemand is None:
-            from flushctl.heldmail.library import OnDemand
+            from flushctl.heldmail.library import HeldMail
             try:
-                self._ondemand = OnDemand(self.config)
+                self._ondemand = HeldMail(self.config)
             except (OSError, sqlite3.Error) as exc:
                 raise CliError(f"cannot open the ledger in {self.config.state_directory}: {exc}")
         return self._ondemand

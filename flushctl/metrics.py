@@ -6,7 +6,7 @@ The poller serves them at ``[metrics] listen`` (default 127.0.0.1:9469;
 prometheus-client writes the counters and quotas, the per-domain gauges
 are written directly (``domain_lines``: fast at 10,000 domains).  Gauges
 are read at scrape time from the same accounting as `flushctl status`
-(``OnDemand.located_all``: the queue is looked at only for domains whose
+(``HeldMail.located_all``: the queue is looked at only for domains whose
 totals show mail).
 Counters live in the ledger's ``counters`` table: the milter, the
 gateway, the poller and the CLI add to them, so they outlive any one

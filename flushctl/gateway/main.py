@@ -8,7 +8,7 @@ One asyncio process serves two listeners:
   smtpd_etrn_restrictions, set by ``flushctl apply``).
 
 Parsing lives in ``finger`` and ``policyproto``, authorisation and rate
-limits in ``gate``; the release itself is ``OnDemand.flush``, run in a
+limits in ``gate``; the release itself is ``HeldMail.flush``, run in a
 worker thread.  With ``[cluster]``, the peers' addresses are known to the
 gate (their ETRN is a "peer" trigger, not sent on again), and the
 process that releases also runs the ``cluster.Forwarder`` that sends this
@@ -37,7 +37,7 @@ from flushctl.privsep import core as privsep
 from flushctl.config import Config
 from flushctl.metrics import FLUSH_INTERVAL, Counts
 from flushctl.gateway.gate import ALLOWED, NOT_ALLOWED, Gate
-from flushctl.heldmail.library import OnDemand, Refused, Status
+from flushctl.heldmail.library import HeldMail, Refused, Status
 
 log = logging.getLogger("flushctl.gateway")
 
@@ -68,13 +68,13 @@ class Releaser:
     Triggers that arrive while a release runs wait for it and get its
     result; triggers within ``window`` seconds after a release get its
     result too, as long as no new mail has arrived for the domain since.
-    The window is the ledger's (``OnDemand.flush``): a release by the
+    The window is the ledger's (``HeldMail.flush``): a release by the
     poller, an admin or a peer counts as much as one started here; this
     process's own recent releases are also answered from memory, without
     a worker thread.
     """
 
-    def __init__(self, ondemand: OnDemand, window: float):
+    def __init__(self, ondemand: HeldMail, window: float):
         self.ondemand = ondemand
         self.window = window
         self._inflight: dict[str, asyncio.Task] = {}
@@ -620,7 +620,7 @@ def bind(config: Config) -> list:
         raise
 
 
-def run(config: Config, ondemand: OnDemand | None = None) -> None:
+def run(config: Config, ondemand: HeldMail | None = None) -> None:
     """Serve.  Started as root with ``[gateway] user`` empty, one process
     binds and releases itself.  Otherwise it serves as ``[gateway] user``
     (as root, it becomes that user before anything else) with no privilege
@@ -636,7 +636,7 @@ def run(config: Config, ondemand: OnDemand | None = None) -> None:
 
         async def single():
             try:
-                rel = Releaser(ondemand or OnDemand(config), config.gateway.release_window)
+                rel = Releaser(ondemand or HeldMail(config), config.gateway.release_window)
                 rel.ondemand.ledger   # opened now: a ledger that cannot be is said at start
             except (OSError, sqlite3.Error) as exc:
                 raise privsep.PrivsepError(

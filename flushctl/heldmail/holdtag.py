@@ -6,7 +6,7 @@ The milter tags each message it holds with ``X-OnDemand-Domain: DOMAIN``
 (the customer domain), after removing any such header a sender wrote
 (smtpd and local ``sendmail`` alike). A ledger rebuilt from the hold queue
 reads the tag back (``tag_of``) and believes it only for a domain of one
-of the message's own recipients (``OnDemand._tagged``): the tag informs,
+of the message's own recipients (``HeldMail._tagged``): the tag informs,
 it never holds anything. Earlier versions also held requeued mail by a
 secret in ``X-OnDemand-Hold``; nothing obeys that header now: the
 ``intake`` table removes it as mail comes in, ``strip_hold`` as mail

@@ -3,9 +3,9 @@
 Every few seconds it
 - takes in mail for customers that the milter never saw (a local
   ``sendmail``, alias or bcc expansion, Postfix's own bounces and delay
-  notices) and held mail of ours the ledger lacks: ``OnDemand.take_in``;
+  notices) and held mail of ours the ledger lacks: ``HeldMail.take_in``;
 - puts mail that failed after a release back on hold, marked refused on a
-  5xx, backing the domain off after tempfails: ``OnDemand.sweep_all``;
+  5xx, backing the domain off after tempfails: ``HeldMail.sweep_all``;
 - returns refused mail to its senders once a domain's
   ``refused_return_after`` has passed.
 None of this is intake: it does not depend on the milter, which only takes
@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 
-from flushctl.heldmail.library import OnDemand
+from flushctl.heldmail.library import HeldMail
 
 log = logging.getLogger("flushctl.keeper")
 
@@ -37,7 +37,7 @@ def interval_for(minimal_backoff: float, lifetimes: list[float]) -> float:
 
 
 class Keeper:
-    def __init__(self, ondemand: OnDemand):
+    def __init__(self, ondemand: HeldMail):
         self.ondemand = ondemand
         self._returned_at = float("-inf")
 
@@ -106,10 +106,10 @@ class Keeper:
 
 
 def start_thread(config):
-    """The keeper, in a thread of its own, on its own OnDemand (its own
+    """The keeper, in a thread of its own, on its own HeldMail (its own
     ledger connection and caches); returns a function that stops it."""
     stop = threading.Event()
-    thread = threading.Thread(target=Keeper(OnDemand(config)).run, args=(stop,),
+    thread = threading.Thread(target=Keeper(HeldMail(config)).run, args=(stop,),
                               name="keeper", daemon=True)
     thread.start()
 

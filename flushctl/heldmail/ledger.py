@@ -292,7 +292,7 @@ class Ledger:
     next use (one stat) and opened afresh; one that is not a database any
     more is set aside and started afresh. ``generation`` counts the files
     this object has opened: when it moves, the queue is the only truth
-    left, and ``OnDemand`` rebuilds the rows from the tag headers.
+    left, and ``HeldMail`` rebuilds the rows from the tag headers.
     """
 
     def __init__(self, state_directory: str, as_uid: int | None = None):

@@ -117,7 +117,7 @@ def _item(entry: Entry, found) -> Item:
 
 def wait_for(step, timeout: float, progress=None, interval: float = 0.5
              ) -> tuple[bool, int]:
-    """Call ``step()`` (``OnDemand.wait_step``, here or through the release
+    """Call ``step()`` (``HeldMail.wait_step``, here or through the release
     helper) until it says done or stuck, or ``timeout`` seconds pass:
     (True if nothing is left queued, messages left)."""
     deadline = time.monotonic() + timeout
@@ -132,7 +132,7 @@ def wait_for(step, timeout: float, progress=None, interval: float = 0.5
         time.sleep(interval)
 
 
-class OnDemand:
+class HeldMail:
     def __init__(self, config: Config, postfix: Postfix | None = None,
                  layout: QueueLayout | None = None, ledger: Ledger | None = None):
         self.config = config

@@ -130,10 +130,10 @@ def _held_removed(config: Config) -> dict[str, tuple[int, int]]:
     """Domains no longer configured whose mail the ledger holds:
     {domain: (messages, bytes)}, exact against the queue."""
     from flushctl.heldmail.ledger import FILENAME
-    from flushctl.heldmail.library import OnDemand
+    from flushctl.heldmail.library import HeldMail
     if not os.path.exists(os.path.join(config.state_directory, FILENAME)):
         return {}   # no ledger yet: nothing of ours recorded (and apply creates none)
-    od = OnDemand(config)
+    od = HeldMail(config)
     try:
         return {st.domain: (st.messages, st.bytes) for st in od.status_all()
                 if not st.configured and st.messages}
@@ -163,8 +163,8 @@ def _settle_removed(config: Config, held: dict[str, tuple[int, int]], action: st
                                        "(flushctl status shows them)"
                                        for d, (n, _) in sorted(held.items())]
         return
-    from flushctl.heldmail.library import OnDemand
-    od = OnDemand(config)
+    from flushctl.heldmail.library import HeldMail
+    od = HeldMail(config)
     try:
         for dom in sorted(held):
             if action == "release":
@@ -272,7 +272,7 @@ def _prepare_maps(pf: Postfix, config: Config, maps: dict[str, str], names: list
 
 def _forget_hold_secret(config: Config) -> None:
     """Delete the secret and its table; first, check again whose every
-    message the ledger counts is (``OnDemand.recheck_owners``).  If that
+    message the ledger counts is (``HeldMail.recheck_owners``).  If that
     check fails, the files stay, and the next apply tries again."""
     paths = [os.path.join(config.state_directory if where == "state"
                           else settings.map_dir(config), name)
@@ -280,8 +280,8 @@ def _forget_hold_secret(config: Config) -> None:
     if not any(os.path.exists(p) for p in paths):
         return
     if os.path.exists(os.path.join(config.state_directory, "ledger.sqlite3")):
-        from flushctl.heldmail.library import OnDemand
-        OnDemand(config).recheck_owners()
+        from flushctl.heldmail.library import HeldMail
+        HeldMail(config).recheck_owners()
     for path in paths:
         try:
             os.unlink(path)

@@ -4,7 +4,7 @@ Every ``[poller] interval`` seconds one cycle probes the destinations of
 each unpaused domain that holds mail the poller may send (the ledger says
 which: the cost follows the domains with mail, not all configured ones),
 at most ``[poller] concurrency`` probes at a time, and releases a
-domain's mail (``OnDemand.flush``, the same path as `flushctl flush`)
+domain's mail (``HeldMail.flush``, the same path as `flushctl flush`)
 when a server answers and no earlier release is still delivering.  Every
 probe result is recorded for `flushctl status`.
 
@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 
 from flushctl.privsep import core as privsep
-from flushctl.heldmail.library import OnDemand, Refused
+from flushctl.heldmail.library import HeldMail, Refused
 from flushctl.poller.prober import NOT_PROBED, OUTCOMES, ProbeResult, Prober, routable
 
 log = logging.getLogger("flushctl.poller")
@@ -62,7 +62,7 @@ class LocalOps:
     """What the poller asks of the ledger and Postfix, done in this process
     (one process as root, or the release helper for the poller)."""
 
-    def __init__(self, ondemand: OnDemand):
+    def __init__(self, ondemand: HeldMail):
         self.ondemand = ondemand
 
     def candidates(self) -> tuple[dict[str, list[str]], dict[str, float]]:
@@ -102,7 +102,7 @@ class Poller:
         self.postfix_prober = postfix_prober
 
     @classmethod
-    def local(cls, ondemand: OnDemand) -> "Poller":
+    def local(cls, ondemand: HeldMail) -> "Poller":
         return cls(ondemand.config, LocalOps(ondemand), ondemand.prober,
                    ondemand.postfix_prober())
 
@@ -166,7 +166,7 @@ class Poller:
         log.info("event=stop")
 
 
-def run_once(ondemand: OnDemand) -> list[CycleEntry]:
+def run_once(ondemand: HeldMail) -> list[CycleEntry]:
     return asyncio.run(Poller.local(ondemand).cycle())
 
 
@@ -268,7 +268,7 @@ def _preload() -> None:
     dns.rdata.load_all_types()   # dnspython loads a record type's code when it first sees one
 
 
-def run_forever(config, ondemand: OnDemand | None = None) -> None:
+def run_forever(config, ondemand: HeldMail | None = None) -> None:
     """Run the poller and its metrics endpoint until SIGTERM.
 
     Started as root with ``[poller] user`` empty, one process does all,
@@ -286,7 +286,7 @@ def run_forever(config, ondemand: OnDemand | None = None) -> None:
     entry = privsep.account(user, "poller") if user and root else None
     server = metrics.listen(config)   # bound first: the port may be a privileged one
     if root and entry is None:
-        ondemand = ondemand or OnDemand(config)
+        ondemand = ondemand or HeldMail(config)
         end_keeper = start_thread(config)
         metrics.start(server, metrics.scrape_of(ondemand), config.metrics_listen)
         try:
@@ -298,8 +298,8 @@ def run_forever(config, ondemand: OnDemand | None = None) -> None:
         return
 
     # Postfix's settings, read before root goes: the probers need them (an
-    # OnDemand that only probes never opens the ledger)
-    probing = OnDemand(config)
+    # HeldMail that only probes never opens the ledger)
+    probing = HeldMail(config)
     prober, postfix_prober = probing.prober, probing.postfix_prober()
     _preload()
     if entry is not None:

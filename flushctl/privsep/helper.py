@@ -294,10 +294,10 @@ def bind(config: Config) -> socket.socket:
 class Helper:
     def __init__(self, config: Config):
         from flushctl.gateway.main import Releaser
-        from flushctl.heldmail.library import OnDemand
+        from flushctl.heldmail.library import HeldMail
         self.config = config
         self.listener: socket.socket | None = None   # bound once all else is ready
-        self.releaser = Releaser(OnDemand(config), config.gateway.release_window)
+        self.releaser = Releaser(HeldMail(config), config.gateway.release_window)
         self.releaser.ondemand.ledger   # opened now: a ledger that cannot be is said at start
         self.threads = concurrent.futures.ThreadPoolExecutor(MAX_CONNECTIONS,
                                                              thread_name_prefix="helper")
@@ -468,11 +468,11 @@ class Helper:
 
     def _serve_thread(self, role: str, conn: socket.socket) -> None:
         """A poller, scrape or admin connection, in a thread of its own with
-        its own ``OnDemand`` (its own ledger connection)."""
+        its own ``HeldMail`` (its own ledger connection)."""
         from flushctl import metrics
         from flushctl.poller import loop as poller
-        from flushctl.heldmail.library import OnDemand
-        od = OnDemand(self.config)
+        from flushctl.heldmail.library import HeldMail
+        od = HeldMail(self.config)
         if role == "poller":
             ops = poller.LocalOps(od)
             handle, limit = (lambda r: poller.answer(ops, r)), poller.MAX_REQUEST

@@ -25,7 +25,7 @@ import Milter
 from flushctl.privsep import core as privsep
 from flushctl.config import Config
 from flushctl.metrics import Counts
-from flushctl.heldmail.library import OnDemand
+from flushctl.heldmail.library import HeldMail
 from flushctl.heldmail.holdtag import OUR_HEADERS
 
 from flushctl_milter import rules
@@ -39,7 +39,7 @@ COUNTS_INTERVAL = 5.0  # seconds between handing the refusals counted to the led
 class Shared:
     """What every connection of one milter process shares."""
 
-    def __init__(self, config: Config, ondemand: OnDemand):
+    def __init__(self, config: Config, ondemand: HeldMail):
         self.config = config
         self.domains = config.domains
         self.ondemand = ondemand
@@ -277,7 +277,7 @@ def _when_open(path: str | None) -> None:
     Milter.milter.opensocket = opensocket
 
 
-def run(config: Config, ondemand: OnDemand | None = None) -> None:
+def run(config: Config, ondemand: HeldMail | None = None) -> None:
     """Serve until SIGTERM/SIGINT (libmilter handles the signals).  The
     milter never reads a message as root: its unit starts it as [milter]
     user, and started as root it becomes that user before anything else."""
@@ -285,7 +285,7 @@ def run(config: Config, ondemand: OnDemand | None = None) -> None:
         privsep.drop_privileges(privsep.account(config.milter_user, "milter"), "milter",
                                 groups=True)
     log.info("event=privileges user=%s uid=%d", privsep.current_user(), os.geteuid())
-    od = ondemand or OnDemand(config)
+    od = ondemand or HeldMail(config)
     od.layout  # read the queue layout now: fail early if Postfix is not there
     try:
         od.ledger   # opened now: a ledger it may not write is said at start

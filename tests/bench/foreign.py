@@ -8,7 +8,7 @@ every minute, and a renewal could wait a minute for another process.
 Each round holds 100 fresh messages for the domain (the milter), lets
 them grow older than half the lifetime (2 s here, so that every release
 renews every message: the path that lists and reads the hold queue),
-then releases them in-process (`OnDemand.flush`) and times it to the last
+then releases them in-process (`HeldMail.flush`) and times it to the last
 delivery into smtp-sink; status is timed in-process too. Also the
 keeper's pass (`take_in`) with the foreign mail: its first pass reads
 each message once, the next ones read none.
@@ -48,9 +48,9 @@ def run(report: Report, quick: bool) -> None:
                         start_sink=True)
     try:
         from flushctl import config as config_mod
-        from flushctl.heldmail.library import OnDemand
+        from flushctl.heldmail.library import HeldMail
         cfg = config_mod.load(str(stack.config_path))
-        od = OnDemand(cfg)
+        od = HeldMail(cfg)
 
         def delivered() -> int:
             return len(os.listdir(stack.sink.dir))
@@ -87,7 +87,7 @@ def run(report: Report, quick: bool) -> None:
         smtp_source(stack, f"x@{FOREIGN}", foreign, 20)
         wait_until(lambda: count_queue(stack, "hold") >= held_before + foreign, 600, 0.5,
                    what=f"{foreign} quarantined")
-        keeper = OnDemand(cfg)
+        keeper = HeldMail(cfg)
         start = time.perf_counter()
         keeper.take_in()
         first_pass = time.perf_counter() - start

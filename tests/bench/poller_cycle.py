@@ -25,7 +25,7 @@ from instance import free_port  # noqa: E402
 
 from flushctl import config as config_mod  # noqa: E402
 from flushctl.heldmail.ledger import Ledger  # noqa: E402
-from flushctl.heldmail.library import OnDemand  # noqa: E402
+from flushctl.heldmail.library import HeldMail  # noqa: E402
 from flushctl.poller.loop import Poller  # noqa: E402
 from flushctl.mta.queuefiles import QueueLayout  # noqa: E402
 
@@ -74,7 +74,7 @@ def cycle(timeout: float, concurrency: int) -> dict:
     for i in range(HOLDING):
         ledger.record(f"BENCH{i:05d}X", f"c{i:05d}.test", 1000)
     layout = QueueLayout(str(tmp / "queue"), frozenset(), 1)  # no queue files: nothing to release
-    od = OnDemand(cfg, layout=layout, ledger=ledger)
+    od = HeldMail(cfg, layout=layout, ledger=ledger)
 
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.monotonic()

@@ -33,9 +33,9 @@ def run(report: Report, quick: bool) -> None:
     stack = build_stack(domains=domains)
     try:
         from flushctl import config as config_mod
-        from flushctl.heldmail.library import OnDemand
+        from flushctl.heldmail.library import HeldMail
         smtp_source(stack, f"user@{DOMAIN}", HELD, 4)
-        od = OnDemand(config_mod.load(str(stack.config_path)))
+        od = HeldMail(config_mod.load(str(stack.config_path)))
         env = dict(os.environ, FLUSHCTL_CONFIG=str(stack.config_path))
         cli_figures = {}
         for size in sizes:

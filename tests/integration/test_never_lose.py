@@ -282,11 +282,11 @@ def test_poller_backs_off_after_tempfails_and_a_customer_trigger_does_not(make_s
 
 def test_mail_renewed_60_times_is_delivered_with_one_received_header(make_stack):
     from flushctl import config as config_mod
-    from flushctl.heldmail.library import OnDemand
+    from flushctl.heldmail.library import HeldMail
     stack = make_stack()
     stack.send(["u@customer.test"], subject="renewed")
     wait_until(lambda: len(stack.queue()) == 1, what="held")
-    od = OnDemand(config_mod.load(str(stack.config_path)))
+    od = HeldMail(config_mod.load(str(stack.config_path)))
     for _ in range(60):
         [entry] = od.ledger.entries("customer.test")
         assert od.refresh("customer.test", [entry.queue_id]) == 1
@@ -366,7 +366,7 @@ def test_renewal_while_others_record_the_copies_does_not_wait(make_stack):
 
 def test_held_mail_that_is_not_ours_is_read_once(make_stack):
     from flushctl import config as config_mod
-    from flushctl.heldmail.library import OnDemand
+    from flushctl.heldmail.library import HeldMail
     from flushctl.mta.commands import Postfix
 
     class Counting(Postfix):
@@ -388,13 +388,13 @@ def test_held_mail_that_is_not_ours_is_read_once(make_stack):
     stack.send(["u@customer.test"])
     wait_until(lambda: len(stack.queue()) == 31, what="31 queued")
     cfg = config_mod.load(str(stack.config_path))
-    od = OnDemand(cfg, postfix=Counting(cfg.config_directory))
+    od = HeldMail(cfg, postfix=Counting(cfg.config_directory))
     od.take_in()
     assert Counting.reads == 30
     for _ in range(5):
         od.take_in()
     assert Counting.reads == 30                   # not again in this process
-    OnDemand(cfg, postfix=Counting(cfg.config_directory)).take_in()
+    HeldMail(cfg, postfix=Counting(cfg.config_directory)).take_in()
     assert Counting.reads == 30                   # nor in another (the ledger remembers)
     assert stack.status("customer.test")[0]["messages"] == 1
 

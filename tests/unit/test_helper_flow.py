@@ -18,7 +18,7 @@ DOMAINS = {"customer.example": SimpleNamespace(flush_from=())}
 
 
 class HeldMail:
-    """What a Releaser asks of OnDemand, with mail held and no rebuild."""
+    """What a Releaser asks of HeldMail, with mail held and no rebuild."""
     config = SimpleNamespace(cluster=None)
     ledger = SimpleNamespace(arrived_since=lambda domain, since: False)
 
