@@ -1,3 +1,3 @@
-from flushctl.cli import main
+from flushctl.cli.main import main
 
 main()

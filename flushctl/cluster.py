@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from flushctl.protocols import finger
 from flushctl.names import forwarded
 from flushctl.config import Cluster, Peer
-from flushctl.heldmail.ledger import Forward, Ledger
+from flushctl.heldmail.ledger.schema import Forward
+from flushctl.heldmail.ledger.store import Ledger
 
 log = logging.getLogger("flushctl.cluster")
 
@@ -250,3 +251,29 @@ async def cluster_status(cluster: Cluster, local: list, pending: list[Forward],
                      "reachable": st.reachable, "error": None, "pending": None})
         rows.extend(await asyncio.gather(*(peer_row(st.domain, p) for p in cluster.peers)))
     return rows
+
+
+PEER_REFRESH = 300.0    # seconds between lookups of the peers' addresses
+
+
+async def refresh_peers(config, gate, stop: asyncio.Event | None = None
+                        ) -> None:
+    """The peers' names may move to other addresses: look them up again now
+    and then (the gateway and the release helper each keep their own gate)."""
+    if config.cluster is None:
+        return
+    stop = stop or asyncio.Event()
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), PEER_REFRESH)
+            return
+        except asyncio.TimeoutError:
+            pass
+        try:
+            found = await asyncio.to_thread(peer_addresses, config.cluster)
+        except Exception:   # the next look may do better; the gate keeps what it has
+            log.exception("event=error stage=peers")
+            continue
+        if found and found != gate.peers:
+            log.info("event=peers addresses=%s", ",".join(sorted(found)))
+            gate.peers = found

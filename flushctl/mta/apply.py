@@ -21,7 +21,6 @@ import grp
 import json
 import os
 import shutil
-import stat
 import tempfile
 from dataclasses import dataclass, field
 
@@ -30,6 +29,8 @@ from flushctl.heldmail import holdtag
 from flushctl.mta import settings
 from flushctl.config import Config
 from flushctl.mta.commands import Postfix, PostfixError
+from flushctl.mta.milter_access import prepare_milter
+from flushctl.mta.removed_domains import held_removed, refuse_removed, settle_removed
 
 STATE_FILE = "applied.json"
 MANAGED = ("queue_directory", "mynetworks", "smtpd_relay_restrictions")
@@ -37,10 +38,6 @@ MANAGED = ("queue_directory", "mynetworks", "smtpd_relay_restrictions")
 
 class ApplyError(Exception):
     pass
-
-
-# What to do with the held mail of a domain taken out of the config.
-REMOVED_ACTIONS = ("release", "purge", "keep")
 
 
 @dataclass
@@ -124,62 +121,6 @@ def _write_ours(config: Config, plan: settings.Plan, kept: list[str]) -> str:
 def _save_ours(config: Config, plan: settings.Plan, kept: list[str]) -> None:
     os.replace(_write_ours(config, plan, kept),
                os.path.join(config.state_directory, STATE_FILE))
-
-
-def _held_removed(config: Config) -> dict[str, tuple[int, int]]:
-    """Domains no longer configured whose mail the ledger holds:
-    {domain: (messages, bytes)}, exact against the queue."""
-    from flushctl.heldmail.ledger import FILENAME
-    from flushctl.heldmail.library import HeldMail
-    if not os.path.exists(os.path.join(config.state_directory, FILENAME)):
-        return {}   # no ledger yet: nothing of ours recorded (and apply creates none)
-    od = HeldMail(config)
-    try:
-        return {st.domain: (st.messages, st.bytes) for st in od.status_all()
-                if not st.configured and st.messages}
-    finally:
-        od.ledger.close()
-
-
-def _refuse_removed(config: Config, held: dict[str, tuple[int, int]], kept: set[str]) -> None:
-    pending = {d: v for d, v in held.items() if d not in kept}
-    if not pending:
-        return
-    lines = "; ".join(f"{d}: {n} held message(s), {b} bytes" for d, (n, b) in
-                      sorted(pending.items()))
-    raise ApplyError(
-        f"{config.path}: no longer names domains whose mail is held here ({lines}); "
-        "say what becomes of it: --release-removed (deliver it as ordinary mail), "
-        "--purge-removed (delete it) or --keep-removed (keep it held; "
-        "flushctl status and check show it)")
-
-
-def _settle_removed(config: Config, held: dict[str, tuple[int, int]], action: str | None,
-                    report: ApplyReport) -> None:
-    """Carry out --release-removed / --purge-removed once the new maps are in place."""
-    if not held or action not in ("release", "purge"):
-        if held and action == "keep":
-            report.removed_domains += [f"{d}: kept {n} held message(s) of a removed domain "
-                                       "(flushctl status shows them)"
-                                       for d, (n, _) in sorted(held.items())]
-        return
-    from flushctl.heldmail.library import HeldMail
-    od = HeldMail(config)
-    try:
-        for dom in sorted(held):
-            if action == "release":
-                count = od.release_removed(dom)
-                report.removed_domains.append(
-                    f"{dom}: released {count} held message(s) as ordinary mail")
-            else:
-                count = od.purge(dom)
-                report.removed_domains.append(f"{dom}: deleted {count} held message(s)")
-    except (OSError, PostfixError) as exc:
-        raise ApplyError(f"applied, but the held mail of removed domains was not all "
-                         f"{'released' if action == 'release' else 'deleted'}: {exc}; "
-                         "the rest stays held (flushctl status)") from exc
-    finally:
-        od.ledger.close()
 
 
 def _read(path: str) -> str | None:
@@ -289,83 +230,6 @@ def _forget_hold_secret(config: Config) -> None:
             pass
 
 
-def _prepare_milter(config: Config) -> None:
-    """What the milter, never root, cannot do for itself: a directory of its
-    own for its socket (owner [milter] user, group postfix, 02750: only
-    Postfix reaches in, and the socket the milter makes there is postfix's
-    group by the setgid bit), and the ledger its group may write."""
-    from flushctl.heldmail import ledger
-    from flushctl.privsep import core as privsep
-    uid, gid = 0, None
-    if config.milter_user:
-        try:
-            entry = privsep.account(config.milter_user, "milter")
-        except privsep.PrivsepError as exc:
-            raise ApplyError(f"{config.path}: {exc}") from None
-        uid, gid = entry.pw_uid, entry.pw_gid
-    listen = config.milter_listen
-    if listen.kind == "unix":
-        try:
-            postfix = grp.getgrnam("postfix").gr_gid
-        except KeyError:
-            raise ApplyError("there is no postfix group: is Postfix installed?") from None
-        directory = os.path.dirname(listen.path)
-        taken = {os.path.normpath(config.state_directory): "the state directory",
-                 os.path.dirname(config.helper_socket): "the release helper's directory"}
-        if directory in taken:
-            raise ApplyError(f"{config.path}: milter.listen: {directory} is {taken[directory]}: "
-                             "give the milter's socket a directory of its own")
-        _milter_directory(config, directory, os.path.basename(listen.path), uid, postfix)
-    if gid is not None:
-        try:
-            ledger.share(config.state_directory, gid)
-        except OSError as exc:
-            raise ApplyError(f"cannot share the ledger with the milter: {exc}") from None
-
-
-def _milter_directory(config: Config, directory: str, name: str, uid: int, gid: int) -> None:
-    """Make ``directory`` the milter's (``uid``, group ``gid``, 02750), root
-    all the way: every step is opened without following a link, below
-    directories only root may change (or sticky ones, like /tmp), and the
-    last is changed through its descriptor; so neither the milter (which
-    owns the last) nor anyone else can point apply at another directory."""
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    parts = [p for p in directory.split("/") if p]
-    fd = os.open("/", flags)
-    try:
-        for depth, part in enumerate(parts):
-            st = os.fstat(fd)
-            if st.st_uid != 0 or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
-                above = "/" + "/".join(parts[:depth])
-                raise ApplyError(f"{config.path}: milter.listen: {above} may be changed by "
-                                 "others than root: the milter's socket needs a directory "
-                                 "below directories only root may change")
-            try:
-                step = os.open(part, flags, dir_fd=fd)
-            except FileNotFoundError:
-                os.mkdir(part, 0o755, dir_fd=fd)
-                step = os.open(part, flags, dir_fd=fd)
-            except OSError as exc:   # a link (ELOOP), a file (ENOTDIR)
-                where = "/" + "/".join(parts[:depth + 1])
-                raise ApplyError(f"{config.path}: milter.listen: {where}: not a directory "
-                                 f"({exc.strerror})") from None
-            os.close(fd)
-            fd = step
-        others = sorted(set(os.listdir(fd)) - {name})
-        if others:
-            raise ApplyError(f"{config.path}: milter.listen: {directory} holds other files "
-                             f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): "
-                             "give the milter's socket a directory of its own")
-        st = os.fstat(fd)
-        if (st.st_uid, st.st_gid) != (uid, gid):
-            os.fchown(fd, uid, gid)
-            st = os.fstat(fd)   # a chown may clear the setgid bit
-        if stat.S_IMODE(st.st_mode) != 0o2750:
-            os.fchmod(fd, 0o2750)
-    finally:
-        os.close(fd)
-
-
 def _chgrp_postfix(path: str, mode: int) -> None:
     try:
         os.chown(path, 0, grp.getgrnam("postfix").gr_gid)
@@ -413,8 +277,8 @@ def _check_submission(config: Config) -> None:
 def apply(config: Config, dry_run: bool = False, reload: bool = True,
           removed: str | None = None) -> ApplyReport:
     """``removed``: what becomes of the held mail of domains the config no
-    longer names (one of REMOVED_ACTIONS); without it such mail stops the
-    apply, unless an earlier ``keep`` covers it."""
+    longer names (one of removed_domains.REMOVED_ACTIONS); without it such
+    mail stops the apply, unless an earlier ``keep`` covers it."""
     pf = Postfix(config.config_directory)
     if not os.path.isfile(os.path.join(config.config_directory, "main.cf")):
         raise ApplyError(f"{config.config_directory}: no main.cf here "
@@ -428,9 +292,9 @@ def apply(config: Config, dry_run: bool = False, reload: bool = True,
     _check_submission(config)
     previous_ours, previous_services = _previous(config)
     kept = set(_applied(config).get("kept_removed", []))
-    held = {} if dry_run else _held_removed(config)
+    held = {} if dry_run else held_removed(config)
     if removed is None:
-        _refuse_removed(config, held, kept)
+        refuse_removed(config, held, kept)
     kept = (kept | set(held)) if removed == "keep" else kept & set(held)
     try:
         plan = settings.plan(config, data, raw, expanded, services, previous_ours,
@@ -443,18 +307,18 @@ def apply(config: Config, dry_run: bool = False, reload: bool = True,
                          removed_services=list(plan.remove_services),
                          maps=_changed_maps(config, plan.maps), dry_run=dry_run)
     if not dry_run:
-        _prepare_milter(config)
+        prepare_milter(config)
     if dry_run or not report.changed:
         if not dry_run:
             _save_ours(config, plan, sorted(kept))
             _forget_hold_secret(config)
-            _settle_removed(config, held, removed, report)
+            settle_removed(config, held, removed, report)
         return report
 
     stage = _stage(pf, plan) if (plan.params or plan.services or plan.remove_services) else None
     _commit(pf, config, plan, report, stage, reload, sorted(kept))
     _forget_hold_secret(config)   # only now is no table of the live settings naming it
-    _settle_removed(config, held, removed, report)
+    settle_removed(config, held, removed, report)
     return report
 
 

@@ -29,8 +29,10 @@ import signal
 import time
 from dataclasses import dataclass
 
-from flushctl.privsep import core as privsep
-from flushctl.heldmail.library import HeldMail, Refused
+from flushctl.privsep import accounts, wire
+from flushctl.privsep.errors import Malformed, PrivsepError
+from flushctl.heldmail.library import HeldMail
+from flushctl.heldmail.release import Refused
 from flushctl.poller.prober import NOT_PROBED, OUTCOMES, ProbeResult, Prober, routable
 
 log = logging.getLogger("flushctl.poller")
@@ -182,7 +184,7 @@ def encode_probe(result: ProbeResult) -> list:
 
 
 def decode_probe(data) -> ProbeResult:
-    """A probe result from the poller; ``privsep.Malformed`` if
+    """A probe result from the poller; ``Malformed`` if
     it is not one.  Its outcome is believed: the worst a lie can do is
     release a domain whose server does not answer (the mail goes to the
     deferred queue, and the keeper holds it again) or record a wrong
@@ -192,7 +194,7 @@ def decode_probe(data) -> ProbeResult:
             and isinstance(data[1], str) and isinstance(data[2], str)
             and isinstance(data[3], (int, float)) and not isinstance(data[3], bool)
             and math.isfinite(data[3]) and 0 <= data[3] < 2**32):
-        raise privsep.Malformed(f"malformed probe result {data!r:.100}")
+        raise Malformed(f"malformed probe result {data!r:.100}")
     # what a customer's DNS or greeting says may be long: cut, not refused
     return ProbeResult(data[0], data[1][:MAX_TEXT], data[2][:MAX_TEXT], float(data[3]))
 
@@ -200,7 +202,7 @@ def decode_probe(data) -> ProbeResult:
 class RemoteOps:
     """In the unprivileged poller: ``LocalOps``'s methods, asked of the release helper."""
 
-    def __init__(self, channel: privsep.Channel):
+    def __init__(self, channel: wire.Channel):
         self.channel = channel
 
     def candidates(self):
@@ -215,7 +217,7 @@ class RemoteOps:
         try:
             reply = self.channel.call({"op": "release", "domain": name, "results":
                                        {r: encode_probe(res) for r, res in results.items()}})
-        except privsep.PrivsepError as exc:
+        except PrivsepError as exc:
             log.error("event=error stage=release domain=%s reason=%r", name, str(exc))
             return FAILED, 0
         return reply["action"], reply["released"]
@@ -224,14 +226,14 @@ class RemoteOps:
 def answer_scrape(scrape, request: dict) -> dict:
     """The release helper's answer to a scrape connection: the figures, nothing else."""
     if request != {"op": "metrics"}:
-        raise privsep.Malformed(f"not a scrape: {request!r:.80}")
+        raise Malformed(f"not a scrape: {request!r:.80}")
     return {"body": scrape().decode()}
 
 
 def answer(ops: LocalOps, request: dict) -> dict:
     """The release helper's answer to one request of the poller: only
     these three, each checked (a configured domain, well-formed probe
-    results) before anything is done; ``privsep.Malformed`` otherwise."""
+    results) before anything is done; ``Malformed`` otherwise."""
     op = request.get("op")
     domains = ops.ondemand.config.domains
     if op == "candidates" and set(request) == {"op"}:
@@ -239,7 +241,7 @@ def answer(ops: LocalOps, request: dict) -> dict:
         return {"candidates": candidates, "waiting": waiting}
     name = request.get("domain")
     if not isinstance(name, str) or name not in domains:
-        raise privsep.Malformed(f"not a configured domain: {name!r:.80}")
+        raise Malformed(f"not a configured domain: {name!r:.80}")
     if op == "probe" and set(request) == {"op", "domain", "result"}:
         ops.record_probe(name, decode_probe(request["result"]))
         return {}
@@ -249,11 +251,11 @@ def answer(ops: LocalOps, request: dict) -> dict:
         results = {}
         for route, data in request["results"].items():
             if not (0 < len(route) <= 255 and route.isprintable() and " " not in route):
-                raise privsep.Malformed(f"malformed route {route!r:.80}")
+                raise Malformed(f"malformed route {route!r:.80}")
             results[route] = decode_probe(data)
         action, released = ops.release(name, results)
         return {"action": action, "released": released}
-    raise privsep.Malformed(f"not a request the poller sends: {op!r:.40}")
+    raise Malformed(f"not a request the poller sends: {op!r:.40}")
 
 
 def _preload() -> None:
@@ -279,11 +281,11 @@ def run_forever(config, ondemand: HeldMail | None = None) -> None:
     record, a release, a scrape's figures.
     """
     from flushctl import metrics
-    from flushctl.privsep import helper
+    from flushctl.privsep import client
     from flushctl.heldmail.keeper import start_thread
     user = config.poller_user
     root = os.geteuid() == 0
-    entry = privsep.account(user, "poller") if user and root else None
+    entry = accounts.account(user, "poller") if user and root else None
     server = metrics.listen(config)   # bound first: the port may be a privileged one
     if root and entry is None:
         ondemand = ondemand or HeldMail(config)
@@ -303,12 +305,12 @@ def run_forever(config, ondemand: HeldMail | None = None) -> None:
     prober, postfix_prober = probing.prober, probing.postfix_prober()
     _preload()
     if entry is not None:
-        privsep.drop_privileges(entry, "poller", groups=True)
-    work = privsep.Channel(helper.connect(config, "poller", wait=helper.CONNECT_WAIT))
-    scrapes = privsep.Channel(helper.connect(config, "scrape", wait=helper.CONNECT_WAIT))
+        accounts.drop_privileges(entry, "poller", groups=True)
+    work = wire.Channel(client.connect(config, "poller", wait=client.CONNECT_WAIT))
+    scrapes = wire.Channel(client.connect(config, "scrape", wait=client.CONNECT_WAIT))
     metrics.start(server, lambda: scrapes.call({"op": "metrics"})["body"].encode(),
                   config.metrics_listen)
-    log.info("event=unprivileged user=%s", privsep.current_user())
+    log.info("event=unprivileged user=%s", accounts.current_user())
 
     def gone() -> bool:   # the helper hung up on either channel
         return work.hung_up() or scrapes.hung_up()
@@ -316,7 +318,7 @@ def run_forever(config, ondemand: HeldMail | None = None) -> None:
     if server is not None:
         server.shutdown()
     if not asked:   # not a stop asked for: an error, so the supervisor restarts us
-        raise privsep.PrivsepError("poller: the release helper is gone")
+        raise PrivsepError("poller: the release helper is gone")
 
 
 async def _loop(poller: Poller, gone=None) -> bool:

@@ -8,23 +8,13 @@ helper over one unix socket (``[helper] socket``, root:``[helper] group``,
 mode 0660), and the helper does the root work itself, with the keeper and
 the cluster's forwarder beside it.
 
-Who asks is told by the kernel (the socket's peer credentials), never by
-the asker.  A connection opens with one line naming the role it wants;
-the helper grants it only to the uid that role belongs to, then serves
-that role's narrow requests and no other:
-
-- ``gateway`` ([gateway] user): releases for finger and ETRN, and request
-  counts; flush_from, the rate limits and who is a peer are decided again
-  here, by the helper's own gate;
-- ``poller`` ([poller] user): what to probe, probe results, a release with
-  the poller's probes (the helper never talks to a customer's server);
-- ``scrape`` ([poller] user): the metrics' figures;
-- ``admin`` (root, or a member of ``[helper] group`` that is none of the
-  daemons' users): `flushctl flush` and its ``--wait``.
-
-Root may take any role.  A request its role never sends cuts that
-connection off (``privsep.Malformed``); every other request is answered,
-an error included.
+Who may take which role is ``roles``'s to say; this module serves each
+granted role's narrow requests and no other.  For a gateway, flush_from,
+the rate limits and who is a peer are decided again here, by the
+helper's own gate; for the poller, the helper never talks to a
+customer's server.  A request its role never sends cuts that connection
+off (``errors.Malformed``); every other request is answered, an error
+included.
 """
 
 from __future__ import annotations
@@ -36,193 +26,27 @@ import grp
 import json
 import logging
 import os
-import pwd
 import signal
 import socket
 import stat
-import struct
-import time
-from dataclasses import dataclass
 
-from flushctl.privsep import core as privsep
 from flushctl.config import Config
-from flushctl.privsep.core import Malformed, PrivsepError
+from flushctl.privsep import sockets, wire
+from flushctl.privsep.client import gateway_listen
+from flushctl.privsep.errors import Malformed, PrivsepError
+from flushctl.privsep.roles import ADMIN_IDLE, HELLO_TIMEOUT, MAX_CONNECTIONS, MAX_HELLO, \
+    MAX_WAITING_PER_UID, PER_ROLE, peer_of, refusal, uid_of
 
 log = logging.getLogger("flushctl.helper")
 
-ROLES = ("gateway", "poller", "scrape", "admin")
-MAX_HELLO = 200          # bytes of the opening line
-MAX_GRANT = 4096         # bytes of the helper's answer to it (the gateway's: where it listens)
-HELLO_TIMEOUT = 10.0     # seconds a connection may take to say its role
-MAX_CONNECTIONS = 64     # connections served at once
-# connections per role at once: a daemon taken over cannot take the others' room
-PER_ROLE = {"gateway": 4, "poller": 2, "scrape": 2, "admin": 16}
-MAX_WAITING_PER_UID = 8  # connections of one uid that have not said their role yet
-ADMIN_IDLE = 120.0       # seconds an admin's connection may stay silent
-CONNECT_WAIT = 30.0      # seconds a starting daemon waits for the helper to listen
-SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)   # Linux 4.13
 _LOCKS: list[int] = []   # the helper's lock file, open for as long as it runs
-
-
-@dataclass(frozen=True)
-class Peer:
-    """Who is at the other end of a unix socket, as the kernel says."""
-    pid: int
-    uid: int
-    gid: int
-    groups: frozenset[int]
-
-
-def peer_of(sock: socket.socket) -> Peer:
-    pid, uid, gid = struct.unpack("3i", sock.getsockopt(
-        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    try:   # Python reads at most 1024 bytes: 256 groups
-        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
-        groups = struct.unpack(f"{len(raw) // 4}I", raw[:len(raw) // 4 * 4])
-    except OSError:   # an older kernel, or more groups: the primary group only
-        groups = ()
-    return Peer(pid, uid, gid, frozenset(groups) | {gid})
-
-
-def _uid(user: str) -> int | None:
-    try:
-        return pwd.getpwnam(user).pw_uid if user else None
-    except KeyError:
-        return None
-
-
-def refusal(role: str, peer: Peer, config: Config) -> str | None:
-    """Why ``peer`` may not take ``role``; None when it may."""
-    if role not in ROLES:
-        return f"no such role: {role!r:.40}"
-    if peer.uid == 0:
-        return None
-    if role in ("gateway", "poller", "scrape"):
-        section = "gateway" if role == "gateway" else "poller"
-        user = config.gateway.user if role == "gateway" else config.poller_user
-        if user and _uid(user) == peer.uid:
-            return None
-        return f"uid {peer.uid} is not [{section}] user"
-    daemons = {_uid(u) for u in (config.gateway.user, config.poller_user, config.milter_user)}
-    if peer.uid in daemons:
-        return f"uid {peer.uid} runs a daemon: not an admin"
-    try:
-        gid = grp.getgrnam(config.helper_group).gr_gid
-    except KeyError:
-        return f"there is no group {config.helper_group}"
-    if gid in peer.groups:
-        return None
-    return f"uid {peer.uid} is not in group {config.helper_group}"
-
-
-# -- the asking side -----------------------------------------------------------
-
-def connect(config: Config, role: str, wait: float = 0.0) -> socket.socket:
-    """A connection to the helper in ``role``, ready for requests;
-    ``PrivsepError`` saying why not.  ``wait``: seconds to wait for a
-    helper that is still starting."""
-    sock, _, fds = _open(config, role, wait)
-    for fd in fds:
-        os.close(fd)
-    return sock
-
-
-def gateway_listen(config: Config) -> list[str]:
-    """Where the gateway listens, in the words both sides compare."""
-    return [str(config.finger_listen), str(config.policy_listen)]
-
-
-def connect_gateway(config: Config, wait: float = 0.0) -> tuple[socket.socket, list]:
-    """The gateway's connection to the helper, and its listening sockets
-    (finger, policy), which the helper bound as root and sent along."""
-    sock, reply, fds = _open(config, "gateway", wait)
-    listeners: list[socket.socket] = []
-    try:
-        if len(fds) != 2:
-            raise PrivsepError(f"the release helper sent {len(fds)} listening sockets, not 2 "
-                               f"(is [gateway] user, {config.gateway.user!r}, this process's?)")
-        if reply.get("listen") != gateway_listen(config):
-            raise PrivsepError(
-                f"the release helper listens for the gateway on {reply.get('listen')}, "
-                f"this gateway's config on {gateway_listen(config)}: restart the helper "
-                "with the same config")
-        while fds:
-            listener = socket.socket(fileno=fds[0])   # not a socket: OSError
-            fds.pop(0)
-            listeners.append(listener)
-            listener.set_inheritable(False)
-            listener.setblocking(False)
-    except (PrivsepError, OSError) as exc:
-        sock.close()
-        for listener in listeners:
-            listener.close()
-        for fd in fds:
-            os.close(fd)
-        if isinstance(exc, PrivsepError):
-            raise
-        raise PrivsepError(f"the release helper sent what is not a socket: {exc}") from None
-    return sock, listeners
-
-
-def _open(config: Config, role: str, wait: float) -> tuple[socket.socket, dict, list[int]]:
-    path = config.helper_socket
-    deadline = time.monotonic() + wait
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(HELLO_TIMEOUT)   # a helper whose backlog is full: not forever
-        try:
-            sock.connect(path)
-            break
-        # a full backlog: EAGAIN at once on a unix socket, like a helper not there yet
-        except (FileNotFoundError, ConnectionRefusedError, BlockingIOError, TimeoutError):
-            sock.close()
-            if time.monotonic() >= deadline:
-                raise PrivsepError(f"the release helper is not running (`flushctl helper`; "
-                                   f"nothing listens on {path})") from None
-            time.sleep(0.5)
-        except PermissionError:
-            sock.close()
-            raise PrivsepError(f"may not use the release helper ({path}): be root or in "
-                               f"group {config.helper_group}") from None
-        except OSError as exc:
-            sock.close()
-            raise PrivsepError(f"cannot reach the release helper ({path}): {exc}") from None
-    fds: list[int] = []
-    try:
-        sock.sendall(json.dumps({"role": role}).encode() + b"\n")
-        line = b""
-        while not line.endswith(b"\n") and len(line) <= MAX_GRANT:
-            # one byte at a time: nothing after the line is taken; the
-            # gateway's listeners come with the first
-            chunk, more, _, _ = socket.recv_fds(sock, 1, 2)
-            fds += more
-            if not chunk:
-                break
-            line += chunk
-        reply = json.loads(line) if line.endswith(b"\n") else {"error": "no answer"}
-        if not isinstance(reply, dict):
-            reply = {"error": f"an answer that is not one: {reply!r:.80}"}
-        if reply.get("role") != role:
-            raise PrivsepError(f"the release helper refused: {reply.get('error', reply)}")
-        sock.settimeout(None)
-    except (OSError, ValueError) as exc:
-        sock.close()
-        for fd in fds:
-            os.close(fd)
-        raise PrivsepError(f"the release helper did not answer: {exc}") from None
-    except PrivsepError:
-        sock.close()
-        for fd in fds:
-            os.close(fd)
-        raise
-    return sock, reply, fds
 
 
 # -- what an admin may ask --------------------------------------------------------
 
 def release_report(ondemand, name: str) -> dict:
     """`flushctl flush NAME`'s release, as data (the same wherever it runs)."""
-    from flushctl.heldmail.library import Refused
+    from flushctl.heldmail.release import Refused
     try:
         result = ondemand.flush(name, trigger="admin")
     except Refused as exc:
@@ -288,12 +112,12 @@ def bind(config: Config) -> socket.socket:
         os.close(lock)
         raise PrivsepError(f"helper: another helper already listens on {path}") from None
     _LOCKS.append(lock)
-    return privsep.listen_unix(path, MAX_CONNECTIONS, (0, gid))
+    return sockets.listen_unix(path, MAX_CONNECTIONS, (0, gid))
 
 
 class Helper:
     def __init__(self, config: Config):
-        from flushctl.gateway.main import Releaser
+        from flushctl.gateway.releaser import Releaser
         from flushctl.heldmail.library import HeldMail
         self.config = config
         self.listener: socket.socket | None = None   # bound once all else is ready
@@ -309,7 +133,8 @@ class Helper:
 
     async def serve(self, stop: asyncio.Event) -> None:
         from flushctl import cluster
-        from flushctl.gateway.main import helper_gate, refresh_peers, with_forwarder
+        from flushctl.cluster import refresh_peers
+        from flushctl.gateway.daemon import helper_gate, with_forwarder
         loop = asyncio.get_running_loop()
         tasks: set[asyncio.Task] = set()
         peers = await asyncio.to_thread(cluster.peer_addresses, self.config.cluster) \
@@ -379,7 +204,7 @@ class Helper:
             granted, fds = {"role": role}, []
             # the listeners go to the gateway's user only: not to root, whose
             # own gateway binds for itself, nor to anyone else
-            if role == "gateway" and peer.uid == _uid(self.config.gateway.user):
+            if role == "gateway" and peer.uid == uid_of(self.config.gateway.user):
                 try:
                     listeners = self._gateway_listeners()
                 except (OSError, PrivsepError) as exc:
@@ -398,7 +223,7 @@ class Helper:
                 raise ConnectionError("could not answer in one piece")
             log.info("event=connect role=%s uid=%d pid=%d", role, peer.uid, peer.pid)
             if role == "gateway":
-                from flushctl.gateway.main import serve_parent
+                from flushctl.gateway.daemon import serve_parent
                 await serve_parent(self.config, conn, self.releaser, self.gate)
                 return
             conn.setblocking(True)
@@ -431,7 +256,7 @@ class Helper:
             log.warning("event=rebind for=gateway reason=not_listening")
             self.close_listeners()
         if self.listeners is None:
-            from flushctl.gateway.main import bind as bind_gateway
+            from flushctl.gateway.daemon import bind as bind_gateway
             self.listeners = bind_gateway(self.config)
             log.info("event=listen for=gateway finger=%s policy=%s",
                      self.config.finger_listen, self.config.policy_listen)
@@ -478,10 +303,10 @@ class Helper:
             handle, limit = (lambda r: poller.answer(ops, r)), poller.MAX_REQUEST
         elif role == "scrape":
             scrape = metrics.scrape_of(od)
-            handle, limit = (lambda r: poller.answer_scrape(scrape, r)), privsep.MAX_MESSAGE
+            handle, limit = (lambda r: poller.answer_scrape(scrape, r)), wire.MAX_MESSAGE
         else:
-            handle, limit = (lambda r: answer_admin(od, r)), privsep.MAX_MESSAGE
-        if not privsep.serve_channel(conn, handle, role, limit):
+            handle, limit = (lambda r: answer_admin(od, r)), wire.MAX_MESSAGE
+        if not wire.serve_channel(conn, handle, role, limit):
             log.error("event=refused how=helper role=%s reason=cut_off", role)
 
 

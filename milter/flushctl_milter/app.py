@@ -22,7 +22,7 @@ import time
 
 import Milter
 
-from flushctl.privsep import core as privsep
+from flushctl.privsep import accounts
 from flushctl.config import Config
 from flushctl.metrics import Counts
 from flushctl.heldmail.library import HeldMail
@@ -249,7 +249,7 @@ def _check_socket_directory(path: str) -> None:
                                "as root first (it makes the socket's directory)") from None
     if st.st_uid != os.geteuid() or st.st_gid != _postfix_gid() or st.st_mode & 0o7777 != 0o2750:
         raise MilterSetupError(
-            f"milter: {directory} must be the milter's own (owner {privsep.current_user()}, "
+            f"milter: {directory} must be the milter's own (owner {accounts.current_user()}, "
             "group postfix, mode 2750): run `flushctl apply` as root")
     try:
         os.unlink(path)   # a socket left by an earlier milter
@@ -282,16 +282,16 @@ def run(config: Config, ondemand: HeldMail | None = None) -> None:
     milter never reads a message as root: its unit starts it as [milter]
     user, and started as root it becomes that user before anything else."""
     if config.milter_user and os.geteuid() == 0:
-        privsep.drop_privileges(privsep.account(config.milter_user, "milter"), "milter",
-                                groups=True)
-    log.info("event=privileges user=%s uid=%d", privsep.current_user(), os.geteuid())
+        accounts.drop_privileges(accounts.account(config.milter_user, "milter"), "milter",
+                                 groups=True)
+    log.info("event=privileges user=%s uid=%d", accounts.current_user(), os.geteuid())
     od = ondemand or HeldMail(config)
     od.layout  # read the queue layout now: fail early if Postfix is not there
     try:
         od.ledger   # opened now: a ledger it may not write is said at start
     except (OSError, sqlite3.Error) as exc:
         raise MilterSetupError(f"milter: cannot open the ledger in {config.state_directory} "
-                               f"as {privsep.current_user()}: {exc}; run `flushctl apply` as "
+                               f"as {accounts.current_user()}: {exc}; run `flushctl apply` as "
                                "root (it lets the milter's group write it)") from None
     shared = OnDemandMilter.shared = Shared(config, od)
     listen = config.milter_listen

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from instance import free_port  # noqa: E402
 
 from flushctl import config as config_mod  # noqa: E402
-from flushctl.heldmail.ledger import Ledger  # noqa: E402
+from flushctl.heldmail.ledger.store import Ledger  # noqa: E402
 from flushctl.heldmail.library import HeldMail  # noqa: E402
 from flushctl.poller.loop import Poller  # noqa: E402
 from flushctl.mta.queuefiles import QueueLayout  # noqa: E402

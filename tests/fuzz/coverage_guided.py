@@ -15,7 +15,7 @@ with atheris.instrument_imports():
     from flushctl import names  # noqa: F401
     from flushctl.protocols import finger
     from flushctl.gateway import gate
-    from flushctl.gateway import main as gateway
+    from flushctl.gateway import replies  # noqa: F401
     from flushctl.protocols import smtpd_policy
 
 import test_parsers  # noqa: E402  (the same checks; it imports the instrumented modules)

@@ -20,7 +20,8 @@ from flushctl.protocols import finger
 
 from flushctl.protocols import smtpd_policy
 from flushctl.gateway.gate import ALLOWED, Gate
-from flushctl.gateway.main import etrn_action, Outcome, NOTHING
+from flushctl.gateway.replies import etrn_action
+from flushctl.heldmail.outcome import NOTHING, Outcome
 
 COUNT = int(os.environ.get("FLUSHCTL_FUZZ", "30000"))
 SEED = int(os.environ.get("FLUSHCTL_FUZZ_SEED", "1985"))

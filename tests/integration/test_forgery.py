@@ -118,7 +118,7 @@ def test_mail_planted_under_the_old_secret_is_no_customers_after_the_upgrade(mak
     attacker planted with a leaked value was recorded as the customer's and
     would leave with its next release.  The first apply of this version
     (it finds the old secret and deletes it) checks every row again."""
-    from flushctl.heldmail.ledger import Ledger
+    from flushctl.heldmail.ledger.store import Ledger
     stack = beside_another_domain(make_stack, tmp_path,
                                   "/^Subject: planted/ HOLD as the old secret's header did")
     stack.send(["alice@customer.test"], subject="the customer's own")

@@ -438,7 +438,7 @@ def test_the_release_helper_decides_again_whatever_the_gateway_asks(make_stack):
     import asyncio
     import json
 
-    from flushctl.privsep import helper
+    from flushctl.privsep import client
 
     def domains(port):
         return (f'[domains."customer.test"]\nrelay = "[127.0.0.1]:{port}"\n'
@@ -449,7 +449,7 @@ def test_the_release_helper_decides_again_whatever_the_gateway_asks(make_stack):
     wait_until(lambda: len(stack.queue()) == 1, what="held")
     cfg = stack.cfg
     stack.start_helper()
-    child_end = helper.connect(cfg, "gateway")
+    child_end = client.connect(cfg, "gateway")
 
     async def hostile():
         reader, writer = await asyncio.open_unix_connection(sock=child_end)
@@ -476,7 +476,7 @@ def test_the_release_helper_decides_again_whatever_the_gateway_asks(make_stack):
     # a new connection does not bring a new burst: the helper's gate is one;
     # a domain the helper does not serve (a gateway with a newer config) is
     # refused and answered, and the conversation goes on
-    again = helper.connect(cfg, "gateway")
+    again = client.connect(cfg, "gateway")
 
     async def more():
         reader, writer = await asyncio.open_unix_connection(sock=again)

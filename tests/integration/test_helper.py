@@ -18,11 +18,13 @@ from conftest import wait_until
 
 # imported now: after the fork the child may no longer read the library
 import click.testing  # noqa: F401
-import flushctl.cli
+import flushctl.cli.main
 import flushctl.config
-import flushctl.privsep.helper
+import flushctl.privsep.helper  # noqa: F401  what `flushctl flush` imports
 import flushctl.heldmail.library  # noqa: F401
-import flushctl.privsep.core
+import flushctl.privsep.client
+import flushctl.privsep.errors
+import flushctl.privsep.wire  # noqa: F401
 
 NOGROUP = 65534    # the helper's group in the test stacks ([helper] group = "nogroup")
 ADMIN = 4242       # no passwd entry: a member of the group by its gid
@@ -60,7 +62,7 @@ def cli_as(uid, gid, groups, config, *args):
     def run():
         from click.testing import CliRunner
         result = CliRunner().invoke(
-            flushctl.cli.main, ["--config", str(config), *args])
+            flushctl.cli.main.main, ["--config", str(config), *args])
         return [result.exit_code, result.stdout, result.stderr]
     return as_user(uid, gid, groups, run)
 
@@ -69,9 +71,9 @@ def hello_as(uid, gid, groups, cfg, role):
     """Ask the helper for ``role`` as that user: "ok" or why not."""
     def run():
         try:
-            flushctl.privsep.helper.connect(cfg, role).close()
+            flushctl.privsep.client.connect(cfg, role).close()
             return "ok"
-        except flushctl.privsep.core.PrivsepError as exc:
+        except flushctl.privsep.errors.PrivsepError as exc:
             return str(exc)
     return as_user(uid, gid, groups, run)
 
@@ -172,7 +174,7 @@ def test_an_admin_asks_only_what_an_admin_asks(stack):
 
     def talk(*lines):
         replies = []
-        with flushctl.privsep.helper.connect(cfg, "admin") as sock, sock.makefile("rb") as f:
+        with flushctl.privsep.client.connect(cfg, "admin") as sock, sock.makefile("rb") as f:
             for line in lines:
                 try:
                     sock.sendall(line.encode() + b"\n")
@@ -205,10 +207,10 @@ def test_no_role_crowds_out_the_others(stack):
     few: the poller's user holding all it may, or a member opening
     connections that say nothing, leaves the admin and the gateway served."""
     cfg = stack.cfg
-    held = [flushctl.privsep.helper.connect(cfg, "poller") for _ in range(2)]
-    held += [flushctl.privsep.helper.connect(cfg, "scrape") for _ in range(2)]
-    with pytest.raises(flushctl.privsep.core.PrivsepError, match="2 poller connections already"):
-        flushctl.privsep.helper.connect(cfg, "poller")
+    held = [flushctl.privsep.client.connect(cfg, "poller") for _ in range(2)]
+    held += [flushctl.privsep.client.connect(cfg, "scrape") for _ in range(2)]
+    with pytest.raises(flushctl.privsep.errors.PrivsepError, match="2 poller connections already"):
+        flushctl.privsep.client.connect(cfg, "poller")
     silent = []
     for _ in range(20):    # as root: its own 8 silent ones, then hung up on at once
         sock = socket.socket(socket.AF_UNIX)
@@ -321,7 +323,7 @@ def test_a_gateway_that_shuts_its_listeners_spoils_them_for_no_one(stack):
             return False
 
     def spoil():
-        sock, listeners = flushctl.privsep.helper.connect_gateway(cfg)
+        sock, listeners = flushctl.privsep.client.connect_gateway(cfg)
         for listener in listeners:
             listener.shutdown(socket.SHUT_RDWR)
             listener.close()
@@ -329,7 +331,7 @@ def test_a_gateway_that_shuts_its_listeners_spoils_them_for_no_one(stack):
         return "spoiled"
 
     def take():
-        sock, listeners = flushctl.privsep.helper.connect_gateway(cfg)
+        sock, listeners = flushctl.privsep.client.connect_gateway(cfg)
         for listener in listeners:
             listener.close()
         sock.close()
@@ -343,10 +345,10 @@ def test_a_gateway_that_shuts_its_listeners_spoils_them_for_no_one(stack):
     assert finger_and_policy_take_connections()
     assert "event=rebind for=gateway" in stack.daemon_log("helper")
     # root may take the gateway's role (to ask), but is sent no listener
-    with flushctl.privsep.helper.connect(cfg, "gateway"):
+    with flushctl.privsep.client.connect(cfg, "gateway"):
         pass
     try:
-        flushctl.privsep.helper.connect_gateway(cfg)
+        flushctl.privsep.client.connect_gateway(cfg)
         raise AssertionError("root was sent the gateway's listeners")
-    except flushctl.privsep.core.PrivsepError as exc:
+    except flushctl.privsep.errors.PrivsepError as exc:
         assert "sent 0 listening sockets" in str(exc)

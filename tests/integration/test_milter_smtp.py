@@ -225,7 +225,7 @@ def test_a_ledger_made_anew_by_root_is_still_the_milters_to_write(stack):
     import os
     import stat
 
-    from flushctl.heldmail.ledger import Ledger
+    from flushctl.heldmail.ledger.store import Ledger
     stack.send(["a@customer.test"])
     wait_until(lambda: len(stack.queue()) == 1, what="held")
     old_umask = os.umask(0o022)   # a root shell's

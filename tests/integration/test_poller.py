@@ -227,7 +227,7 @@ def test_the_release_helper_answers_only_what_the_poller_asks(make_stack):
     result end the conversation; what it may ask is answered."""
     import json
 
-    from flushctl.privsep import helper
+    from flushctl.privsep import client
 
     stack = make_stack()
     stack.sink.start()
@@ -243,7 +243,7 @@ def test_the_release_helper_answers_only_what_the_poller_asks(make_stack):
     def conversation(*requests):
         """Requests on one connection to the real helper, as the poller's role."""
         replies = []
-        with helper.connect(cfg, "poller") as theirs, theirs.makefile("rb") as f:
+        with client.connect(cfg, "poller") as theirs, theirs.makefile("rb") as f:
             for request in requests:
                 raw = request if isinstance(request, str) else json.dumps(request)
                 try:

@@ -4,7 +4,7 @@ import json
 
 from click.testing import CliRunner
 
-from flushctl.cli import main
+from flushctl.cli.main import main
 
 
 def run(*args):

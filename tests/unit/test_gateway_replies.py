@@ -1,4 +1,4 @@
-"""flushctl.gateway.main: the finger reply lines and the ETRN policy action (pure)."""
+"""flushctl.gateway.replies: the finger reply lines and the ETRN policy action (pure)."""
 
 import re
 import time
@@ -8,9 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flushctl.protocols import smtpd_policy
-from flushctl.gateway.main import (FAILED, NOTHING, NOWHERE, PAUSED, RELEASED, UNREACHABLE,
-                              Outcome, etrn_action, finger_reply)
-from flushctl.heldmail.library import Status
+from flushctl.gateway.replies import etrn_action, finger_reply
+from flushctl.heldmail.outcome import (FAILED, NOTHING, NOWHERE, PAUSED, RELEASED, UNREACHABLE,
+                                       Outcome)
+from flushctl.heldmail.status import Status
 
 DOM = "customer.example"
 AGE = 2 * 3600 + 5 * 60 + 30          # "2h 5m", far from a minute boundary

@@ -10,9 +10,11 @@ import json
 import socket
 from types import SimpleNamespace
 
-from flushctl.privsep import core as privsep
+from flushctl.privsep.releases import serve_releases
+from flushctl.privsep.wire import MAX_INFLIGHT
 from flushctl.gateway.gate import Gate
-from flushctl.gateway.main import RELEASED, Outcome, Releaser, encode_outcome
+from flushctl.gateway.releaser import Releaser
+from flushctl.heldmail.outcome import RELEASED, Outcome
 
 DOMAINS = {"customer.example": SimpleNamespace(flush_from=())}
 
@@ -62,9 +64,9 @@ def test_a_gateway_that_does_not_read_its_answers_is_not_read_from():
         ours, theirs = socket.socketpair()
         blocked = Blocked()
         gate = Gate(DOMAINS, per_minute=10**9, burst=10**9)
-        serving = asyncio.create_task(privsep.serve_releases(
-            ours, blocked, DOMAINS, encode_outcome, gate))
-        total = privsep.MAX_INFLIGHT + 50
+        serving = asyncio.create_task(serve_releases(
+            ours, blocked, DOMAINS, Outcome.as_json, gate))
+        total = MAX_INFLIGHT + 50
         lines = b"".join(json.dumps({"id": i, "domain": "customer.example", "how": "finger",
                                      "client": "192.0.2.1"}).encode() + b"\n"
                          for i in range(total))
@@ -72,7 +74,7 @@ def test_a_gateway_that_does_not_read_its_answers_is_not_read_from():
         sender.start()
         for _ in range(100):
             await asyncio.sleep(0.02)
-        assert blocked.calls == privsep.MAX_INFLIGHT
+        assert blocked.calls == MAX_INFLIGHT
         blocked.go.set()           # all done: the rest are taken in, every one answered
         answers = []
         reader = theirs.makefile("rb")

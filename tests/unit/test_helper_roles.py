@@ -7,7 +7,7 @@ import pytest
 
 from flushctl import config
 from flushctl.config import ConfigError
-from flushctl.privsep.helper import Peer, refusal
+from flushctl.privsep.roles import Peer, refusal
 
 CFG = config.parse("""
 [milter]
@@ -86,8 +86,8 @@ def test_a_helper_whose_backlog_is_full_is_waited_for(tmp_path):
     import socket
     import time
 
-    from flushctl.privsep import helper
-    from flushctl.privsep.core import PrivsepError
+    from flushctl.privsep import client
+    from flushctl.privsep.errors import PrivsepError
     path = tmp_path / "helper.sock"
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(path))
@@ -106,7 +106,7 @@ def test_a_helper_whose_backlog_is_full_is_waited_for(tmp_path):
         cfg = config.parse(f'[helper]\nsocket = "{path}"\n', "f.toml")
         started = time.monotonic()
         with pytest.raises(PrivsepError, match="not running"):
-            helper.connect(cfg, "admin", wait=1.0)
+            client.connect(cfg, "admin", wait=1.0)
         assert time.monotonic() - started >= 1.0
     finally:
         for sock in crowd:

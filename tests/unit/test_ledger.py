@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from flushctl.heldmail.ledger import FILENAME, DomainState, Entry, Ledger
+from flushctl.heldmail.ledger.schema import FILENAME, DomainState, Entry
+from flushctl.heldmail.ledger.store import Ledger
 
 
 @pytest.fixture

@@ -13,8 +13,9 @@ import threading
 
 import pytest
 
-from flushctl.heldmail import ledger as ledger_mod
-from flushctl.heldmail.ledger import FILENAME, Ledger, share
+from flushctl.heldmail.ledger.schema import FILENAME
+from flushctl.heldmail.ledger.sharing import identity, share
+from flushctl.heldmail.ledger.store import Ledger
 
 NOBODY, NOGROUP = 65534, 65534
 
@@ -104,4 +105,4 @@ def test_a_directory_only_root_writes_is_used_as_root(tmp_path):
         assert os.stat(led.path).st_uid == 0
     finally:
         led.close()
-    assert ledger_mod._identity(str(tmp_path / "state"), NOBODY) is None
+    assert identity(str(tmp_path / "state"), NOBODY) is None

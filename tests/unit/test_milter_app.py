@@ -17,7 +17,7 @@ import pytest
 from Milter import testctx
 
 from flushctl import config
-from flushctl.heldmail.ledger import Ledger
+from flushctl.heldmail.ledger.store import Ledger
 from flushctl_milter import app
 from flushctl_milter import rules
 from flushctl_milter.app import OnDemandMilter, Shared

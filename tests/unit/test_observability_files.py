@@ -58,7 +58,7 @@ def test_dashboard_is_grafana_json_on_served_metrics():
 def test_log_lines_are_one_line_of_key_value_fields():
     import logging
 
-    from flushctl.cli import KeyValueFormatter
+    from flushctl.cli.main import KeyValueFormatter
     fmt = KeyValueFormatter()
     record = logging.LogRecord("flushctl.gateway", logging.INFO, __file__, 1,
                                "event=trigger how=%s client=%s", ("finger", "192.0.2.7"), None)

@@ -12,7 +12,7 @@ from flushctl import cluster, config
 
 from flushctl.protocols import finger
 from flushctl.config import Cluster, Peer
-from flushctl.heldmail.ledger import Ledger
+from flushctl.heldmail.ledger.store import Ledger
 
 
 def test_backoff_doubles_up_to_a_minute():
@@ -186,7 +186,7 @@ class RecordingReleaser:
         self.triggers = []
 
     async def trigger(self, domain, how, client):
-        from flushctl.gateway.main import NOTHING, Outcome
+        from flushctl.heldmail.outcome import NOTHING, Outcome
         self.triggers.append((domain, how, client))
         return Outcome(NOTHING, 0, "", "", None)
 
@@ -199,7 +199,7 @@ def _etrn(gw, client, helo, domain="customer.example"):
 
 
 def test_the_gateway_knows_peers_by_address_and_by_ehlo_name():
-    from flushctl.gateway.main import Gateway
+    from flushctl.gateway.listeners import Gateway
     cfg = config.parse('[cluster]\npeers = ["mx2.provider.example", "192.0.2.3"]\n'
                        '[domains."customer.example"]\nflush_from = ["198.51.100.0/24"]\n')
     rel = RecordingReleaser()
@@ -233,7 +233,7 @@ def test_a_forwarded_etrn_is_known_by_itself_and_grants_nothing():
     """Issue 15, item 6: neither the address nor the EHLO name is a peer's,
     yet the ETRN says it was forwarded: released here, never sent on; and
     from outside flush_from refused like any other."""
-    from flushctl.gateway.main import Gateway
+    from flushctl.gateway.listeners import Gateway
     cfg = config.parse('[cluster]\npeers = ["mx2.provider.example"]\n'
                        '[domains."customer.example"]\nflush_from = ["198.51.100.0/24"]\n')
     rel = RecordingReleaser()
@@ -268,7 +268,9 @@ def test_unmark(argument, expected):
 
 def test_a_report_that_cannot_be_read_is_answered_not_left_waiting():
     from flushctl.protocols import finger as finger_mod
-    from flushctl.gateway.main import REPORTED, Gateway, Releaser
+    from flushctl.gateway.listeners import Gateway
+    from flushctl.gateway.releaser import Releaser
+    from flushctl.heldmail.outcome import REPORTED
 
     class Broken:
         def status(self, domain):

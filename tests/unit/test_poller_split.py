@@ -13,7 +13,8 @@ import pytest
 
 from flushctl.poller import loop as poller
 
-from flushctl.privsep import core as privsep
+from flushctl.privsep import wire
+from flushctl.privsep.errors import Malformed, PrivsepError
 from flushctl.poller.prober import ProbeResult
 from flushctl.mta.queuefiles import QueueLayout
 
@@ -28,7 +29,7 @@ def test_a_probe_result_is_taken_only_in_the_prober_own_words():
                 ["refused", "", "", float("nan")], ["refused", "", "", float("inf")],
                 ["refused", "", "", 1e308], ["refused", "", "", True], ["refused", "", ""],
                 ["refused", 5, "", 0], {"outcome": "refused"}, "reachable"):
-        with pytest.raises(privsep.Malformed):
+        with pytest.raises(Malformed):
             poller.decode_probe(bad)
 
 
@@ -36,15 +37,15 @@ def test_the_scrape_channel_serves_scrapes_only():
     assert poller.answer_scrape(lambda: b"# figures\n", {"op": "metrics"}) == \
         {"body": "# figures\n"}
     for bad in ({"op": "candidates"}, {"op": "metrics", "domain": "x"}, {}):
-        with pytest.raises(privsep.Malformed):
+        with pytest.raises(Malformed):
             poller.answer_scrape(lambda: b"", bad)
 
 
-def _talk(handle, lines, limit=privsep.MAX_MESSAGE):
+def _talk(handle, lines, limit=wire.MAX_MESSAGE):
     ours, theirs = socket.socketpair()
     result = {}
     server = threading.Thread(target=lambda: result.setdefault(
-        "served", privsep.serve_channel(ours, handle, "test", limit)))
+        "served", wire.serve_channel(ours, handle, "test", limit)))
     server.start()
     replies = []
     with theirs, theirs.makefile("rb") as f:
@@ -64,7 +65,7 @@ def test_every_request_is_answered_and_an_alien_one_ends_the_channel():
         if request.get("op") == "fail":
             raise OSError("database or disk is full")
         if request.get("op") == "alien":
-            raise privsep.Malformed("alien")
+            raise Malformed("alien")
         return {"echo": request["op"]}
     replies, served = _talk(handle, [b'{"op": "a"}', b'{"op": "fail"}', b'{"op": "b"}'])
     assert replies == [{"echo": "a"}, {"error": "database or disk is full"}, {"echo": "b"}]
@@ -77,9 +78,9 @@ def test_every_request_is_answered_and_an_alien_one_ends_the_channel():
 
 def test_a_channel_call_raises_once_the_root_half_is_gone():
     ours, theirs = socket.socketpair()
-    channel = privsep.Channel(theirs)
+    channel = wire.Channel(theirs)
     ours.close()
-    with pytest.raises(privsep.PrivsepError):
+    with pytest.raises(PrivsepError):
         channel.call({"op": "candidates"})
     assert channel.gone.is_set()
 

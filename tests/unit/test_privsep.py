@@ -1,11 +1,14 @@
-"""flushctl.privsep.core: what the root parent accepts from the unprivileged child."""
+"""flushctl.privsep (wire, releases, accounts): what the root parent accepts from the
+unprivileged child."""
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from flushctl import config
-from flushctl.privsep.core import PrivsepError, account, check_request
+from flushctl.privsep.accounts import account
+from flushctl.privsep.errors import PrivsepError
+from flushctl.privsep.wire import check_request
 
 DOMAINS = {"customer.example": object()}
 
@@ -86,7 +89,7 @@ import socket  # noqa: E402
 
 from flushctl import config as config_mod  # noqa: E402
 from flushctl.gateway.gate import Gate  # noqa: E402
-from flushctl.privsep.core import serve_releases  # noqa: E402
+from flushctl.privsep.releases import serve_releases  # noqa: E402
 
 RESTRICTED = config_mod.parse("""
 [domains."restricted.example"]

@@ -1,0 +1,1 @@
+"""The `flushctl` command line: the click group is ``flushctl.cli.main.main``."""

@@ -1,0 +1,60 @@
+"""What every command acts on: the config, loaded once, and the library of held mail."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import click
+
+from flushctl import config as config_mod
+from flushctl import names
+from flushctl.cli.errors import CliError
+from flushctl.config import UnknownDomain
+
+
+class Context:
+    def __init__(self, config_path: str | None):
+        self.path = config_mod.resolve_path(config_path)
+        self._config = None
+        self._ondemand = None
+
+    @property
+    def config(self) -> config_mod.Config:
+        if self._config is None:
+            try:
+                self._config = config_mod.load(self.path)
+            except config_mod.ConfigError as exc:
+                raise CliError(str(exc)) from None
+        return self._config
+
+    @property
+    def ondemand(self):
+        if self._ondemand is None:
+            from flushctl.heldmail.library import HeldMail
+            try:
+                self._ondemand = HeldMail(self.config)
+            except (OSError, sqlite3.Error) as exc:
+                raise CliError(f"cannot open the ledger in {self.config.state_directory}: {exc}")
+        return self._ondemand
+
+    def domain(self, name: str) -> str:
+        try:
+            return self.config.domain(name).name
+        except UnknownDomain as exc:
+            raise CliError(str(exc)) from None
+
+    def domain_or_removed(self, name: str) -> str:
+        """A configured domain, or a removed one whose mail is still held."""
+        try:
+            return self.config.domain(name).name
+        except UnknownDomain as exc:
+            try:
+                key = names.domain(name)
+            except ValueError:
+                raise CliError(str(exc)) from None
+            if key in self.ondemand.removed_domains():
+                return key
+            raise CliError(str(exc)) from None
+
+
+pass_ctx = click.make_pass_decorator(Context)

@@ -1,0 +1,154 @@
+"""Commands on a domain's held mail: flush (release now), pause, resume, purge, return, sweep."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from flushctl.cli.context import pass_ctx
+from flushctl.cli.errors import EXIT_PAUSED, EXIT_STILL_HELD, EXIT_UNREACHABLE, CliError, guard
+from flushctl.cli.status import fmt_time
+
+
+@click.command()
+@click.argument("domain")
+@click.option("--wait", is_flag=True, help="wait until nothing is held")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=600.0, show_default=True,
+              metavar="SECONDS", help="with --wait: give up after this long")
+@pass_ctx
+@guard
+def flush(ctx, domain, wait, timeout):
+    """Release the domain's held mail now (after checking its server answers).
+    As root it releases itself; anyone else in the helper's group asks the
+    release helper (`flushctl helper`)."""
+    import os
+
+    from flushctl.privsep.helper import release_report
+    from flushctl.heldmail.release import wait_for
+    name = ctx.domain(domain)
+    if os.geteuid() == 0:
+        od = ctx.ondemand
+        report = release_report(od, name)
+
+        def step():
+            return od.wait_step(name)
+    else:
+        from flushctl.privsep import client
+        from flushctl.privsep import wire
+        channel = wire.Channel(client.connect(ctx.config, "admin"))
+        report = channel.call({"op": "flush", "domain": name})
+
+        def step():
+            reply = channel.call({"op": "wait", "domain": name})
+            return reply["present"], reply["verdict"]
+    if "refused" in report:
+        raise CliError(report["text"],
+                       EXIT_PAUSED if report["refused"] == "paused" else EXIT_UNREACHABLE)
+    if report["forwarded"]:
+        click.echo(f"{name}: sent on to {report['forwarded']} peer(s) as ETRN (by the gateway)")
+    if report["shared"]:
+        click.echo(f"{name}: a release started {fmt_time(report['since'])} "
+                   f"({report['by']}) answers for this one")
+        if not wait:
+            return
+    elif not report["probed"] and report["on_the_way"]:
+        click.echo(f"{name}: {report['on_the_way']} message(s) already on their way "
+                   "(an earlier release)")
+        if not wait:
+            return
+    elif not report["probed"]:
+        click.echo(f"{name}: nothing held")
+        return
+    else:
+        click.echo(f"{name}: released {report['released']} message(s) to {report['target']}")
+    for route, text in report["unreachable"]:
+        click.echo(f"{name}: {route}: not released, its server does not answer ({text})")
+    if not wait:
+        return
+    if sys.stderr.isatty():
+        total = max(report["released"], 1)
+        with click.progressbar(length=total, label=f"{name}: delivering",
+                               file=sys.stderr) as bar:
+            done = [0]
+
+            def progress(remaining):
+                step_by = max(0, total - remaining) - done[0]
+                if step_by > 0:
+                    bar.update(step_by)
+                    done[0] += step_by
+            ok, remaining = wait_for(step, timeout, progress)
+    else:
+        ok, remaining = wait_for(step, timeout)
+    if not ok:
+        raise CliError(f"{name}: {remaining} message(s) still held", EXIT_STILL_HELD)
+    click.echo(f"{name}: nothing held")
+
+
+@click.command()
+@click.argument("domain")
+@pass_ctx
+@guard
+def pause(ctx, domain):
+    """Stop every release of the domain's mail until `resume`."""
+    name = ctx.domain(domain)
+    reheld = ctx.ondemand.pause(name)
+    click.echo(f"{name}: paused" + (f" ({reheld} waiting message(s) put back on hold)"
+                                    if reheld else ""))
+
+
+@click.command()
+@click.argument("domain")
+@pass_ctx
+@guard
+def resume(ctx, domain):
+    """Allow releases again."""
+    name = ctx.domain(domain)
+    ctx.ondemand.resume(name)
+    click.echo(f"{name}: resumed")
+
+
+@click.command()
+@click.argument("domain")
+@click.option("--yes", is_flag=True, help="really delete the mail")
+@pass_ctx
+@guard
+def purge(ctx, domain, yes):
+    """Delete the domain's held mail (needs --yes)."""
+    name = ctx.domain_or_removed(domain)
+    if not yes:
+        raise CliError(f"purge deletes every held message for {name}; add --yes to do it", 2)
+    count = ctx.ondemand.purge(name)
+    click.echo(f"{name}: deleted {count} message(s)")
+
+
+@click.command("return")
+@click.argument("domain")
+@click.option("--refused", is_flag=True,
+              help="only mail the customer's server refused (5xx)")
+@pass_ctx
+@guard
+def return_(ctx, domain, refused):
+    """Return the domain's held mail to its senders (Postfix's own DSN, quoting
+    the customer server's reply for refused mail)."""
+    name = ctx.domain_or_removed(domain)
+    count = ctx.ondemand.return_to_senders(name, refused_only=refused)
+    what = "refused message(s)" if refused else "message(s)"
+    click.echo(f"{name}: returned {count} {what} to their senders")
+
+
+@click.command()
+@pass_ctx
+@guard
+def sweep(ctx):
+    """One pass of the keeper (the poller runs it every few seconds): take in
+    mail for customers the milter never saw, put mail that failed after a
+    release back on hold."""
+    from flushctl.heldmail.keeper import Keeper
+    done = Keeper(ctx.ondemand).tick()
+    for domain, count in sorted(done["taken_in"].items()):
+        click.echo(f"{domain}: took in {count}")
+    for domain, result in done["swept"].items():
+        click.echo(f"{domain}: reheld {result['reheld']}, in flight {result['in_flight']}")
+    for domain, count in sorted(done["returned"].items()):
+        click.echo(f"{domain}: returned {count} refused message(s) to their senders")

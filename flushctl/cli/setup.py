@@ -1,0 +1,100 @@
+"""Commands that set this host up and look it over: apply, check-config, check, domains."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from flushctl import config as config_mod
+from flushctl.cli.context import pass_ctx
+from flushctl.cli.errors import EXIT_ERROR, CliError, guard
+
+
+@click.command()
+@click.option("--dry-run", is_flag=True, help="show what would change, change nothing")
+@click.option("--no-reload", is_flag=True,
+              help="leave the reload of a running Postfix to the caller")
+@click.option("--release-removed", "removed", flag_value="release",
+              help="mail held for domains no longer configured: deliver it as ordinary mail")
+@click.option("--purge-removed", "removed", flag_value="purge",
+              help="mail held for domains no longer configured: delete it")
+@click.option("--keep-removed", "removed", flag_value="keep",
+              help="mail held for domains no longer configured: keep it held (status shows it)")
+@pass_ctx
+@guard
+def apply(ctx, dry_run, no_reload, removed):
+    """Make the Postfix instance serve the configured domains.
+
+    A domain taken out of the config while mail is held for it stops the
+    apply until one of the --*-removed options says what becomes of that mail."""
+    from flushctl.mta.apply import ApplyError, apply as do_apply
+    try:
+        report = do_apply(ctx.config, dry_run=dry_run, reload=not no_reload, removed=removed)
+    except ApplyError as exc:
+        raise CliError(str(exc)) from None
+    for line in report.lines():
+        click.echo(line)
+
+
+@click.command("check-config")
+@click.option("--json", "as_json", is_flag=True,
+              help='print a JSON object: {"path", "ok", "domains"} or {"path", "ok", "error"}')
+@pass_ctx
+def check_config(ctx, as_json):
+    """Validate the config file and say so (exit 1 if it is not valid)."""
+    if not as_json:
+        cfg = ctx.config
+        click.echo(f"{cfg.path}: ok, {len(cfg.domains)} domain(s)")
+        return
+    try:
+        cfg = config_mod.load(ctx.path)
+    except config_mod.ConfigError as exc:
+        click.echo(json.dumps({"path": ctx.path, "ok": False, "error": str(exc)}))
+        raise SystemExit(EXIT_ERROR) from None
+    click.echo(json.dumps({"path": cfg.path, "ok": True, "domains": sorted(cfg.domains)}))
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="print a JSON object")
+@pass_ctx
+@guard
+def check(ctx, as_json):
+    """Is everything in place and running? One line per problem (exit 1)."""
+    from flushctl.check import check as run_check
+    report = run_check(ctx.ondemand)
+    if as_json:
+        click.echo(json.dumps(report.as_json(), indent=2))
+    else:
+        for line in report.problems:
+            click.echo(line)
+        if not report.problems:
+            click.echo(f"all well: {', '.join(report.checks)}")
+    if report.problems:
+        click.get_current_context().exit(EXIT_ERROR)
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="print a JSON array")
+@pass_ctx
+def domains(ctx, as_json):
+    """The configured customer domains."""
+    cfg = ctx.config
+    rows = []
+    for name in sorted(cfg.domains):
+        d = cfg.domains[name]
+        rows.append({
+            "domain": name,
+            "relay": d.relay.nexthop if d.relay else None,
+            "recipients": sorted(f"{l}@{name}" for l in d.recipients) if d.recipients else None,
+            "quota_messages": d.quota_messages,
+            "quota_bytes": d.quota_bytes,
+            "flush_from": [str(n) for n in d.flush_from],
+        })
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['domain']:<30} relay={r['relay'] or '(MX)'}"
+                   f" recipients={len(r['recipients']) if r['recipients'] else 'any'}"
+                   f" quota={r['quota_messages'] or '-'}/{r['quota_bytes'] or '-'}")

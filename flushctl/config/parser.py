@@ -1,0 +1,270 @@
+"""Reading the config file: find it, read it, and parse its tables into a ``Config``.
+
+``load(path)`` either returns a ``Config`` or raises ``ConfigError`` whose
+text is ``FILE: KEY: what is wrong``.  Nothing else in the program reads
+the file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from flushctl import names
+from flushctl.config.fields import (_Section, _duration, _host_port, _is_ip, _listen,
+                                    _policy_listen, _relay, _user, split_host_port)
+from flushctl.config.model import (DEFAULT_PATH, ENV_VAR, METRICS_LISTEN, SASL_PATHS, Cluster,
+                                   Config, ConfigError, Domain, GatewaySettings, HostPort, Peer,
+                                   Submission)
+
+
+def resolve_path(option: str | None) -> str:
+    """--config, else $FLUSHCTL_CONFIG, else the default path."""
+    return option or os.environ.get(ENV_VAR) or DEFAULT_PATH
+
+
+def _submission(path: str, data: dict) -> Submission | None:
+    if "submission" not in data:
+        return None
+    sec = _Section(path, "submission", data["submission"])
+    sec.check_keys({"listen", "sasl_type", "sasl_path", "tls_cert_file", "tls_key_file"})
+    listen = sec.get("listen", str, "submission")
+    match = re.fullmatch(r"(?:(\[?[0-9A-Fa-f.:]+\]?|localhost):)?(\d{1,5}|submission)", listen)
+    if not match or (match.group(2).isdigit() and not 0 < int(match.group(2)) < 65536):
+        sec.fail("listen", f'must be "submission", "PORT" or "HOST:PORT", not {listen!r}')
+    sasl_type = sec.get("sasl_type", str, "cyrus")
+    if sasl_type not in SASL_PATHS:
+        sec.fail("sasl_type", f'must be "cyrus" or "dovecot", not {sasl_type!r}')
+    sasl_path = sec.get("sasl_path", str, SASL_PATHS[sasl_type])
+    if not re.fullmatch(r"[A-Za-z0-9_./:-]{1,200}", sasl_path):
+        sec.fail("sasl_path", f"not a SASL path Postfix can use: {sasl_path!r}")
+    return Submission(
+        listen=listen,
+        sasl_type=sasl_type,
+        sasl_path=sasl_path,
+        tls_cert_file=sec.absolute_path("tls_cert_file", "", required=True),
+        tls_key_file=sec.absolute_path("tls_key_file", "", required=True),
+    )
+
+
+def _cluster(path: str, data: dict) -> Cluster | None:
+    if "cluster" not in data:
+        return None
+    sec = _Section(path, "cluster", data["cluster"])
+    sec.check_keys({"peers", "finger_port", "source", "retry_for", "helo"})
+    peers = []
+    for item in sec.get("peers", list, required=True):
+        text = str(item)
+        host, port, _ = split_host_port(sec, "peers", text,
+                                        '"HOST", "HOST:PORT" or "[IPv6]:PORT"', 25)
+        try:
+            host = str(ipaddress.ip_address(host))
+        except ValueError:
+            try:
+                host = names.domain(host)
+            except ValueError as exc:
+                sec.fail("peers", str(exc))
+        peer = Peer(host, port)
+        if peer in peers:
+            sec.fail("peers", f"{text} is listed twice")
+        peers.append(peer)
+    if not peers:
+        sec.fail("peers", "an empty list: leave [cluster] out for a single MX host")
+    finger_port = sec.positive("finger_port", int, 79)
+    if finger_port > 65535:
+        sec.fail("finger_port", f"port out of range: {finger_port}")
+    source = sec.get("source", str)
+    if source is not None:
+        try:
+            source = str(ipaddress.ip_address(source))
+        except ValueError:
+            sec.fail("source", f"must be an IP address of this host, not {source!r}")
+    retry_for = sec.positive("retry_for", float, 7200.0)
+    helo = sec.get("helo", str)
+    if helo is not None:
+        try:
+            helo = names.domain(helo)
+        except ValueError as exc:
+            sec.fail("helo", str(exc))
+    return Cluster(peers=tuple(peers), finger_port=finger_port, source=source,
+                   retry_for=float(retry_for), helo=helo)
+
+
+def _domain(path: str, name: str, table: Any) -> Domain:
+    try:
+        key = names.domain(name)
+    except ValueError as exc:
+        raise ConfigError(f'{path}: domains."{name}": {exc}') from None
+    if key != name:
+        raise ConfigError(f'{path}: domains."{name}": write the domain as "{key}"')
+    sec = _Section(path, f'domains."{name}"', table)
+    sec.check_keys({"relay", "recipients", "quota_messages", "quota_bytes", "flush_from",
+                    "hosts", "refused_return_after"})
+    recipients = sec.get("recipients", list)
+    rcpt_set = None
+    if recipients is not None:
+        rcpt_set = set()
+        for item in recipients:
+            if not isinstance(item, str):
+                sec.fail("recipients", f"entries must be strings, not {item!r}")
+            try:
+                local, dom = names.address(item)
+            except ValueError as exc:
+                sec.fail("recipients", str(exc))
+            if dom != key:
+                sec.fail("recipients", f"{item!r} is not an address in {key}")
+            rcpt_set.add(local.lower())
+        if not rcpt_set:
+            sec.fail("recipients", "an empty list would refuse all mail; leave the key out to accept any recipient")
+    networks = []
+    for item in sec.get("flush_from", list, []):
+        try:
+            networks.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError:
+            sec.fail("flush_from", f"not an IP network: {item!r}")
+    hosts = {}
+    table_hosts = sec.get("hosts", dict, {})
+    for host, spec in table_hosts.items():
+        try:
+            name = names.domain(host)
+        except ValueError as exc:
+            sec.fail("hosts", str(exc))
+        if not name.endswith("." + key):
+            sec.fail("hosts", f"{host!r} is not a host under {key}")
+        if not isinstance(spec, str):
+            sec.fail("hosts", f"{host}: the route must be a string like \"[192.0.2.7]:25\"")
+        hosts[name] = _relay(_Section(path, f'domains."{key}".hosts', {host: spec}), host)
+    return Domain(
+        name=key,
+        hosts=hosts,
+        refused_return_after=_duration(sec, "refused_return_after"),
+        relay=_relay(sec, "relay"),
+        recipients=frozenset(rcpt_set) if rcpt_set is not None else None,
+        quota_messages=sec.positive("quota_messages", int),
+        quota_bytes=sec.positive("quota_bytes", int),
+        flush_from=tuple(networks),
+    )
+
+
+def parse(text: str, path: str = "<config>") -> Config:
+    """Validate the TOML ``text``; ``path`` is used in error messages."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    top = _Section(path, "", data)
+    top.check_keys({"postfix", "state", "milter", "gateway", "poller", "helper", "relay",
+                    "submission", "cluster", "metrics", "domains"})
+    he = _Section(path, "helper", data.get("helper", {}))
+    he.check_keys({"socket", "group"})
+    helper_socket = he.absolute_path("socket", "/run/flushctl/helper.sock")
+    helper_group = he.get("group", str, "flushctl")
+    if not re.fullmatch(r"[a-z_][a-z0-9_.-]{0,31}", helper_group):
+        he.fail("group", f"not a group name: {helper_group!r}")
+    me = _Section(path, "metrics", data.get("metrics", {}))
+    me.check_keys({"listen"})
+    metrics_listen = None
+    if me.get("listen", str, METRICS_LISTEN) != "":
+        metrics_listen = _host_port(me, "listen", METRICS_LISTEN)
+    rl = _Section(path, "relay", data.get("relay", {}))
+    rl.check_keys({"networks"})
+    relay_networks = []
+    for item in rl.get("networks", list, []):
+        try:
+            net = ipaddress.ip_network(str(item), strict=False)
+        except ValueError:
+            rl.fail("networks", f"not an IP network: {item!r}")
+        relay_networks.append(net)
+    wide = names.too_wide(relay_networks)
+    if wide:
+        rl.fail("networks", wide)
+    pf = _Section(path, "postfix", data.get("postfix", {}))
+    pf.check_keys({"config_directory", "transport"})
+    st = _Section(path, "state", data.get("state", {}))
+    st.check_keys({"directory"})
+    mi = _Section(path, "milter", data.get("milter", {}))
+    mi.check_keys({"listen", "user"})
+    milter_user = _user(mi, "flushctl-milter",
+                        'the milter reads every message: name an unprivileged user, '
+                        'or "" to keep it root')
+    gw = _Section(path, "gateway", data.get("gateway", {}))
+    gw.check_keys({"finger_listen", "policy_listen", "release_window", "max_connections",
+                   "idle_timeout", "rate_burst", "rate_per_minute", "user"})
+    gateway_user = _user(gw, "nobody", 'the network side must not run as root; name an '
+                         'unprivileged user, or "" for one process')
+    po = _Section(path, "poller", data.get("poller", {}))
+    po.check_keys({"interval", "probe_timeout", "concurrency", "own_hosts", "nameservers",
+                   "user"})
+    poller_user = _user(po, "nobody", "the poller talks to customers' servers and serves "
+                        'metrics: name an unprivileged user, or "" for one process')
+    own_hosts = []
+    for item in po.get("own_hosts", list, []):
+        try:
+            own_hosts.append(names.domain(str(item)))
+        except ValueError as exc:
+            po.fail("own_hosts", str(exc))
+    nameservers = []
+    for item in po.get("nameservers", list, []):
+        text = str(item)
+        host, port, _ = split_host_port(po, "nameservers", text,
+                                        "an IP address (with optional :port)", 53)
+        if not _is_ip(host):
+            po.fail("nameservers", f"not an IP address (with optional :port): {text!r}")
+        nameservers.append(HostPort(host, port))
+
+    transport = pf.get("transport", str, "ondemand")
+    if not re.fullmatch(r"[a-z][a-z0-9_-]{0,30}", transport):
+        pf.fail("transport", f"must be a master.cf service name like ondemand, not {transport!r}")
+
+    domains_table = data.get("domains", {})
+    if not isinstance(domains_table, dict):
+        raise ConfigError(f"{path}: domains: must be a table of domains")
+    domains = {}
+    for name, table in domains_table.items():
+        dom = _domain(path, name, table)
+        domains[dom.name] = dom
+    return Config(
+        path=path,
+        config_directory=pf.absolute_path("config_directory", "/etc/postfix"),
+        state_directory=st.absolute_path("directory", "/var/lib/flushctl"),
+        milter_listen=_listen(mi, "listen", "unix:/var/spool/postfix/flushctl/milter.sock"),
+        milter_user=milter_user,
+        finger_listen=_host_port(gw, "finger_listen", "0.0.0.0:79"),
+        policy_listen=_policy_listen(gw),
+        poller_interval=po.positive("interval", int, 60),
+        poller_user=poller_user,
+        gateway=GatewaySettings(
+            release_window=gw.positive("release_window", float, 60.0),
+            max_connections=gw.positive("max_connections", int, 512),
+            idle_timeout=gw.positive("idle_timeout", float, 10.0),
+            rate_burst=gw.positive("rate_burst", int, 30),
+            rate_per_minute=gw.positive("rate_per_minute", float, 60.0),
+            user=gateway_user,
+        ),
+        probe_timeout=po.positive("probe_timeout", float, 10.0),
+        poller_concurrency=po.positive("concurrency", int, 100),
+        own_hosts=tuple(own_hosts),
+        nameservers=tuple(nameservers),
+        relay_networks=tuple(relay_networks),
+        transport_name=transport,
+        domains=domains,
+        submission=_submission(path, data),
+        cluster=_cluster(path, data),
+        metrics_listen=metrics_listen,
+        helper_socket=helper_socket,
+        helper_group=helper_group,
+    )
+
+
+def load(path: str) -> Config:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file (give --config PATH or set {ENV_VAR})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    return parse(text, path)

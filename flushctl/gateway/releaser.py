@@ -1,0 +1,143 @@
+"""The release scheduler: at most one release per domain at a time, shared by
+every trigger inside its window; runs where the releasing is done (one
+process as root, or the release helper).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from flushctl.heldmail.library import HeldMail
+from flushctl.heldmail.release import Refused
+from flushctl.heldmail.outcome import FAILED, NOTHING, NOWHERE, PAUSED, RELEASED, REPORTED, \
+    UNREACHABLE, Outcome
+
+log = logging.getLogger("flushctl.gateway")
+
+
+class Releaser:
+    """At most one release per domain at a time; triggers inside the window share it.
+
+    Triggers that arrive while a release runs wait for it and get its
+    result; triggers within ``window`` seconds after a release get its
+    result too, as long as no new mail has arrived for the domain since.
+    The window is the ledger's (``HeldMail.flush``): a release by the
+    poller, an admin or a peer counts as much as one started here; this
+    process's own recent releases are also answered from memory, without
+    a worker thread.
+    """
+
+    def __init__(self, ondemand: HeldMail, window: float):
+        self.ondemand = ondemand
+        self.window = window
+        self._inflight: dict[str, asyncio.Task] = {}
+        self._tasks: set[asyncio.Task] = set()   # releases under way (the loop keeps weak refs)
+        self._recent: dict[str, tuple[float, Outcome, float]] = {}
+        self._sent_on: dict[str, float] = {}   # domain -> when last queued for the peers
+        self.forwarded = None   # called when a release was queued for the peers
+
+    async def trigger(self, domain: str, how: str, client: str) -> Outcome:
+        if how == "report":
+            try:
+                status = await asyncio.to_thread(self.ondemand.status, domain)
+            except Exception as exc:   # answered, as a failed release is
+                log.exception("event=error stage=report domain=%s", domain)
+                return Outcome(REPORTED, 0, "", str(exc), None)
+            return Outcome(REPORTED, 0, "", "", status)
+        recent = self._recently(domain)
+        if recent is not None:
+            return recent
+        if domain in self._inflight:
+            return (await asyncio.shield(self._inflight[domain])).as_shared()
+        # Most queries find nothing held: one row read answers them here,
+        # without a worker thread or the queue (unless the ledger file was
+        # replaced: its rebuild reads the hold queue, in a worker thread).
+        if self.ondemand.needs_rebuild():
+            empty = await asyncio.to_thread(self.ondemand.status_if_empty, domain)
+        else:
+            empty = self.ondemand.status_if_empty(domain)
+        if empty is not None:
+            # nothing here, but the peers may hold some: they release too
+            await self._send_on(domain, how)
+            return Outcome(NOTHING, 0, "", "", empty)
+        # The release is a task of its own: the trigger that started it may
+        # go (its connection closed) while the release runs on and others
+        # wait for its outcome.
+        # started, or even done, while this one looked at the ledger
+        if domain in self._inflight:
+            return (await asyncio.shield(self._inflight[domain])).as_shared()
+        recent = self._recently(domain)
+        if recent is not None:
+            return recent
+        task = asyncio.get_running_loop().create_task(self._run(domain, how, client))
+        self._inflight[domain] = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(task)
+
+    def _recently(self, domain: str) -> Outcome | None:
+        """A release a moment ago answers for this trigger too, unless mail
+        has arrived since: then there is something new to release."""
+        recent = self._recent.get(domain)
+        if recent and time.monotonic() - recent[0] < self.window \
+                and not self.ondemand.ledger.arrived_since(domain, recent[2]):
+            return recent[1].as_shared()
+        return None
+
+    async def _run(self, domain: str, how: str, client: str) -> Outcome:
+        started = time.time()
+        try:
+            outcome = await asyncio.to_thread(self._release, domain, how, client)
+        finally:
+            del self._inflight[domain]
+        if how != "peer":
+            self._sent_on[domain] = time.monotonic()   # flush queued it for the peers
+            self._wake()
+        # Only a release is worth sharing; "nothing held" or "server down"
+        # may change any moment, and the next trigger looks again.
+        if outcome.kind == RELEASED:
+            self._recent[domain] = (time.monotonic(), outcome, started)
+        else:
+            self._recent.pop(domain, None)
+        return outcome
+
+    async def add_counts(self, items) -> None:
+        await asyncio.to_thread(self.ondemand.ledger.add_counts, items)
+
+    async def _send_on(self, domain: str, how: str) -> None:
+        if how == "peer" or self.ondemand.config.cluster is None:
+            return
+        last = self._sent_on.get(domain)
+        if last is not None and time.monotonic() - last < self.window:
+            return   # a flood of triggers for one domain: one ETRN to each peer
+        self._sent_on[domain] = time.monotonic()
+        await asyncio.to_thread(self.ondemand.send_on, domain, how)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.forwarded is not None:
+            self.forwarded()
+
+    def _release(self, domain: str, how: str, client: str) -> Outcome:
+        od = self.ondemand
+        try:
+            before = od.status(domain)
+        except Exception:
+            log.exception("event=error stage=status domain=%s", domain)
+            return Outcome(FAILED, 0, "", "status failed", None)
+        try:
+            result = od.flush(domain, trigger=how, client=client)
+        except Refused as exc:
+            kind = {"paused": PAUSED, "nowhere": NOWHERE}.get(exc.code, UNREACHABLE)
+            return Outcome(kind, 0, "", str(exc), before)
+        except Exception as exc:
+            log.exception("event=error stage=release domain=%s", domain)
+            return Outcome(FAILED, 0, "", str(exc), before)
+        if result.shared:   # a release moments ago, by any trigger, answers for this one
+            return Outcome(RELEASED, 0, result.probe.target if result.probe else "", "",
+                           before, shared=True)
+        if result.probe is None:
+            return Outcome(NOTHING, 0, "", "", before)
+        return Outcome(RELEASED, result.released, result.probe.target, "", before)

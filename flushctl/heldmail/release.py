@@ -1,0 +1,294 @@
+"""Releasing held mail toward a customer's servers: flush, the release window, refresh, wait.
+
+A release probes the customer's server first: a message released with
+``postsuper -H`` keeps its creation time, and Postfix returns a message to
+its sender as soon as an attempt fails after ``maximal_queue_lifetime``;
+so nothing is released toward a server that does not answer, mail with an
+old clock gets a new one first (``refresh``), and whatever fails after a
+release is put back on hold (``holdback``) before Postfix tries it again.
+The on-demand transport turns 5xx replies into deferrals (soft_bounce):
+such mail comes back on hold marked *refused* with the server's reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+
+from flushctl.heldmail import rules as rules
+from flushctl.heldmail.ledger.schema import DomainState
+from flushctl.heldmail.rules import Snapshot
+from flushctl.poller.prober import NOT_PROBED, NOWHERE, UNROUTABLE, ProbeResult, probe, routable
+
+RELEASE_WATCH = rules.RELEASE_WATCH
+# How long a refresh waits for pickup and cleanup to bring requeued mail back,
+# at most, and after the copies stop coming back.
+REFRESH_WAIT = 60.0
+REFRESH_QUIET = 5.0
+
+log = logging.getLogger("flushctl.release")
+
+
+class Refused(Exception):
+    """A request that is understood but not carried out (paused, unreachable)."""
+
+    def __init__(self, text: str, code: str):
+        super().__init__(text)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class FlushResult:
+    domain: str
+    released: int
+    probe: ProbeResult | None
+    forwarded: int = 0   # peers of the cluster this release is sent on to
+    shared: bool = False           # a release that started moments ago answers for it
+    on_the_way: int = 0            # nothing to release, but so many an earlier one sends
+    unreachable: tuple = ()        # (route, ProbeResult) of destinations that did not answer
+
+
+def wait_for(step, timeout: float, progress=None, interval: float = 0.5
+             ) -> tuple[bool, int]:
+    """Call ``step()`` (``HeldMail.wait_step``, here or through the release
+    helper) until it says done or stuck, or ``timeout`` seconds pass:
+    (True if nothing is left queued, messages left)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        present, verdict = step()
+        if progress:
+            progress(present)
+        if verdict is not None:
+            return verdict, present
+        if time.monotonic() >= deadline:
+            return False, present
+        time.sleep(interval)
+
+
+class ReleasePart:
+    """``HeldMail``'s releasing part (see ``library``)."""
+
+    def flush(self, domain: str, trigger: str = "admin", client: str | None = None,
+              probed: dict[str, ProbeResult] | None = None,
+              probed_only: bool = False) -> FlushResult:
+        """Release the domain's held mail toward its servers, if they answer.
+
+        ``probed``: probes of routes the caller has just made (the poller),
+        instead of probing them again; with ``probed_only`` a route it did
+        not probe is taken as not answering (the release helper talks
+        to no customer's server itself).
+        """
+        dom = self.domain(domain)
+        name = dom.name
+        # the other backup MX hosts release too, whatever happens here
+        forwarded = self.send_on(name, trigger)
+        state = self.ledger.state(name)
+        if state.paused:
+            raise Refused(f"{name}: paused; `flushctl resume {name}` first", "paused")
+        snap = self.hold_back(name, self.snapshot(name))
+        state = self.ledger.state(name)   # as the re-hold left it (backoff, interrupted)
+        candidates = rules.releasable(snap, trigger)
+        if not candidates:
+            return FlushResult(name, 0, None, forwarded,
+                               on_the_way=len(snap.of_kind(rules.IN_FLIGHT, rules.WAITING)))
+        if self._window(name, snap, trigger, snap.now)(state):
+            return FlushResult(name, 0, None, forwarded, shared=True)
+        if trigger == "poller" and not rules.poller_may_release(state.backoff_until, snap.now):
+            raise Refused(f"{name}: backing off until "
+                          f"{time.strftime('%H:%M:%S', time.localtime(state.backoff_until))} "
+                          "after failed attempts", "backoff")
+        results, fresh = {}, {}
+        for route in sorted({i.route for i in candidates}):
+            if probed and route in probed:
+                results[route] = probed[route]   # the poller checked them as below
+            elif probed_only:
+                results[route] = ProbeResult(NOT_PROBED, "", "not probed by the poller",
+                                             time.time())
+            else:
+                fresh[route] = probe(dom, self.prober, route)
+        # Postfix's smtp client must be able to route them too (its resolver
+        # may not be the poller's): else the mail stays held, and says why
+        if fresh:
+            results.update(asyncio.run(routable(self.postfix_prober(), dom, fresh)))
+        # the domain's row shows the probe of its own route (or the first)
+        shown = results.get(name) or next(iter(results.values()))
+        self.record_probe(name, shown)
+        reachable = {r for r, res in results.items() if res.reachable}
+        unreachable = tuple((r, res) for r, res in results.items() if not res.reachable)
+        if not reachable:
+            # not a release: the probe result (status: last_error) says why
+            texts = "; ".join(res.text() for _, res in unreachable)
+            code = "nowhere" if all(res.outcome in (NOWHERE, UNROUTABLE)
+                                    for _, res in unreachable) else "unreachable"
+            raise Refused(f"{name}: mail server not reachable ({texts}); "
+                          "the mail stays held", code)
+        released = self._release(name, snap, trigger, client, reachable)
+        if released is None:
+            return FlushResult(name, 0, results[min(reachable)], forwarded, shared=True,
+                               unreachable=unreachable)
+        return FlushResult(name, released, results[min(reachable)], forwarded,
+                           unreachable=unreachable)
+
+    def _window(self, dom: str, snap: Snapshot, trigger: str, now: float):
+        """``shares(state)``: does a release that started moments ago (any
+        trigger's, in any process: the ledger's row) answer for this one?"""
+        window = self.config.gateway.release_window
+        refused_held = bool(snap.refused())
+
+        def shares(state: DomainState) -> bool:
+            result = state.last_flush_result or ""
+            last = state.last_flush if result.startswith("released") or (
+                result.startswith("releasing") and claimant_alive(result)) else None
+            return rules.shares_window(
+                last, now, window,
+                last is not None and self.ledger.arrived_since(dom, last),
+                trigger, state.release_refused, refused_held)
+        return shares
+
+    def send_on(self, dom: str, trigger: str) -> int:
+        """Queue the release of ``dom`` for every peer of the cluster (the
+        gateway sends it as ETRN): a customer's or an admin's trigger, not
+        one that came from a peer, and not the poller's (every host runs
+        its own poller, with its own backoff; a peer's ETRN, like a
+        customer's, would also retry refused mail)."""
+        cluster = self.config.cluster
+        if cluster is None or trigger not in ("admin", "finger", "etrn"):
+            return 0
+        self.ledger.queue_forwards(dom, cluster.peers)
+        return len(cluster.peers)
+
+    def _release(self, dom: str, snap: Snapshot, trigger: str, client: str | None,
+                 routes: set[str]) -> int | None:
+        """Send the held mail of ``routes``; None when a release that started
+        moments ago (any trigger's, in any process) answers for this one."""
+        candidates = rules.releasable(snap, trigger, routes)
+        includes_refused = any(i.refused for i in candidates)
+        now = time.time()
+        shares = self._window(dom, snap, trigger, now)
+        if not self.ledger.claim_release(dom, now, trigger, client, includes_refused,
+                                         now + RELEASE_WATCH, shares):
+            log.info("event=release_shared domain=%s trigger=%s client=%s", dom, trigger,
+                     client or "-")
+            return None
+        # Held mail whose lifetime clock is old gets a new one first.  A
+        # copy may go out on its own meanwhile: right after an earlier
+        # release, qmgr's next scan of new mail ignores defer_transports
+        # (Postfix's flush does that), and the copies pass through it.
+        # Those are part of this release too.
+        old = rules.stale(candidates, now, self.stale_after())
+        sent_early = 0
+        if old:
+            back = self.refresh(dom, [i.queue_id for i in old])
+            sent_early = max(0, len(old) - back)
+            snap = self.snapshot(dom)
+            candidates = rules.releasable(snap, trigger, routes)
+        # A message that failed an attempt once has its retry time (the
+        # file's mtime) in the future, and a deferred-queue scan would pass
+        # it by: it is made due now first, as the flush service does for
+        # `postqueue -i`.
+        now = time.time()
+        for item in rules.not_due(candidates, now):
+            self.layout.make_due(item.queue_id, now)
+        ids = [i.queue_id for i in candidates]
+        # Recorded before the mail moves, so nobody sees a delivery without it.
+        self.ledger.mark_released(ids, now)
+        log.info("event=release domain=%s trigger=%s client=%s messages=%d%s",
+                 dom, trigger, client or "-", len(ids),
+                 f" renewed_sent_early={sent_early}" if sent_early else "")
+        self.postfix.release(ids)
+        self.postfix.scan_deferred()
+        self.ledger.set_flush_result(dom, f"released {len(ids) + sent_early}")
+        return len(ids) + sent_early
+
+    def refresh(self, dom: str, queue_ids: list[str]) -> int:
+        """Give held messages a new lifetime clock.
+
+        ``postsuper -r`` sends them back through pickup and cleanup, under
+        new queue ids, to the deferred queue (the on-demand transport is a
+        deferred one), where ``take_in`` holds them again by their
+        recipients: no header of theirs decides it.  Whoever records the
+        copies (this process or the keeper), the ledger counts them: rows
+        recorded since the start for mail that arrived before it.  Returns
+        that count.
+        """
+        started = time.time()
+        self.postfix.requeue(queue_ids)
+        deadline = time.monotonic() + REFRESH_WAIT
+        back, last_change = 0, time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            if any(os.path.exists(self.layout.path("maildrop", q)) for q in queue_ids) \
+                    or self.layout.ids("incoming"):
+                last_change = time.monotonic()
+                self.nudge_incoming()
+                continue   # pickup has not taken them all yet, or qmgr not seen them
+            self.take_in()
+            now_back = self.ledger.recorded_since(dom, started, started)
+            if now_back >= len(queue_ids):
+                back = now_back
+                break
+            if now_back != back:
+                back, last_change = now_back, time.monotonic()
+            elif time.monotonic() - last_change > REFRESH_QUIET:
+                break   # the rest went elsewhere (delivered, say): nothing to wait for
+        self.snapshot(dom)  # the old ids are gone now: prune them
+        return back
+
+    def in_flight(self, domain: str) -> bool:
+        """Is mail of the domain being delivered right now (a release still at work)?
+
+        Released mail that is due in the deferred queue while none of the
+        domain's mail is active may be a release cut short: its releaser
+        died after ``postsuper -H`` but before asking qmgr to scan, and the
+        mail would wait for qmgr's own scan.  qmgr is asked again (harmless
+        if the first request was on its way) and the release counts as
+        still at work.
+        """
+        snap = self.snapshot(domain)
+        if snap.of_kind(rules.IN_FLIGHT):
+            return True
+        if snap.of_kind(rules.WAITING):
+            self.postfix.scan_deferred()
+            return True
+        return False
+
+    def wait(self, domain: str, timeout: float, progress=None, interval: float = 0.5) -> bool:
+        """Wait until nothing of the domain is queued; True if it got there.
+
+        Gives up early when everything left is back on hold (its delivery
+        failed and the sweep put it back): nothing more will go out.
+        """
+        name = self.domain(domain).name
+        return wait_for(lambda: self.wait_step(name), timeout, progress, interval)[0]
+
+    def wait_step(self, domain: str) -> tuple[int, bool | None]:
+        """One look for ``wait``: (messages still queued, True when none
+        is, False when what is left is back on hold, None: still going)."""
+        dom = self.domain(domain).name
+        snap = self.snapshot(dom)
+        if not snap.present:
+            return 0, True
+        if snap.of_kind(rules.FAILED):
+            self.sweep(dom)
+        elif not snap.of_kind(rules.IN_FLIGHT, rules.WAITING, rules.STRAY):
+            return len(snap.present), False
+        return len(snap.present), None
+
+
+def claimant_alive(result: str) -> bool:
+    """A release still marked "releasing (pid N)": is its process alive?
+    (One killed midway shares nothing: the next trigger releases again.)"""
+    match = re.search(r"pid (\d+)", result)
+    if not match:
+        return False
+    try:
+        os.kill(int(match.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,195 @@
+"""What each domain holds: snapshots of its queue entries, statuses, the poller's candidates.
+
+A snapshot is one ``stat`` pass over a domain's ledger entries (rows whose
+message is gone are pruned); a status adds the ledger's row for the domain
+(probes, the last release, pause, backoff).  Reads only, but for pruning.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from flushctl import names
+from flushctl.config import UnknownDomain
+from flushctl.heldmail import rules as rules
+from flushctl.heldmail.ledger.schema import DomainState, Entry
+from flushctl.heldmail.rules import Item, Snapshot
+from flushctl.mta.queuefiles import FORCED_EXPIRE_BIT
+
+
+@dataclass(frozen=True)
+class Status:
+    domain: str
+    messages: int
+    bytes: int
+    oldest_arrival: float | None
+    reachable: bool | None
+    last_probe: float | None
+    last_error: str | None
+    last_flush: float | None
+    last_flush_trigger: str | None
+    last_flush_result: str | None
+    last_flush_client: str | None
+    paused: bool
+    queues: dict[str, int]
+    refused: int = 0                      # held after the customer's server refused (5xx)
+    refused_reply: str | None = None      # the last such reply
+    backoff_until: float | None = None    # the poller waits until then (attempts tempfailed)
+    hosts: dict[str, int] = field(default_factory=dict)   # held per destination
+    configured: bool = True               # False: held mail of a domain no longer configured
+
+    def as_json(self) -> dict:
+        return {
+            "domain": self.domain, "messages": self.messages, "bytes": self.bytes,
+            "oldest_arrival": self.oldest_arrival, "reachable": self.reachable,
+            "last_probe": self.last_probe, "last_error": self.last_error,
+            "last_flush": self.last_flush, "last_flush_trigger": self.last_flush_trigger,
+            "last_flush_result": self.last_flush_result,
+            "last_flush_client": self.last_flush_client, "paused": self.paused,
+            "queues": self.queues, "refused": self.refused,
+            "refused_reply": self.refused_reply, "backoff_until": self.backoff_until,
+            "hosts": self.hosts, "configured": self.configured,
+        }
+
+
+def _item(entry: Entry, found) -> Item:
+    if found is None:
+        return Item(entry.queue_id, entry.domain, entry.route, entry.size, entry.arrival,
+                    entry.ctime, None, released=entry.released, refused=entry.refused,
+                    refused_since=entry.refused_since)
+    queue, st = found
+    return Item(entry.queue_id, entry.domain, entry.route, entry.size, entry.arrival,
+                entry.ctime, queue, st.st_mtime, bool(st.st_mode & FORCED_EXPIRE_BIT),
+                entry.released, entry.refused, entry.refused_since)
+
+
+class StatusPart:
+    """``HeldMail``'s reading part (see ``library``): what is held where."""
+
+    def snapshot(self, domain: str) -> Snapshot:
+        """Where each of the domain's ledger entries is now: one ``stat``
+        pass; rows whose message is gone are pruned."""
+        self.rebuild_if_needed()
+        return self._snapshot(self.ledger.entries(domain),
+                              self.ledger.state(domain).releasing_until)
+
+    def _snapshot(self, entries: list[Entry], releasing_until: float | None = None
+                  ) -> Snapshot:
+        items = tuple(_item(e, self.layout.locate(e.queue_id)) for e in entries)
+        snap = Snapshot(items, time.time(), releasing_until)
+        if snap.gone:
+            self.ledger.forget(snap.gone)
+        return snap
+
+    locate = snapshot   # the name the milter's quota recount uses
+
+    def status(self, domain: str) -> Status:
+        dom = self._known_domain(domain)
+        return self._status(dom, self.snapshot(dom), self.ledger.state(dom))
+
+    def _known_domain(self, domain: str) -> str:
+        """A configured domain, or one the ledger still holds mail for."""
+        try:
+            return self.domain(domain).name
+        except UnknownDomain:
+            name = names.domain(domain) if isinstance(domain, str) else domain
+            if name in self.removed_domains():
+                return name
+            raise
+
+    def status_if_empty(self, domain: str) -> Status | None:
+        """The status of a domain the ledger records nothing for, from one row
+        read (no queue access); None when it may hold mail or is paused."""
+        dom = self.domain(domain).name
+        self.rebuild_if_needed()
+        state = self.ledger.state(dom)
+        if state.messages > 0 or state.paused:
+            return None
+        return self._status(dom, Snapshot((), time.time()), state)
+
+    def _status(self, dom: str, snap: Snapshot, state: DomainState) -> Status:
+        messages, size, oldest = snap.figures()
+        refused = snap.refused()
+        last_refusal = max(refused, key=lambda i: i.refused_since or 0, default=None)
+        return Status(
+            domain=dom,
+            messages=messages,
+            bytes=size,
+            oldest_arrival=oldest,
+            reachable=state.reachable, last_probe=state.last_probe, last_error=state.last_error,
+            last_flush=state.last_flush, last_flush_trigger=state.last_flush_trigger,
+            last_flush_result=state.last_flush_result,
+            last_flush_client=state.last_flush_client, paused=state.paused,
+            queues=snap.per_queue(),
+            refused=len(refused),
+            refused_reply=last_refusal.refused if last_refusal else None,
+            backoff_until=(state.backoff_until if state.backoff_until
+                           and state.backoff_until > snap.now else None),
+            hosts=snap.routes(),
+            configured=dom in self.config.domains,
+        )
+
+    def status_all(self) -> list[Status]:
+        """Every configured domain's status, then held mail of removed ones."""
+        return [self._status(name, snap or Snapshot((), time.time()), state)
+                for name, snap, state in self.located_all()]
+
+    def located_all(self):
+        """(domain, Snapshot or None, DomainState) for every configured
+        domain and every removed one that still holds mail: one read of all
+        the domains' rows, and the queue looked at only for those whose
+        totals show mail (None: nothing held)."""
+        self.rebuild_if_needed()
+        states = self.ledger.states()
+        removed = sorted(d for d, s in states.items()
+                         if d not in self.config.domains and s.messages > 0)
+        for name in [*sorted(self.config.domains), *removed]:
+            state = states.get(name)
+            if state is None or state.messages <= 0:
+                yield name, None, state or DomainState(name)
+            else:   # the row's other fields stand; the counts come from the queue
+                yield name, self.snapshot(name), state
+
+    def removed_domains(self) -> list[str]:
+        """Domains the ledger holds mail for that the config does not name."""
+        return sorted(d for d, s in self.ledger.states().items()
+                      if d not in self.config.domains and s.messages > 0)
+
+    def holding(self) -> list[str]:
+        """Configured, unpaused domains the ledger says hold mail (no queue scan)."""
+        self.rebuild_if_needed()
+        return [d for d in self.ledger.domains_with_mail() if d in self.config.domains]
+
+    def poller_candidates(self) -> tuple[dict[str, list[str]], dict[str, float]]:
+        """What the poller looks at: {domain: routes} of configured, unpaused
+        domains holding mail it may send (not refused), and {domain: until}
+        of those it must leave alone while they back off.  Ledger reads only."""
+        self.rebuild_if_needed()
+        now = time.time()
+        states = self.ledger.states()
+        candidates, waiting = {}, {}
+        for dom, routes in self.ledger.unrefused_routes().items():
+            state = states.get(dom)
+            if dom not in self.config.domains or state is None or state.paused:
+                continue
+            if not rules.poller_may_release(state.backoff_until, now):
+                waiting[dom] = state.backoff_until
+                continue
+            candidates[dom] = routes
+        return candidates, waiting
+
+    def recount_asked(self) -> list[str]:
+        """Count again from the queue (pruning what is gone) every domain
+        the milter asked for: it runs unprivileged, cannot read Postfix's
+        queue, and answers 4xx at a quota by the ledger's running totals
+        until a pass of this finds the mail an admin deleted or Postfix
+        delivered."""
+        done = []
+        for name in self.ledger.recounts_asked():
+            started = time.time()
+            if name in self.config.domains:
+                self.snapshot(name)
+            self.ledger.recounted(name, started)
+            done.append(name)
+        return done
