@@ -30,16 +30,12 @@ class CliError(click.ClickException):
 
 def guard(fn):
     """Turn library errors into `Error: ...` and the documented exit codes."""
-    from flushctl.heldmail.release import Refused
     from flushctl.privsep.errors import PrivsepError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except Refused as exc:
-            code = EXIT_PAUSED if exc.code == "paused" else EXIT_UNREACHABLE
-            raise CliError(str(exc), code) from None
         except PostfixError as exc:
             raise CliError(str(exc)) from None
         except UnknownDomain as exc:

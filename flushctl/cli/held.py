@@ -11,6 +11,33 @@ from flushctl.cli.errors import EXIT_PAUSED, EXIT_STILL_HELD, EXIT_UNREACHABLE, 
 from flushctl.cli.status import fmt_time
 
 
+def say(name: str, outcome, wait: bool) -> bool:
+    """`flush`'s words and exit code for a release's outcome (here only):
+    True when there is something to wait for."""
+    from flushctl.heldmail.outcome import BACKING_OFF, NOTHING, NOWHERE, PAUSED, UNREACHABLE
+    refused = {PAUSED: EXIT_PAUSED, UNREACHABLE: EXIT_UNREACHABLE, NOWHERE: EXIT_UNREACHABLE,
+               BACKING_OFF: EXIT_UNREACHABLE}.get(outcome.kind)
+    if refused is not None:
+        raise CliError(outcome.detail, refused)
+    if outcome.forwarded:
+        click.echo(f"{name}: sent on to {outcome.forwarded} peer(s) as ETRN (by the gateway)")
+    if outcome.shared:
+        click.echo(f"{name}: a release started {fmt_time(outcome.since)} "
+                   f"({outcome.by}) answers for this one")
+        return wait
+    if outcome.kind == NOTHING and outcome.on_the_way:
+        click.echo(f"{name}: {outcome.on_the_way} message(s) already on their way "
+                   "(an earlier release)")
+        return wait
+    if outcome.kind == NOTHING:
+        click.echo(f"{name}: nothing held")
+        return False
+    click.echo(f"{name}: released {outcome.released} message(s) to {outcome.target}")
+    for route, text in outcome.unreachable:
+        click.echo(f"{name}: {route}: not released, its server does not answer ({text})")
+    return wait
+
+
 @click.command()
 @click.argument("domain")
 @click.option("--wait", is_flag=True, help="wait until nothing is held")
@@ -24,12 +51,12 @@ def flush(ctx, domain, wait, timeout):
     release helper (`flushctl helper`)."""
     import os
 
-    from flushctl.privsep.helper import release_report
+    from flushctl.heldmail.outcome import Outcome
     from flushctl.heldmail.release import wait_for
     name = ctx.domain(domain)
     if os.geteuid() == 0:
         od = ctx.ondemand
-        report = release_report(od, name)
+        outcome = od.flush(name, trigger="admin")
 
         def step():
             return od.wait_step(name)
@@ -37,37 +64,15 @@ def flush(ctx, domain, wait, timeout):
         from flushctl.privsep import client
         from flushctl.privsep import wire
         channel = wire.Channel(client.connect(ctx.config, "admin"))
-        report = channel.call({"op": "flush", "domain": name})
+        outcome = Outcome.from_json(channel.call({"op": "flush", "domain": name}))
 
         def step():
             reply = channel.call({"op": "wait", "domain": name})
             return reply["present"], reply["verdict"]
-    if "refused" in report:
-        raise CliError(report["text"],
-                       EXIT_PAUSED if report["refused"] == "paused" else EXIT_UNREACHABLE)
-    if report["forwarded"]:
-        click.echo(f"{name}: sent on to {report['forwarded']} peer(s) as ETRN (by the gateway)")
-    if report["shared"]:
-        click.echo(f"{name}: a release started {fmt_time(report['since'])} "
-                   f"({report['by']}) answers for this one")
-        if not wait:
-            return
-    elif not report["probed"] and report["on_the_way"]:
-        click.echo(f"{name}: {report['on_the_way']} message(s) already on their way "
-                   "(an earlier release)")
-        if not wait:
-            return
-    elif not report["probed"]:
-        click.echo(f"{name}: nothing held")
-        return
-    else:
-        click.echo(f"{name}: released {report['released']} message(s) to {report['target']}")
-    for route, text in report["unreachable"]:
-        click.echo(f"{name}: {route}: not released, its server does not answer ({text})")
-    if not wait:
+    if not say(name, outcome, wait):
         return
     if sys.stderr.isatty():
-        total = max(report["released"], 1)
+        total = max(outcome.released, 1)
         with click.progressbar(length=total, label=f"{name}: delivering",
                                file=sys.stderr) as bar:
             done = [0]

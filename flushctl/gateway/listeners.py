@@ -51,28 +51,28 @@ class Gateway:
         self.counts = Counts()   # handed to the ledger by the releaser every few seconds
         self.asked_to_stop = False   # by SIGTERM or SIGINT
 
-    def _log(self, how: str, client: str, domain: str, result: str,
+    def _log(self, trigger: str, client: str, domain: str, result: str,
              protocol: str | None = None, detail: str = "") -> None:
         result = result.replace(" ", "_")
-        protocol = protocol or ("etrn" if how == "etrn" else "finger")
+        protocol = protocol or ("etrn" if trigger == "etrn" else "finger")
         self.counts.add("gateway_requests", protocol, result)
-        log.info("event=trigger how=%s client=%s domain=%s result=%s%s",
-                 how, client, domain or "-", result, detail)
+        log.info("event=request trigger=%s client=%s domain=%s result=%s%s",
+                 trigger, client, domain or "-", result, detail)
 
-    async def _decide(self, how: str, client: str, domain: str,
+    async def _decide(self, trigger: str, client: str, domain: str,
                       passed_on: bool = False) -> tuple[str, Outcome | None]:
-        protocol = "etrn" if how == "etrn" else "finger"
-        if how != "report" and (passed_on or self.gate.is_peer(client)):
-            how = "peer"   # a release passed on by another MX: released here, not sent on
+        protocol = "etrn" if trigger == "etrn" else "finger"
+        if trigger != "report" and (passed_on or self.gate.is_peer(client)):
+            trigger = "peer"   # a release passed on by another MX: released here, not sent on
         verdict = self.gate.check(client, domain, time.monotonic())
         if verdict != ALLOWED:
-            self._log(how, client, domain, verdict, protocol)
+            self._log(trigger, client, domain, verdict, protocol)
             return verdict, None
         try:
-            outcome = await self.releaser.trigger(domain, how, client)
+            outcome = await self.releaser.trigger(domain, trigger, client)
         except PrivsepError as exc:
             outcome = Outcome(FAILED, 0, "", str(exc), None)
-        self._log(how, client, domain, "shared" if outcome.shared else outcome.kind, protocol,
+        self._log(trigger, client, domain, "shared" if outcome.shared else outcome.kind, protocol,
                   f"_{outcome.released}" if outcome.kind == RELEASED and not outcome.shared
                   else "")
         return verdict, outcome
@@ -111,8 +111,8 @@ class Gateway:
         if query.kind == finger.INVALID:
             self._log("finger", client, "", "invalid query")
             return [finger.INVALID_LINE]
-        how = "report" if query.kind == finger.REPORT else "finger"
-        verdict, outcome = await self._decide(how, client, query.domain)
+        trigger = "report" if query.kind == finger.REPORT else "finger"
+        verdict, outcome = await self._decide(trigger, client, query.domain)
         if verdict == NOT_ALLOWED:
             return [finger.NOT_SERVED.format(domain=query.domain)]
         if outcome is None:
@@ -131,7 +131,7 @@ class Gateway:
         if peer is not None and peer not in self.policy_uids:
             # only Postfix's smtpd asks: a local user who got at the socket
             # (its directory's permissions loosened) is not heard
-            log.warning("event=refused how=etrn reason=not_postfix uid=%d", peer)
+            log.warning("event=refused protocol=etrn reason=not_postfix uid=%d", peer)
             writer.close()
             return
         self.open["policy"] += 1
@@ -144,12 +144,12 @@ class Gateway:
                 except (asyncio.IncompleteReadError, asyncio.TimeoutError):
                     return
                 except (asyncio.LimitOverrunError, ValueError):
-                    log.warning("event=refused how=etrn reason=request_too_long")
+                    log.warning("event=refused protocol=etrn reason=request_too_long")
                     return
                 try:
                     request = smtpd_policy.parse(block)
                 except smtpd_policy.ProtocolError as exc:
-                    log.warning("event=refused how=etrn reason=%r", str(exc))
+                    log.warning("event=refused protocol=etrn reason=%r", str(exc))
                     return
                 writer.write(smtpd_policy.answer(await self._policy_action(request)))
                 await writer.drain()

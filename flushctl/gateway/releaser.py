@@ -8,11 +8,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 
 from flushctl.heldmail.library import HeldMail
-from flushctl.heldmail.release import Refused
-from flushctl.heldmail.outcome import FAILED, NOTHING, NOWHERE, PAUSED, RELEASED, REPORTED, \
-    UNREACHABLE, Outcome
+from flushctl.heldmail.outcome import FAILED, NOTHING, RELEASED, REPORTED, Outcome
 
 log = logging.getLogger("flushctl.gateway")
 
@@ -38,8 +37,8 @@ class Releaser:
         self._sent_on: dict[str, float] = {}   # domain -> when last queued for the peers
         self.forwarded = None   # called when a release was queued for the peers
 
-    async def trigger(self, domain: str, how: str, client: str) -> Outcome:
-        if how == "report":
+    async def trigger(self, domain: str, trigger: str, client: str) -> Outcome:
+        if trigger == "report":
             try:
                 status = await asyncio.to_thread(self.ondemand.status, domain)
             except Exception as exc:   # answered, as a failed release is
@@ -60,7 +59,7 @@ class Releaser:
             empty = self.ondemand.status_if_empty(domain)
         if empty is not None:
             # nothing here, but the peers may hold some: they release too
-            await self._send_on(domain, how)
+            await self._send_on(domain, trigger)
             return Outcome(NOTHING, 0, "", "", empty)
         # The release is a task of its own: the trigger that started it may
         # go (its connection closed) while the release runs on and others
@@ -71,7 +70,7 @@ class Releaser:
         recent = self._recently(domain)
         if recent is not None:
             return recent
-        task = asyncio.get_running_loop().create_task(self._run(domain, how, client))
+        task = asyncio.get_running_loop().create_task(self._run(domain, trigger, client))
         self._inflight[domain] = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -86,13 +85,13 @@ class Releaser:
             return recent[1].as_shared()
         return None
 
-    async def _run(self, domain: str, how: str, client: str) -> Outcome:
+    async def _run(self, domain: str, trigger: str, client: str) -> Outcome:
         started = time.time()
         try:
-            outcome = await asyncio.to_thread(self._release, domain, how, client)
+            outcome = await asyncio.to_thread(self._release, domain, trigger, client)
         finally:
             del self._inflight[domain]
-        if how != "peer":
+        if trigger != "peer":
             self._sent_on[domain] = time.monotonic()   # flush queued it for the peers
             self._wake()
         # Only a release is worth sharing; "nothing held" or "server down"
@@ -106,21 +105,21 @@ class Releaser:
     async def add_counts(self, items) -> None:
         await asyncio.to_thread(self.ondemand.ledger.add_counts, items)
 
-    async def _send_on(self, domain: str, how: str) -> None:
-        if how == "peer" or self.ondemand.config.cluster is None:
+    async def _send_on(self, domain: str, trigger: str) -> None:
+        if trigger == "peer" or self.ondemand.config.cluster is None:
             return
         last = self._sent_on.get(domain)
         if last is not None and time.monotonic() - last < self.window:
             return   # a flood of triggers for one domain: one ETRN to each peer
         self._sent_on[domain] = time.monotonic()
-        await asyncio.to_thread(self.ondemand.send_on, domain, how)
+        await asyncio.to_thread(self.ondemand.send_on, domain, trigger)
         self._wake()
 
     def _wake(self) -> None:
         if self.forwarded is not None:
             self.forwarded()
 
-    def _release(self, domain: str, how: str, client: str) -> Outcome:
+    def _release(self, domain: str, trigger: str, client: str) -> Outcome:
         od = self.ondemand
         try:
             before = od.status(domain)
@@ -128,16 +127,8 @@ class Releaser:
             log.exception("event=error stage=status domain=%s", domain)
             return Outcome(FAILED, 0, "", "status failed", None)
         try:
-            result = od.flush(domain, trigger=how, client=client)
-        except Refused as exc:
-            kind = {"paused": PAUSED, "nowhere": NOWHERE}.get(exc.code, UNREACHABLE)
-            return Outcome(kind, 0, "", str(exc), before)
+            outcome = od.flush(domain, trigger=trigger, client=client)
         except Exception as exc:
             log.exception("event=error stage=release domain=%s", domain)
             return Outcome(FAILED, 0, "", str(exc), before)
-        if result.shared:   # a release moments ago, by any trigger, answers for this one
-            return Outcome(RELEASED, 0, result.probe.target if result.probe else "", "",
-                           before, shared=True)
-        if result.probe is None:
-            return Outcome(NOTHING, 0, "", "", before)
-        return Outcome(RELEASED, result.released, result.probe.target, "", before)
+        return replace(outcome, before=before)

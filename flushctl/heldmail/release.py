@@ -17,12 +17,14 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass
 
 from flushctl.heldmail import rules as rules
 from flushctl.heldmail.ledger.schema import DomainState
 from flushctl.heldmail.rules import Snapshot
-from flushctl.poller.prober import NOT_PROBED, NOWHERE, UNROUTABLE, ProbeResult, probe, routable
+from flushctl.heldmail.outcome import BACKING_OFF, NOTHING, NOWHERE, PAUSED, RELEASED, \
+    UNREACHABLE, Outcome
+from flushctl.poller import prober
+from flushctl.poller.prober import NOT_PROBED, UNROUTABLE, ProbeResult, probe, routable
 
 RELEASE_WATCH = rules.RELEASE_WATCH
 # How long a refresh waits for pickup and cleanup to bring requeued mail back,
@@ -31,25 +33,6 @@ REFRESH_WAIT = 60.0
 REFRESH_QUIET = 5.0
 
 log = logging.getLogger("flushctl.release")
-
-
-class Refused(Exception):
-    """A request that is understood but not carried out (paused, unreachable)."""
-
-    def __init__(self, text: str, code: str):
-        super().__init__(text)
-        self.code = code
-
-
-@dataclass(frozen=True)
-class FlushResult:
-    domain: str
-    released: int
-    probe: ProbeResult | None
-    forwarded: int = 0   # peers of the cluster this release is sent on to
-    shared: bool = False           # a release that started moments ago answers for it
-    on_the_way: int = 0            # nothing to release, but so many an earlier one sends
-    unreachable: tuple = ()        # (route, ProbeResult) of destinations that did not answer
 
 
 def wait_for(step, timeout: float, progress=None, interval: float = 0.5
@@ -74,8 +57,9 @@ class ReleasePart:
 
     def flush(self, domain: str, trigger: str = "admin", client: str | None = None,
               probed: dict[str, ProbeResult] | None = None,
-              probed_only: bool = False) -> FlushResult:
-        """Release the domain's held mail toward its servers, if they answer.
+              probed_only: bool = False) -> Outcome:
+        """Release the domain's held mail toward its servers, if they answer:
+        what happened, as the one ``Outcome`` every front end maps.
 
         ``probed``: probes of routes the caller has just made (the poller),
         instead of probing them again; with ``probed_only`` a route it did
@@ -88,19 +72,20 @@ class ReleasePart:
         forwarded = self.send_on(name, trigger)
         state = self.ledger.state(name)
         if state.paused:
-            raise Refused(f"{name}: paused; `flushctl resume {name}` first", "paused")
+            return Outcome(PAUSED, detail=f"{name}: paused; `flushctl resume {name}` first",
+                           forwarded=forwarded)
         snap = self.hold_back(name, self.snapshot(name))
         state = self.ledger.state(name)   # as the re-hold left it (backoff, interrupted)
         candidates = rules.releasable(snap, trigger)
         if not candidates:
-            return FlushResult(name, 0, None, forwarded,
-                               on_the_way=len(snap.of_kind(rules.IN_FLIGHT, rules.WAITING)))
+            return Outcome(NOTHING, forwarded=forwarded,
+                           on_the_way=len(snap.of_kind(rules.IN_FLIGHT, rules.WAITING)))
         if self._window(name, snap, trigger, snap.now)(state):
-            return FlushResult(name, 0, None, forwarded, shared=True)
+            return self._shared(name, forwarded=forwarded)
         if trigger == "poller" and not rules.poller_may_release(state.backoff_until, snap.now):
-            raise Refused(f"{name}: backing off until "
-                          f"{time.strftime('%H:%M:%S', time.localtime(state.backoff_until))} "
-                          "after failed attempts", "backoff")
+            until = time.strftime('%H:%M:%S', time.localtime(state.backoff_until))
+            return Outcome(BACKING_OFF, detail=f"{name}: backing off until {until} "
+                           "after failed attempts", forwarded=forwarded)
         results, fresh = {}, {}
         for route in sorted({i.route for i in candidates}):
             if probed and route in probed:
@@ -118,20 +103,27 @@ class ReleasePart:
         shown = results.get(name) or next(iter(results.values()))
         self.record_probe(name, shown)
         reachable = {r for r, res in results.items() if res.reachable}
-        unreachable = tuple((r, res) for r, res in results.items() if not res.reachable)
+        unreachable = tuple((r, res.text()) for r, res in results.items() if not res.reachable)
         if not reachable:
             # not a release: the probe result (status: last_error) says why
-            texts = "; ".join(res.text() for _, res in unreachable)
-            code = "nowhere" if all(res.outcome in (NOWHERE, UNROUTABLE)
-                                    for _, res in unreachable) else "unreachable"
-            raise Refused(f"{name}: mail server not reachable ({texts}); "
-                          "the mail stays held", code)
+            texts = "; ".join(text for _, text in unreachable)
+            kind = NOWHERE if all(res.outcome in (prober.NOWHERE, UNROUTABLE)
+                                  for res in results.values()) else UNREACHABLE
+            return Outcome(kind, detail=f"{name}: mail server not reachable ({texts}); "
+                           "the mail stays held", forwarded=forwarded)
+        target = results[min(reachable)].target
         released = self._release(name, snap, trigger, client, reachable)
         if released is None:
-            return FlushResult(name, 0, results[min(reachable)], forwarded, shared=True,
-                               unreachable=unreachable)
-        return FlushResult(name, released, results[min(reachable)], forwarded,
-                           unreachable=unreachable)
+            return self._shared(name, target, forwarded, unreachable)
+        return Outcome(RELEASED, released, target, forwarded=forwarded, unreachable=unreachable)
+
+    def _shared(self, name: str, target: str = "", forwarded: int = 0,
+                unreachable: tuple = ()) -> Outcome:
+        """A release that started moments ago, by any trigger, answers for this one."""
+        state = self.ledger.state(name)
+        return Outcome(RELEASED, 0, target, shared=True, forwarded=forwarded,
+                       unreachable=unreachable, since=state.last_flush,
+                       by=state.last_flush_trigger)
 
     def _window(self, dom: str, snap: Snapshot, trigger: str, now: float):
         """``shares(state)``: does a release that started moments ago (any

@@ -78,9 +78,12 @@ def _mail_owner_uid(pf: Postfix) -> int | None:
 
 
 def _smtpd_chrooted(services: dict[str, str]) -> bool:
+    """Whether any smtpd (listening itself, or behind postscreen as a ``pass``
+    service) is chrooted: then smtpd_milters must name the socket relative
+    to the queue directory."""
     for entry in services.values():
         fields = entry.split()
-        if fields[1] == "inet" and fields[7] == "smtpd" and fields[4] == "y":
+        if fields[1] in ("inet", "pass") and fields[7] == "smtpd" and fields[4] == "y":
             return True
     return False
 

@@ -32,18 +32,22 @@ from dataclasses import dataclass
 from flushctl.privsep import accounts, wire
 from flushctl.privsep.errors import Malformed, PrivsepError
 from flushctl.heldmail.library import HeldMail
-from flushctl.heldmail.release import Refused
+from flushctl.heldmail.outcome import BACKING_OFF, BUSY, FAILED, NOWHERE, RELEASED, UNREACHABLE, \
+    Outcome
 from flushctl.poller.prober import NOT_PROBED, OUTCOMES, ProbeResult, Prober, routable
 
 log = logging.getLogger("flushctl.poller")
 
-RELEASED = "released"
 HELD = "held"          # server did not answer: the mail stays
-BUSY = "delivering"    # an earlier release is still at work
-NOTHING = "nothing held"
-PAUSED = "paused"
-FAILED = "failed"
-BACKING_OFF = "backing off"   # its last release tempfailed: Postfix's backoff first
+# the other actions are the release's outcomes (BUSY: an earlier release is
+# still at work; BACKING_OFF: its last release tempfailed, Postfix's backoff first)
+
+
+def action_of(outcome: Outcome) -> str:
+    """The poller's action (its log's ``action=``) for a release's outcome."""
+    if outcome.shared:
+        return BUSY
+    return HELD if outcome.kind in (UNREACHABLE, NOWHERE) else outcome.kind
 
 
 @dataclass(frozen=True)
@@ -78,19 +82,12 @@ class LocalOps:
         the poller's probes: (action, messages released)."""
         od = self.ondemand
         try:
-            if od.in_flight(name):
-                return BUSY, 0
-            flushed = od.flush(name, trigger="poller", probed=results, probed_only=True)
-        except Refused as exc:
-            if exc.code == "backoff":
-                return BACKING_OFF, 0
-            return (PAUSED if exc.code == "paused" else HELD), 0
+            outcome = Outcome(BUSY) if od.in_flight(name) else \
+                od.flush(name, trigger="poller", probed=results, probed_only=True)
         except Exception:
             log.exception("event=error stage=release domain=%s", name)
             return FAILED, 0
-        if flushed.probe is None:
-            return NOTHING, 0
-        return RELEASED, flushed.released
+        return action_of(outcome), outcome.released
 
 
 class Poller:
@@ -124,11 +121,15 @@ class Poller:
                         ",".join(unknown[:20]))
             candidates = {d: r for d, r in candidates.items() if d in self.config.domains}
 
+        async def knock(dom, route: str) -> ProbeResult:
+            async with limit:   # [poller] concurrency: probes at once, whatever their domain
+                return await self.prober.probe(dom, route)
+
         async def one(name: str, routes: list[str]) -> CycleEntry:
             dom = self.config.domains[name]
+            results = dict(zip(routes, await asyncio.gather(
+                *(knock(dom, route) for route in routes))))
             async with limit:
-                results = dict(zip(routes, await asyncio.gather(
-                    *(self.prober.probe(dom, route) for route in routes))))
                 # Postfix's smtp client must be able to route them too
                 results = await routable(self.postfix_prober, dom, results)
             result = results.get(name) or results[routes[0]]

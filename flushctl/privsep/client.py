@@ -167,13 +167,13 @@ class RemoteReleaser:
                            .encode() + b"\n")
         await self._writer.drain()
 
-    async def trigger(self, domain: str, how: str, client: str):
+    async def trigger(self, domain: str, trigger: str, client: str):
         if self.closed.is_set():
             raise PrivsepError("release service gone")
         self._next += 1
         future = asyncio.get_running_loop().create_future()
         self._pending[self._next] = future
-        request = {"id": self._next, "domain": domain, "how": how, "client": client}
+        request = {"id": self._next, "domain": domain, "trigger": trigger, "client": client}
         self._writer.write(json.dumps(request).encode() + b"\n")
         await self._writer.drain()
         try:

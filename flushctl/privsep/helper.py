@@ -44,24 +44,6 @@ _LOCKS: list[int] = []   # the helper's lock file, open for as long as it runs
 
 # -- what an admin may ask --------------------------------------------------------
 
-def release_report(ondemand, name: str) -> dict:
-    """`flushctl flush NAME`'s release, as data (the same wherever it runs)."""
-    from flushctl.heldmail.release import Refused
-    try:
-        result = ondemand.flush(name, trigger="admin")
-    except Refused as exc:
-        return {"domain": name, "refused": exc.code, "text": str(exc)}
-    report = {"domain": name, "released": result.released, "forwarded": result.forwarded,
-              "probed": result.probe is not None,
-              "target": result.probe.target if result.probe else None,
-              "shared": result.shared, "on_the_way": result.on_the_way,
-              "unreachable": [[route, res.text()] for route, res in result.unreachable]}
-    if result.shared:
-        state = ondemand.ledger.state(name)
-        report["since"], report["by"] = state.last_flush, state.last_flush_trigger
-    return report
-
-
 def answer_admin(ondemand, request: dict) -> dict:
     """An admin's request: a release, or one look while ``--wait`` waits."""
     op = request.get("op")
@@ -71,7 +53,7 @@ def answer_admin(ondemand, request: dict) -> dict:
     if not isinstance(name, str) or name not in ondemand.config.domains:
         raise ValueError(f"{name!r:.80}: not a configured domain")
     if op == "flush":
-        return release_report(ondemand, name)
+        return ondemand.flush(name, trigger="admin").as_json()
     present, verdict = ondemand.wait_step(name)
     return {"present": present, "verdict": verdict}
 
@@ -151,7 +133,7 @@ class Helper:
                     continue
                 conn.setblocking(False)
                 if len(self.open) >= MAX_CONNECTIONS:
-                    log.warning("event=refused how=helper reason=too_many_connections")
+                    log.warning("event=refused reason=too_many_connections")
                     conn.close()
                     continue
                 self.open.add(conn)
@@ -197,7 +179,7 @@ class Helper:
             if why is None and self.roles.get(role, 0) >= PER_ROLE[role]:
                 why = f"{PER_ROLE[role]} {role} connections already"
             if why is not None:
-                log.warning("event=refused how=helper role=%s uid=%d pid=%d reason=%r",
+                log.warning("event=refused role=%s uid=%d pid=%d reason=%r",
                             role, peer.uid, peer.pid, why)
                 await loop.sock_sendall(conn, json.dumps({"error": why}).encode() + b"\n")
                 return
@@ -231,9 +213,9 @@ class Helper:
                 conn.settimeout(ADMIN_IDLE)
             await loop.run_in_executor(self.threads, self._serve_thread, role, conn)
         except ConnectionError as exc:   # a look whether it listens, or a peer gone
-            log.debug("event=hangup how=helper role=%s reason=%r", role, str(exc))
+            log.debug("event=hangup role=%s reason=%r", role, str(exc))
         except (asyncio.TimeoutError, Malformed, ValueError) as exc:
-            log.warning("event=refused how=helper role=%s uid=%s reason=%r", role,
+            log.warning("event=refused role=%s uid=%s reason=%r", role,
                         peer.uid if peer else "-", str(exc) or type(exc).__name__)
         except asyncio.CancelledError:
             pass
@@ -307,7 +289,7 @@ class Helper:
         else:
             handle, limit = (lambda r: answer_admin(od, r)), wire.MAX_MESSAGE
         if not wire.serve_channel(conn, handle, role, limit):
-            log.error("event=refused how=helper role=%s reason=cut_off", role)
+            log.error("event=refused role=%s reason=cut_off", role)
 
 
 def _listening(sock: socket.socket) -> bool:

@@ -37,15 +37,15 @@ async def serve_releases(sock: socket.socket, releaser, domains, encode, gate=No
     # answers is not read from until some are done
     room = asyncio.Semaphore(MAX_INFLIGHT)
 
-    async def one(rid, domain, how, client):
+    async def one(rid, domain, trigger, client):
         verdict = gate.check(client, domain, time.monotonic()) if gate is not None else None
         if verdict is not None and verdict != "allowed":
-            log.warning("event=refused how=privsep domain=%s client=%s trigger=%s reason=%s",
-                        domain, client, how, verdict.replace(" ", "_"))
+            log.warning("event=refused domain=%s client=%s trigger=%s reason=%s",
+                        domain, client, trigger, verdict.replace(" ", "_"))
             outcome = refused(verdict)
         else:
             try:
-                outcome = await releaser.trigger(domain, how, client)
+                outcome = await releaser.trigger(domain, trigger, client)
             except Exception as exc:
                 log.exception("event=error stage=release_service domain=%s", domain)
                 outcome = failed(str(exc)) if failed else None
@@ -69,7 +69,7 @@ async def serve_releases(sock: socket.socket, releaser, domains, encode, gate=No
                 args = check_request(message, domains)
             except ValueError as exc:
                 # Not something the child we started would send: stop serving it.
-                log.error("event=refused how=privsep reason=%r", str(exc))
+                log.error("event=refused reason=%r", str(exc))
                 break
             await room.acquire()
             task = asyncio.get_running_loop().create_task(one(*args))

@@ -115,7 +115,7 @@ def serve_channel(sock: socket.socket, handle, who: str, limit: int = MAX_MESSAG
                                   request.get("op"))
                     reply = {"error": str(exc) or type(exc).__name__}
             except Malformed as exc:
-                log.error("event=refused how=privsep who=%s reason=%r", who, str(exc))
+                log.error("event=refused who=%s reason=%r", who, str(exc))
                 return False
             try:
                 channel.write(json.dumps(reply).encode() + b"\n")
@@ -129,14 +129,14 @@ def serve_channel(sock: socket.socket, handle, who: str, limit: int = MAX_MESSAG
 
 def check_request(request, domains) -> tuple[int, str, str, str]:
     """Validate one request of a gateway; ValueError if it is not one we serve."""
-    if not isinstance(request, dict) or set(request) != {"id", "domain", "how", "client"}:
+    if not isinstance(request, dict) or set(request) != {"id", "domain", "trigger", "client"}:
         raise ValueError("malformed request")
-    rid, domain, how, client = (request["id"], request["domain"], request["how"],
+    rid, domain, trigger, client = (request["id"], request["domain"], request["trigger"],
                                 request["client"])
     if not isinstance(rid, int) or isinstance(rid, bool):
         raise ValueError("malformed id")
-    if how not in TRIGGERS:
-        raise ValueError(f"unknown trigger {how!r}")
+    if trigger not in TRIGGERS:
+        raise ValueError(f"unknown trigger {trigger!r}")
     # a domain name in canonical form; one this process does not serve is
     # answered, refused by the gate (the gateway may have read a newer
     # config: a finger for a domain it knows must not end the conversation)
@@ -146,7 +146,7 @@ def check_request(request, domains) -> tuple[int, str, str, str]:
         raise ValueError("malformed client")
     if client != "unknown":
         ipaddress.ip_address(client)
-    return rid, domain, how, client
+    return rid, domain, trigger, client
 
 
 def _canonical(domain: str) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import grp
 import logging
 import os
+import signal
 import sqlite3
 import threading
 import time
@@ -281,6 +282,10 @@ def run(config: Config, ondemand: HeldMail | None = None) -> None:
     """Serve until SIGTERM/SIGINT (libmilter handles the signals).  The
     milter never reads a message as root: its unit starts it as [milter]
     user, and started as root it becomes that user before anything else."""
+    # libmilter waits for these with sigwait in a thread of its own and stops
+    # smfi_main; every thread started before it must block them too, or the
+    # kernel hands SIGTERM to one that dies of it (no event=stop, no last counts)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     if config.milter_user and os.geteuid() == 0:
         accounts.drop_privileges(accounts.account(config.milter_user, "milter"), "milter",
                                  groups=True)

@@ -91,10 +91,10 @@ def test_one_finger_releases_on_every_mx_without_ping_pong(cluster):
     time.sleep(3)   # room for any echo to show
     # the first sent one ETRN to each peer; the peers released and sent nothing on
     assert len(_events(first, r"event=forward_acked")) == 2
-    assert _events(first, r"how=peer") == []
+    assert _events(first, r"trigger=peer") == []
     for peer in (second, third):
-        triggers = _events(peer, r"event=trigger how=(?!report)")
-        assert len(triggers) == 1 and f"how=peer client={ADDRESSES[0]}" in triggers[0], triggers
+        triggers = _events(peer, r"event=request trigger=(?!report)")
+        assert len(triggers) == 1 and f"trigger=peer client={ADDRESSES[0]}" in triggers[0], triggers
         assert _events(peer, r"event=forward_") == []
         assert peer.status("customer.test")[0]["last_flush_trigger"] == "peer"
     # the metrics (each host's poller serves them) count it under its trigger
@@ -132,10 +132,10 @@ def test_peers_that_do_not_recognise_each_other_never_pass_a_release_back(make_s
     wait_until(lambda: _delivered_all(cluster), 30, 0.2, what="mail of all three delivered")
     time.sleep(4)   # room for any echo to show
     assert len(_events(first, r"event=forward_acked")) == 2
-    assert _events(first, r"event=trigger how=(?!finger)") == []   # nothing came back
+    assert _events(first, r"event=request trigger=(?!finger)") == []   # nothing came back
     for peer in (second, third):
-        triggers = _events(peer, r"event=trigger how=(?!report)")
-        assert len(triggers) == 1 and "how=peer client=127.0.0.21 " in triggers[0], triggers
+        triggers = _events(peer, r"event=request trigger=(?!report)")
+        assert len(triggers) == 1 and "trigger=peer client=127.0.0.21 " in triggers[0], triggers
         assert _events(peer, r"event=forward_") == []
         assert peer.status("customer.test")[0]["last_flush_trigger"] == "peer"
     assert all(bounce_lines(s) == [] for s in cluster)
@@ -165,14 +165,14 @@ def test_a_forwarded_etrn_gets_no_more_rights_than_its_sender(make_stack):
     assert _events(stack, r"event=forward_") == []
     assert json.loads(stack.flushctl("status", "--cluster", "--json", "customer.test").stdout
                       )[1]["pending"] is None          # nothing sent on for the peer
-    assert len(_events(stack, r"event=trigger how=peer client=127\.0\.0\.1 ")) == 3
+    assert len(_events(stack, r"event=request trigger=peer client=127\.0\.0\.1 ")) == 3
     # unmarked, it is a customer's: sent on (nothing is held here, the peer may hold some)
     assert _smtp_etrn(stack, "_forwarded.third.test")[0] == 250
     assert _smtp_etrn(stack, "third.test")[0] == 250
     wait_until(lambda: json.loads(stack.flushctl("status", "--cluster", "--json",
                                                  "third.test").stdout)[1]["pending"],
                10, what="sent on for the peer")
-    assert len(_events(stack, r"event=trigger how=peer client=127\.0\.0\.1 ")) == 4
+    assert len(_events(stack, r"event=request trigger=peer client=127\.0\.0\.1 ")) == 4
 
 
 def _smtp_etrn(stack, argument: str) -> tuple[int, bytes]:

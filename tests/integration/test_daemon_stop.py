@@ -16,6 +16,7 @@ import smtplib
 import socket
 import subprocess
 
+
 from conftest import wait_until
 
 STOP_LINE = re.compile(r"(?:^|\s)event=stop(?:\s|$)")
@@ -75,7 +76,9 @@ def test_the_gateway_stops_quietly_with_an_etrn_session_and_a_finger_query_open(
         smtp.ehlo("client.test")
         code, reply = smtp.docmd("ETRN", "customer.test")
         assert code < 500, reply   # the gateway answered smtpd's policy request
-        assert "how=etrn" in stack.daemon_log("gateway")
+        wait_until(lambda: any("etrn" in line and "domain=customer.test" in line
+                               for line in stack.daemon_log("gateway").splitlines()), 10,
+                   what="the gateway's answer to smtpd's policy request")
         finger.sendall(b"custom")
         status = stop(stack.gateway)
         stack.gateway = None

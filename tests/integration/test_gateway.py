@@ -72,7 +72,7 @@ def test_finger_releases_and_reports(gw):
     [row] = gw.status("customer.test")
     assert row["last_flush_trigger"] == "finger"
     assert row["last_flush_client"].startswith("127.")
-    assert "how=finger" in gw.gateway_log() and "result=released" in gw.gateway_log()
+    assert "trigger=finger" in gw.gateway_log() and "result=released" in gw.gateway_log()
 
 
 def test_finger_verbose_and_unreachable(gw):
@@ -139,7 +139,7 @@ def test_fetchmail_etrn(gw):
         capture_output=True, text=True, timeout=120)
     assert "Queuing for customer.test started" in proc.stdout + proc.stderr, proc.stderr
     wait_until(lambda: len(gw.sink.messages()) == 2, what="2 deliveries after fetchmail")
-    assert "how=etrn" in gw.gateway_log()
+    assert "trigger=etrn" in gw.gateway_log()
     assert gw.status("customer.test")[0]["last_flush_trigger"] == "etrn"
 
 
@@ -453,9 +453,9 @@ def test_the_release_helper_decides_again_whatever_the_gateway_asks(make_stack):
 
     async def hostile():
         reader, writer = await asyncio.open_unix_connection(sock=child_end)
-        asks = [{"id": 1, "domain": "customer.test", "how": "finger", "client": "203.0.113.9"},
-                {"id": 2, "domain": "customer.test", "how": "peer", "client": "203.0.113.9"}] \
-            + [{"id": i, "domain": "customer.test", "how": "report", "client": "203.0.113.9"}
+        asks = [{"id": 1, "domain": "customer.test", "trigger": "finger", "client": "203.0.113.9"},
+                {"id": 2, "domain": "customer.test", "trigger": "peer", "client": "203.0.113.9"}] \
+            + [{"id": i, "domain": "customer.test", "trigger": "report", "client": "203.0.113.9"}
                for i in range(3, 13)]
         for ask in asks:
             writer.write(json.dumps(ask).encode() + b"\n")
@@ -482,7 +482,7 @@ def test_the_release_helper_decides_again_whatever_the_gateway_asks(make_stack):
         reader, writer = await asyncio.open_unix_connection(sock=again)
         answers = {}
         for rid, domain in ((1, "customer.test"), (2, "added.test"), (3, "customer.test")):
-            writer.write(json.dumps({"id": rid, "domain": domain, "how": "finger",
+            writer.write(json.dumps({"id": rid, "domain": domain, "trigger": "finger",
                                      "client": "203.0.113.9"}).encode() + b"\n")
             await writer.drain()
             reply = json.loads(await asyncio.wait_for(reader.readline(), 30))

@@ -67,7 +67,7 @@ def test_a_gateway_that_does_not_read_its_answers_is_not_read_from():
         serving = asyncio.create_task(serve_releases(
             ours, blocked, DOMAINS, Outcome.as_json, gate))
         total = MAX_INFLIGHT + 50
-        lines = b"".join(json.dumps({"id": i, "domain": "customer.example", "how": "finger",
+        lines = b"".join(json.dumps({"id": i, "domain": "customer.example", "trigger": "finger",
                                      "client": "192.0.2.1"}).encode() + b"\n"
                          for i in range(total))
         sender = threading.Thread(target=theirs.sendall, args=(lines,))

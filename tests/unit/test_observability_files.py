@@ -61,10 +61,10 @@ def test_log_lines_are_one_line_of_key_value_fields():
     from flushctl.cli.main import KeyValueFormatter
     fmt = KeyValueFormatter()
     record = logging.LogRecord("flushctl.gateway", logging.INFO, __file__, 1,
-                               "event=trigger how=%s client=%s", ("finger", "192.0.2.7"), None)
+                               "event=request trigger=%s client=%s", ("finger", "192.0.2.7"), None)
     line = fmt.format(record)
     assert re.fullmatch(r"ts=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z level=info src=gateway "
-                        r"event=trigger how=finger client=192\.0\.2\.7", line), line
+                        r"event=request trigger=finger client=192\.0\.2\.7", line), line
     try:
         raise ValueError("two\nlines")
     except ValueError:

@@ -14,14 +14,14 @@ DOMAINS = {"customer.example": object()}
 
 
 def req(**kw):
-    base = {"id": 1, "domain": "customer.example", "how": "finger", "client": "192.0.2.1"}
+    base = {"id": 1, "domain": "customer.example", "trigger": "finger", "client": "192.0.2.1"}
     base.update(kw)
     return base
 
 
 def test_a_good_request():
     assert check_request(req(), DOMAINS) == (1, "customer.example", "finger", "192.0.2.1")
-    assert check_request(req(how="etrn", client="2001:db8::1"), DOMAINS)[2] == "etrn"
+    assert check_request(req(trigger="etrn", client="2001:db8::1"), DOMAINS)[2] == "etrn"
     assert check_request(req(client="unknown"), DOMAINS)[3] == "unknown"
 
 
@@ -36,13 +36,13 @@ def test_a_domain_not_served_is_for_the_gate_to_refuse():
     req(domain="-x.example"),
     req(domain="customer.example -d ALL"),
     req(domain=["customer.example"]),
-    req(how="admin"),                         # only the network triggers
-    req(how="poller"),
+    req(trigger="admin"),                         # only the network triggers
+    req(trigger="poller"),
     req(client="192.0.2.1; rm -rf /"),
     req(client=7),
     req(id="1"),
     req(id=True),
-    {"id": 1, "domain": "customer.example", "how": "finger"},
+    {"id": 1, "domain": "customer.example", "trigger": "finger"},
     {**req(), "extra": 1},
     ["customer.example"],
     "customer.example",
@@ -52,15 +52,15 @@ def test_refused(bad):
         check_request(bad, DOMAINS)
 
 
-@given(st.dictionaries(st.sampled_from(["id", "domain", "how", "client", "x"]),
+@given(st.dictionaries(st.sampled_from(["id", "domain", "trigger", "client", "x"]),
                        st.one_of(st.text(), st.integers(), st.none(), st.booleans())))
 def test_anything_else_is_a_value_error_or_a_domain_name(data):
     from flushctl import names
     try:
-        rid, domain, how, client = check_request(data, DOMAINS)
+        rid, domain, trigger, client = check_request(data, DOMAINS)
     except ValueError:
         return
-    assert names.domain(domain) == domain and how in ("finger", "etrn", "peer", "report")
+    assert names.domain(domain) == domain and trigger in ("finger", "etrn", "peer", "report")
 
 
 def test_account_refuses_root_and_strangers():
@@ -106,8 +106,8 @@ class Recording:
         self.calls = []
         self.raises = raises
 
-    async def trigger(self, domain, how, client):
-        self.calls.append((domain, how, client))
+    async def trigger(self, domain, trigger, client):
+        self.calls.append((domain, trigger, client))
         if self.raises:
             raise OSError("database or disk is full")
         return {"kind": "released", "domain": domain}
@@ -142,8 +142,8 @@ def converse(requests, releaser, peers=frozenset(), burst=30):
     return asyncio.run(main())
 
 
-def request(rid, domain, client, how="finger"):
-    return {"id": rid, "domain": domain, "how": how, "client": client}
+def request(rid, domain, client, trigger="finger"):
+    return {"id": rid, "domain": domain, "trigger": trigger, "client": client}
 
 
 def test_a_hostile_network_half_cannot_pass_flush_from():
@@ -159,8 +159,8 @@ def test_a_hostile_network_half_cannot_pass_flush_from():
 
 def test_a_hostile_network_half_cannot_claim_to_be_a_peer():
     rel = Recording()
-    answers = converse([request(1, "restricted.example", "203.0.113.9", how="peer"),
-                        request(2, "restricted.example", "198.51.100.2", how="peer")], rel,
+    answers = converse([request(1, "restricted.example", "203.0.113.9", trigger="peer"),
+                        request(2, "restricted.example", "198.51.100.2", trigger="peer")], rel,
                        peers=frozenset({"198.51.100.2"}))
     assert answers[1]["detail"] == "refused: not allowed"   # not a peer: ordinary rights
     assert rel.calls == [("restricted.example", "peer", "198.51.100.2")]
