@@ -14,7 +14,6 @@ import asyncio
 import re
 import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -25,10 +24,10 @@ from flushctl.poller import prober as probing
 from flushctl.poller.prober import (BAD_GREETING, NO_ADDRESS, NOWHERE, REACHABLE, REFUSED,
                                     TIMEOUT, UNROUTABLE, ProbeResult, Prober)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from dnsserver import DNSServer  # noqa: E402
+from greeters import GREETING, greeters  # noqa: E402
 
-GREETING = b"220 mx.customer.test ESMTP\r\n"
 
 
 @pytest.fixture
@@ -62,63 +61,9 @@ def probe(prober: Prober, dom: config.Domain, route: str | None = None) -> Probe
     return asyncio.run(prober.probe(dom, route))
 
 
-class Listener:
-    """A TCP listener: says ``greeting`` (``None``: nothing; ``b""``: hangs
-    up at once) to each client, keeps what the client sends."""
-
-    def __init__(self, host="127.0.0.1", port=0, greeting: bytes | None = GREETING):
-        self.greeting = greeting
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.sock.listen(16)
-        self.sock.settimeout(0.1)
-        self.port = self.sock.getsockname()[1]
-        self.connections = 0
-        self.received = b""
-        self.done = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while not self.done.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
-        try:
-            with conn:
-                conn.settimeout(10)
-                if self.greeting is None:
-                    self.done.wait(10)
-                    return
-                if self.greeting:
-                    conn.sendall(self.greeting)
-                    while chunk := conn.recv(4096):
-                        self.received += chunk
-        except OSError:
-            pass
-
-    def close(self):
-        self.done.set()
-        self.sock.close()
-
-
 @pytest.fixture
 def listen():
-    made = []
-
-    def make(**kwargs):
-        made.append(Listener(**kwargs))
-        return made[-1]
-    yield make
-    for listener in made:
-        listener.close()
+    yield from greeters()
 
 
 @pytest.fixture

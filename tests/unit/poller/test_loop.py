@@ -7,7 +7,7 @@ name must be resolved, tests/dnsserver.py answers).  What the poller asks
 of the ledger and of Postfix goes through the real ``LocalOps`` to a small
 stand-in for ``HeldMail`` (the real one needs a running Postfix); what
 that stand-in answers is what the ledger and ``HeldMail.flush`` would.
-test_poller_split.py covers the split between the poller and its helper.
+test_remote_ops.py covers the split between the poller and its helper.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import re
 import signal
 import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,10 +29,10 @@ from flushctl.heldmail import outcome as outcomes
 from flushctl.poller import loop
 from flushctl.poller import prober as probing
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from dnsserver import DNSServer  # noqa: E402
+from greeters import GREETING, greeters  # noqa: E402
 
-GREETING = b"220 mx.customer.test ESMTP\r\n"
 
 # The poller's actions, as its log (action=) and `poller --once --json` say them.
 RELEASED, HELD, BUSY, NOTHING = "released", "held", "delivering", "nothing held"
@@ -42,71 +41,9 @@ PAUSED, FAILED, BACKING_OFF = "paused", "failed", "backing off"
 
 # -- real servers for the prober to knock on --------------------------------------
 
-class Listener:
-    """A TCP listener on 127.0.0.1 that says ``greeting`` to each client
-    after ``delay`` seconds (``None``: says nothing), then reads until the
-    client hangs up.  ``waiting`` counts clients waiting for their greeting
-    right now, ``most_waiting`` the most at once."""
-
-    def __init__(self, greeting: bytes | None = GREETING, delay: float = 0.0,
-                 host: str = "127.0.0.1", port: int = 0):
-        self.greeting, self.delay = greeting, delay
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.sock.listen(64)
-        self.sock.settimeout(0.1)
-        self.host, self.port = self.sock.getsockname()
-        self.connections = self.waiting = self.most_waiting = 0
-        self.lock = threading.Lock()
-        self.done = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.done.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with self.lock:
-            self.connections += 1
-            self.waiting += 1
-            self.most_waiting = max(self.most_waiting, self.waiting)
-        try:
-            with conn:
-                conn.settimeout(10)
-                time.sleep(self.delay)
-                with self.lock:
-                    self.waiting -= 1
-                if self.greeting is None:
-                    self.done.wait(10)
-                    return
-                conn.sendall(self.greeting)
-                while conn.recv(4096):
-                    pass
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.done.set()
-        self.sock.close()
-
-
 @pytest.fixture
 def listeners():
-    made = []
-
-    def make(**kwargs) -> Listener:
-        made.append(Listener(**kwargs))
-        return made[-1]
-    yield make
-    for listener in made:
-        listener.close()
+    yield from greeters()
 
 
 @pytest.fixture
