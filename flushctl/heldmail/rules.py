@@ -6,7 +6,7 @@ time stamp (Postfix's retry time for deferred mail), whether an admin
 forced its expiry.  Every decision here (what to put back on hold, what a
 release sends, what is stale, whether a trigger shares a release, how long
 the poller waits after failed attempts, what a failed attempt means) is
-made from that and the clock; the side effects live in ``ondemand`` and
+made from that and the clock; the side effects live in the ``HeldMail`` parts and
 ``keeper``.
 """
 
