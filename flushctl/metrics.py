@@ -83,14 +83,14 @@ class Counts:
             raise
 
 
-def domain_lines(ondemand, now: float | None = None) -> str:
+def domain_lines(heldmail, now: float | None = None) -> str:
     """The per-domain gauges in the text exposition format, written directly:
     with 10,000 domains, going through prometheus-client's generic sample
     objects costs most of a second.  Domain names are canonical ASCII
     (letters, digits, dots, hyphens): nothing to escape."""
     now = time.time() if now is None else now
     held, size, age, reachable, paused, refused = [], [], [], [], [], []
-    for name, located, state in ondemand.located_all():
+    for name, located, state in heldmail.located_all():
         label = f'{{domain="{name}"}} '
         if located is None:
             held.append(label + "0")
@@ -128,11 +128,11 @@ def domain_lines(ondemand, now: float | None = None) -> str:
 class Collector:
     """The rest of a scrape, through prometheus-client: quotas and counters."""
 
-    def __init__(self, ondemand):
-        self.ondemand = ondemand
+    def __init__(self, heldmail):
+        self.heldmail = heldmail
 
     def collect(self):
-        od = self.ondemand
+        od = self.heldmail
         quotas = GaugeMetricFamily("flushctl_quota_messages",
                                    "The domain's quota of held messages (configured ones only).",
                                    labels=["domain"])
@@ -155,16 +155,16 @@ class Collector:
         yield from families.values()
 
 
-def exposition(ondemand, registry) -> bytes:
+def exposition(heldmail, registry) -> bytes:
     """One scrape: the per-domain gauges, then the registry's families."""
-    return domain_lines(ondemand).encode() + generate_latest(registry)
+    return domain_lines(heldmail).encode() + generate_latest(registry)
 
 
-def scrape_of(ondemand):
-    """A function that writes one scrape of ``ondemand``'s figures."""
+def scrape_of(heldmail):
+    """A function that writes one scrape of the held-mail library's figures."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(Collector(ondemand))
-    return lambda: exposition(ondemand, registry)
+    registry.register(Collector(heldmail))
+    return lambda: exposition(heldmail, registry)
 
 
 class _Handler(BaseHTTPRequestHandler):

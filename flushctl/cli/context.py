@@ -9,14 +9,14 @@ import click
 from flushctl import config as config_mod
 from flushctl import names
 from flushctl.cli.errors import CliError
-from flushctl.config import UnknownDomain
+from flushctl.config import Domain, UnknownDomain
 
 
 class Context:
     def __init__(self, config_path: str | None):
         self.path = config_mod.resolve_path(config_path)
         self._config = None
-        self._ondemand = None
+        self._heldmail = None
 
     @property
     def config(self) -> config_mod.Config:
@@ -28,18 +28,20 @@ class Context:
         return self._config
 
     @property
-    def ondemand(self):
-        if self._ondemand is None:
+    def heldmail(self):
+        if self._heldmail is None:
             from flushctl.heldmail.library import HeldMail
             try:
-                self._ondemand = HeldMail(self.config)
+                self._heldmail = HeldMail(self.config)
             except (OSError, sqlite3.Error) as exc:
                 raise CliError(f"cannot open the ledger in {self.config.state_directory}: {exc}")
-        return self._ondemand
+        return self._heldmail
 
-    def domain(self, name: str) -> str:
+    def domain(self, name: str) -> Domain:
+        """The configured domain the admin named, validated once: the value
+        the library is given."""
         try:
-            return self.config.domain(name).name
+            return self.config.domain(name)
         except UnknownDomain as exc:
             raise CliError(str(exc)) from None
 
@@ -52,7 +54,7 @@ class Context:
                 key = names.domain(name)
             except ValueError:
                 raise CliError(str(exc)) from None
-            if key in self.ondemand.removed_domains():
+            if key in self.heldmail.removed_domains():
                 return key
             raise CliError(str(exc)) from None
 

@@ -23,7 +23,7 @@ def milter(ctx):
     from flushctl_milter.app import MilterSetupError, run
     from flushctl.privsep.errors import PrivsepError
     try:
-        run(ctx.config, ctx.ondemand)
+        run(ctx.config, ctx.heldmail)
     except (PostfixError, PrivsepError, MilterSetupError) as exc:
         raise CliError(str(exc)) from None
 
@@ -75,7 +75,7 @@ def poller(ctx, once, as_json):
         except PrivsepError as exc:
             raise CliError(str(exc)) from None
         return
-    entries = run_once(ctx.ondemand)
+    entries = run_once(ctx.heldmail)
     if as_json:
         click.echo(json.dumps([e.as_json() for e in entries], indent=2))
         return

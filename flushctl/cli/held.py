@@ -53,13 +53,14 @@ def flush(ctx, domain, wait, timeout):
 
     from flushctl.heldmail.outcome import Outcome
     from flushctl.heldmail.release import wait_for
-    name = ctx.domain(domain)
+    dom = ctx.domain(domain)
+    name = dom.name
     if os.geteuid() == 0:
-        od = ctx.ondemand
-        outcome = od.flush(name, trigger="admin")
+        od = ctx.heldmail
+        outcome = od.flush(dom, trigger="admin")
 
         def step():
-            return od.wait_step(name)
+            return od.wait_step(dom)
     else:
         from flushctl.privsep import client
         from flushctl.privsep import wire
@@ -96,8 +97,9 @@ def flush(ctx, domain, wait, timeout):
 @guard
 def pause(ctx, domain):
     """Stop every release of the domain's mail until `resume`."""
-    name = ctx.domain(domain)
-    reheld = ctx.ondemand.pause(name)
+    dom = ctx.domain(domain)
+    name = dom.name
+    reheld = ctx.heldmail.pause(dom)
     click.echo(f"{name}: paused" + (f" ({reheld} waiting message(s) put back on hold)"
                                     if reheld else ""))
 
@@ -108,8 +110,9 @@ def pause(ctx, domain):
 @guard
 def resume(ctx, domain):
     """Allow releases again."""
-    name = ctx.domain(domain)
-    ctx.ondemand.resume(name)
+    dom = ctx.domain(domain)
+    name = dom.name
+    ctx.heldmail.resume(dom)
     click.echo(f"{name}: resumed")
 
 
@@ -123,7 +126,7 @@ def purge(ctx, domain, yes):
     name = ctx.domain_or_removed(domain)
     if not yes:
         raise CliError(f"purge deletes every held message for {name}; add --yes to do it", 2)
-    count = ctx.ondemand.purge(name)
+    count = ctx.heldmail.purge(name)
     click.echo(f"{name}: deleted {count} message(s)")
 
 
@@ -137,7 +140,7 @@ def return_(ctx, domain, refused):
     """Return the domain's held mail to its senders (Postfix's own DSN, quoting
     the customer server's reply for refused mail)."""
     name = ctx.domain_or_removed(domain)
-    count = ctx.ondemand.return_to_senders(name, refused_only=refused)
+    count = ctx.heldmail.return_to_senders(name, refused_only=refused)
     what = "refused message(s)" if refused else "message(s)"
     click.echo(f"{name}: returned {count} {what} to their senders")
 
@@ -150,7 +153,7 @@ def sweep(ctx):
     mail for customers the milter never saw, put mail that failed after a
     release back on hold."""
     from flushctl.heldmail.keeper import Keeper
-    done = Keeper(ctx.ondemand).tick()
+    done = Keeper(ctx.heldmail).tick()
     for domain, count in sorted(done["taken_in"].items()):
         click.echo(f"{domain}: took in {count}")
     for domain, result in done["swept"].items():

@@ -62,7 +62,7 @@ def check_config(ctx, as_json):
 def check(ctx, as_json):
     """Is everything in place and running? One line per problem (exit 1)."""
     from flushctl.check import check as run_check
-    report = run_check(ctx.ondemand)
+    report = run_check(ctx.heldmail)
     if as_json:
         click.echo(json.dumps(report.as_json(), indent=2))
     else:

@@ -30,7 +30,7 @@ def fmt_bool(value: bool | None) -> str:
 @guard
 def status(ctx, domain, as_json, of_cluster):
     """What is held, per domain (exact against Postfix's queue)."""
-    od = ctx.ondemand
+    od = ctx.heldmail
     rows = [od.status(ctx.domain_or_removed(domain))] if domain else od.status_all()
     if of_cluster:
         _cluster_status(ctx, rows, as_json)
@@ -92,7 +92,7 @@ def _cluster_status(ctx, local, as_json) -> None:
     if cfg.cluster is None:
         raise CliError(f"{cfg.path}: no [cluster] section: this host has no peers")
     rows = asyncio.run(cluster.cluster_status(cfg.cluster, local,
-                                              ctx.ondemand.ledger.forwards()))
+                                              ctx.heldmail.ledger.forwards()))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

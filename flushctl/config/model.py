@@ -165,8 +165,13 @@ class Config:
     helper_socket: str = "/run/flushctl/helper.sock"   # the release helper's unix socket
     helper_group: str = "flushctl"   # its socket's group: the daemons and non-root admins
 
-    def domain(self, name: str) -> Domain:
-        """The configured domain ``name``, or ``UnknownDomain`` saying why not."""
+    def domain(self, name: str | Domain) -> Domain:
+        """The configured domain ``name``, or ``UnknownDomain`` saying why not.
+        A ``Domain`` of this config, validated at the edge, is itself."""
+        if isinstance(name, Domain):
+            if self.domains.get(name.name) is name:
+                return name
+            name = name.name
         if name in self.domains:  # already in canonical form (the keys are)
             return self.domains[name]
         try:

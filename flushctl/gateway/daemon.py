@@ -56,7 +56,7 @@ async def with_forwarder(config: Config, rel: Releaser, serving) -> None:
     if config.cluster is None:
         await serving
         return
-    forwarder = cluster.Forwarder(rel.ondemand.ledger, config.cluster)
+    forwarder = cluster.Forwarder(rel.heldmail.ledger, config.cluster)
     rel.forwarded = forwarder.wake.set
     stop = asyncio.Event()
     task = asyncio.get_running_loop().create_task(forwarder.run(stop))
@@ -82,7 +82,7 @@ def bind(config: Config) -> list:
         raise
 
 
-def run(config: Config, ondemand: HeldMail | None = None) -> None:
+def run(config: Config, heldmail: HeldMail | None = None) -> None:
     """Serve.  Started as root with ``[gateway] user`` empty, one process
     binds and releases itself.  Otherwise it serves as ``[gateway] user``
     (as root, it becomes that user before anything else) with no privilege
@@ -98,8 +98,8 @@ def run(config: Config, ondemand: HeldMail | None = None) -> None:
 
         async def single():
             try:
-                rel = Releaser(ondemand or HeldMail(config), config.gateway.release_window)
-                rel.ondemand.ledger   # opened now: a ledger that cannot be is said at start
+                rel = Releaser(heldmail or HeldMail(config), config.gateway.release_window)
+                rel.heldmail.ledger   # opened now: a ledger that cannot be is said at start
             except (OSError, sqlite3.Error) as exc:
                 raise PrivsepError(
                     f"cannot open the ledger in {config.state_directory}: {exc}") from None

@@ -28,8 +28,8 @@ class Releaser:
     a worker thread.
     """
 
-    def __init__(self, ondemand: HeldMail, window: float):
-        self.ondemand = ondemand
+    def __init__(self, heldmail: HeldMail, window: float):
+        self.heldmail = heldmail
         self.window = window
         self._inflight: dict[str, asyncio.Task] = {}
         self._tasks: set[asyncio.Task] = set()   # releases under way (the loop keeps weak refs)
@@ -40,7 +40,7 @@ class Releaser:
     async def trigger(self, domain: str, trigger: str, client: str) -> Outcome:
         if trigger == "report":
             try:
-                status = await asyncio.to_thread(self.ondemand.status, domain)
+                status = await asyncio.to_thread(self.heldmail.status, domain)
             except Exception as exc:   # answered, as a failed release is
                 log.exception("event=error stage=report domain=%s", domain)
                 return Outcome(REPORTED, 0, "", str(exc), None)
@@ -53,10 +53,10 @@ class Releaser:
         # Most queries find nothing held: one row read answers them here,
         # without a worker thread or the queue (unless the ledger file was
         # replaced: its rebuild reads the hold queue, in a worker thread).
-        if self.ondemand.needs_rebuild():
-            empty = await asyncio.to_thread(self.ondemand.status_if_empty, domain)
+        if self.heldmail.needs_rebuild():
+            empty = await asyncio.to_thread(self.heldmail.status_if_empty, domain)
         else:
-            empty = self.ondemand.status_if_empty(domain)
+            empty = self.heldmail.status_if_empty(domain)
         if empty is not None:
             # nothing here, but the peers may hold some: they release too
             await self._send_on(domain, trigger)
@@ -81,7 +81,7 @@ class Releaser:
         has arrived since: then there is something new to release."""
         recent = self._recent.get(domain)
         if recent and time.monotonic() - recent[0] < self.window \
-                and not self.ondemand.ledger.arrived_since(domain, recent[2]):
+                and not self.heldmail.ledger.arrived_since(domain, recent[2]):
             return recent[1].as_shared()
         return None
 
@@ -103,16 +103,16 @@ class Releaser:
         return outcome
 
     async def add_counts(self, items) -> None:
-        await asyncio.to_thread(self.ondemand.ledger.add_counts, items)
+        await asyncio.to_thread(self.heldmail.ledger.add_counts, items)
 
     async def _send_on(self, domain: str, trigger: str) -> None:
-        if trigger == "peer" or self.ondemand.config.cluster is None:
+        if trigger == "peer" or self.heldmail.config.cluster is None:
             return
         last = self._sent_on.get(domain)
         if last is not None and time.monotonic() - last < self.window:
             return   # a flood of triggers for one domain: one ETRN to each peer
         self._sent_on[domain] = time.monotonic()
-        await asyncio.to_thread(self.ondemand.send_on, domain, trigger)
+        await asyncio.to_thread(self.heldmail.send_on, domain, trigger)
         self._wake()
 
     def _wake(self) -> None:
@@ -120,14 +120,15 @@ class Releaser:
             self.forwarded()
 
     def _release(self, domain: str, trigger: str, client: str) -> Outcome:
-        od = self.ondemand
+        od = self.heldmail
         try:
-            before = od.status(domain)
+            dom = od.domain(domain)   # looked up once: the value the library is given
+            before = od.status(dom)
         except Exception:
             log.exception("event=error stage=status domain=%s", domain)
             return Outcome(FAILED, 0, "", "status failed", None)
         try:
-            outcome = od.flush(domain, trigger=trigger, client=client)
+            outcome = od.flush(dom, trigger=trigger, client=client)
         except Exception as exc:
             log.exception("event=error stage=release domain=%s", domain)
             return Outcome(FAILED, 0, "", str(exc), before)

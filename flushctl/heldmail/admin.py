@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
+from flushctl.config import Domain
 from flushctl.heldmail import rules as rules
 
 log = logging.getLogger("flushctl.release")
@@ -18,7 +19,7 @@ log = logging.getLogger("flushctl.release")
 class AdminPart:
     """``HeldMail``'s admin part (see ``library``)."""
 
-    def pause(self, domain: str) -> int:
+    def pause(self, domain: str | Domain) -> int:
         """Stop releases; mail waiting in the deferred queue goes back on hold."""
         dom = self.domain(domain).name
         self.ledger.set_paused(dom, True)
@@ -28,7 +29,7 @@ class AdminPart:
         self._hold(waiting)
         return len(waiting)
 
-    def resume(self, domain: str) -> None:
+    def resume(self, domain: str | Domain) -> None:
         self.ledger.set_paused(self.domain(domain).name, False)
 
     def purge(self, domain: str) -> int:

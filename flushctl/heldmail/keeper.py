@@ -37,19 +37,19 @@ def interval_for(minimal_backoff: float, lifetimes: list[float]) -> float:
 
 
 class Keeper:
-    def __init__(self, ondemand: HeldMail):
-        self.ondemand = ondemand
+    def __init__(self, heldmail: HeldMail):
+        self.heldmail = heldmail
         self._returned_at = float("-inf")
 
     def interval(self) -> float:
-        od = self.ondemand
+        od = self.heldmail
         return interval_for(od.seconds("minimal_backoff_time"),
                             [od.seconds("maximal_queue_lifetime"),
                              od.seconds("bounce_queue_lifetime")])
 
     def tick(self) -> dict:
         """One pass; what it did, for the log and `flushctl sweep`."""
-        od = self.ondemand
+        od = self.heldmail
         done: dict = {"rebuilt": od.rebuild_if_needed(), "nudged": od.nudge_incoming(),
                       "taken_in": od.take_in(),
                       "swept": od.sweep_all(), "returned": self.return_refused(),
@@ -61,7 +61,7 @@ class Keeper:
     def return_refused(self) -> dict[str, int]:
         """Refused mail past its domain's ``refused_return_after`` goes back
         to its senders (Postfix's DSN quotes the customer server's reply)."""
-        od = self.ondemand
+        od = self.heldmail
         now = time.time()
         returned: dict[str, int] = {}
         afters = [d.refused_return_after for d in od.config.domains.values()

@@ -18,6 +18,7 @@ import os
 import re
 import time
 
+from flushctl.config import Domain
 from flushctl.heldmail import rules as rules
 from flushctl.heldmail.ledger.schema import DomainState
 from flushctl.heldmail.rules import Snapshot
@@ -55,7 +56,7 @@ def wait_for(step, timeout: float, progress=None, interval: float = 0.5
 class ReleasePart:
     """``HeldMail``'s releasing part (see ``library``)."""
 
-    def flush(self, domain: str, trigger: str = "admin", client: str | None = None,
+    def flush(self, domain: str | Domain, trigger: str = "admin", client: str | None = None,
               probed: dict[str, ProbeResult] | None = None,
               probed_only: bool = False) -> Outcome:
         """Release the domain's held mail toward its servers, if they answer:
@@ -257,7 +258,7 @@ class ReleasePart:
         name = self.domain(domain).name
         return wait_for(lambda: self.wait_step(name), timeout, progress, interval)[0]
 
-    def wait_step(self, domain: str) -> tuple[int, bool | None]:
+    def wait_step(self, domain: str | Domain) -> tuple[int, bool | None]:
         """One look for ``wait``: (messages still queued, True when none
         is, False when what is left is back on hold, None: still going)."""
         dom = self.domain(domain).name

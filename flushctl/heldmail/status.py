@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from flushctl import names
-from flushctl.config import UnknownDomain
+from flushctl.config import Domain, UnknownDomain
 from flushctl.heldmail import rules as rules
 from flushctl.heldmail.ledger.schema import DomainState, Entry
 from flushctl.heldmail.rules import Item, Snapshot
@@ -84,16 +84,16 @@ class StatusPart:
 
     locate = snapshot   # the name the milter's quota recount uses
 
-    def status(self, domain: str) -> Status:
+    def status(self, domain: str | Domain) -> Status:
         dom = self._known_domain(domain)
         return self._status(dom, self.snapshot(dom), self.ledger.state(dom))
 
-    def _known_domain(self, domain: str) -> str:
+    def _known_domain(self, domain: str | Domain) -> str:
         """A configured domain, or one the ledger still holds mail for."""
         try:
             return self.domain(domain).name
         except UnknownDomain:
-            name = names.domain(domain) if isinstance(domain, str) else domain
+            name = names.domain(getattr(domain, "name", domain))
             if name in self.removed_domains():
                 return name
             raise

@@ -68,19 +68,19 @@ class LocalOps:
     """What the poller asks of the ledger and Postfix, done in this process
     (one process as root, or the release helper for the poller)."""
 
-    def __init__(self, ondemand: HeldMail):
-        self.ondemand = ondemand
+    def __init__(self, heldmail: HeldMail):
+        self.heldmail = heldmail
 
     def candidates(self) -> tuple[dict[str, list[str]], dict[str, float]]:
-        return self.ondemand.poller_candidates()
+        return self.heldmail.poller_candidates()
 
     def record_probe(self, name: str, result: ProbeResult) -> None:
-        self.ondemand.record_probe(name, result)
+        self.heldmail.record_probe(name, result)
 
     def release(self, name: str, results: dict[str, ProbeResult]) -> tuple[str, int]:
         """Release ``name`` if no earlier release is still at work, with
         the poller's probes: (action, messages released)."""
-        od = self.ondemand
+        od = self.heldmail
         try:
             outcome = Outcome(BUSY) if od.in_flight(name) else \
                 od.flush(name, trigger="poller", probed=results, probed_only=True)
@@ -101,9 +101,9 @@ class Poller:
         self.postfix_prober = postfix_prober
 
     @classmethod
-    def local(cls, ondemand: HeldMail) -> "Poller":
-        return cls(ondemand.config, LocalOps(ondemand), ondemand.prober,
-                   ondemand.postfix_prober())
+    def local(cls, heldmail: HeldMail) -> "Poller":
+        return cls(heldmail.config, LocalOps(heldmail), heldmail.prober,
+                   heldmail.postfix_prober())
 
     async def cycle(self) -> list[CycleEntry]:
         candidates, waiting = await asyncio.to_thread(self.ops.candidates)
@@ -169,8 +169,8 @@ class Poller:
         log.info("event=stop")
 
 
-def run_once(ondemand: HeldMail) -> list[CycleEntry]:
-    return asyncio.run(Poller.local(ondemand).cycle())
+def run_once(heldmail: HeldMail) -> list[CycleEntry]:
+    return asyncio.run(Poller.local(heldmail).cycle())
 
 
 # -- the split: probes and metrics unprivileged, the rest as root ----------------
@@ -236,7 +236,7 @@ def answer(ops: LocalOps, request: dict) -> dict:
     these three, each checked (a configured domain, well-formed probe
     results) before anything is done; ``Malformed`` otherwise."""
     op = request.get("op")
-    domains = ops.ondemand.config.domains
+    domains = ops.heldmail.config.domains
     if op == "candidates" and set(request) == {"op"}:
         candidates, waiting = ops.candidates()
         return {"candidates": candidates, "waiting": waiting}
@@ -271,7 +271,7 @@ def _preload() -> None:
     dns.rdata.load_all_types()   # dnspython loads a record type's code when it first sees one
 
 
-def run_forever(config, ondemand: HeldMail | None = None) -> None:
+def run_forever(config, heldmail: HeldMail | None = None) -> None:
     """Run the poller and its metrics endpoint until SIGTERM.
 
     Started as root with ``[poller] user`` empty, one process does all,
@@ -289,11 +289,11 @@ def run_forever(config, ondemand: HeldMail | None = None) -> None:
     entry = accounts.account(user, "poller") if user and root else None
     server = metrics.listen(config)   # bound first: the port may be a privileged one
     if root and entry is None:
-        ondemand = ondemand or HeldMail(config)
+        heldmail = heldmail or HeldMail(config)
         end_keeper = start_thread(config)
-        metrics.start(server, metrics.scrape_of(ondemand), config.metrics_listen)
+        metrics.start(server, metrics.scrape_of(heldmail), config.metrics_listen)
         try:
-            asyncio.run(_loop(Poller.local(ondemand)))
+            asyncio.run(_loop(Poller.local(heldmail)))
         finally:
             end_keeper()
             if server is not None:

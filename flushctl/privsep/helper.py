@@ -44,17 +44,17 @@ _LOCKS: list[int] = []   # the helper's lock file, open for as long as it runs
 
 # -- what an admin may ask --------------------------------------------------------
 
-def answer_admin(ondemand, request: dict) -> dict:
+def answer_admin(heldmail, request: dict) -> dict:
     """An admin's request: a release, or one look while ``--wait`` waits."""
     op = request.get("op")
     if op not in ("flush", "wait") or set(request) != {"op", "domain"}:
         raise Malformed(f"not a request an admin sends: {op!r:.40}")
     name = request["domain"]
-    if not isinstance(name, str) or name not in ondemand.config.domains:
+    if not isinstance(name, str) or name not in heldmail.config.domains:
         raise ValueError(f"{name!r:.80}: not a configured domain")
     if op == "flush":
-        return ondemand.flush(name, trigger="admin").as_json()
-    present, verdict = ondemand.wait_step(name)
+        return heldmail.flush(name, trigger="admin").as_json()
+    present, verdict = heldmail.wait_step(name)
     return {"present": present, "verdict": verdict}
 
 
@@ -104,7 +104,7 @@ class Helper:
         self.config = config
         self.listener: socket.socket | None = None   # bound once all else is ready
         self.releaser = Releaser(HeldMail(config), config.gateway.release_window)
-        self.releaser.ondemand.ledger   # opened now: a ledger that cannot be is said at start
+        self.releaser.heldmail.ledger   # opened now: a ledger that cannot be is said at start
         self.threads = concurrent.futures.ThreadPoolExecutor(MAX_CONNECTIONS,
                                                              thread_name_prefix="helper")
         self.open: set[socket.socket] = set()

@@ -40,11 +40,11 @@ COUNTS_INTERVAL = 5.0  # seconds between handing the refusals counted to the led
 class Shared:
     """What every connection of one milter process shares."""
 
-    def __init__(self, config: Config, ondemand: HeldMail):
+    def __init__(self, config: Config, heldmail: HeldMail):
         self.config = config
         self.domains = config.domains
-        self.ondemand = ondemand
-        self.ledger = ondemand.ledger
+        self.heldmail = heldmail
+        self.ledger = heldmail.ledger
         self.counts = Counts()   # refusals; "held" is counted with the ledger record
         self._recount_lock = threading.Lock()
         self._recounted: dict[str, float] = {}
@@ -68,7 +68,7 @@ class Shared:
             if due:
                 if not self.queue_unreadable:
                     try:
-                        self.ondemand.locate(domain)  # prunes what is gone
+                        self.heldmail.locate(domain)  # prunes what is gone
                     except PermissionError as exc:
                         # unprivileged, the queue is Postfix's: the keeper counts
                         # again the domains we ask it to (a pass every few seconds)
@@ -278,7 +278,7 @@ def _when_open(path: str | None) -> None:
     Milter.milter.opensocket = opensocket
 
 
-def run(config: Config, ondemand: HeldMail | None = None) -> None:
+def run(config: Config, heldmail: HeldMail | None = None) -> None:
     """Serve until SIGTERM/SIGINT (libmilter handles the signals).  The
     milter never reads a message as root: its unit starts it as [milter]
     user, and started as root it becomes that user before anything else."""
@@ -290,7 +290,7 @@ def run(config: Config, ondemand: HeldMail | None = None) -> None:
         accounts.drop_privileges(accounts.account(config.milter_user, "milter"), "milter",
                                  groups=True)
     log.info("event=privileges user=%s uid=%d", accounts.current_user(), os.geteuid())
-    od = ondemand or HeldMail(config)
+    od = heldmail or HeldMail(config)
     od.layout  # read the queue layout now: fail early if Postfix is not there
     try:
         od.ledger   # opened now: a ledger it may not write is said at start

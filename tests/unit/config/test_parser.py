@@ -168,6 +168,17 @@ def test_config_domain_lookup():
     assert not issubclass(config.UnknownDomain, KeyError)
 
 
+def test_a_domain_validated_at_the_edge_travels_as_itself():
+    cfg = parse(FULL)
+    dom = cfg.domain("customer.example")
+    assert cfg.domain(dom) is dom                       # no second lookup, no copy
+    other = parse(FULL).domain("customer.example")      # another config's (a reload)
+    assert cfg.domain(other) is dom
+    assert parse(with_domain("")).domains.get("customer.example") is None
+    with pytest.raises(config.UnknownDomain, match="not a configured domain"):
+        parse(with_domain("")).domain(dom)              # a domain since removed
+
+
 # -- errors: "FILE: KEY: what is wrong" ----------------------------------------
 
 @pytest.mark.parametrize("text, key, words", [

@@ -80,14 +80,14 @@ def cfg():
 
 
 @pytest.fixture
-def ondemand(tmp_path):
+def heldmail(tmp_path):
     led = Ledger(str(tmp_path / "state"))
     yield FakeOnDemand(led)
     led.close()
 
 
-def make_shared(cfg, ondemand):
-    return Shared(cfg, ondemand)
+def make_shared(cfg, heldmail):
+    return Shared(cfg, heldmail)
 
 
 def domain_headers(ctx):
@@ -95,8 +95,8 @@ def domain_headers(ctx):
 
 
 @pytest.fixture(autouse=True)
-def milter_setup(monkeypatch, cfg, ondemand):
-    monkeypatch.setattr(OnDemandMilter, "shared", make_shared(cfg, ondemand), raising=False)
+def milter_setup(monkeypatch, cfg, heldmail):
+    monkeypatch.setattr(OnDemandMilter, "shared", make_shared(cfg, heldmail), raising=False)
     monkeypatch.setattr(Milter, "factory", OnDemandMilter)
 
 
@@ -144,7 +144,7 @@ def expected_size(text, klass):
 
 # -- customer mail is tagged, held and recorded --------------------------------
 
-def test_customer_message_is_tagged_quarantined_and_recorded(ondemand):
+def test_customer_message_is_tagged_quarantined_and_recorded(heldmail):
     ctx = new_ctx()
     rc = transaction(ctx, "<alice@customer.example>", "<bob@mx.customer.example>")
     assert rc == Milter.ACCEPT
@@ -156,11 +156,11 @@ def test_customer_message_is_tagged_quarantined_and_recorded(ondemand):
     assert len(ctx.quarantined) == 1
     assert "customer.example" in ctx.quarantined[0]
 
-    (entry,) = ondemand.ledger.entries("customer.example")
+    (entry,) = heldmail.ledger.entries("customer.example")
     assert entry.queue_id == QUEUE_ID
     assert entry.domain == "customer.example"
     assert entry.size == expected_size(MESSAGE, "customer.example")
-    state = ondemand.ledger.state("customer.example")
+    state = heldmail.ledger.state("customer.example")
     assert (state.messages, state.bytes) == (1, entry.size)
 
 
@@ -194,7 +194,7 @@ def test_headers_of_ours_are_deleted_from_mail_that_is_no_customers():
 
 # -- refusals ------------------------------------------------------------------
 
-def test_second_customer_domain_gets_452(ondemand):
+def test_second_customer_domain_gets_452(heldmail):
     ctx = new_ctx()
     assert ctx._envfrom("<sender@example.org>") == Milter.CONTINUE
     assert ctx._envrcpt("<alice@customer.example>") == Milter.CONTINUE
@@ -204,8 +204,8 @@ def test_second_customer_domain_gets_452(ondemand):
     ctx._reply = None
     assert send_data(ctx) == Milter.ACCEPT
     assert domain_headers(ctx) == [(HEADER, "customer.example")]
-    assert [e.queue_id for e in ondemand.ledger.entries("customer.example")] == [QUEUE_ID]
-    assert ondemand.ledger.entries("second.example") == []
+    assert [e.queue_id for e in heldmail.ledger.entries("customer.example")] == [QUEUE_ID]
+    assert heldmail.ledger.entries("second.example") == []
 
 
 def test_non_customer_beside_customer_gets_452():
@@ -226,36 +226,36 @@ def test_unknown_listed_recipient_gets_550():
     assert ctx._reply is None
 
 
-def test_quota_messages_at_rcpt(ondemand):
-    ondemand.ledger.record("AAAAAAAAAA", "small.example", 10)
+def test_quota_messages_at_rcpt(heldmail):
+    heldmail.ledger.record("AAAAAAAAAA", "small.example", 10)
     ctx = new_ctx()
     ctx._envfrom("<sender@example.org>")
     assert ctx._envrcpt("<x@small.example>") == Milter.TEMPFAIL
     assert ctx._reply[:2] == ("452", "4.2.2")
     # near the quota the queue is recounted through ondemand.locate
-    assert ondemand.located == ["small.example"]
+    assert heldmail.located == ["small.example"]
 
 
-def test_quota_recount_can_free_room(ondemand):
-    ondemand.ledger.record("AAAAAAAAAA", "small.example", 10)
+def test_quota_recount_can_free_room(heldmail):
+    heldmail.ledger.record("AAAAAAAAAA", "small.example", 10)
     # the message was delivered meanwhile: the recount prunes it
-    ondemand.on_locate = lambda domain: ondemand.ledger.forget(["AAAAAAAAAA"])
+    heldmail.on_locate = lambda domain: heldmail.ledger.forget(["AAAAAAAAAA"])
     ctx = new_ctx()
     ctx._envfrom("<sender@example.org>")
     assert ctx._envrcpt("<x@small.example>") == Milter.CONTINUE
-    assert ondemand.located == ["small.example"]
+    assert heldmail.located == ["small.example"]
 
 
-def test_quota_recount_rate_limited(ondemand):
-    ondemand.ledger.record("AAAAAAAAAA", "small.example", 10)
+def test_quota_recount_rate_limited(heldmail):
+    heldmail.ledger.record("AAAAAAAAAA", "small.example", 10)
     shared = OnDemandMilter.shared
     assert shared.totals("small.example") == (1, 10)
     assert shared.totals("small.example") == (1, 10)
-    assert ondemand.located == ["small.example"]     # once within QUOTA_RECHECK
+    assert heldmail.located == ["small.example"]     # once within QUOTA_RECHECK
     assert app.QUOTA_RECHECK > 0
 
 
-def test_quota_bytes_at_eom(ondemand):
+def test_quota_bytes_at_eom(heldmail):
     ctx = new_ctx()
     text = MESSAGE + "x" * 300 + "\n"
     rc = transaction(ctx, "<x@tiny.example>", text=text)
@@ -263,18 +263,18 @@ def test_quota_bytes_at_eom(ondemand):
     assert ctx._reply[:2] == ("452", "4.2.2")
     assert ctx.added == []
     assert ctx.quarantined == []
-    assert ondemand.ledger.entries("tiny.example") == []
+    assert heldmail.ledger.entries("tiny.example") == []
 
 
-def test_small_message_fits_byte_quota(ondemand):
+def test_small_message_fits_byte_quota(heldmail):
     ctx = new_ctx()
     assert transaction(ctx, "<x@tiny.example>", text="Subject: s\n\nhi\n") == Milter.ACCEPT
-    assert len(ondemand.ledger.entries("tiny.example")) == 1
+    assert len(heldmail.ledger.entries("tiny.example")) == 1
 
 
 # -- mail for nobody in particular ---------------------------------------------
 
-def test_non_customer_mail_untouched(ondemand):
+def test_non_customer_mail_untouched(heldmail):
     ctx = new_ctx()
     rc = transaction(ctx, "<someone@stranger.example>", "<other@elsewhere.example>")
     assert rc == Milter.ACCEPT
@@ -282,41 +282,41 @@ def test_non_customer_mail_untouched(ondemand):
     assert ctx.changed == []
     assert ctx.quarantined == []
     assert ctx._msg.get_all(HEADER) is None
-    assert ondemand.ledger.entries("stranger.example") == []
-    with ondemand.ledger._lock:
-        assert ondemand.ledger._db.execute("SELECT COUNT(*) FROM messages").fetchone() == (0,)
+    assert heldmail.ledger.entries("stranger.example") == []
+    with heldmail.ledger._lock:
+        assert heldmail.ledger._db.execute("SELECT COUNT(*) FROM messages").fetchone() == (0,)
 
 
 # -- missing queue id ----------------------------------------------------------
 
-def test_missing_queue_id_macro_tempfails(ondemand):
+def test_missing_queue_id_macro_tempfails(heldmail):
     ctx = new_ctx(queue_id=None)
     rc = transaction(ctx, "<alice@customer.example>")
     assert rc == Milter.TEMPFAIL
     assert ctx._reply[:2] == ("451", "4.3.0")
     assert ctx.added == []
     assert ctx.quarantined == []
-    assert ondemand.ledger.entries("customer.example") == []
+    assert heldmail.ledger.entries("customer.example") == []
 
 
-def test_duplicate_queue_id_still_accepted(ondemand):
+def test_duplicate_queue_id_still_accepted(heldmail):
     # the ledger already knows this id (e.g. a retried eom): the row is not doubled
-    ondemand.ledger.record(QUEUE_ID, "customer.example", 5, arrival=1.0)
+    heldmail.ledger.record(QUEUE_ID, "customer.example", 5, arrival=1.0)
     ctx = new_ctx()
     assert transaction(ctx, "<alice@customer.example>") == Milter.ACCEPT
-    assert ondemand.ledger.state("customer.example").messages == 1
+    assert heldmail.ledger.state("customer.example").messages == 1
 
 
 # -- several transactions on one connection ------------------------------------
 
-def test_class_resets_between_transactions(ondemand):
+def test_class_resets_between_transactions(heldmail):
     ctx = new_ctx()
     assert transaction(ctx, "<alice@customer.example>") == Milter.ACCEPT
     ctx._setsymval("i", "4jcczJ2xwpzJ9C3")
     ctx.added.clear()
     assert transaction(ctx, "<carol@second.example>") == Milter.ACCEPT
     assert domain_headers(ctx) == [(HEADER, "second.example")]
-    assert [e.queue_id for e in ondemand.ledger.entries("second.example")] == \
+    assert [e.queue_id for e in heldmail.ledger.entries("second.example")] == \
         ["4jcczJ2xwpzJ9C3"]
     ctx._setsymval("i", "4jcczJ2v7dzJ9C1")
     ctx.added.clear()
@@ -365,7 +365,7 @@ def test_local_mail_all_for_one_customer_is_held():
     ["<alice@customer.example>", "<victim@elsewhere.example>"],   # a second domain
     ["<alice@customer.example>", "<carol@second.example>"],       # another customer
 ])
-def test_local_mixed_mail_is_never_refused_and_left_to_the_keeper(ondemand, rcpts):
+def test_local_mixed_mail_is_never_refused_and_left_to_the_keeper(heldmail, rcpts):
     ctx = local_ctx()
     assert ctx._envfrom("<root@mx.example>") == Milter.CONTINUE
     for rcpt in rcpts:
@@ -374,22 +374,22 @@ def test_local_mixed_mail_is_never_refused_and_left_to_the_keeper(ondemand, rcpt
     assert send_data(ctx, text) == Milter.ACCEPT
     assert ctx._reply is None and ctx.quarantined == [] and domain_headers(ctx) == []
     assert ctx.changed == [(HEADER, 1, "")]              # still no forged tag
-    assert ondemand.ledger.entries("customer.example") == []
+    assert heldmail.ledger.entries("customer.example") == []
 
 
-def test_local_mail_over_quota_goes_on_untagged(ondemand):
-    ondemand.ledger.record("AAAAAAAAAA", "small.example", 10)
+def test_local_mail_over_quota_goes_on_untagged(heldmail):
+    heldmail.ledger.record("AAAAAAAAAA", "small.example", 10)
     ctx = local_ctx()
     assert transaction(ctx, "<x@small.example>") == Milter.ACCEPT
     assert ctx._reply is None and ctx.quarantined == []
-    assert [e.queue_id for e in ondemand.ledger.entries("small.example")] == ["AAAAAAAAAA"]
+    assert [e.queue_id for e in heldmail.ledger.entries("small.example")] == ["AAAAAAAAAA"]
 
 
 @pytest.mark.parametrize("host, address", [
     ("localhost", ("127.0.0.1", 40123)),          # SMTP from this host
     ("client.example", ("192.0.2.7", 0)),         # smtpd could not tell the port
 ])
-def test_smtp_is_not_local_mail(ondemand, host, address):
+def test_smtp_is_not_local_mail(heldmail, host, address):
     import socket
     ctx = RecordingCtx()
     ctx._negotiate()

@@ -130,7 +130,7 @@ def test_two_triggers_during_a_ledger_rebuild_start_one_release():
 
     async def run():
         rel = SlowReleaser()
-        rel.ondemand = Rebuilding()
+        rel.heldmail = Rebuilding()
         rel.go = threading.Event()
         rel.go.set()
         outcomes = await asyncio.gather(
