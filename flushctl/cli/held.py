@@ -35,6 +35,9 @@ def say(name: str, outcome, wait: bool) -> bool:
     click.echo(f"{name}: released {outcome.released} message(s) to {outcome.target}")
     for route, text in outcome.unreachable:
         click.echo(f"{name}: {route}: not released, its server does not answer ({text})")
+    if outcome.unreachable_more:
+        click.echo(f"{name}: {outcome.unreachable_more} more destination(s) not released, "
+                   "their servers do not answer")
     return wait
 
 
@@ -65,7 +68,10 @@ def flush(ctx, domain, wait, timeout):
         from flushctl.privsep import client
         from flushctl.privsep import wire
         channel = wire.Channel(client.connect(ctx.config, "admin"))
-        outcome = Outcome.from_json(channel.call({"op": "flush", "domain": name}))
+        try:
+            outcome = Outcome.from_json(channel.call({"op": "flush", "domain": name}))
+        except ValueError as exc:   # a helper of another version
+            raise CliError(f"the release helper's answer: {exc}; restart it") from None
 
         def step():
             reply = channel.call({"op": "wait", "domain": name})

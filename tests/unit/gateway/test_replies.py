@@ -222,3 +222,47 @@ def test_etrn_action_single_line_property(domain, kind, detail):
         FAILED: "451 4.3.0 temporary problem here; try again later",
     }[kind]
     assert action == expected
+
+
+# -- the outcome between processes ------------------------------------------------------
+
+def test_an_outcome_with_a_thousand_silent_servers_still_fits_one_wire_line():
+    """A release to one destination while a thousand others do not answer:
+    the helper's answer to the gateway stays one line the gateway may read."""
+    import json
+
+    from flushctl.privsep.wire import MAX_MESSAGE
+    routes = tuple((f"pc{i}.customer.example", "timeout: " + "x" * 500) for i in range(1000))
+    status = Status(domain="customer.example", messages=1000, bytes=10**6, oldest_arrival=1.0,
+                reachable=True, last_probe=None, last_error="e" * 5000, last_flush=None,
+                last_flush_trigger=None, last_flush_result=None, last_flush_client=None,
+                paused=False, queues={"hold": 1000},
+                hosts={name: 1 for name, _ in routes})
+    outcome = Outcome(RELEASED, 3, "[192.0.2.1]:25", "d" * 100_000, status, unreachable=routes)
+    line = json.dumps(outcome.as_json())
+    assert len(line) + 1 < MAX_MESSAGE
+    back = Outcome.from_json(json.loads(line))
+    assert (back.kind, back.released, back.target) == (RELEASED, 3, "[192.0.2.1]:25")
+    assert len(back.unreachable) + back.unreachable_more == 1000
+    assert back.before.messages == 1000
+
+
+def test_a_small_outcome_goes_and_comes_back_as_it_was():
+    outcome = Outcome(RELEASED, 2, "[192.0.2.1]:25", unreachable=(("b.example", "refused"),),
+                      forwarded=2, since=5.0, by="finger")
+    assert Outcome.from_json(outcome.as_json()) == outcome
+
+
+@pytest.mark.parametrize("data", [
+    {},                                               # no kind
+    {"kind": "released", "released": 1, "unreachable": [["a"]]},
+    {"kind": "released", "before": {"domain": "x"}},  # a status without its fields
+    {"kind": "released", "unreachable": 5},
+])
+def test_what_is_not_an_outcome_is_a_value_error(data):
+    with pytest.raises(ValueError, match="not a release outcome"):
+        Outcome.from_json(data)
+
+
+def test_a_key_a_newer_helper_adds_is_ignored():
+    assert Outcome.from_json({"kind": NOTHING, "something_new": 1}) == Outcome(NOTHING)
