@@ -48,8 +48,9 @@ def daemon_command(daemon: str) -> list[str]:
     only root may read, so an interpreter cannot start as that user."""
     user, caps = unit_privileges(daemon)
     if user is not None:
-        assert caps == "-all", f"{daemon}: a User= unit keeps no capability"
-        caps = "-all,+setuid,+setgid"
+        assert caps in ("-all", "-all,+net_bind_service"), \
+            f"{daemon}: a User= unit keeps no capability but the one to bind a port"
+        caps += ",+setuid,+setgid"
     return ["setpriv", "--no-new-privs", "--bounding-set", caps, "--inh-caps", "-all",
             *FLUSHCTL, daemon]
 
@@ -102,9 +103,10 @@ class Sink:
         os.chmod(self.dir, 0o777)
         self.proc = None
 
-    def start(self, refuse: str | None = None):
-        """Serve; ``refuse``: "soft" answers every RCPT with 4xx, "hard" with 5xx."""
-        mode = {None: [], "soft": ["-r", "rcpt"], "hard": ["-f", "rcpt"]}[refuse]
+    def start(self, refuse: str | None = None, options: tuple[str, ...] = ()):
+        """Serve; ``refuse``: "soft" answers every RCPT with 4xx, "hard" with 5xx;
+        ``options``: more of smtp-sink's."""
+        mode = {None: [], "soft": ["-r", "rcpt"], "hard": ["-f", "rcpt"]}[refuse] + list(options)
         self.proc = subprocess.Popen(
             ["smtp-sink", "-u", "nobody", *mode, "-d", str(self.dir) + "/%M%S.",
              "-h", "customer.test", f"{self.host}:{self.port}", "64"],
@@ -151,6 +153,7 @@ class Stack:
     gateway: subprocess.Popen | None = None
     poller: subprocess.Popen | None = None
     helper: subprocess.Popen | None = None
+    odmr: subprocess.Popen | None = None
 
     @property
     def cfg(self):
@@ -211,6 +214,19 @@ class Stack:
                 wait_until(lambda: _tcp_open(where.host, where.port), 15,
                            what=f"gateway on {where}")
 
+    def start_odmr(self):
+        """The ODMR daemon, once its map socket and its port take connections."""
+        self.start_helper()
+        started = self.daemon_log("odmr").count("event=start ")
+        self.odmr = self._daemon("odmr")
+        wait_until(lambda: self.daemon_log("odmr").count("event=start ") > started
+                   or self.odmr.poll() is not None, 20, what="odmr started")
+        assert self.odmr.poll() is None, self.daemon_log("odmr")
+
+    def stop_odmr(self, sig=signal.SIGTERM):
+        _stop(self.odmr, sig)
+        self.odmr = None
+
     def stop_gateway(self):
         _stop(self.gateway)
         self.gateway = None
@@ -235,10 +251,10 @@ class Stack:
         refuses what the gateway should not have asked, and forwards)."""
         return self.daemon_log("gateway") + self.daemon_log("helper")
 
-    def flushctl(self, *args, check=True, timeout=120):
+    def flushctl(self, *args, check=True, timeout=120, input=None):
         env = dict(os.environ, FLUSHCTL_CONFIG=str(self.config_path))
         proc = subprocess.run([*FLUSHCTL, *args], capture_output=True, text=True,
-                              env=env, timeout=timeout)
+                              env=env, timeout=timeout, input=input)
         if check and proc.returncode != 0:
             raise AssertionError(f"flushctl {' '.join(args)} exited {proc.returncode}:\n"
                                  f"{proc.stdout}\n{proc.stderr}")
@@ -291,11 +307,13 @@ class Stack:
     def dead_daemons(self) -> list[str]:
         return [f"{name} exited {proc.returncode}"
                 for name, proc in (("milter", self.milter), ("gateway", self.gateway),
-                                   ("poller", self.poller), ("helper", self.helper))
+                                   ("poller", self.poller), ("helper", self.helper),
+                                   ("odmr", self.odmr))
                 if proc is not None and proc.poll() is not None]
 
     def destroy(self):
         self.stop_poller()
+        self.stop_odmr()
         self.stop_gateway()
         self.stop_helper()
         self.stop_milter()
@@ -361,7 +379,8 @@ def build_stack(extra_main=None, domains=None, start_sink=False, milter=True, ga
     ``domains(sink_port)`` gives the [domains] tables, ``prepare(pf)``
     writes files the config names before the first apply; ``address``,
     ``smtpd_port``, ``ports`` (finger, policy) and ``extra`` (more config
-    sections) make one host of a cluster."""
+    sections; ``@QUEUE@`` in it is the instance's queue directory) make
+    one host of a cluster."""
     sink = Sink()
     pf = PostfixInstance.create(extra_main, address=address, port=smtpd_port)
     if prepare:
@@ -375,7 +394,7 @@ def build_stack(extra_main=None, domains=None, start_sink=False, milter=True, ga
     config_path = pf.root / "flushctl.toml"
     write_config(config_path, pf, state_dir, (domains or default_domains)(sink.port),
                  ports=ports, gateway_extra=gateway_extra, poller_extra=poller_extra,
-                 extra=extra)
+                 extra=extra.replace("@QUEUE@", str(pf.queue_directory)))
     stack = Stack(pf=pf, config_path=config_path, state_dir=state_dir, sink=sink)
     try:
         stack.flushctl("apply")

@@ -1,4 +1,4 @@
-"""The commands that run the daemons: milter, gateway, helper, poller (foreground).
+"""The commands that run the daemons: milter, gateway, odmr, helper, poller (foreground).
 
 Each imports its daemon's modules inside the command, so the rest of the
 command line never loads them.
@@ -40,6 +40,22 @@ def gateway(ctx):
         raise CliError(str(exc)) from None
     except OSError as exc:
         raise CliError(f"gateway: cannot listen: {exc}") from None
+
+
+@click.command()
+@pass_ctx
+def odmr(ctx):
+    """Run the ODMR provider (RFC 2645 ATRN, port 366) (foreground, until SIGTERM)."""
+    from flushctl.odmr.daemon import run
+    from flushctl.privsep.errors import PrivsepError
+    try:
+        run(ctx.config)
+    except PrivsepError as exc:
+        raise CliError(str(exc)) from None
+    except PostfixError as exc:
+        raise CliError(f"odmr: {exc}") from None
+    except OSError as exc:
+        raise CliError(f"odmr: cannot listen: {exc}") from None
 
 
 @click.command()

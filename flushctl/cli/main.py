@@ -3,7 +3,7 @@
 A thin click shell over ``HeldMail``: data goes to stdout, errors to
 stderr as ``Error: ...`` with the exit codes of ``flushctl.cli.errors``.
 The commands live in modules by job (``setup``, ``daemons``, ``status``,
-``held``); daemons' modules are imported only inside their commands.
+``held``, ``users``); daemons' modules are imported only inside their commands.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import time
 import click
 
 from flushctl import config as config_mod
-from flushctl.cli import daemons, held, setup, status
+from flushctl.cli import daemons, held, setup, status, users
 from flushctl.cli.context import Context
 
-DAEMONS = frozenset({"milter", "gateway", "helper", "poller"})   # they log what they do
+DAEMONS = frozenset({"milter", "gateway", "helper", "poller", "odmr"})   # they log what they do
 
 
 class KeyValueFormatter(logging.Formatter):
@@ -58,8 +58,9 @@ def main(ctx, config_path, log_level):
 
 
 for _command in (setup.apply, setup.check_config, setup.check, setup.domains,
-                 daemons.milter, daemons.gateway, daemons.helper, daemons.poller,
+                 daemons.milter, daemons.gateway, daemons.helper, daemons.poller, daemons.odmr,
                  status.status,
-                 held.flush, held.pause, held.resume, held.purge, held.return_, held.sweep):
+                 held.flush, held.pause, held.resume, held.purge, held.return_, held.sweep,
+                 users.user):
     main.add_command(_command)
 del _command

@@ -6,15 +6,16 @@ the file.  This package's public face: the objects are in ``model``, the
 field parsers in ``fields``, the reading of the file in ``parser``.
 """
 
-from flushctl.config.model import (DEFAULT_PATH, ENV_VAR, METRICS_LISTEN, POLICY_LISTEN,
-                                   SASL_PATHS, Cluster, Config, ConfigError, Domain,
-                                   GatewaySettings, HostPort, Listen, Network, Peer, Relay,
-                                   Submission, UnknownDomain)
+from flushctl.config.fields import login_name
+from flushctl.config.model import (DEFAULT_PATH, ENV_VAR, METRICS_LISTEN, ODMR_PORT,
+                                   POLICY_LISTEN, SASL_PATHS, Cluster, Config, ConfigError,
+                                   Domain, GatewaySettings, HostPort, Listen, Network,
+                                   OdmrSettings, Peer, Relay, Submission, UnknownDomain)
 from flushctl.config.parser import load, parse, resolve_path
 
 __all__ = [
-    "DEFAULT_PATH", "ENV_VAR", "METRICS_LISTEN", "POLICY_LISTEN", "SASL_PATHS",
+    "DEFAULT_PATH", "ENV_VAR", "METRICS_LISTEN", "ODMR_PORT", "POLICY_LISTEN", "SASL_PATHS",
     "Cluster", "Config", "ConfigError", "Domain", "GatewaySettings", "HostPort", "Listen",
-    "Network", "Peer", "Relay", "Submission", "UnknownDomain",
-    "load", "parse", "resolve_path",
+    "Network", "OdmrSettings", "Peer", "Relay", "Submission", "UnknownDomain",
+    "load", "login_name", "parse", "resolve_path",
 ]

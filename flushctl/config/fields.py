@@ -1,7 +1,8 @@
 """Field parsers of the config file: typed access to one table, and the shared value kinds.
 
-The value kinds: host and port, listen addresses, user names, durations,
-relays.  Every error is a ``ConfigError`` naming the file and the key.
+The value kinds: host and port, listen addresses, user names, login names,
+durations, relays.  Every error is a ``ConfigError`` naming the file and
+the key.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class _Section:
                 self.fail(key, "missing")
             return default
         value = self.table[key]
+        if kind is bool and not isinstance(value, bool):
+            self.fail(key, f"must be true or false, not {value!r}")
         if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
             self.fail(key, f"must be an integer, not {value!r}")
         if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
@@ -65,6 +68,25 @@ class _Section:
         if value is not None and value <= 0:
             self.fail(key, f"must be greater than zero, not {value!r}")
         return value
+
+    def not_negative(self, key: str, kind, default=None):
+        value = self.get(key, kind, default)
+        if value is not None and value < 0:
+            self.fail(key, f"must not be negative, not {value!r}")
+        return value
+
+
+_LOGIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
+
+
+def login_name(value: str) -> str:
+    """``value`` if it is a customer's login name (``[domains.X] users``,
+    ``flushctl user``), else a ValueError saying what one looks like.
+    Case counts: ``Cust1`` and ``cust1`` are two logins."""
+    if not isinstance(value, str) or not _LOGIN_NAME.fullmatch(value):
+        raise ValueError(f"not a login name: {value!r} (1 to 64 letters, digits and "
+                         "._@+-, the first a letter or digit)")
+    return value
 
 
 # "[HOST]:PORT" or "[HOST]", "HOST:PORT" or "HOST", or an IPv6 address bare
@@ -114,6 +136,30 @@ def _host_port(section: _Section, key: str, default: str) -> HostPort:
     if not _is_ip(host) and host != "localhost":
         section.fail(key, f"host must be an IP address, not {host!r}")
     return HostPort(host, port)
+
+
+def _host_ports(section: _Section, key: str, default: tuple[HostPort, ...],
+                default_port: int | None) -> tuple[HostPort, ...]:
+    """Listening addresses: a list of ``HOST:PORT`` (or one), each host an IP
+    address (or localhost); with a ``default_port`` a bare host gets it."""
+    if key not in section.table:
+        return default
+    value = section.table[key]
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        section.fail(key, f'must be a list like ["0.0.0.0:366"], not {value!r}')
+    shape = '"HOST:PORT" or "[IPv6]:PORT"' + (" (or a bare HOST)" if default_port else "")
+    found: list[HostPort] = []
+    for item in items:
+        if not isinstance(item, str):
+            section.fail(key, f"entries must be strings, not {item!r}")
+        host, port, _ = split_host_port(section, key, item, shape, default_port)
+        if not _is_ip(host) and host != "localhost":
+            section.fail(key, f"host must be an IP address, not {host!r}")
+        if HostPort(host, port) in found:
+            section.fail(key, f"{item} is listed twice")
+        found.append(HostPort(host, port))
+    return tuple(found)
 
 
 def _user(section: "_Section", default: str, why_not_root: str) -> str:

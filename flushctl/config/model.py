@@ -6,6 +6,7 @@ Only ``flushctl.config.parser`` builds them; everything else reads them.
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass, field
 
 from flushctl import names
@@ -84,6 +85,8 @@ class Domain:
     hosts: dict = field(default_factory=dict)
     # seconds after its first 5xx that refused mail goes back to its sender; None: never
     refused_return_after: float | None = None
+    users: tuple[str, ...] = ()   # login names that may release its mail (ODMR)
+    odmr: bool = False            # its held mail goes out only over its users' ODMR sessions
 
     def __hash__(self) -> int:
         return hash(self.name)
@@ -140,6 +143,27 @@ class Cluster:
     helo: str | None = None        # EHLO name; default: this host's name
 
 
+ODMR_PORT = 366   # RFC 2645
+
+
+@dataclass(frozen=True)
+class OdmrSettings:
+    """[odmr]: On-Demand Mail Relay (RFC 2645): customers log in, say ATRN,
+    and take their held mail over the same connection."""
+
+    listen: tuple[HostPort, ...] = (HostPort("0.0.0.0", ODMR_PORT),)
+    tls_listen: tuple[HostPort, ...] = ()   # implicit TLS (needs the cert and key)
+    user: str = "nobody"                    # the daemon's network side runs as this user
+    map_socket: str = "/var/spool/postfix/flushctl-odmr/map"   # the transport's socketmap
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None         # both or neither
+    session_timeout: float = 1800.0         # seconds one session may last at most
+    idle_timeout: float = 600.0             # seconds a client may be silent (RFC 2645: 10 min)
+    auth_failures: int = 3                  # failed AUTH per address and per user before 421
+    auth_delay: float = 2.0                 # seconds each failed AUTH is answered late
+    max_sessions: int = 100                 # connections at once
+
+
 @dataclass(frozen=True)
 class Config:
     path: str
@@ -164,6 +188,12 @@ class Config:
     poller_user: str = "nobody"  # probes and metrics run as this user; "" keeps one process
     helper_socket: str = "/run/flushctl/helper.sock"   # the release helper's unix socket
     helper_group: str = "flushctl"   # its socket's group: the daemons and non-root admins
+    odmr: OdmrSettings | None = None   # [odmr]; None: no ODMR
+
+    @property
+    def logins_path(self) -> str:
+        """The customers' logins (``flushctl user``): root's alone."""
+        return os.path.join(self.state_directory, "logins")
 
     def domain(self, name: str | Domain) -> Domain:
         """The configured domain ``name``, or ``UnknownDomain`` saying why not.

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from flushctl import names
-from flushctl.config.fields import (_Section, _duration, _host_port, _is_ip, _listen,
-                                    _policy_listen, _relay, _user, split_host_port)
-from flushctl.config.model import (DEFAULT_PATH, ENV_VAR, METRICS_LISTEN, SASL_PATHS, Cluster,
-                                   Config, ConfigError, Domain, GatewaySettings, HostPort, Peer,
-                                   Submission)
+from flushctl.config.fields import (_Section, _duration, _host_port, _host_ports, _is_ip,
+                                    _listen, _policy_listen, _relay, _user, login_name,
+                                    split_host_port)
+from flushctl.config.model import (DEFAULT_PATH, ENV_VAR, METRICS_LISTEN, ODMR_PORT, SASL_PATHS,
+                                   Cluster, Config, ConfigError, Domain, GatewaySettings,
+                                   HostPort, OdmrSettings, Peer, Submission)
 
 
 def resolve_path(option: str | None) -> str:
@@ -94,6 +95,75 @@ def _cluster(path: str, data: dict) -> Cluster | None:
                    retry_for=float(retry_for), helo=helo)
 
 
+def _odmr(path: str, data: dict) -> OdmrSettings | None:
+    if "odmr" not in data:
+        return None
+    sec = _Section(path, "odmr", data["odmr"])
+    sec.check_keys({"listen", "tls_listen", "user", "map_socket", "tls_cert_file",
+                    "tls_key_file", "session_timeout", "idle_timeout", "auth_failures",
+                    "auth_delay", "max_sessions"})
+    default = OdmrSettings()
+    listen = _host_ports(sec, "listen", default.listen, ODMR_PORT)
+    tls_listen = _host_ports(sec, "tls_listen", (), None)
+    if not listen and not tls_listen:
+        sec.fail("listen", "no address to listen on: leave [odmr] out for no ODMR")
+    for hp in tls_listen:
+        if hp in listen:
+            sec.fail("tls_listen", f"{hp} is in listen too")
+    cert = sec.absolute_path("tls_cert_file", "") if "tls_cert_file" in sec.table else None
+    key = sec.absolute_path("tls_key_file", "") if "tls_key_file" in sec.table else None
+    if (cert is None) != (key is None):
+        sec.fail("tls_key_file" if key is None else "tls_cert_file",
+                 "give tls_cert_file and tls_key_file both, or neither")
+    if tls_listen and cert is None:
+        sec.fail("tls_listen", "implicit TLS needs tls_cert_file and tls_key_file")
+    return OdmrSettings(
+        listen=listen,
+        tls_listen=tls_listen,
+        user=_user(sec, default.user, "the ODMR daemon talks to customers before they log "
+                   "in: name an unprivileged user"),
+        map_socket=sec.absolute_path("map_socket", default.map_socket),
+        tls_cert_file=cert,
+        tls_key_file=key,
+        session_timeout=float(sec.positive("session_timeout", float, default.session_timeout)),
+        idle_timeout=float(sec.positive("idle_timeout", float, default.idle_timeout)),
+        auth_failures=sec.positive("auth_failures", int, default.auth_failures),
+        auth_delay=float(sec.not_negative("auth_delay", float, default.auth_delay)),
+        max_sessions=sec.positive("max_sessions", int, default.max_sessions),
+    )
+
+
+def _users(sec: _Section) -> tuple[str, ...]:
+    users: list[str] = []
+    for item in sec.get("users", list, []):
+        try:
+            name = login_name(item)
+        except ValueError as exc:
+            sec.fail("users", str(exc))
+        if name not in users:
+            users.append(name)
+    return tuple(users)
+
+
+def _check_odmr(path: str, domains: dict[str, Domain], odmr: OdmrSettings | None) -> None:
+    """A domain whose mail goes out over ODMR only: someone may log in for
+    it, and nothing else delivers it."""
+    for name, dom in domains.items():
+        if not dom.odmr:
+            continue
+        where = f'{path}: domains."{name}".odmr'
+        if odmr is None:
+            raise ConfigError(f"{where}: there is no [odmr] section to serve it")
+        if not dom.users:
+            raise ConfigError(f"{where}: name its users: no one could take its mail")
+        if dom.relay is not None:
+            raise ConfigError(f"{where}: its mail goes out over ODMR only; "
+                              "drop relay (or odmr)")
+        if dom.hosts:
+            raise ConfigError(f"{where}: its mail goes out over ODMR only; "
+                              "drop hosts (or odmr)")
+
+
 def _domain(path: str, name: str, table: Any) -> Domain:
     try:
         key = names.domain(name)
@@ -103,7 +173,7 @@ def _domain(path: str, name: str, table: Any) -> Domain:
         raise ConfigError(f'{path}: domains."{name}": write the domain as "{key}"')
     sec = _Section(path, f'domains."{name}"', table)
     sec.check_keys({"relay", "recipients", "quota_messages", "quota_bytes", "flush_from",
-                    "hosts", "refused_return_after"})
+                    "hosts", "refused_return_after", "users", "odmr"})
     recipients = sec.get("recipients", list)
     rcpt_set = None
     if recipients is not None:
@@ -147,6 +217,8 @@ def _domain(path: str, name: str, table: Any) -> Domain:
         quota_messages=sec.positive("quota_messages", int),
         quota_bytes=sec.positive("quota_bytes", int),
         flush_from=tuple(networks),
+        users=_users(sec),
+        odmr=sec.get("odmr", bool, False),
     )
 
 
@@ -158,7 +230,7 @@ def parse(text: str, path: str = "<config>") -> Config:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     top = _Section(path, "", data)
     top.check_keys({"postfix", "state", "milter", "gateway", "poller", "helper", "relay",
-                    "submission", "cluster", "metrics", "domains"})
+                    "submission", "cluster", "metrics", "odmr", "domains"})
     he = _Section(path, "helper", data.get("helper", {}))
     he.check_keys({"socket", "group"})
     helper_socket = he.absolute_path("socket", "/run/flushctl/helper.sock")
@@ -227,6 +299,8 @@ def parse(text: str, path: str = "<config>") -> Config:
     for name, table in domains_table.items():
         dom = _domain(path, name, table)
         domains[dom.name] = dom
+    odmr = _odmr(path, data)
+    _check_odmr(path, domains, odmr)
     return Config(
         path=path,
         config_directory=pf.absolute_path("config_directory", "/etc/postfix"),
@@ -257,6 +331,7 @@ def parse(text: str, path: str = "<config>") -> Config:
         metrics_listen=metrics_listen,
         helper_socket=helper_socket,
         helper_group=helper_group,
+        odmr=odmr,
     )
 
 

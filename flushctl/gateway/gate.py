@@ -1,6 +1,9 @@
 """Who may trigger a release, and how often (pure; the clock is passed in).
 
 - a domain's ``flush_from`` networks (empty: anyone) decide who may;
+  so does an SMTP AUTH login the domain names in ``users`` (ETRN after
+  AUTH: Postfix tells the policy service its ``sasl_username``), in
+  addition to the networks;
 - a per-client token bucket stops floods; its size and refill are far
   above ordinary use (a dozen triggers a minute);
 - triggers for one domain inside ``release_window`` seconds of the last
@@ -83,13 +86,17 @@ class Gate:
     def is_peer(self, client: str) -> bool:
         return bool(self.peers) and str(_address(client)) in self.peers
 
-    def check(self, client: str, domain: str, now: float) -> str:
-        """ALLOWED, NOT_ALLOWED or RATE_LIMITED for one trigger."""
+    def check(self, client: str, domain: str, now: float, login: str = "") -> str:
+        """ALLOWED, NOT_ALLOWED or RATE_LIMITED for one trigger (``login``:
+        the client's SMTP AUTH name, "" for none)."""
         if self.is_peer(client):
             return ALLOWED if domain in self.domains else NOT_ALLOWED
         if not self._take(client, now):
             return RATE_LIMITED
-        if not client_allowed(self.domains.get(domain), client):
+        dom = self.domains.get(domain)
+        if login and dom is not None and login in dom.users:
+            return ALLOWED
+        if not client_allowed(dom, client):
             return NOT_ALLOWED
         return ALLOWED
 

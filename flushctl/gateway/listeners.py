@@ -60,16 +60,16 @@ class Gateway:
                  trigger, client, domain or "-", result, detail)
 
     async def _decide(self, trigger: str, client: str, domain: str,
-                      passed_on: bool = False) -> tuple[str, Outcome | None]:
+                      passed_on: bool = False, login: str = "") -> tuple[str, Outcome | None]:
         protocol = "etrn" if trigger == "etrn" else "finger"
         if trigger != "report" and (passed_on or self.gate.is_peer(client)):
             trigger = "peer"   # a release passed on by another MX: released here, not sent on
-        verdict = self.gate.check(client, domain, time.monotonic())
+        verdict = self.gate.check(client, domain, time.monotonic(), login)
         if verdict != ALLOWED:
             self._log(trigger, client, domain, verdict, protocol)
             return verdict, None
         try:
-            outcome = await self.releaser.trigger(domain, trigger, client)
+            outcome = await self.releaser.trigger(domain, trigger, client, login)
         except PrivsepError as exc:
             outcome = Outcome(FAILED, 0, "", str(exc), None)
         self._log(trigger, client, domain, "shared" if outcome.shared else outcome.kind, protocol,
@@ -175,7 +175,8 @@ class Gateway:
             return replies.ETRN_INVALID
         # a peer's forwarder marks its ETRN: released here, never sent on
         passed_on = marked or request.helo_name.lower().rstrip(".") in self.peer_names
-        verdict, outcome = await self._decide("etrn", client, domain, passed_on)
+        verdict, outcome = await self._decide("etrn", client, domain, passed_on,
+                                              _login(request.sasl_username))
         if verdict == NOT_ALLOWED:
             return replies.etrn_not_served(domain, self.gate.is_peer(client))
         if outcome is None:
@@ -319,3 +320,13 @@ def _peer_uid(writer) -> int | None:
         return None
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)[1]
+
+
+def _login(sasl_username: str) -> str:
+    """The SMTP AUTH name as a login of ours; "" for none, or for a name no
+    domain's ``users`` could hold (it authorises nothing)."""
+    from flushctl.config import login_name
+    try:
+        return login_name(sasl_username) if sasl_username else ""
+    except ValueError:
+        return ""

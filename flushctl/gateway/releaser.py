@@ -37,7 +37,8 @@ class Releaser:
         self._sent_on: dict[str, float] = {}   # domain -> when last queued for the peers
         self.forwarded = None   # called when a release was queued for the peers
 
-    async def trigger(self, domain: str, trigger: str, client: str) -> Outcome:
+    async def trigger(self, domain: str, trigger: str, client: str, login: str = "") -> Outcome:
+        """``login``: decided on by the gate already (here, or in the helper)."""
         if trigger == "report":
             try:
                 status = await asyncio.to_thread(self.heldmail.status, domain)

@@ -69,6 +69,14 @@ class ReleasePart:
         """
         dom = self.domain(domain)
         name = dom.name
+        if dom.odmr != (trigger == "odmr"):
+            # an ODMR domain's mail goes out over its customer's session only
+            # (the transport map names the session while it lasts), and a
+            # session releases nothing else
+            why = (f"{name}: its mail goes out over ODMR only, when its customer's client "
+                   "connects (RFC 2645 ATRN); the mail stays held") if dom.odmr else \
+                f"{name}: not delivered over ODMR"
+            return Outcome(NOWHERE, detail=why)
         # the other backup MX hosts release too, whatever happens here
         forwarded = self.send_on(name, trigger)
         state = self.ledger.state(name)
@@ -81,6 +89,11 @@ class ReleasePart:
         if not candidates:
             return Outcome(NOTHING, forwarded=forwarded,
                            on_the_way=len(snap.of_kind(rules.IN_FLIGHT, rules.WAITING)))
+        if trigger == "odmr":
+            # the session is the route: nothing to probe, no window to share
+            # (one session per domain at a time; the last one is over)
+            released = self._release(name, snap, trigger, client, {i.route for i in candidates})
+            return Outcome(RELEASED, released or 0, "odmr session")
         if self._window(name, snap, trigger, snap.now)(state):
             return self._shared(name, forwarded=forwarded)
         if trigger == "poller" and not rules.poller_may_release(state.backoff_until, snap.now):
@@ -161,7 +174,8 @@ class ReleasePart:
         candidates = rules.releasable(snap, trigger, routes)
         includes_refused = any(i.refused for i in candidates)
         now = time.time()
-        shares = self._window(dom, snap, trigger, now)
+        shares = self._window(dom, snap, trigger, now) if trigger != "odmr" \
+            else (lambda state: False)
         if not self.ledger.claim_release(dom, now, trigger, client, includes_refused,
                                          now + RELEASE_WATCH, shares):
             log.info("event=release_shared domain=%s trigger=%s client=%s", dom, trigger,

@@ -30,7 +30,8 @@ GONE = "gone"              # delivered, deleted or returned
 RELEASE_WATCH = 900.0
 
 # Triggers a customer or an admin sends; the poller is the only automatic one.
-EXPLICIT_TRIGGERS = frozenset({"admin", "finger", "etrn", "peer"})
+# ODMR: the customer's own client, connected and asking (RFC 2645 ATRN).
+EXPLICIT_TRIGGERS = frozenset({"admin", "finger", "etrn", "peer", "odmr"})
 
 
 @dataclass(frozen=True)

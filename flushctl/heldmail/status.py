@@ -163,7 +163,7 @@ class StatusPart:
 
     def poller_candidates(self) -> tuple[dict[str, list[str]], dict[str, float]]:
         """What the poller looks at: {domain: routes} of configured, unpaused
-        domains holding mail it may send (not refused), and {domain: until}
+        domains holding mail it may send (not refused; not ODMR's), and {domain: until}
         of those it must leave alone while they back off.  Ledger reads only."""
         self.rebuild_if_needed()
         now = time.time()
@@ -172,6 +172,8 @@ class StatusPart:
         for dom, routes in self.ledger.unrefused_routes().items():
             state = states.get(dom)
             if dom not in self.config.domains or state is None or state.paused:
+                continue
+            if self.config.domains[dom].odmr:   # its customer connects to us: nothing to probe
                 continue
             if not rules.poller_may_release(state.backoff_until, now):
                 waiting[dom] = state.backoff_until

@@ -100,7 +100,8 @@ def policy_spec(config: Config, queue_directory: str) -> str:
 
 
 # Maps built with postmap; the others are regexp tables read as they are.
-HASH_MAPS = ("relay_domains", "flush_domains", "transport", "relay_recipients")
+HASH_MAPS = ("relay_domains", "flush_domains", "transport", "relay_recipients",
+             "odmr_domains")
 
 
 def render_maps(config: Config, requeue_uid: int | None = None) -> dict[str, str]:
@@ -110,7 +111,7 @@ def render_maps(config: Config, requeue_uid: int | None = None) -> dict[str, str
     ``strip_hold`` (their rules: ``holdtag``; ``requeue_uid``: the
     mail_owner's uid, whose requeue trace header intake drops).
     """
-    relay, flush, transport, recipients, any_user = [], [], [], [], []
+    relay, flush, transport, recipients, any_user, odmr = [], [], [], [], [], []
     for name in sorted(config.domains):
         dom = config.domains[name]
         relay.append(f"{name}\tOK\n")
@@ -118,6 +119,8 @@ def render_maps(config: Config, requeue_uid: int | None = None) -> dict[str, str
         flush.extend([f"{name}\tOK\n", f"{forwarded(name)}\tOK\n"])
         transport.extend(f"{key}\t{value}\n"
                          for key, value in transport_entries(dom, config.transport_name))
+        if dom.odmr:   # passed on to the ODMR daemon's socketmap (see settings.toml)
+            odmr.extend([f"{name}\t{name}\n", f".{name}\t{name}\n"])
         if dom.recipients is None:
             any_user.append(f"/@(.+\\.)?{re.escape(name)}$/\tOK\n")
         else:
@@ -128,6 +131,7 @@ def render_maps(config: Config, requeue_uid: int | None = None) -> dict[str, str
         "flush_domains": header + "".join(flush),
         "transport": header + "".join(transport),
         "relay_recipients": header + "".join(recipients),
+        "odmr_domains": header + "".join(odmr),
         "relay_recipient_domains": header + "".join(any_user),
         "intake": header + holdtag.intake_rules(requeue_uid),
         "strip_hold": header + holdtag.strip_rules(),
@@ -213,7 +217,29 @@ def wanted_services(config: Config, data: dict, values: dict[str, str],
         spec = data["submission"]
         entries.append(" ".join([_fill(spec["entry"], subvalues)]
                                 + [f"-o {_fill(o, subvalues)}" for o in spec["options"]]))
+    if odmr_enabled(config):
+        spec = data["odmr"]
+        entries.append(" ".join([_fill(spec["entry"], values)]
+                                + [f"-o {_fill(o, values)}" for o in spec["options"]]))
     return entries
+
+
+def odmr_enabled(config: Config) -> bool:
+    return config.odmr is not None and any(d.odmr for d in config.domains.values())
+
+
+def odmr_map_spec(config: Config, queue_directory: str) -> str:
+    """The socketmap's socket as trivial-rewrite names it: relative to the
+    queue directory, its working directory whether chrooted or not."""
+    path = config.odmr.map_socket if config.odmr else ""
+    queue = os.path.normpath(queue_directory)
+    if not path:
+        return ""
+    if os.path.commonpath([queue, path]) != queue or path == queue:
+        raise SettingsError(
+            f"{config.path}: odmr.map_socket: trivial-rewrite reaches it only under "
+            f"{queue} (for example {queue}/flushctl-odmr/map)")
+    return os.path.relpath(path, queue)
 
 
 def plan(config: Config, data: dict, raw: dict[str, str], expanded: dict[str, str],
@@ -234,6 +260,7 @@ def plan(config: Config, data: dict, raw: dict[str, str], expanded: dict[str, st
         "cleanup_milter": milter_spec(config, expanded["queue_directory"], cleanup_chrooted,
                                       "cleanup"),
         "policy": policy_spec(config, expanded["queue_directory"]),
+        "odmr_map": odmr_map_spec(config, expanded["queue_directory"]),
     }
     check_mynetworks(expanded.get("mynetworks", ""), data)
 
@@ -241,8 +268,12 @@ def plan(config: Config, data: dict, raw: dict[str, str], expanded: dict[str, st
     ours: list[str] = []
     for name, value in data["parameters"].items():
         want[name] = _fill(value, values)
+    if odmr_enabled(config):
+        want.update(data["odmr"]["parameters"])
     for name, templates in data["lists"].items():
         mine = [_fill(t, values) for t in templates]
+        if name in data["odmr"] and odmr_enabled(config):
+            mine.insert(0, _fill(data["odmr"][name], values))
         ours.extend(mine)
         want[name] = merge_list(mine, raw.get(name, ""), previous_ours)
     any_lists = any(d.recipients is not None for d in config.domains.values())
@@ -298,7 +329,7 @@ def plan(config: Config, data: dict, raw: dict[str, str], expanded: dict[str, st
         if key in services and key not in previous_services:
             raise SettingsError(
                 f"master.cf already has a {key} service that flushctl did not write; "
-                f"remove it, or give [submission] listen another port")
+                f"remove it (or give [submission] listen another port)")
     write = [e for e in entries
              if " ".join(services.get(service_key(e), "").split()) != " ".join(e.split())]
     remove = sorted(k for k in previous_services if k not in keys and k in services)

@@ -167,13 +167,15 @@ class RemoteReleaser:
                            .encode() + b"\n")
         await self._writer.drain()
 
-    async def trigger(self, domain: str, trigger: str, client: str):
+    async def trigger(self, domain: str, trigger: str, client: str, login: str = ""):
         if self.closed.is_set():
             raise PrivsepError("release service gone")
         self._next += 1
         future = asyncio.get_running_loop().create_future()
         self._pending[self._next] = future
         request = {"id": self._next, "domain": domain, "trigger": trigger, "client": client}
+        if login:   # the helper's gate decides on it again
+            request["login"] = login
         self._writer.write(json.dumps(request).encode() + b"\n")
         await self._writer.drain()
         try:

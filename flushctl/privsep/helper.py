@@ -112,6 +112,8 @@ class Helper:
         self.waiting: dict[int, int] = {}         # connections per uid not yet said
         self.gate = None                          # the gateways' gate, made in serve()
         self.listeners: list[socket.socket] | None = None   # the gateway's, once asked for
+        from flushctl.odmr.authority import Tokens
+        self.odmr_logins = Tokens(config.odmr.session_timeout * 2 + 600 if config.odmr else 0)
 
     async def serve(self, stop: asyncio.Event) -> None:
         from flushctl import cluster
@@ -283,6 +285,10 @@ class Helper:
         if role == "poller":
             ops = poller.LocalOps(od)
             handle, limit = (lambda r: poller.answer(ops, r)), poller.MAX_REQUEST
+        elif role == "odmr":
+            from flushctl.odmr import authority
+            handle, limit = (lambda r: authority.answer(od, self.odmr_logins, r)), \
+                wire.MAX_MESSAGE
         elif role == "scrape":
             scrape = metrics.scrape_of(od)
             handle, limit = (lambda r: poller.answer_scrape(scrape, r)), wire.MAX_MESSAGE

@@ -37,15 +37,16 @@ async def serve_releases(sock: socket.socket, releaser, domains, encode, gate=No
     # answers is not read from until some are done
     room = asyncio.Semaphore(MAX_INFLIGHT)
 
-    async def one(rid, domain, trigger, client):
-        verdict = gate.check(client, domain, time.monotonic()) if gate is not None else None
+    async def one(rid, domain, trigger, client, login):
+        verdict = gate.check(client, domain, time.monotonic(), login) \
+            if gate is not None else None
         if verdict is not None and verdict != "allowed":
             log.warning("event=refused domain=%s client=%s trigger=%s reason=%s",
                         domain, client, trigger, verdict.replace(" ", "_"))
             outcome = refused(verdict)
         else:
             try:
-                outcome = await releaser.trigger(domain, trigger, client)
+                outcome = await releaser.trigger(domain, trigger, client, login)
             except Exception as exc:
                 log.exception("event=error stage=release_service domain=%s", domain)
                 outcome = failed(str(exc)) if failed else None

@@ -127,10 +127,15 @@ def serve_channel(sock: socket.socket, handle, who: str, limit: int = MAX_MESSAG
 
 # -- what a gateway sends ----------------------------------------------------------
 
-def check_request(request, domains) -> tuple[int, str, str, str]:
+def check_request(request, domains) -> tuple[int, str, str, str, str]:
     """Validate one request of a gateway; ValueError if it is not one we serve."""
-    if not isinstance(request, dict) or set(request) != {"id", "domain", "trigger", "client"}:
+    keys = {"id", "domain", "trigger", "client"}
+    if not isinstance(request, dict) or set(request) not in (keys, keys | {"login"}):
         raise ValueError("malformed request")
+    login = request.get("login", "")
+    if "login" in request:
+        from flushctl.config import login_name
+        login_name(login)   # a ValueError for what is not one
     rid, domain, trigger, client = (request["id"], request["domain"], request["trigger"],
                                 request["client"])
     if not isinstance(rid, int) or isinstance(rid, bool):
@@ -146,7 +151,7 @@ def check_request(request, domains) -> tuple[int, str, str, str]:
         raise ValueError("malformed client")
     if client != "unknown":
         ipaddress.ip_address(client)
-    return rid, domain, trigger, client
+    return rid, domain, trigger, client, login
 
 
 def _canonical(domain: str) -> bool:

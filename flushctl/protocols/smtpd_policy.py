@@ -36,6 +36,11 @@ class Request:
         return self.attrs.get("etrn_domain", "")
 
     @property
+    def sasl_username(self) -> str:
+        """The client's SMTP AUTH login ("" without one), as smtpd saw it."""
+        return self.attrs.get("sasl_username", "")
+
+    @property
     def helo_name(self) -> str:
         return self.attrs.get("helo_name", "")
 

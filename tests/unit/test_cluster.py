@@ -185,7 +185,7 @@ class RecordingReleaser:
     def __init__(self):
         self.triggers = []
 
-    async def trigger(self, domain, how, client):
+    async def trigger(self, domain, how, client, login=""):
         from flushctl.heldmail.outcome import NOTHING, Outcome
         self.triggers.append((domain, how, client))
         return Outcome(NOTHING, 0, "", "", None)
@@ -281,7 +281,7 @@ def test_a_report_that_cannot_be_read_is_answered_not_left_waiting():
     assert outcome.kind == REPORTED and outcome.before is None and "disk gone" in outcome.detail
 
     class Answers:
-        async def trigger(self, domain, how, client):
+        async def trigger(self, domain, how, client, login=""):
             return outcome
     cfg = config.parse('[domains."customer.example"]\n')
     lines = asyncio.run(Gateway(cfg, Answers())._finger_lines(

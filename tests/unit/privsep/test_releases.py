@@ -55,7 +55,7 @@ def test_a_gateway_that_does_not_read_its_answers_is_not_read_from():
             self.calls = 0
             self.go = asyncio.Event()
 
-        async def trigger(self, domain, how, client):
+        async def trigger(self, domain, how, client, login=""):
             self.calls += 1
             await self.go.wait()
             return Outcome(RELEASED, 0, "", "", None)

@@ -20,7 +20,12 @@ def req(**kw):
 
 
 def test_a_good_request():
-    assert check_request(req(), DOMAINS) == (1, "customer.example", "finger", "192.0.2.1")
+    assert check_request(req(), DOMAINS) == (1, "customer.example", "finger", "192.0.2.1", "")
+    assert check_request({**req(), "login": "cust1"}, DOMAINS)[4] == "cust1"
+    with pytest.raises(ValueError):
+        check_request({**req(), "login": "no spaces"}, DOMAINS)
+    with pytest.raises(ValueError):
+        check_request({**req(), "login": 7}, DOMAINS)
     assert check_request(req(trigger="etrn", client="2001:db8::1"), DOMAINS)[2] == "etrn"
     assert check_request(req(client="unknown"), DOMAINS)[3] == "unknown"
 
@@ -57,7 +62,7 @@ def test_refused(bad):
 def test_anything_else_is_a_value_error_or_a_domain_name(data):
     from flushctl import names
     try:
-        rid, domain, trigger, client = check_request(data, DOMAINS)
+        rid, domain, trigger, client, login = check_request(data, DOMAINS)
     except ValueError:
         return
     assert names.domain(domain) == domain and trigger in ("finger", "etrn", "peer", "report")
@@ -106,7 +111,7 @@ class Recording:
         self.calls = []
         self.raises = raises
 
-    async def trigger(self, domain, trigger, client):
+    async def trigger(self, domain, trigger, client, login=""):
         self.calls.append((domain, trigger, client))
         if self.raises:
             raise OSError("database or disk is full")

@@ -1,0 +1,119 @@
+"""The release helper's side of the ODMR daemon: logins, and what a login may ask.
+
+The ODMR daemon reads what strangers send and runs unprivileged; it
+never sees the credentials store.  It hands each login's proof (the
+CRAM-MD5 challenge and digest, or the PLAIN/LOGIN password) to the
+helper, which checks it against the store and answers with a token.
+Every later request names its token, and the helper decides again, from
+its own config, which domains that login may have: a daemon taken over
+cannot release another customer's mail, nor ask without a login.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+
+from flushctl.privsep.errors import Malformed
+
+log = logging.getLogger("flushctl.helper")
+
+MAX_TOKENS = 1000          # logins alive at once
+
+
+class Tokens:
+    """Logins the helper granted: token -> (user, expiry); shared by the
+    ODMR daemon's connections (it keeps a few)."""
+
+    def __init__(self, lifetime: float):
+        self.lifetime = lifetime
+        self._lock = threading.Lock()
+        self._tokens: dict[str, tuple[str, float]] = {}
+
+    def grant(self, user: str) -> str:
+        now = time.monotonic()
+        with self._lock:
+            for t, (_, until) in list(self._tokens.items()):
+                if until < now:
+                    del self._tokens[t]
+            if len(self._tokens) >= MAX_TOKENS:
+                oldest = min(self._tokens, key=lambda t: self._tokens[t][1])
+                del self._tokens[oldest]
+            token = secrets.token_hex(16)
+            self._tokens[token] = (user, now + self.lifetime)
+            return token
+
+    def user(self, token) -> str:
+        with self._lock:
+            entry = self._tokens.get(token) if isinstance(token, str) else None
+        if entry is None or entry[1] < time.monotonic():
+            raise PermissionError("no such login (or it expired)")
+        return entry[0]
+
+    def drop(self, token) -> None:
+        with self._lock:
+            self._tokens.pop(token, None)
+
+
+def _text(request: dict, key: str, limit: int = 1000) -> str:
+    value = request.get(key)
+    if not isinstance(value, str) or len(value) > limit:
+        raise Malformed(f"not an ODMR request: {key}")
+    return value
+
+
+def answer(heldmail, tokens: Tokens, request: dict) -> dict:
+    """One request of the ODMR daemon."""
+    from flushctl.heldmail import rules
+    from flushctl.logins import passwords, store
+    config = heldmail.config
+    op = request.get("op")
+    if op == "login":
+        mechanism, user = _text(request, "mechanism"), _text(request, "user", 200)
+        client = _text(request, "client", 100)
+        logins = store.load(config.logins_path)
+        if mechanism == "CRAM-MD5":
+            ok = passwords.verify_cram_md5(logins, user, _text(request, "challenge").encode(),
+                                       _text(request, "response", 100))
+        elif mechanism in ("PLAIN", "LOGIN"):
+            ok = passwords.verify_plain(logins, user, _text(request, "password"))
+        else:
+            raise Malformed(f"no such mechanism: {mechanism!r:.40}")
+        if not ok:
+            log.warning("event=auth_failed user=%r client=%s mechanism=%s", user[:64], client,
+                        mechanism)
+            return {"token": None}
+        return {"token": tokens.grant(user)}
+    user = tokens.user(request.get("token"))
+    mine = {d.name for d in config.domains.values() if d.odmr and user in d.users}
+    if op == "held":
+        domains = request.get("domains")
+        if not isinstance(domains, list) or not all(isinstance(d, str) for d in domains):
+            raise Malformed("not an ODMR request: domains")
+        if any(d not in mine for d in domains):
+            raise PermissionError("not this login's domains")
+        held = {}
+        for d in domains:
+            snap = heldmail.hold_back(d, heldmail.snapshot(d))
+            held[d] = len(rules.releasable(snap, "odmr"))
+        return {"held": held}
+    if op == "end":
+        tokens.drop(request.get("token"))
+        result = _text(request, "result", 40)
+        delivered = request.get("delivered")
+        if not isinstance(delivered, int) or isinstance(delivered, bool) or delivered < 0:
+            raise Malformed("not an ODMR request: delivered")
+        heldmail.ledger.add_counts([("odmr_sessions", (result,), 1)]
+                                   + ([("odmr_delivered", (), delivered)] if delivered else []))
+        return {}
+    name = _text(request, "domain", 300)
+    if name not in mine:
+        raise PermissionError("not this login's domain")
+    if op == "release":
+        return heldmail.flush(name, trigger="odmr", client=user).as_json()
+    if op == "wait":
+        present, verdict = heldmail.wait_step(name)
+        return {"present": present, "verdict": verdict}
+    raise Malformed(f"not an ODMR request: {op!r:.40}")

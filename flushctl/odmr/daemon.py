@@ -1,0 +1,170 @@
+"""`flushctl odmr`: the ODMR provider daemon (RFC 2645), never root.
+
+Started as root (or with CAP_NET_BIND_SERVICE), it binds [odmr] listen
+(port 366) and the implicit-TLS ports, becomes [odmr] user, and from then
+on reads what customers send as that user.  It keeps a few connections to
+the release helper (role ``odmr``), which checks every login and
+releases; it serves the transport socketmap for the ODMR domains at
+[odmr] map_socket, in the directory `flushctl apply` made for it (its
+own, group postfix, 02750).  It stops on SIGTERM: sessions under way are
+ended (their mail not yet delivered is held again), then the map's socket
+goes, so Postfix defers those domains' mail until it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pwd
+import signal
+import socket
+import ssl
+import warnings
+
+from flushctl.config import Config
+from flushctl.odmr import socketmap
+from flushctl.odmr.provider import Provider
+from flushctl.odmr.server import OdmrSMTP
+from flushctl.privsep import client, wire
+from flushctl.privsep.accounts import account, current_user, drop_privileges
+from flushctl.privsep.errors import PrivsepError
+
+log = logging.getLogger("flushctl.odmr")
+
+CHANNELS = 4          # connections to the helper (its limit for the role)
+
+
+class HelperLink:
+    """A few ``wire.Channel``s to the helper, each used by one request at a time."""
+
+    def __init__(self, config: Config, count: int = CHANNELS):
+        self.channels = [wire.Channel(client.connect(config, "odmr", wait=client.CONNECT_WAIT))
+                         for _ in range(count)]
+        self.free: asyncio.Queue | None = None
+        self.gone = asyncio.Event()
+
+    async def __call__(self, request: dict) -> dict:
+        if self.free is None:
+            self.free = asyncio.Queue()
+            for ch in self.channels:
+                self.free.put_nowait(ch)
+        channel = await self.free.get()
+        try:
+            return await asyncio.to_thread(channel.call, request)
+        finally:
+            if channel.gone.is_set():
+                self.gone.set()
+            self.free.put_nowait(channel)
+
+
+def bind(config: Config) -> list[tuple[socket.socket, bool]]:
+    """(listening socket, implicit TLS) for every [odmr] address."""
+    out = []
+    settings = config.odmr
+    for where, tls in [(w, False) for w in settings.listen] + \
+                      [(w, True) for w in settings.tls_listen]:
+        family = socket.AF_INET6 if ":" in where.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((where.host, where.port))
+            sock.listen(128)
+        except OSError:
+            sock.close()
+            for s, _ in out:
+                s.close()
+            raise
+        sock.setblocking(False)
+        out.append((sock, tls))
+    return out
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    settings = config.odmr
+    if not settings.tls_cert_file:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+    return ctx
+
+
+def postfix_uid(config: Config) -> int | None:
+    """The uid of Postfix's delivery agents (mail_owner): the one user whose
+    connections a session's relay takes."""
+    from flushctl.mta.commands import Postfix
+    return pwd.getpwnam(Postfix(config.config_directory).get("mail_owner")["mail_owner"]).pw_uid
+
+
+def _preload() -> None:
+    """Import now what would be imported on first use: after dropping root
+    the interpreter's own files may not be readable any more."""
+    import concurrent.futures.thread  # noqa: F401  asyncio.to_thread's executor
+    import encodings.idna  # noqa: F401
+    import flushctl.odmr.session  # noqa: F401
+    import aiosmtpd.proxy_protocol  # noqa: F401
+
+
+def run(config: Config) -> None:
+    settings = config.odmr
+    if settings is None:
+        raise PrivsepError("odmr: the config has no [odmr] section")
+    tls = tls_context(config)       # read as root: the key may be root's
+    owner = postfix_uid(config)
+    listeners = bind(config)
+    _preload()
+    if os.geteuid() == 0 and settings.user:
+        drop_privileges(account(settings.user, "odmr"), "odmr")
+    try:
+        asyncio.run(_serve(config, listeners, tls, owner))
+    finally:
+        for sock, _ in listeners:
+            sock.close()
+
+
+async def _serve(config: Config, listeners, tls, owner: int | None) -> None:
+    settings = config.odmr
+    # aiosmtpd's own log: a line per command, and a deprecation warning per login
+    logging.getLogger("mail.log").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="aiosmtpd")
+    helper = await asyncio.to_thread(HelperLink, config)
+    provider = Provider(config, helper, owner)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    map_server = await socketmap.serve(settings.map_socket, provider.lookup)
+    servers = []
+    hostname = socket.getfqdn()
+
+    def factory(implicit: bool):
+        # STARTTLS is offered on the plain ports only
+        return lambda: OdmrSMTP(provider, hostname=hostname, ident="ODMR provider (RFC 2645)",
+                                data_size_limit=None,
+                                tls_context=None if implicit else tls,
+                                timeout=settings.idle_timeout)
+
+    for sock, implicit in listeners:
+        servers.append(await loop.create_server(factory(implicit), sock=sock,
+                                                ssl=tls if implicit else None))
+    log.info("event=start user=%s listen=%s tls_listen=%s map=%s", current_user(),
+             ",".join(map(str, settings.listen)), ",".join(map(str, settings.tls_listen)) or "-",
+             settings.map_socket)
+    gone = loop.create_task(helper.gone.wait())
+    stopped = loop.create_task(stop.wait())
+    await asyncio.wait([gone, stopped], return_when=asyncio.FIRST_COMPLETED)
+    for s in servers:
+        s.close()
+    provider.stopping.set()     # sessions end: their mail not yet delivered is held again
+    if provider.running:
+        await asyncio.wait(set(provider.running), timeout=60)
+    map_server.close()
+    try:
+        os.unlink(settings.map_socket)
+    except OSError:
+        pass
+    if helper.gone.is_set() and not stop.is_set():
+        log.error("event=stop reason=helper_gone")
+        raise PrivsepError("odmr: the release helper went away")
+    log.info("event=stop")

@@ -1,0 +1,126 @@
+"""The ODMR provider's state and decisions: who may ATRN what, live sessions, failed logins.
+
+One ``Provider`` per daemon.  It knows the live sessions (at most one per
+domain), answers the transport socketmap from them, counts failed logins
+per client address and per user, and decides every ATRN by RFC 2645
+§5.2.1 before a session turns a connection around.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+
+from flushctl import names
+from flushctl.config import Config
+from flushctl.privsep.errors import PrivsepError
+
+log = logging.getLogger("flushctl.odmr")
+
+FAILURE_MEMORY = 900.0        # seconds a failed login counts against a client or a user
+
+
+class Provider:
+    def __init__(self, config: Config, helper, postfix_uid: int | None):
+        self.config = config
+        self.settings = config.odmr
+        self.helper = helper                 # async call(request) -> reply
+        self.postfix_uid = postfix_uid
+        self.routes: dict[str, int] = {}     # domain -> its session's relay port
+        self.busy: set[str] = set()          # domains with a session, turned around or turning
+        self._failures: dict[str, deque] = {}
+        self.connections = 0                 # at once
+        self.stopping = asyncio.Event()      # the daemon stops: sessions end
+        self.running: set[asyncio.Future] = set()   # sessions turned around
+
+    # -- the transport map ----------------------------------------------------
+    def lookup(self, key: str) -> str:
+        """The domain's session's relay; without one, the on-demand
+        transport (in defer_transports: deferred, held again), as for any
+        customer domain.  Not retry: or error:, which smtpd would take for
+        a reason to refuse the domain's mail at RCPT."""
+        port = self.routes.get(key)
+        return f"odmr:[127.0.0.1]:{port}" if port else f"{self.config.transport_name}:"
+
+    # -- logins -----------------------------------------------------------------
+    def _recent(self, key: str) -> deque:
+        q = self._failures.setdefault(key, deque())
+        now = time.monotonic()
+        while q and q[0] < now - FAILURE_MEMORY:
+            q.popleft()
+        if not q:
+            self._failures.pop(key, None)
+        return q
+
+    def blocked(self, client: str) -> bool:
+        return len(self._recent("client " + client)) >= self.settings.auth_failures
+
+    def failed(self, client: str, user: str) -> bool:
+        """Count a failed login; True when the client or the user is over the limit."""
+        now = time.monotonic()
+        over = False
+        for key in ("client " + client, "user " + user[:64]):
+            q = self._recent(key)
+            q.append(now)
+            self._failures[key] = q
+            over = over or len(q) >= self.settings.auth_failures
+        return over
+
+    async def login(self, mechanism: str, user: str, proof: dict, client: str) -> str | None:
+        """A token from the helper when the login is right; None when it is not."""
+        if len(self._recent("user " + user[:64])) >= self.settings.auth_failures:
+            return None   # this user is locked out for a while, whoever asks
+        reply = await self.helper({"op": "login", "mechanism": mechanism, "user": user[:200],
+                                   "client": client, **proof})
+        return reply.get("token") or None
+
+    def domains_of(self, user: str) -> list[str]:
+        return sorted(d.name for d in self.config.domains.values()
+                      if d.odmr and user in d.users)
+
+    # -- ATRN -------------------------------------------------------------------
+    async def atrn(self, user: str, token: str, arg: str | None, client: str):
+        """(the reply, a ``Session`` to run after it or None)."""
+        mine = self.domains_of(user)
+        if arg is None or not arg.strip():
+            wanted = mine
+        else:
+            wanted = []
+            for part in arg.split(","):
+                try:
+                    wanted.append(names.domain(part.strip()))
+                except ValueError:
+                    return "501 5.5.4 Syntax: ATRN [domain[,domain]...]", None
+            wanted = sorted(set(wanted))
+        if not wanted or any(d not in mine for d in wanted):
+            # refuse all, reveal nothing (RFC 2645: no rights to any one of them)
+            log.warning("event=refused user=%s client=%s domains=%s reason=not_yours",
+                        user, client, ",".join(wanted)[:200])
+            return "450 4.7.1 ATRN request refused", None
+        if any(d in self.busy for d in wanted):
+            return "451 4.3.0 Another session delivers this mail now; try again later", None
+        try:
+            held = (await self.helper({"op": "held", "token": token, "domains": wanted}))["held"]
+        except (PrivsepError, KeyError, TypeError) as exc:
+            log.error("event=error stage=atrn reason=%r", str(exc))
+            return "451 4.3.0 Unable to process ATRN request now", None
+        wanted = [d for d in wanted if held.get(d)]
+        if not wanted:
+            return "453 4.3.0 You have no mail", None
+        if any(d in self.busy for d in wanted):   # taken while we asked
+            return "451 4.3.0 Another session delivers this mail now; try again later", None
+        from flushctl.odmr.session import Session
+        self.busy.update(wanted)
+        return "250 2.0.0 OK now reversing the connection", \
+            Session(self, user, token, client, wanted)
+
+    async def call(self, request: dict) -> dict:
+        return await self.helper(request)
+
+    def end(self, domains) -> None:
+        for d in domains:
+            self.routes.pop(d, None)
+            self.busy.discard(d)
+

@@ -1,0 +1,449 @@
+"""ODMR (RFC 2645) against a real Postfix, with fetchmail as the customer's client.
+
+The customer's MTA (smtp-sink, or a small aiosmtpd server where a test
+needs per-recipient answers) listens on a port this host's Postfix is
+never told about: the ODMR domains have no relay, so the only way their
+mail reaches it is over the customer's own connection, turned around.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+import tempfile
+import threading
+import time
+
+import pytest
+
+from conftest import bounce_lines, free_port, wait_until
+
+PASSWORD = "s3cret-Pass"
+TAG = "X-OnDemand-Domain: odmr.test"
+
+
+def odmr_domains(sink_port: int) -> str:
+    return """
+[domains."odmr.test"]
+odmr = true
+users = ["cust1"]
+
+[domains."second.test"]
+odmr = true
+users = ["cust1"]
+
+[domains."other.test"]
+odmr = true
+users = ["cust2"]
+
+[domains."customer.test"]
+relay = "[127.0.0.1]:%d"
+users = ["cust1"]
+""" % sink_port
+
+
+def odmr_section(port: int, extra: str = "") -> str:
+    return f"""
+[odmr]
+listen = "127.0.0.1:{port}"
+user = "nobody"
+map_socket = "@QUEUE@/flushctl-odmr/map"
+auth_delay = 0.2
+{extra}
+"""
+
+
+@pytest.fixture
+def odmr_stack(make_stack):
+    return start(make_stack)
+
+
+def start(make_stack, odmr_extra: str = "", extra_main=None):
+    port = free_port()
+    stack = make_stack(domains=odmr_domains, extra=odmr_section(port, odmr_extra),
+                       extra_main=extra_main)
+    stack.odmr_port = port
+    for user in ("cust1", "cust2"):
+        stack.flushctl("user", "add", user, input=PASSWORD + "\n")
+    stack.start_odmr()
+    return stack
+
+
+def fetchmail(stack, port: int, user="cust1", password=PASSWORD, domains="odmr.test",
+              timeout=120, background=False):
+    """fetchmail -p ODMR as a customer runs it: the password in its rc file,
+    its MTA at 127.0.0.1:``port``."""
+    home = tempfile.mkdtemp(prefix="fetchmail-")
+    rc = f'poll 127.0.0.1 user "{user}" password "{password}"\n'
+    argv = ["fetchmail", "-f", "-", "--nosyslog", "-v", "-p", "ODMR",
+            "--pidfile", os.path.join(home, "pid"),
+            "-P", str(stack.odmr_port), "--smtphost", f"127.0.0.1/{port}"]
+    if domains:
+        argv += ["--fetchdomains", domains]
+    env = dict(os.environ, HOME=home, FETCHMAILHOME=home)
+    if background:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
+        proc.stdin.write(rc)
+        proc.stdin.close()
+        return proc
+    return subprocess.run(argv, input=rc, capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def logs(stack) -> str:
+    return "\n".join(line for name in ("odmr", "helper")
+                     for line in stack.daemon_log(name).splitlines()[-15:])
+
+
+def held(stack, domain):
+    return [m for m in stack.pf.queue() if m["queue_name"] == "hold"
+            and any(r["address"].endswith("@" + domain) for r in m["recipients"])]
+
+
+def queued(stack, domain):
+    return [m for m in stack.pf.queue()
+            if any(r["address"].endswith("@" + domain) for r in m["recipients"])]
+
+
+def subjects(texts) -> list[str]:
+    """The subjects of whole messages (with our tag)."""
+    return [line.split(": ", 1)[1] for t in texts if TAG in t
+            for line in t.splitlines() if line.startswith("Subject: ")]
+
+
+def domain_status(stack, domain) -> dict:
+    return stack.status(domain)[0]
+
+
+def sessions(stack) -> list[str]:
+    return [line for line in stack.daemon_log("odmr").splitlines() if "event=session " in line]
+
+
+def hold(stack, count, domain="odmr.test", prefix="user"):
+    for i in range(count):
+        stack.send([f"{prefix}{i}@{domain}"], subject=f"odmr {prefix}{i}")
+    wait_until(lambda: len(held(stack, domain)) >= count, 20, what=f"{count} held")
+
+
+# -- the whole path ------------------------------------------------------------------
+
+def test_fetchmail_takes_all_held_mail(odmr_stack):
+    stack = odmr_stack
+    hold(stack, 3)
+    hold(stack, 1, "second.test")
+    stack.send(["x@other.test"], subject="not cust1's")
+    stack.sink.start()
+    proc = fetchmail(stack, stack.sink.port, domains="odmr.test,second.test")
+    assert proc.returncode == 0, proc.stdout + logs(stack)
+    wait_until(lambda: len(stack.sink.messages()) == 4, 30, what="delivered")
+    texts = stack.sink.messages()
+    assert sum(TAG in t for t in texts) == 3
+    assert not queued(stack, "odmr.test") and not queued(stack, "second.test")
+    assert len(held(stack, "other.test")) == 1     # another customer's: untouched
+    wait_until(lambda: sessions(stack), 10, what="session logged")
+    line = sessions(stack)[-1]
+    assert "user=cust1" in line and "result=delivered" in line and "delivered=4" in line
+    assert domain_status(stack, "odmr.test")["last_flush_trigger"] == "odmr"
+    time.sleep(2)
+    assert len(stack.sink.messages()) == 4          # once each
+    metrics = stack.scrape() if stack.metrics_up() else None
+    del metrics
+
+
+def test_without_domains_atrn_takes_all_of_the_logins(odmr_stack):
+    stack = odmr_stack
+    hold(stack, 1)
+    hold(stack, 1, "second.test")
+    stack.sink.start()
+    # fetchmail sends ATRN with its own host name unless told: the customer's
+    # client may also send ATRN alone, which RFC 2645 says means all its domains
+    client = RawClient(stack.odmr_port)
+    client.login_cram("cust1", PASSWORD)
+    assert client.command("ATRN").startswith("250")
+    client.turn_around(stack.sink.port)
+    wait_until(lambda: len(stack.sink.messages()) == 2, 30, what="delivered")
+
+
+# -- refusals ----------------------------------------------------------------------
+
+def test_wrong_password_is_refused_and_mail_stays(odmr_stack):
+    stack = odmr_stack
+    hold(stack, 1)
+    stack.sink.start()
+    proc = fetchmail(stack, stack.sink.port, password="wrong")
+    assert proc.returncode == 128, proc.stdout   # fetchmail's code for a failed login
+    assert "535" in proc.stdout
+    assert len(held(stack, "odmr.test")) == 1 and not stack.sink.messages()
+
+
+def test_another_customers_domain_is_refused_with_450_revealing_nothing(odmr_stack):
+    stack = odmr_stack
+    hold(stack, 1)
+    hold(stack, 1, "other.test")
+    stack.sink.start()
+    # one of the two is not cust1's: all are refused, the same words as for
+    # a domain that holds nothing or does not exist
+    proc = fetchmail(stack, stack.sink.port, domains="odmr.test,other.test")
+    assert proc.returncode == 4, proc.stdout
+    replies = [line for line in proc.stdout.splitlines() if "ODMR< 450" in line]
+    assert replies
+    unknown = fetchmail(stack, stack.sink.port, domains="nosuch.test")
+    assert unknown.returncode == 4
+    assert [line for line in unknown.stdout.splitlines() if "ODMR< 450" in line] == replies
+    # a domain of cust1's that is not delivered over ODMR: the same
+    not_odmr = fetchmail(stack, stack.sink.port, domains="customer.test")
+    assert not_odmr.returncode == 4
+    time.sleep(1)
+    assert not stack.sink.messages()
+    assert len(held(stack, "odmr.test")) == 1 and len(held(stack, "other.test")) == 1
+
+
+def test_no_mail_is_453(odmr_stack):
+    stack = odmr_stack
+    stack.sink.start()
+    proc = fetchmail(stack, stack.sink.port)
+    assert proc.returncode == 0, proc.stdout     # fetchmail takes 453 for "nothing to do"
+    assert "ODMR< 453" in proc.stdout
+
+
+def test_out_of_order_and_unauthenticated_commands(odmr_stack):
+    client = RawClient(odmr_stack.odmr_port)
+    assert client.command("ATRN odmr.test").startswith("530")
+    assert client.command("MAIL FROM:<a@b.test>").startswith("502")
+    assert client.command("AUTH PLAIN AGN1c3QxAHMzY3JldC1QYXNz").startswith("538")  # not over TLS
+    client.login_cram("cust1", PASSWORD)
+    assert client.command("AUTH CRAM-MD5").startswith("503")
+
+
+def test_failed_logins_end_with_421(odmr_stack):
+    client = RawClient(odmr_stack.odmr_port)
+    replies = [client.cram("cust1", "wrong") for _ in range(3)]
+    assert replies[0].startswith("535") and replies[1].startswith("535")
+    assert replies[2].startswith("421")
+    # the address is locked out for a while, even with the right password
+    again = RawClient(odmr_stack.odmr_port)
+    assert again.command("AUTH CRAM-MD5").startswith("421")
+
+
+def test_flush_finger_and_poller_leave_odmr_mail_held(odmr_stack):
+    stack = odmr_stack
+    hold(stack, 1)
+    stack.sink.start()
+    out = stack.flushctl("flush", "odmr.test", check=False)
+    assert "ODMR only" in out.stdout + out.stderr
+    assert len(held(stack, "odmr.test")) == 1
+
+
+# -- what goes wrong on the customer's side ------------------------------------------
+
+def test_session_killed_mid_data_keeps_the_rest_for_next_time(odmr_stack):
+    stack = odmr_stack
+    hold(stack, 3)
+    stack.sink.start(options=("-w", "30"))      # every DATA waits: we kill meanwhile
+    proc = fetchmail(stack, stack.sink.port, background=True)
+    wait_until(lambda: "result=" not in "".join(sessions(stack))
+               and len(held(stack, "odmr.test")) < 3, 30, what="release under way")
+    time.sleep(2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    wait_until(lambda: sessions(stack), 30, what="session over")
+    assert "result=lost" in sessions(stack)[-1]
+    # nothing bounced, nothing lost: all of it back on hold
+    wait_until(lambda: len(held(stack, "odmr.test")) == 3, 90, what="held again")
+    assert not bounce_lines(stack)
+    stack.sink.restart()
+    proc = fetchmail(stack, stack.sink.port)
+    assert proc.returncode == 0, proc.stdout
+    # (smtp-sink leaves a file of the envelope of the transaction cut short)
+    wait_until(lambda: sorted(subjects(stack.sink.messages())) ==
+               ["odmr user0", "odmr user1", "odmr user2"], 60, what="delivered next time")
+    assert not queued(stack, "odmr.test")
+
+
+def test_customer_tempfails_some_recipients(odmr_stack):
+    stack = odmr_stack
+    hold(stack, 2, prefix="ok")
+    hold(stack, 2, prefix="later")
+    mta = CustomerMTA(refuse=lambda rcpt: rcpt.startswith("later"))
+    try:
+        proc = fetchmail(stack, mta.port)
+        assert proc.returncode == 0, proc.stdout + logs(stack)
+        wait_until(lambda: len(mta.messages) == 2, 30, what="two delivered")
+        # the tempfailed ones are held again, not bounced, and go next time
+        wait_until(lambda: len(held(stack, "odmr.test")) == 2, 90, what="held again")
+        assert not bounce_lines(stack)
+        mta.refuse = lambda rcpt: False
+        proc = fetchmail(stack, mta.port)
+        wait_until(lambda: len(mta.messages) == 4, 30, what="the rest delivered")
+    finally:
+        mta.stop()
+
+
+def test_customer_refuses_with_5xx_keeps_mail_held_marked_refused(odmr_stack):
+    stack = odmr_stack
+    hold(stack, 1)
+    stack.sink.start(refuse="hard")
+    proc = fetchmail(stack, stack.sink.port)
+    assert proc.returncode == 0, proc.stdout
+    wait_until(lambda: domain_status(stack, "odmr.test")["refused"] == 1, 90, what="marked refused")
+    assert len(held(stack, "odmr.test")) == 1 and not bounce_lines(stack)
+
+
+def test_one_session_per_domain(odmr_stack):
+    stack = odmr_stack
+    hold(stack, 2)
+    stack.sink.start(options=("-w", "10"))
+    first = fetchmail(stack, stack.sink.port, background=True)
+    try:
+        wait_until(lambda: len(held(stack, "odmr.test")) < 2, 30, what="first session")
+        second = fetchmail(stack, stack.sink.port)
+        assert "ODMR< 451" in second.stdout, second.stdout
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(10)
+
+
+# -- attacks on the turned-around session ----------------------------------------------
+
+def test_a_local_user_cannot_talk_through_a_session(odmr_stack):
+    """The session's relay port is on loopback, where any local user can
+    connect: only Postfix's delivery agents (mail_owner) get the customer."""
+    stack = odmr_stack
+    hold(stack, 2)
+    stack.sink.start(options=("-w", "10"))
+    proc = fetchmail(stack, stack.sink.port, background=True)
+    try:
+        spec = "socketmap:unix:" + str(stack.pf.queue_directory / "flushctl-odmr/map") + ":odmr"
+
+        def port():
+            out = stack.pf.run("postmap", "-q", "odmr.test", spec, check=False).stdout.strip()
+            return out.rsplit(":", 1)[1] if out.startswith("odmr:") else None
+        relay = int(wait_until(port, 30, what="session's relay in the map"))
+        with socket.create_connection(("127.0.0.1", relay), 5) as sock:   # we are root here
+            sock.settimeout(5)
+            assert sock.recv(100) == b""      # closed, the customer's 220 never shown
+        assert "reason=not_postfix" in stack.daemon_log("odmr")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def test_only_odmr_domains_ask_the_map(odmr_stack, tmp_path):
+    """With the ODMR daemon down, every other domain's mail is taken as before."""
+    stack = odmr_stack
+    stack.stop_odmr()
+    stack.send(["a@customer.test"])
+    wait_until(lambda: len(held(stack, "customer.test")) == 1, 20, what="held")
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+        stack.send(["a@odmr.test"])
+    assert "450" in str(refused.value) or "451" in str(refused.value)
+
+
+# -- a client of our own: STARTTLS, PLAIN, raw ATRN ----------------------------------
+
+class RawClient:
+    def __init__(self, port: int):
+        self.smtp = smtplib.SMTP("127.0.0.1", port, timeout=30)
+        self.smtp.ehlo("customer.example")
+
+    def command(self, line: str) -> str:
+        verb, _, arg = line.partition(" ")
+        code, text = self.smtp.docmd(verb, arg)
+        return f"{code} {text.decode(errors='replace')}"
+
+    def cram(self, user: str, password: str) -> str:
+        import base64
+        import hmac
+        code, challenge = self.smtp.docmd("AUTH", "CRAM-MD5")
+        if code != 334:
+            return f"{code} {challenge.decode()}"
+        digest = hmac.new(password.encode(), base64.b64decode(challenge), "md5").hexdigest()
+        code, text = self.smtp.docmd(base64.b64encode(f"{user} {digest}".encode()).decode())
+        return f"{code} {text.decode(errors='replace')}"
+
+    def login_cram(self, user: str, password: str) -> None:
+        assert self.cram(user, password).startswith("235")
+
+    def turn_around(self, mta_port: int, timeout: float = 60) -> None:
+        """After 250: be the customer's side, as fetchmail is, in a thread."""
+        sock = self.smtp.sock
+        mta = socket.create_connection(("127.0.0.1", mta_port), 10)
+        pipe(sock, mta, timeout)
+
+
+def pipe(a: socket.socket, b: socket.socket, timeout: float) -> threading.Thread:
+    def copy(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+    for src, dst in ((a, b), (b, a)):
+        threading.Thread(target=copy, args=(src, dst), daemon=True).start()
+
+
+class CustomerMTA:
+    """The customer's MTA with answers per recipient (aiosmtpd)."""
+
+    def __init__(self, refuse):
+        from aiosmtpd.controller import Controller
+        self.refuse = refuse
+        self.messages = []
+        mta = self
+
+        class Handler:
+            async def handle_RCPT(self, server, session, envelope, address, options):
+                if mta.refuse(address):
+                    return "450 4.2.0 Mailbox busy, try later"
+                envelope.rcpt_tos.append(address)
+                return "250 2.1.5 OK"
+
+            async def handle_DATA(self, server, session, envelope):
+                mta.messages.append(envelope.content)
+                return "250 2.0.0 OK"
+
+        self.port = free_port()
+        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
+        self.controller.start()
+
+    def stop(self):
+        self.controller.stop()
+
+
+def test_starttls_then_plain(make_stack, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=mx.provider.test", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    os.chmod(key, 0o600)
+    stack = start(make_stack, f'tls_cert_file = "{cert}"\ntls_key_file = "{key}"\n')
+    hold(stack, 2)
+    stack.sink.start()
+    client = RawClient(stack.odmr_port)
+    features = client.smtp.esmtp_features
+    assert "starttls" in features and features["auth"].split() == ["CRAM-MD5"]
+    ctx = ssl.create_default_context(cafile=str(cert))
+    ctx.check_hostname = False
+    client.smtp.starttls(context=ctx)
+    client.smtp.ehlo("customer.example")
+    assert set(client.smtp.esmtp_features["auth"].split()) == {"CRAM-MD5", "PLAIN", "LOGIN"}
+    client.smtp.user, client.smtp.password = "cust1", PASSWORD
+    code, _ = client.smtp.auth("PLAIN", client.smtp.auth_plain)
+    assert code == 235
+    assert client.command("ATRN odmr.test").startswith("250")
+    client.turn_around(stack.sink.port)
+    wait_until(lambda: len(stack.sink.messages()) == 2, 30, what="delivered over TLS")
+    wait_until(lambda: sessions(stack), 10, what="session logged")
+    assert "result=delivered" in sessions(stack)[-1]
