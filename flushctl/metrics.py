@@ -33,7 +33,7 @@ log = logging.getLogger("flushctl.metrics")
 # ledger counter name -> (metric name without _total, help, label names)
 COUNTERS = {
     "releases": ("flushctl_releases", "Releases of a domain's held mail, by trigger "
-                 "(finger, etrn, poller, admin, peer).", ("domain", "trigger")),
+                 "(finger, etrn, poller, admin, peer, odmr).", ("domain", "trigger")),
     "probes": ("flushctl_probes", "Probes of a customer's mail server, by result.",
                ("domain", "result")),
     "milter_decisions": ("flushctl_milter_decisions", "The milter's decisions on messages "
@@ -42,6 +42,11 @@ COUNTERS = {
                          "answered, by protocol and result.", ("protocol", "result")),
     "forwards": ("flushctl_forwards", "Releases sent on to the cluster's peers as ETRN, "
                  "by peer and result.", ("peer", "result")),
+    "odmr_sessions": ("flushctl_odmr_sessions", "ODMR sessions turned around (RFC 2645 "
+                      "ATRN), by result (delivered, lost, timeout, refused_greeting, stopped, "
+                      "failed).", ("result",)),
+    "odmr_delivered": ("flushctl_odmr_delivered_messages", "Messages the customers' servers "
+                       "accepted over ODMR sessions.", ()),
 }
 GAUGES = ("flushctl_held_messages", "flushctl_held_bytes", "flushctl_oldest_held_age_seconds",
           "flushctl_refused_messages",

@@ -21,6 +21,7 @@ from flushctl.privsep.errors import Malformed
 log = logging.getLogger("flushctl.helper")
 
 MAX_TOKENS = 1000          # logins alive at once
+SESSION_RESULTS = ("delivered", "lost", "timeout", "refused_greeting", "stopped", "failed")
 
 
 class Tokens:
@@ -102,6 +103,8 @@ def answer(heldmail, tokens: Tokens, request: dict) -> dict:
     if op == "end":
         tokens.drop(request.get("token"))
         result = _text(request, "result", 40)
+        if result not in SESSION_RESULTS:
+            raise Malformed(f"not an ODMR session's result: {result!r:.40}")
         delivered = request.get("delivered")
         if not isinstance(delivered, int) or isinstance(delivered, bool) or delivered < 0:
             raise Malformed("not an ODMR request: delivered")

@@ -21,6 +21,7 @@ import time
 import pytest
 
 from conftest import bounce_lines, free_port, wait_until
+from netns import in_netns
 
 PASSWORD = "s3cret-Pass"
 TAG = "X-OnDemand-Domain: odmr.test"
@@ -152,8 +153,13 @@ def test_fetchmail_takes_all_held_mail(odmr_stack):
     assert domain_status(stack, "odmr.test")["last_flush_trigger"] == "odmr"
     time.sleep(2)
     assert len(stack.sink.messages()) == 4          # once each
-    metrics = stack.scrape() if stack.metrics_up() else None
-    del metrics
+    stack.start_poller()                            # it serves the metrics
+    wait_until(stack.metrics_up, 20, what="metrics")
+    scraped = stack.scrape()
+    assert scraped[("flushctl_odmr_sessions_total", frozenset({("result", "delivered")}))] == 1
+    assert scraped[("flushctl_odmr_delivered_messages_total", frozenset())] == 4
+    assert scraped[("flushctl_releases_total",
+                    frozenset({("domain", "odmr.test"), ("trigger", "odmr")}))] == 1
 
 
 def test_without_domains_atrn_takes_all_of_the_logins(odmr_stack):
@@ -447,3 +453,132 @@ def test_starttls_then_plain(make_stack, tmp_path):
     wait_until(lambda: len(stack.sink.messages()) == 2, 30, what="delivered over TLS")
     wait_until(lambda: sessions(stack), 10, what="session logged")
     assert "result=delivered" in sessions(stack)[-1]
+
+
+# -- a customer this host cannot reach at all ------------------------------------------
+
+@in_netns
+def test_customer_behind_a_network_this_host_cannot_reach():
+    """The customer's MTA listens on its own network's loopback, in a
+    network namespace of its own: this host (the test's namespace) reaches
+    the customer only through the customer's outgoing connection, over a
+    veth link, as behind NAT or a blocked port 25.  fetchmail there gets
+    every held message."""
+    from netns import Lan, run
+    from stack import build_stack
+    customer = subprocess.Popen(["unshare", "--net", "sleep", "600"])
+    sink_dir = tempfile.mkdtemp(prefix="odmr-customer-")
+    os.chmod(sink_dir, 0o777)
+    sink = None
+    stack = None
+    try:
+        pid = str(customer.pid)
+        wait_until(lambda: os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net"),
+                   10, what="customer namespace")
+
+        def there(*argv):
+            return ["nsenter", "-t", pid, "-n", *argv]
+        with Lan(["192.0.2.1"], {("mx.provider.test", "A"): ["192.0.2.1"]}):
+            run("ip", "link", "add", "vprov", "type", "veth", "peer", "name", "vcust",
+                "netns", pid)
+            run("ip", "addr", "add", "10.99.0.1/30", "dev", "vprov")
+            run("ip", "link", "set", "vprov", "up")
+            for argv in (("ip", "link", "set", "lo", "up"),
+                         ("ip", "addr", "add", "10.99.0.2/30", "dev", "vcust"),
+                         ("ip", "link", "set", "vcust", "up")):
+                run(*there(*argv))
+            sink = subprocess.Popen(there("smtp-sink", "-u", "nobody", "-d", sink_dir + "/%M%S.",
+                                          "-h", "home.customer.test", "127.0.0.1:25", "64"))
+            wait_until(lambda: subprocess.run(
+                there("bash", "-c", "echo > /dev/tcp/127.0.0.1/25"),
+                capture_output=True).returncode == 0, 10, what="customer's MTA")
+            # this host cannot reach it: not on its own loopback, not over the link
+            for host in ("127.0.0.1", "10.99.0.2"):
+                with pytest.raises(OSError):
+                    socket.create_connection((host, 25), 3).close()
+            port = free_port()
+            stack = build_stack(domains=odmr_domains,
+                                extra=odmr_section(port).replace(
+                                    "127.0.0.1:", "10.99.0.1:"))
+            stack.odmr_port = port
+            stack.flushctl("user", "add", "cust1", input=PASSWORD + "\n")
+            stack.start_odmr()
+            hold(stack, 3)
+            rc = f'poll 10.99.0.1 user "cust1" password "{PASSWORD}"\n'
+            home = tempfile.mkdtemp(prefix="fetchmail-")
+            proc = subprocess.run(
+                there("fetchmail", "-f", "-", "--nosyslog", "-v", "-p", "ODMR",
+                      "--pidfile", home + "/pid", "-P", str(port),
+                      "--fetchdomains", "odmr.test", "--smtphost", "127.0.0.1/25"),
+                input=rc, capture_output=True, text=True, timeout=120,
+                env=dict(os.environ, HOME=home))
+            assert proc.returncode == 0, proc.stdout + proc.stderr + logs(stack)
+
+            def delivered():
+                texts = [open(os.path.join(sink_dir, f), errors="replace").read()
+                         for f in os.listdir(sink_dir)]
+                return sorted(subjects(texts))
+            wait_until(lambda: delivered() == ["odmr user0", "odmr user1", "odmr user2"], 30,
+                       what="all delivered to the customer")
+            assert not queued(stack, "odmr.test")
+    finally:
+        if stack is not None:
+            stack.destroy()
+        if sink is not None:
+            sink.terminate()
+            sink.wait(10)
+        customer.kill()
+        customer.wait(10)
+
+
+# -- the cluster --------------------------------------------------------------------
+
+def test_in_a_cluster_the_customer_polls_each_mx(make_stack):
+    """Peers cannot connect to an ODMR customer either, so nothing is
+    passed between them: the customer's client polls every MX in turn
+    (one poll line each), each delivers the mail it holds itself, and a
+    session on one MX releases nothing elsewhere, nor is sent on as ETRN."""
+    from test_cluster import ADDRESSES, _port_free_on_all
+    from stack import Ports
+    smtp, finger, odmr = _port_free_on_all(), _port_free_on_all(), _port_free_on_all()
+    stacks = []
+    for address in ADDRESSES:
+        peers = [f"{a}:{smtp}" for a in ADDRESSES if a != address]
+        extra = (f"[cluster]\npeers = {peers!r}\nfinger_port = {finger}\nsource = \"{address}\"\n"
+                 .replace("'", '"') + odmr_section(odmr).replace("127.0.0.1:", f"{address}:"))
+        stack = make_stack(domains=odmr_domains, gateway=True, address=address,
+                           smtpd_port=smtp, ports=Ports(finger), extra=extra)
+        stack.odmr_port = odmr
+        stack.flushctl("user", "add", "cust1", input=PASSWORD + "\n")
+        stack.start_odmr()
+        stacks.append(stack)
+    for n, stack in enumerate(stacks):
+        hold(stack, 2, prefix=f"mx{n}-")
+    mta = stacks[0].sink.start()
+    home = tempfile.mkdtemp(prefix="fetchmail-")
+
+    def poll(*hosts):
+        rc = "".join(f'poll {h} user "cust1" password "{PASSWORD}"\n' for h in hosts)
+        return subprocess.run(
+            ["fetchmail", "-f", "-", "--nosyslog", "-v", "-p", "ODMR", "--pidfile",
+             home + "/pid", "-P", str(odmr), "--fetchdomains", "odmr.test",
+             "--smtphost", f"127.0.0.1/{mta.port}"], input=rc, capture_output=True,
+            text=True, timeout=180, env=dict(os.environ, HOME=home))
+    # one MX polled: its mail only; the others keep theirs, and hear nothing of it
+    assert poll(ADDRESSES[0]).returncode == 0
+    wait_until(lambda: sorted(subjects(mta.messages())) == ["odmr mx0-0", "odmr mx0-1"], 30,
+               what="the first MX's mail")
+    time.sleep(3)
+    assert [len(held(s, "odmr.test")) for s in stacks] == [0, 2, 2]
+    assert not [line for s in stacks for line in s.gateway_log().splitlines()
+                if "forward" in line and "odmr.test" in line]
+    # a finger for an ODMR domain releases nothing anywhere either
+    stacks[1].flushctl("flush", "odmr.test", check=False)
+    time.sleep(3)
+    assert [len(held(s, "odmr.test")) for s in stacks] == [0, 2, 2]
+    # every MX polled in turn: all of it, once
+    assert poll(*ADDRESSES).returncode in (0, 1)    # 1: the first had nothing (453)
+    wait_until(lambda: len(subjects(mta.messages())) == 6, 60, what="all delivered")
+    assert sorted(subjects(mta.messages())) == sorted(
+        f"odmr mx{n}-{i}" for n in range(3) for i in range(2))
+    assert not any(queued(s, "odmr.test") for s in stacks)

@@ -4,6 +4,7 @@ outbound mail through us from anywhere once they log in, over TLS only."""
 
 import os
 import shutil
+import time
 import subprocess
 
 import pytest
@@ -109,3 +110,68 @@ def test_submission_entry_is_ours_and_goes_away(sub_stack):
     assert f"removed master.cf: {key}" in out, out
     assert key.replace("/", " ") not in entries()
     assert sub_stack.flushctl("apply").stdout.strip() == "nothing to change"
+
+
+# -- ETRN after AUTH: a login a domain lists in `users` may release it --------------
+
+@pytest.fixture
+def etrn_stack(make_stack):
+    port = free_port()
+    made = {}
+
+    def prepare(pf):
+        prepare_sasl(pf)
+        made["dir"] = pf.config_directory / "sasl"
+
+    def domains(sink_port):
+        # neither domain lets 127.0.0.1 release by its address
+        return f"""
+[domains."authed.test"]
+relay = "[127.0.0.1]:{sink_port}"
+flush_from = ["192.0.2.0/24"]
+users = ["{USER}@{REALM}"]
+
+[domains."notyours.test"]
+relay = "[127.0.0.1]:{sink_port}"
+flush_from = ["192.0.2.0/24"]
+users = ["someone-else"]
+
+[submission]
+listen = "127.0.0.1:{port}"
+tls_cert_file = "{made['dir']}/mx.pem"
+tls_key_file = "{made['dir']}/mx.key"
+"""
+    stack = make_stack(domains=domains, prepare=prepare, gateway=True)
+    stack.submission_port = port
+    return stack
+
+
+def _etrn(stack, domain, login=True):
+    import smtplib
+    import ssl
+    with smtplib.SMTP("127.0.0.1", stack.submission_port, timeout=30) as smtp:
+        smtp.starttls(context=ssl._create_unverified_context())
+        if login:
+            smtp.login(f"{USER}@{REALM}", PASSWORD)
+        return smtp.docmd("ETRN", domain)
+
+
+def test_etrn_after_auth_releases_the_logins_domain(etrn_stack):
+    stack = etrn_stack
+    stack.send(["a@authed.test"])
+    stack.send(["b@notyours.test"])
+    wait_until(lambda: len(stack.queue()) == 2, what="2 held")
+    stack.sink.start()
+    # without a login, 127.0.0.1 is outside flush_from: refused
+    code, _ = _etrn(stack, "authed.test", login=False)
+    assert code >= 400
+    # a login listed for another domain only: refused, nothing released
+    code, _ = _etrn(stack, "notyours.test")
+    assert code >= 400
+    time.sleep(2)
+    assert stack.sink.messages() == []
+    code, text = _etrn(stack, "authed.test")
+    assert code == 250, text
+    wait_until(lambda: len(stack.sink.messages()) == 1, 30, what="released by the login")
+    assert "a@authed.test" in stack.sink.messages()[0]
+    assert len(stack.queue()) == 1           # notyours.test's stays held
