@@ -118,6 +118,8 @@ def _daemons(config: Config, report: Report) -> None:
     if listening and not _daemon_running(config, "gateway"):
         report.problems.append(f"gateway: no `flushctl gateway` process for {config.path}: "
                                "the helper holds its sockets, queries wait unanswered")
+    if config.odmr is not None:
+        _odmr(config, report)
     report.checks.append("helper")
     why = _connectable(Listen("unix", path=config.helper_socket))
     if why:
@@ -133,6 +135,26 @@ def _daemons(config: Config, report: Report) -> None:
         if why:
             report.problems.append(f"metrics: the poller does not serve {config.metrics_listen} "
                                    f"({why}); see its log")
+
+
+def _odmr(config: Config, report: Report) -> None:
+    """The ODMR daemon: its ports, and the socketmap Postfix asks for
+    ODMR domains' transport (without it, their mail is refused at RCPT)."""
+    report.checks.append("odmr")
+    settings = config.odmr
+    for where in (*settings.listen, *settings.tls_listen):
+        host = "127.0.0.1" if where.host == "0.0.0.0" else \
+            "::1" if where.host == "::" else where.host
+        why = _connectable(HostPort(host, where.port))
+        if why:
+            report.problems.append(f"odmr: nothing accepts connections on {where} ({why}): "
+                                   "is `flushctl odmr` running?")
+    if any(d.odmr for d in config.domains.values()):
+        why = _connectable(Listen("unix", path=settings.map_socket))
+        if why:
+            report.problems.append(f"odmr: the transport map {settings.map_socket} does not "
+                                   f"answer ({why}): mail for ODMR domains is refused at RCPT "
+                                   "(4xx) until `flushctl odmr` runs")
 
 
 def _ledger(od: HeldMail, report: Report) -> None:
@@ -184,6 +206,8 @@ def _mx(od: HeldMail, report: Report) -> None:
         if not ours:
             problems.append(f"mx: {name}: MX {', '.join(hosts) or '(none)'} names none of "
                             f"our hosts ({', '.join(sorted(own))})")
+        if dom.odmr:   # its mail goes over its customer's session, never to its MX
+            return problems
         for route in dict.fromkeys([name, *sorted(dom.hosts), *sorted(held_routes.get(name, ()))]):
             targets, outcome, why = await prober.route_targets(dom, route)
             if outcome == NOWHERE:

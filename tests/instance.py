@@ -90,7 +90,9 @@ class PostfixInstance:
         pw = pwd.getpwnam("postfix")
         os.chown(data, pw.pw_uid, pw.pw_gid)
         self.queue_directory.mkdir()
-        master_src = SYSTEM_MASTER_CF if SYSTEM_MASTER_CF.exists() else FALLBACK_MASTER_CF
+        # Postfix's stock master.cf, never the system's: the deployment test
+        # adds our services there, which a private instance must not inherit
+        master_src = FALLBACK_MASTER_CF if FALLBACK_MASTER_CF.exists() else SYSTEM_MASTER_CF
         (etc / "master.cf").write_text(
             _private_master_cf(master_src.read_text(), self.smtpd_port, self.address))
         main = {

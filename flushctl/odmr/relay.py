@@ -72,6 +72,7 @@ class Relay:
         self._turn = asyncio.Lock()     # one Postfix connection talks at a time
         self.server: asyncio.AbstractServer | None = None
         self.port = 0
+        self._postfix_writers: set[asyncio.StreamWriter] = set()
 
     async def read_reply(self, timeout: float = REPLY_WAIT) -> list[bytes]:
         """One whole reply of the customer's: its lines."""
@@ -109,6 +110,16 @@ class Relay:
         self.port = self.server.sockets[0].getsockname()[1]
         return True
 
+    def abort(self) -> None:
+        """Cut the session short (its time is up, the daemon stops): Postfix's
+        connections are closed (it defers what it was sending, and that is
+        held again); the customer's connection is closed by its owner."""
+        if self.server is not None:
+            self.server.close()
+        for writer in list(self._postfix_writers):
+            writer.close()
+        self.over.set()
+
     async def quit(self) -> None:
         """End the customer's side: QUIT, its 221 (not waited on for long)."""
         if self.server is not None:
@@ -133,6 +144,7 @@ class Relay:
             pwriter.close()
             return
         self.active += 1
+        self._postfix_writers.add(pwriter)
         try:
             async with self._turn:
                 if self.over.is_set():
@@ -146,6 +158,7 @@ class Relay:
             pass   # Postfix's side broke: its mail is deferred, the session goes on
         finally:
             self.active -= 1
+            self._postfix_writers.discard(pwriter)
             pwriter.close()
 
     async def _serve(self, preader: asyncio.StreamReader, pwriter: asyncio.StreamWriter) -> None:

@@ -52,12 +52,15 @@ class Session:
             self.result, relay.error = "failed", str(exc)
         finally:
             self.provider.end(self.domains)   # the map says "awaiting" again
-            try:
-                await asyncio.wait_for(relay.quit(), 30)
-            except asyncio.TimeoutError:
-                pass
             if relay.over.is_set() and self.result == "delivered":
                 self.result = "lost"
+            if self.result == "delivered":
+                try:
+                    await asyncio.wait_for(relay.quit(), 30)
+                except asyncio.TimeoutError:
+                    relay.abort()
+            else:   # cut short: no QUIT into what may be the middle of a message
+                relay.abort()
             if relay.server is not None:
                 relay.server.close()
             log.info("event=session user=%s client=%s domains=%s result=%s released=%d "

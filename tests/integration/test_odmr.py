@@ -351,6 +351,33 @@ def test_only_odmr_domains_ask_the_map(odmr_stack, tmp_path):
     assert "450" in str(refused.value) or "451" in str(refused.value)
 
 
+def test_check_says_when_the_odmr_daemon_is_down(odmr_stack):
+    def odmr_problems():
+        out = odmr_stack.flushctl("check", check=False).stdout
+        return [line for line in out.splitlines() if line.startswith("odmr:")]
+    assert odmr_problems() == []
+    odmr_stack.stop_odmr()
+    problems = odmr_problems()
+    assert any("nothing accepts connections" in p for p in problems), problems
+    assert any("refused at RCPT" in p for p in problems), problems
+
+
+def test_session_time_cap(make_stack):
+    """A session that goes on past session_timeout ends; its mail is held again."""
+    stack = start(make_stack, "session_timeout = 6\n")
+    hold(stack, 2)
+    stack.sink.start(options=("-w", "30"))
+    proc = fetchmail(stack, stack.sink.port, background=True)
+    try:
+        wait_until(lambda: sessions(stack), 40, what="session ended")
+        assert "result=timeout" in sessions(stack)[-1]
+        wait_until(lambda: len(held(stack, "odmr.test")) == 2, 90, what="held again")
+        assert not bounce_lines(stack)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
 # -- a client of our own: STARTTLS, PLAIN, raw ATRN ----------------------------------
 
 class RawClient:
@@ -428,12 +455,17 @@ class CustomerMTA:
         self.controller.stop()
 
 
-def test_starttls_then_plain(make_stack, tmp_path):
+def _certificate(tmp_path):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
                     "-subj", "/CN=mx.provider.test", "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True)
     os.chmod(key, 0o600)
+    return cert, key
+
+
+def test_starttls_then_plain(make_stack, tmp_path):
+    cert, key = _certificate(tmp_path)
     stack = start(make_stack, f'tls_cert_file = "{cert}"\ntls_key_file = "{key}"\n')
     hold(stack, 2)
     stack.sink.start()
@@ -582,3 +614,24 @@ def test_in_a_cluster_the_customer_polls_each_mx(make_stack):
     assert sorted(subjects(mta.messages())) == sorted(
         f"odmr mx{n}-{i}" for n in range(3) for i in range(2))
     assert not any(queued(s, "odmr.test") for s in stacks)
+
+
+def test_implicit_tls_port(make_stack, tmp_path):
+    cert, key = _certificate(tmp_path)
+    tls_port = free_port()
+    stack = start(make_stack, f'tls_cert_file = "{cert}"\ntls_key_file = "{key}"\n'
+                              f'tls_listen = ["127.0.0.1:{tls_port}"]\n')
+    hold(stack, 1)
+    stack.sink.start()
+    ctx = ssl.create_default_context(cafile=str(cert))
+    ctx.check_hostname = False
+    smtp = smtplib.SMTP_SSL("127.0.0.1", tls_port, timeout=30, context=ctx)
+    smtp.ehlo("customer.example")
+    assert "starttls" not in smtp.esmtp_features      # TLS already
+    assert "PLAIN" in smtp.esmtp_features["auth"].split()
+    smtp.user, smtp.password = "cust1", PASSWORD
+    assert smtp.auth("PLAIN", smtp.auth_plain)[0] == 235
+    assert smtp.docmd("ATRN", "odmr.test")[0] == 250
+    mta = socket.create_connection(("127.0.0.1", stack.sink.port), 10)
+    pipe(smtp.sock, mta, 60)
+    wait_until(lambda: len(subjects(stack.sink.messages())) == 1, 30, what="delivered")
