@@ -6,21 +6,29 @@ CRAM-MD5 challenge and digest, or the PLAIN/LOGIN password) to the
 helper, which checks it against the store and answers with a token.
 Every later request names its token, and the helper decides again, from
 its own config, which domains that login may have: a daemon taken over
-cannot release another customer's mail, nor ask without a login.
+cannot release another customer's mail, nor ask without a login.  The
+CRAM-MD5 challenges are the helper's too, each good for one login: a
+daemon cannot replay an exchange it saw.  Failed logins count per user
+here as well, so a daemon cannot try passwords faster than its clients.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+import socket
 import threading
 import time
+from collections import deque
 
 from flushctl.privsep.errors import Malformed
 
 log = logging.getLogger("flushctl.helper")
 
 MAX_TOKENS = 1000          # logins alive at once
+MAX_CHALLENGES = 1000      # CRAM-MD5 challenges handed out and not yet answered
+CHALLENGE_LIFETIME = 300.0 # seconds a challenge may wait for its answer
+FAILURE_MEMORY = 900.0     # seconds a failed login counts against its user
 SESSION_RESULTS = ("delivered", "lost", "timeout", "refused_greeting", "stopped", "failed")
 
 
@@ -28,10 +36,49 @@ class Tokens:
     """Logins the helper granted: token -> (user, expiry); shared by the
     ODMR daemon's connections (it keeps a few)."""
 
-    def __init__(self, lifetime: float):
+    def __init__(self, lifetime: float, max_failures: int = 3):
         self.lifetime = lifetime
+        self.max_failures = max_failures
         self._lock = threading.Lock()
         self._tokens: dict[str, tuple[str, float]] = {}
+        self._challenges: dict[str, float] = {}
+        self._failures: dict[str, deque] = {}
+        self._host = socket.getfqdn()
+
+    def challenge(self) -> str:
+        """A CRAM-MD5 challenge (RFC 2195's form), good for one answer."""
+        now = time.monotonic()
+        with self._lock:
+            for c, until in list(self._challenges.items()):
+                if until < now:
+                    del self._challenges[c]
+            if len(self._challenges) >= MAX_CHALLENGES:
+                del self._challenges[next(iter(self._challenges))]
+            text = f"<{secrets.randbelow(10**18)}.{int(time.time())}@{self._host}>"
+            self._challenges[text] = now + CHALLENGE_LIFETIME
+            return text
+
+    def take_challenge(self, text: str) -> bool:
+        """Was ``text`` handed out, and not used yet?  It is used now."""
+        with self._lock:
+            until = self._challenges.pop(text, None)
+        return until is not None and until >= time.monotonic()
+
+    def locked_out(self, user: str) -> bool:
+        with self._lock:
+            q = self._failures.get(user)
+            now = time.monotonic()
+            while q and q[0] < now - FAILURE_MEMORY:
+                q.popleft()
+            if q is not None and not q:
+                del self._failures[user]
+            return bool(q) and len(q) >= self.max_failures
+
+    def failed(self, user: str) -> None:
+        with self._lock:
+            if len(self._failures) >= MAX_TOKENS and user not in self._failures:
+                del self._failures[next(iter(self._failures))]
+            self._failures.setdefault(user, deque()).append(time.monotonic())
 
     def grant(self, user: str) -> str:
         now = time.monotonic()
@@ -71,18 +118,26 @@ def answer(heldmail, tokens: Tokens, request: dict) -> dict:
     from flushctl.logins import passwords, store
     config = heldmail.config
     op = request.get("op")
+    if op == "challenge":
+        return {"challenge": tokens.challenge()}
     if op == "login":
         mechanism, user = _text(request, "mechanism"), _text(request, "user", 200)
         client = _text(request, "client", 100)
         logins = store.load(config.logins_path)
+        if tokens.locked_out(user):
+            log.warning("event=auth_refused user=%r client=%s reason=locked_out", user[:64],
+                        client)
+            return {"token": None}
         if mechanism == "CRAM-MD5":
-            ok = passwords.verify_cram_md5(logins, user, _text(request, "challenge").encode(),
-                                       _text(request, "response", 100))
+            challenge = _text(request, "challenge")
+            ok = tokens.take_challenge(challenge) and passwords.verify_cram_md5(
+                logins, user, challenge.encode(), _text(request, "response", 100))
         elif mechanism in ("PLAIN", "LOGIN"):
             ok = passwords.verify_plain(logins, user, _text(request, "password"))
         else:
             raise Malformed(f"no such mechanism: {mechanism!r:.40}")
         if not ok:
+            tokens.failed(user)
             log.warning("event=auth_failed user=%r client=%s mechanism=%s", user[:64], client,
                         mechanism)
             return {"token": None}

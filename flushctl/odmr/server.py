@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import time
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, auth_mechanism
 
@@ -99,8 +97,12 @@ class OdmrSMTP(SMTP):
         if len(args) != 1:
             await self.push("501 5.5.4 CRAM-MD5 takes no initial response")
             return AuthResult(success=False, handled=True)
-        challenge = f"<{int.from_bytes(os.urandom(8), 'big')}.{int(time.time())}" \
-                    f"@{self.hostname}>"
+        try:   # the helper's: good for one answer, so no exchange can be replayed
+            challenge = (await self.provider.call({"op": "challenge"}))["challenge"]
+        except (PrivsepError, KeyError, TypeError) as exc:
+            log.error("event=error stage=login reason=%r", str(exc))
+            await self.push("454 4.7.0 Temporary authentication failure")
+            return AuthResult(success=False, handled=True)
         response = await self.challenge_auth(challenge)
         if response is MISSING:
             return AuthResult(success=False, handled=True)

@@ -113,7 +113,8 @@ class Helper:
         self.gate = None                          # the gateways' gate, made in serve()
         self.listeners: list[socket.socket] | None = None   # the gateway's, once asked for
         from flushctl.odmr.authority import Tokens
-        self.odmr_logins = Tokens(config.odmr.session_timeout * 2 + 600 if config.odmr else 0)
+        self.odmr_logins = Tokens(config.odmr.session_timeout * 2 + 600,
+                                  config.odmr.auth_failures) if config.odmr else Tokens(0)
 
     async def serve(self, stop: asyncio.Event) -> None:
         from flushctl import cluster
