@@ -90,11 +90,13 @@ def domains(ctx, as_json):
             "quota_messages": d.quota_messages,
             "quota_bytes": d.quota_bytes,
             "flush_from": [str(n) for n in d.flush_from],
+            "users": list(d.users),
+            "odmr": d.odmr,
         })
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     for r in rows:
-        click.echo(f"{r['domain']:<30} relay={r['relay'] or '(MX)'}"
+        click.echo(f"{r['domain']:<30} relay={'(ODMR)' if r['odmr'] else r['relay'] or '(MX)'}"
                    f" recipients={len(r['recipients']) if r['recipients'] else 'any'}"
                    f" quota={r['quota_messages'] or '-'}/{r['quota_bytes'] or '-'}")

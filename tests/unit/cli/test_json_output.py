@@ -31,3 +31,16 @@ def test_check_config_json_says_what_is_wrong_and_exits_1(tmp_path):
     # and without --json: the error on stderr, nothing on stdout
     code, out = run("--config", str(path), "check-config")
     assert code == 1 and out == ""
+
+
+def test_domains_json_shows_logins_and_odmr(tmp_path):
+    path = tmp_path / "flushctl.toml"
+    path.write_text('[odmr]\n[domains."home.example"]\nodmr = true\nusers = ["cust1"]\n'
+                    '[domains."b.example"]\n')
+    code, out = run("--config", str(path), "domains", "--json")
+    assert code == 0
+    rows = {r["domain"]: r for r in json.loads(out)}
+    assert rows["home.example"]["users"] == ["cust1"] and rows["home.example"]["odmr"] is True
+    assert rows["b.example"]["users"] == [] and rows["b.example"]["odmr"] is False
+    code, out = run("--config", str(path), "domains")
+    assert "relay=(ODMR)" in out
