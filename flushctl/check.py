@@ -138,8 +138,8 @@ def _daemons(config: Config, report: Report) -> None:
 
 
 def _odmr(config: Config, report: Report) -> None:
-    """The ODMR daemon: its ports, and the socketmap Postfix asks for
-    ODMR domains' transport (without it, their mail is refused at RCPT)."""
+    """The ODMR daemon: its ports, and the relay addresses Postfix's odmr
+    transport connects to (without them, no session gets any mail)."""
     report.checks.append("odmr")
     settings = config.odmr
     for where in (*settings.listen, *settings.tls_listen):
@@ -149,12 +149,14 @@ def _odmr(config: Config, report: Report) -> None:
         if why:
             report.problems.append(f"odmr: nothing accepts connections on {where} ({why}): "
                                    "is `flushctl odmr` running?")
-    if any(d.odmr for d in config.domains.values()):
-        why = _connectable(Listen("unix", path=settings.map_socket))
+    from flushctl.mta.routing import odmr_address
+    for address in sorted({odmr_address(d.name) for d in config.domains.values() if d.odmr}):
+        why = _connectable(HostPort(address, settings.relay_port))
         if why:
-            report.problems.append(f"odmr: the transport map {settings.map_socket} does not "
-                                   f"answer ({why}): mail for ODMR domains is refused at RCPT "
-                                   "(4xx) until `flushctl odmr` runs")
+            report.problems.append(f"odmr: nothing answers the relay {address}:"
+                                   f"{settings.relay_port} ({why}): no session can take its "
+                                   "domain's mail until `flushctl odmr` runs")
+            break
 
 
 def _ledger(od: HeldMail, report: Report) -> None:

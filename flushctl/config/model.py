@@ -154,7 +154,9 @@ class OdmrSettings:
     listen: tuple[HostPort, ...] = (HostPort("0.0.0.0", ODMR_PORT),)
     tls_listen: tuple[HostPort, ...] = ()   # implicit TLS (needs the cert and key)
     user: str = "nobody"                    # the daemon's network side runs as this user
-    map_socket: str = "/var/spool/postfix/flushctl-odmr/map"   # the transport's socketmap
+    # where Postfix's odmr transport connects, on one loopback address per
+    # ODMR domain (127.A.B.C, from the name): a port only root may bind
+    relay_port: int = 367
     tls_cert_file: str | None = None
     tls_key_file: str | None = None         # both or neither
     session_timeout: float = 1800.0         # seconds one session may last at most

@@ -95,11 +95,18 @@ def _cluster(path: str, data: dict) -> Cluster | None:
                    retry_for=float(retry_for), helo=helo)
 
 
+def _relay_port(sec, default: int) -> int:
+    port = sec.positive("relay_port", int, default)
+    if port >= 1024:
+        sec.fail("relay_port", f"must be below 1024 (a port only root may bind), not {port}")
+    return port
+
+
 def _odmr(path: str, data: dict) -> OdmrSettings | None:
     if "odmr" not in data:
         return None
     sec = _Section(path, "odmr", data["odmr"])
-    sec.check_keys({"listen", "tls_listen", "user", "map_socket", "tls_cert_file",
+    sec.check_keys({"listen", "tls_listen", "user", "relay_port", "tls_cert_file",
                     "tls_key_file", "session_timeout", "idle_timeout", "auth_failures",
                     "auth_delay", "max_sessions"})
     default = OdmrSettings()
@@ -122,7 +129,7 @@ def _odmr(path: str, data: dict) -> OdmrSettings | None:
         tls_listen=tls_listen,
         user=_user(sec, default.user, "the ODMR daemon talks to customers before they log "
                    "in: name an unprivileged user"),
-        map_socket=sec.absolute_path("map_socket", default.map_socket),
+        relay_port=_relay_port(sec, default.relay_port),
         tls_cert_file=cert,
         tls_key_file=key,
         session_timeout=float(sec.positive("session_timeout", float, default.session_timeout)),

@@ -29,7 +29,7 @@ from flushctl.heldmail import holdtag
 from flushctl.mta import settings
 from flushctl.config import Config
 from flushctl.mta.commands import Postfix, PostfixError
-from flushctl.mta.milter_access import prepare_milter, prepare_odmr
+from flushctl.mta.milter_access import prepare_milter
 from flushctl.mta.removed_domains import held_removed, refuse_removed, settle_removed
 
 STATE_FILE = "applied.json"
@@ -288,7 +288,7 @@ def apply(config: Config, dry_run: bool = False, reload: bool = True,
                          f"(check [postfix] config_directory in {config.path})")
     data = settings.load_data()
     list_names = list(data["lists"]) + list(data["conditional_lists"]) + \
-        list(data["parameters"]) + ["nested_header_checks"]
+        list(data["parameters"]) + list(data["odmr"]["parameters"]) + ["nested_header_checks"]
     raw = pf.get_explicit(*list_names, "smtpd_relay_restrictions", "mynetworks")
     expanded = pf.get(*MANAGED)
     services = pf.services()
@@ -311,7 +311,6 @@ def apply(config: Config, dry_run: bool = False, reload: bool = True,
                          maps=_changed_maps(config, plan.maps), dry_run=dry_run)
     if not dry_run:
         prepare_milter(config)
-        prepare_odmr(config)
     if dry_run or not report.changed:
         if not dry_run:
             _save_ours(config, plan, sorted(kept))

@@ -95,28 +95,3 @@ def socket_directory(config: Config, directory: str, name: str, uid: int, gid: i
     finally:
         os.close(fd)
 
-
-def prepare_odmr(config: Config) -> None:
-    """The ODMR daemon's map socket directory: its own, group postfix,
-    02750 (trivial-rewrite reaches in, no one else)."""
-    from flushctl.mta.apply import ApplyError   # apply.py imports this module
-    from flushctl.privsep.accounts import account
-    from flushctl.privsep.errors import PrivsepError
-    if config.odmr is None:
-        return
-    uid = 0
-    if config.odmr.user:
-        try:
-            uid = account(config.odmr.user, "odmr").pw_uid
-        except PrivsepError as exc:
-            raise ApplyError(f"{config.path}: {exc}") from None
-    try:
-        postfix = grp.getgrnam("postfix").gr_gid
-    except KeyError:
-        raise ApplyError("there is no postfix group: is Postfix installed?") from None
-    path = config.odmr.map_socket
-    directory = os.path.dirname(path)
-    if directory in (os.path.normpath(config.state_directory), os.path.dirname(config.helper_socket),
-                     os.path.dirname(config.milter_listen.path)):
-        raise ApplyError(f"{config.path}: odmr.map_socket: give it a directory of its own")
-    socket_directory(config, directory, os.path.basename(path), uid, postfix, "odmr.map_socket")

@@ -55,10 +55,28 @@ def nexthop_text(relay: Relay | None) -> str:
     return relay.nexthop if relay is not None else ""
 
 
-def transport_entries(dom: Domain, transport: str) -> list[tuple[str, str]]:
+ODMR_TRANSPORT = "odmr"
+
+
+def odmr_address(name: str) -> str:
+    """The loopback address of an ODMR domain's relay: 127.A.B.C from a
+    hash of the name, the same in every process and after every restart
+    (never 127.0.x.x, where other services listen).  Two domains may share
+    one; the relay takes only the recipients of the session's own domains."""
+    import hashlib
+    a, b, c = hashlib.sha256(name.encode()).digest()[:3]
+    return f"127.{a or 1}.{b}.{c}"
+
+
+def transport_entries(dom: Domain, transport: str, relay_port: int = 0) -> list[tuple[str, str]]:
     """(key, value) lines of transport_maps for one customer domain: the
     domain and its subdomains, then each listed host and its subdomains
-    (an exact or nearer entry wins over a parent's in Postfix's lookup)."""
+    (an exact or nearer entry wins over a parent's in Postfix's lookup).
+    An ODMR domain's mail goes to its relay on loopback, whose port only
+    root may bind: it never leaves this host but over the customer's session."""
+    if dom.odmr:
+        value = f"{ODMR_TRANSPORT}:[{odmr_address(dom.name)}]:{relay_port}"
+        return [(dom.name, value), ("." + dom.name, value)]
     entries = []
     value = f"{transport}:{nexthop_text(dom.relay)}"
     entries += [(dom.name, value), ("." + dom.name, value)]

@@ -100,8 +100,7 @@ def policy_spec(config: Config, queue_directory: str) -> str:
 
 
 # Maps built with postmap; the others are regexp tables read as they are.
-HASH_MAPS = ("relay_domains", "flush_domains", "transport", "relay_recipients",
-             "odmr_domains")
+HASH_MAPS = ("relay_domains", "flush_domains", "transport", "relay_recipients")
 
 
 def render_maps(config: Config, requeue_uid: int | None = None) -> dict[str, str]:
@@ -111,16 +110,14 @@ def render_maps(config: Config, requeue_uid: int | None = None) -> dict[str, str
     ``strip_hold`` (their rules: ``holdtag``; ``requeue_uid``: the
     mail_owner's uid, whose requeue trace header intake drops).
     """
-    relay, flush, transport, recipients, any_user, odmr = [], [], [], [], [], []
+    relay, flush, transport, recipients, any_user = [], [], [], [], []
     for name in sorted(config.domains):
         dom = config.domains[name]
         relay.append(f"{name}\tOK\n")
         # ETRN: the domain, and the form a peer forwards it in
         flush.extend([f"{name}\tOK\n", f"{forwarded(name)}\tOK\n"])
-        transport.extend(f"{key}\t{value}\n"
-                         for key, value in transport_entries(dom, config.transport_name))
-        if dom.odmr:   # passed on to the ODMR daemon's socketmap (see settings.toml)
-            odmr.extend([f"{name}\t{name}\n", f".{name}\t{name}\n"])
+        transport.extend(f"{key}\t{value}\n" for key, value in transport_entries(
+            dom, config.transport_name, config.odmr.relay_port if config.odmr else 0))
         if dom.recipients is None:
             any_user.append(f"/@(.+\\.)?{re.escape(name)}$/\tOK\n")
         else:
@@ -131,7 +128,6 @@ def render_maps(config: Config, requeue_uid: int | None = None) -> dict[str, str
         "flush_domains": header + "".join(flush),
         "transport": header + "".join(transport),
         "relay_recipients": header + "".join(recipients),
-        "odmr_domains": header + "".join(odmr),
         "relay_recipient_domains": header + "".join(any_user),
         "intake": header + holdtag.intake_rules(requeue_uid),
         "strip_hold": header + holdtag.strip_rules(),
@@ -228,20 +224,6 @@ def odmr_enabled(config: Config) -> bool:
     return config.odmr is not None and any(d.odmr for d in config.domains.values())
 
 
-def odmr_map_spec(config: Config, queue_directory: str) -> str:
-    """The socketmap's socket as trivial-rewrite names it: relative to the
-    queue directory, its working directory whether chrooted or not."""
-    path = config.odmr.map_socket if config.odmr else ""
-    queue = os.path.normpath(queue_directory)
-    if not path:
-        return ""
-    if os.path.commonpath([queue, path]) != queue or path == queue:
-        raise SettingsError(
-            f"{config.path}: odmr.map_socket: trivial-rewrite reaches it only under "
-            f"{queue} (for example {queue}/flushctl-odmr/map)")
-    return os.path.relpath(path, queue)
-
-
 def plan(config: Config, data: dict, raw: dict[str, str], expanded: dict[str, str],
          services: dict[str, str], previous_ours: set[str], smtpd_chrooted: bool,
          previous_services: frozenset[str] = frozenset(),
@@ -260,7 +242,6 @@ def plan(config: Config, data: dict, raw: dict[str, str], expanded: dict[str, st
         "cleanup_milter": milter_spec(config, expanded["queue_directory"], cleanup_chrooted,
                                       "cleanup"),
         "policy": policy_spec(config, expanded["queue_directory"]),
-        "odmr_map": odmr_map_spec(config, expanded["queue_directory"]),
     }
     check_mynetworks(expanded.get("mynetworks", ""), data)
 

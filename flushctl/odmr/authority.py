@@ -26,10 +26,12 @@ from flushctl.privsep.errors import Malformed
 log = logging.getLogger("flushctl.helper")
 
 MAX_TOKENS = 1000          # logins alive at once
+MAX_FAILED_USERS = 100000  # users with recent failures remembered (beyond: all locked)
 MAX_CHALLENGES = 1000      # CRAM-MD5 challenges handed out and not yet answered
 CHALLENGE_LIFETIME = 300.0 # seconds a challenge may wait for its answer
 FAILURE_MEMORY = 900.0     # seconds a failed login counts against its user
-SESSION_RESULTS = ("delivered", "lost", "timeout", "refused_greeting", "stopped", "failed")
+SESSION_RESULTS = ("delivered", "nothing_delivered", "lost", "timeout", "refused_greeting",
+                   "stopped", "failed")
 
 
 class Tokens:
@@ -40,7 +42,7 @@ class Tokens:
         self.lifetime = lifetime
         self.max_failures = max_failures
         self._lock = threading.Lock()
-        self._tokens: dict[str, tuple[str, float]] = {}
+        self._tokens: dict[str, tuple[str, str, float]] = {}
         self._challenges: dict[str, float] = {}
         self._failures: dict[str, deque] = {}
         self._host = socket.getfqdn()
@@ -66,6 +68,8 @@ class Tokens:
 
     def locked_out(self, user: str) -> bool:
         with self._lock:
+            if len(self._failures) >= MAX_FAILED_USERS and user not in self._failures:
+                return True   # a flood of names: nobody new is let in until it ends
             q = self._failures.get(user)
             now = time.monotonic()
             while q and q[0] < now - FAILURE_MEMORY:
@@ -75,29 +79,42 @@ class Tokens:
             return bool(q) and len(q) >= self.max_failures
 
     def failed(self, user: str) -> None:
-        with self._lock:
-            if len(self._failures) >= MAX_TOKENS and user not in self._failures:
-                del self._failures[next(iter(self._failures))]
-            self._failures.setdefault(user, deque()).append(time.monotonic())
-
-    def grant(self, user: str) -> str:
+        """Count a failure; records still in memory are never dropped for room."""
         now = time.monotonic()
         with self._lock:
-            for t, (_, until) in list(self._tokens.items()):
+            if len(self._failures) >= MAX_FAILED_USERS:
+                for name, q in list(self._failures.items()):
+                    if not q or q[-1] < now - FAILURE_MEMORY:
+                        del self._failures[name]
+            if len(self._failures) < MAX_FAILED_USERS or user in self._failures:
+                self._failures.setdefault(user, deque()).append(now)
+
+    def grant(self, user: str, password_hash: str) -> str:
+        """A token for ``user`` while its password is the one of ``password_hash``
+        (salted anew by every change)."""
+        now = time.monotonic()
+        with self._lock:
+            for t, (_, _, until) in list(self._tokens.items()):
                 if until < now:
                     del self._tokens[t]
             if len(self._tokens) >= MAX_TOKENS:
-                oldest = min(self._tokens, key=lambda t: self._tokens[t][1])
+                oldest = min(self._tokens, key=lambda t: self._tokens[t][2])
                 del self._tokens[oldest]
             token = secrets.token_hex(16)
-            self._tokens[token] = (user, now + self.lifetime)
+            self._tokens[token] = (user, password_hash, now + self.lifetime)
             return token
 
-    def user(self, token) -> str:
+    def user(self, token, logins) -> str:
+        """The login of a live token, as long as the store still has it with
+        the same password (`flushctl user del` or `passwd` ends it)."""
         with self._lock:
             entry = self._tokens.get(token) if isinstance(token, str) else None
-        if entry is None or entry[1] < time.monotonic():
+        if entry is None or entry[2] < time.monotonic():
             raise PermissionError("no such login (or it expired)")
+        login = logins.get(entry[0])
+        if login is None or login.scrypt != entry[1]:
+            self.drop(token)
+            raise PermissionError("the login was removed or its password changed")
         return entry[0]
 
     def drop(self, token) -> None:
@@ -141,8 +158,8 @@ def answer(heldmail, tokens: Tokens, request: dict) -> dict:
             log.warning("event=auth_failed user=%r client=%s mechanism=%s", user[:64], client,
                         mechanism)
             return {"token": None}
-        return {"token": tokens.grant(user)}
-    user = tokens.user(request.get("token"))
+        return {"token": tokens.grant(user, logins.get(user).scrypt)}
+    user = tokens.user(request.get("token"), store.load(config.logins_path))
     mine = {d.name for d in config.domains.values() if d.odmr and user in d.users}
     if op == "held":
         domains = request.get("domains")

@@ -1,14 +1,15 @@
 """`flushctl odmr`: the ODMR provider daemon (RFC 2645), never root.
 
 Started as root (or with CAP_NET_BIND_SERVICE), it binds [odmr] listen
-(port 366) and the implicit-TLS ports, becomes [odmr] user, and from then
-on reads what customers send as that user.  It keeps a few connections to
-the release helper (role ``odmr``), which checks every login and
-releases; it serves the transport socketmap for the ODMR domains at
-[odmr] map_socket, in the directory `flushctl apply` made for it (its
-own, group postfix, 02750).  It stops on SIGTERM: sessions under way are
-ended (their mail not yet delivered is held again), then the map's socket
-goes, so Postfix defers those domains' mail until it is back.
+(port 366), the implicit-TLS ports and, for Postfix's odmr transport, each
+ODMR domain's relay address (127.A.B.C:[odmr] relay_port, a port only
+root may bind), becomes [odmr] user (a systemd unit starts it as that
+user, with that one capability), and from then on reads what customers
+send as that user.  It keeps a few connections to the release helper
+(role ``odmr``), which checks every CRAM-MD5 login and releases.  It
+stops on SIGTERM: sessions under way are ended (their mail not yet
+delivered is held again); while it is down, Postfix defers the ODMR
+domains' mail (nothing answers their relay addresses).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import ssl
 import warnings
 
 from flushctl.config import Config
-from flushctl.odmr import socketmap
+from flushctl.mta.routing import odmr_address
 from flushctl.odmr.provider import Provider
+from flushctl.odmr.relay import MAX_LINE
 from flushctl.odmr.server import OdmrSMTP
 from flushctl.privsep import client, wire
 from flushctl.privsep.accounts import account, current_user, drop_privileges
@@ -58,17 +60,22 @@ class HelperLink:
             self.free.put_nowait(channel)
 
 
-def bind(config: Config) -> list[tuple[socket.socket, bool]]:
-    """(listening socket, implicit TLS) for every [odmr] address."""
+PLAIN, TLS, RELAY = "plain", "tls", "relay"
+
+
+def bind(config: Config) -> list[tuple[socket.socket, str]]:
+    """(listening socket, kind) for every [odmr] address and relay address."""
     out = []
     settings = config.odmr
-    for where, tls in [(w, False) for w in settings.listen] + \
-                      [(w, True) for w in settings.tls_listen]:
-        family = socket.AF_INET6 if ":" in where.host else socket.AF_INET
+    relays = sorted({odmr_address(d.name) for d in config.domains.values() if d.odmr})
+    for (host, port), kind in [((w.host, w.port), PLAIN) for w in settings.listen] + \
+            [((w.host, w.port), TLS) for w in settings.tls_listen] + \
+            [((a, settings.relay_port), RELAY) for a in relays]:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((where.host, where.port))
+            sock.bind((host, port))
             sock.listen(128)
         except OSError:
             sock.close()
@@ -76,7 +83,7 @@ def bind(config: Config) -> list[tuple[socket.socket, bool]]:
                 s.close()
             raise
         sock.setblocking(False)
-        out.append((sock, tls))
+        out.append((sock, kind))
     return out
 
 
@@ -103,6 +110,7 @@ def _preload() -> None:
     import concurrent.futures.thread  # noqa: F401  asyncio.to_thread's executor
     import encodings.idna  # noqa: F401
     import flushctl.odmr.session  # noqa: F401
+    import hashlib  # noqa: F401
     import aiosmtpd.proxy_protocol  # noqa: F401
 
 
@@ -110,7 +118,12 @@ def run(config: Config) -> None:
     settings = config.odmr
     if settings is None:
         raise PrivsepError("odmr: the config has no [odmr] section")
-    tls = tls_context(config)       # read as root: the key may be root's
+    try:   # as whoever starts it: under systemd, [odmr] user (give it the key's group)
+        tls = tls_context(config)
+    except (OSError, ssl.SSLError) as exc:
+        raise PrivsepError(f"odmr: cannot read the TLS certificate or key "
+                           f"({settings.tls_cert_file}, {settings.tls_key_file}): {exc}") \
+            from None
     owner = postfix_uid(config)
     listeners = bind(config)
     _preload()
@@ -134,7 +147,6 @@ async def _serve(config: Config, listeners, tls, owner: int | None) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    map_server = await socketmap.serve(settings.map_socket, provider.lookup)
     servers = []
     hostname = socket.getfqdn()
 
@@ -145,12 +157,17 @@ async def _serve(config: Config, listeners, tls, owner: int | None) -> None:
                                 tls_context=None if implicit else tls,
                                 timeout=settings.idle_timeout)
 
-    for sock, implicit in listeners:
-        servers.append(await loop.create_server(factory(implicit), sock=sock,
-                                                ssl=tls if implicit else None))
-    log.info("event=start user=%s listen=%s tls_listen=%s map=%s", current_user(),
-             ",".join(map(str, settings.listen)), ",".join(map(str, settings.tls_listen)) or "-",
-             settings.map_socket)
+    for sock, kind in listeners:
+        if kind == RELAY:
+            servers.append(await asyncio.start_server(provider.postfix_connection, sock=sock,
+                                                      limit=MAX_LINE))
+            continue
+        servers.append(await loop.create_server(factory(kind == TLS), sock=sock,
+                                                ssl=tls if kind == TLS else None))
+    log.info("event=start user=%s listen=%s tls_listen=%s relays=%d relay_port=%d",
+             current_user(), ",".join(map(str, settings.listen)),
+             ",".join(map(str, settings.tls_listen)) or "-",
+             sum(kind == RELAY for _, kind in listeners), settings.relay_port)
     gone = loop.create_task(helper.gone.wait())
     stopped = loop.create_task(stop.wait())
     await asyncio.wait([gone, stopped], return_when=asyncio.FIRST_COMPLETED)
@@ -159,11 +176,6 @@ async def _serve(config: Config, listeners, tls, owner: int | None) -> None:
     provider.stopping.set()     # sessions end: their mail not yet delivered is held again
     if provider.running:
         await asyncio.wait(set(provider.running), timeout=60)
-    map_server.close()
-    try:
-        os.unlink(settings.map_socket)
-    except OSError:
-        pass
     if helper.gone.is_set() and not stop.is_set():
         log.error("event=stop reason=helper_gone")
         raise PrivsepError("odmr: the release helper went away")

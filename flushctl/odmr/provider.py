@@ -1,9 +1,11 @@
 """The ODMR provider's state and decisions: who may ATRN what, live sessions, failed logins.
 
 One ``Provider`` per daemon.  It knows the live sessions (at most one per
-domain), answers the transport socketmap from them, counts failed logins
-per client address and per user, and decides every ATRN by RFC 2645
-§5.2.1 before a session turns a connection around.
+domain), takes Postfix's connections to the domains' relay addresses
+(``mta.routing.odmr_address``, port [odmr] relay_port) and hands each to
+its domain's session, counts failed logins per client address and per
+user, and decides every ATRN by RFC 2645 §5.2.1 before a session turns
+a connection around.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from collections import deque
 
 from flushctl import names
 from flushctl.config import Config
+from flushctl.mta.routing import odmr_address
+from flushctl.odmr.relay import loopback_peer_uid
 from flushctl.privsep.errors import PrivsepError
 
 log = logging.getLogger("flushctl.odmr")
@@ -28,21 +32,37 @@ class Provider:
         self.settings = config.odmr
         self.helper = helper                 # async call(request) -> reply
         self.postfix_uid = postfix_uid
-        self.routes: dict[str, int] = {}     # domain -> its session's relay port
+        self.relays: dict = {}               # domain -> its live session's Relay
+        self.by_address: dict[str, list[str]] = {}   # relay address -> its domains
+        for d in config.domains.values():
+            if d.odmr:
+                self.by_address.setdefault(odmr_address(d.name), []).append(d.name)
         self.busy: set[str] = set()          # domains with a session, turned around or turning
         self._failures: dict[str, deque] = {}
         self.connections = 0                 # at once
         self.stopping = asyncio.Event()      # the daemon stops: sessions end
         self.running: set[asyncio.Future] = set()   # sessions turned around
 
-    # -- the transport map ----------------------------------------------------
-    def lookup(self, key: str) -> str:
-        """The domain's session's relay; without one, the on-demand
-        transport (in defer_transports: deferred, held again), as for any
-        customer domain.  Not retry: or error:, which smtpd would take for
-        a reason to refuse the domain's mail at RCPT."""
-        port = self.routes.get(key)
-        return f"odmr:[127.0.0.1]:{port}" if port else f"{self.config.transport_name}:"
+    # -- Postfix's connections to the relay addresses -----------------------------
+    async def postfix_connection(self, reader: asyncio.StreamReader,
+                                 writer: asyncio.StreamWriter) -> None:
+        """Postfix's odmr transport, connected to a domain's relay address:
+        passed to that domain's live session, else 421 (deferred, held
+        again).  Any other local user is turned away: only Postfix's
+        mail_owner may talk to a customer's MTA as us."""
+        sock = writer.get_extra_info("socket")
+        ours, theirs = sock.getsockname()[:2], sock.getpeername()[:2]
+        if self.postfix_uid is not None and loopback_peer_uid(ours, theirs) != self.postfix_uid:
+            log.warning("event=refused reason=not_postfix peer=%s:%d", *theirs)
+            writer.close()
+            return
+        relay = next((self.relays[d] for d in self.by_address.get(ours[0], ())
+                      if d in self.relays), None)
+        if relay is None:
+            writer.write(b"421 4.3.0 No ODMR session for this domain now\r\n")
+            writer.close()
+            return
+        await relay.serve_postfix(reader, writer)
 
     # -- logins -----------------------------------------------------------------
     def _recent(self, key: str) -> deque:
@@ -121,6 +141,6 @@ class Provider:
 
     def end(self, domains) -> None:
         for d in domains:
-            self.routes.pop(d, None)
+            self.relays.pop(d, None)
             self.busy.discard(d)
 

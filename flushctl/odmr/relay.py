@@ -1,18 +1,19 @@
 """A turned-around ODMR session: Postfix's smtp client on one side, the customer on the other.
 
 After ``250`` to ATRN the customer's client speaks as an SMTP server over
-the same connection (RFC 2645 §5.3): its MTA's greeting comes first.  The
-session then listens on a loopback port that only the transport map
-names, for its domains, while it lasts; Postfix's ``odmr`` transport
-connects there, and ``Relay`` passes its commands to the customer and the
-customer's replies back, unchanged, with three exceptions:
+the same connection (RFC 2645 §5.3): its MTA's greeting comes first.
+Postfix's ``odmr`` transport connects to the domain's relay address (see
+``provider``), and ``Relay`` passes its commands to the customer and the
+customer's replies back, unchanged, with these exceptions:
 
 - each Postfix connection gets the customer's saved greeting (Postfix may
   open several, one after the other; a repeated EHLO is legal);
 - Postfix's QUIT is answered here: the customer's connection stays open
   for the next message, and gets QUIT once the session's mail is done;
-- a connection from any other user than Postfix's mail_owner is closed at
-  once (a local user must not talk to the customer's server as us).
+- a recipient outside the session's domains ends that connection before
+  it reaches the customer (Postfix defers the message; it is held again);
+- once the end of a message is sent, its reply is waited for, even when
+  the session is cut short: a lost reply would send the message twice.
 
 Commands and replies are counted (pipelining keeps several in flight),
 so a QUIT is answered only once every reply before it came back.
@@ -22,34 +23,53 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 log = logging.getLogger("flushctl.odmr")
 
 MAX_LINE = 64 * 1024
+MAX_REPLY_LINES = 100   # lines of one reply of the customer's, at most
 REPLY_WAIT = 600.0      # seconds a customer may take for one reply (RFC 5321's DATA end)
+DOT_WAIT = 120.0        # seconds a session cut short still waits for a message's last reply
 
 
 class SessionOver(Exception):
     """The customer hung up, or broke the protocol: nothing more goes over."""
 
 
-def loopback_peer_uid(local_port: int, peer_port: int) -> int | None:
-    """The uid that owns the other end of a loopback TCP connection we
-    accepted on ``local_port`` (the kernel's socket table: the peer's
-    socket is the one whose local port is ``peer_port``)."""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f)
-                for line in f:
-                    fields = line.split()
-                    local, remote, uid = fields[1], fields[2], fields[7]
-                    if int(local.rsplit(":", 1)[1], 16) == peer_port \
-                            and int(remote.rsplit(":", 1)[1], 16) == local_port:
-                        return int(uid)
-        except OSError:
-            continue
+def _endpoint(text: str) -> tuple[str, int]:
+    """An IPv4 ``ADDR:PORT`` of /proc/net/tcp (the address in host order, hex)."""
+    addr, port = text.rsplit(":", 1)
+    return socket.inet_ntoa(bytes.fromhex(addr)[::-1]), int(port, 16)
+
+
+def loopback_peer_uid(ours: tuple[str, int], theirs: tuple[str, int],
+                      table: str = "/proc/net/tcp") -> int | None:
+    """The uid that owns the other end of an IPv4 loopback connection we
+    accepted: the kernel's socket whose local end is ``theirs`` and whose
+    remote end is ``ours``, all four parts compared."""
+    try:
+        with open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if len(fields[1]) != 13:   # not IPv4
+                    continue
+                if _endpoint(fields[1]) == theirs and _endpoint(fields[2]) == ours:
+                    return int(fields[7])
+    except (OSError, ValueError, StopIteration):
+        return None
     return None
+
+
+def rcpt_domain(line: bytes) -> str | None:
+    """The domain of ``RCPT TO:<user@domain> ...``, lower case; None if none."""
+    text = line.decode("utf-8", "replace")
+    start, end = text.find("<"), text.find(">")
+    if start < 0 or end < start:
+        return None
+    address = text[start + 1:end]
+    return address.rpartition("@")[2].lower().rstrip(".") if "@" in address else None
 
 
 def final_reply(line: bytes) -> bool:
@@ -59,10 +79,10 @@ def final_reply(line: bytes) -> bool:
 
 class Relay:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 postfix_uid: int | None):
+                 domains: list[str]):
         self.reader = reader            # the customer's side
         self.writer = writer
-        self.postfix_uid = postfix_uid  # None: anyone (tests as root, say)
+        self.domains = domains          # the only recipients it takes
         self.greeting = b""
         self.delivered = 0
         self.connections = 0
@@ -70,8 +90,7 @@ class Relay:
         self.over = asyncio.Event()     # the customer is gone
         self.error = ""
         self._turn = asyncio.Lock()     # one Postfix connection talks at a time
-        self.server: asyncio.AbstractServer | None = None
-        self.port = 0
+        self.dot_pending = 0            # messages whose end is sent, their reply not back
         self._postfix_writers: set[asyncio.StreamWriter] = set()
 
     async def read_reply(self, timeout: float = REPLY_WAIT) -> list[bytes]:
@@ -82,6 +101,8 @@ class Relay:
             lines.append(line)
             if final_reply(line):
                 return lines
+            if len(lines) >= MAX_REPLY_LINES:
+                raise SessionOver(f"a reply of over {MAX_REPLY_LINES} lines")
 
     async def _line(self, timeout: float) -> bytes:
         try:
@@ -105,25 +126,28 @@ class Relay:
             self.error = lines[-1].decode("ascii", "replace").strip()
             return False
         self.greeting = b"".join(lines)
-        self.server = await asyncio.start_server(self._postfix, "127.0.0.1", 0,
-                                                 limit=MAX_LINE, reuse_address=True)
-        self.port = self.server.sockets[0].getsockname()[1]
         return True
 
-    def abort(self) -> None:
+    def takes(self, domain: str | None) -> bool:
+        return domain is not None and any(domain == d or domain.endswith("." + d)
+                                          for d in self.domains)
+
+    async def abort(self) -> None:
         """Cut the session short (its time is up, the daemon stops): Postfix's
         connections are closed (it defers what it was sending, and that is
-        held again); the customer's connection is closed by its owner."""
-        if self.server is not None:
-            self.server.close()
+        held again), but not while a message's end is sent and its reply
+        not back (that message would go twice); the customer's connection
+        is closed by its owner."""
+        self.over.set()
+        for _ in range(int(DOT_WAIT * 10)):
+            if not self.dot_pending:
+                break
+            await asyncio.sleep(0.1)
         for writer in list(self._postfix_writers):
             writer.close()
-        self.over.set()
 
     async def quit(self) -> None:
         """End the customer's side: QUIT, its 221 (not waited on for long)."""
-        if self.server is not None:
-            self.server.close()
         try:
             async with self._turn:
                 if not self.over.is_set():
@@ -133,16 +157,9 @@ class Relay:
         except (SessionOver, ConnectionError, OSError):
             pass
 
-    async def _postfix(self, preader: asyncio.StreamReader,
-                       pwriter: asyncio.StreamWriter) -> None:
-        sock = pwriter.get_extra_info("socket")
-        local_port = sock.getsockname()[1]
-        peer_port = sock.getpeername()[1]
-        if self.postfix_uid is not None and \
-                loopback_peer_uid(local_port, peer_port) != self.postfix_uid:
-            log.warning("event=refused reason=not_postfix peer_port=%d", peer_port)
-            pwriter.close()
-            return
+    async def serve_postfix(self, preader: asyncio.StreamReader,
+                            pwriter: asyncio.StreamWriter) -> None:
+        """One connection of Postfix's (the provider checked who it is)."""
         self.active += 1
         self._postfix_writers.add(pwriter)
         try:
@@ -179,9 +196,14 @@ class Relay:
                         state["in_data"] = False
                         state["after_dot"] = True
                         state["outstanding"] += 1
+                        self.dot_pending += 1
                         await self.writer.drain()
                     continue
                 verb = line.strip().upper()
+                if verb.startswith(b"RCPT TO:") and not self.takes(rcpt_domain(line)):
+                    log.warning("event=refused reason=recipient_not_of_session domains=%s",
+                                ",".join(self.domains))
+                    return   # Postfix loses the connection: it defers, the mail is held
                 if verb == b"QUIT":
                     await self._settled(state, replies)
                     pwriter.write(b"221 2.0.0 Bye\r\n")
@@ -210,6 +232,7 @@ class Relay:
         except SessionOver as exc:
             self.error = str(exc)
             self.over.set()
+            self.dot_pending = 0   # no reply comes any more
             pwriter.close()
             raise
 
@@ -223,6 +246,7 @@ class Relay:
             code = lines[-1][:3]
             if state["after_dot"] and state["outstanding"] == 0:
                 state["after_dot"] = False
+                self.dot_pending -= 1
                 if code.startswith(b"2"):
                     self.delivered += 1
             elif state["last"] == b"DATA" and code == b"354" and state["outstanding"] == 0:

@@ -1,14 +1,14 @@
 """One turned-around ODMR session, from the customer's greeting to its QUIT.
 
-The session registers its domains with the transport map (Postfix routes
-their mail to the session's relay from then on), asks the release helper
+The session takes Postfix's connections to its domains' relay addresses
+from then on (the provider hands them over), asks the release helper
 to release them with the trigger ``odmr``, then watches: it ends when
 nothing of its domains is queued any more, or what is left is back on
 hold (a 4xx from the customer's server; a 5xx comes back marked refused,
 never bounced), or the customer hangs up, or the session's time cap
-([odmr] session_timeout) is reached.  Then the map says "awaiting" again
-(mail on its way is deferred and held again), the customer gets QUIT,
-and the session is logged as one line.
+([odmr] session_timeout) is reached.  Then the relay addresses answer
+421 again (mail on its way is deferred and held again), the customer gets
+QUIT, and the session is logged as one line.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class Session:
         self.result = "delivered"
 
     async def run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        relay = Relay(reader, writer, self.provider.postfix_uid)
+        relay = Relay(reader, writer, self.domains)
         limit = self.provider.settings.session_timeout
         try:
             await asyncio.wait_for(self._run(relay), limit)
@@ -51,18 +51,18 @@ class Session:
             log.exception("event=error stage=session user=%s", self.user)
             self.result, relay.error = "failed", str(exc)
         finally:
-            self.provider.end(self.domains)   # the map says "awaiting" again
+            self.provider.end(self.domains)   # the relay addresses answer 421 again
             if relay.over.is_set() and self.result == "delivered":
                 self.result = "lost"
             if self.result == "delivered":
                 try:
                     await asyncio.wait_for(relay.quit(), 30)
                 except asyncio.TimeoutError:
-                    relay.abort()
+                    await relay.abort()
+                if not relay.delivered:
+                    self.result = "nothing_delivered"
             else:   # cut short: no QUIT into what may be the middle of a message
-                relay.abort()
-            if relay.server is not None:
-                relay.server.close()
+                await relay.abort()
             log.info("event=session user=%s client=%s domains=%s result=%s released=%d "
                      "delivered=%d connections=%d seconds=%.1f%s", self.user, self.client,
                      ",".join(self.domains), self.result, self.released, relay.delivered,
@@ -80,7 +80,7 @@ class Session:
             self.result = "refused_greeting"
             return
         for d in self.domains:
-            self.provider.routes[d] = relay.port
+            self.provider.relays[d] = relay
         for d in self.domains:
             outcome = await self.provider.call({"op": "release", "token": self.token,
                                                 "domain": d})

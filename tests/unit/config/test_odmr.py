@@ -33,7 +33,7 @@ def test_empty_odmr_section_has_the_defaults():
     assert odmr.listen == (HostPort("0.0.0.0", 366),)
     assert odmr.tls_listen == ()
     assert odmr.user == "nobody"
-    assert odmr.map_socket == "/var/spool/postfix/flushctl-odmr/map"
+    assert odmr.relay_port == 367
     assert odmr.tls_cert_file is None and odmr.tls_key_file is None
     assert (odmr.session_timeout, odmr.idle_timeout) == (1800.0, 600.0)
     assert (odmr.auth_failures, odmr.auth_delay, odmr.max_sessions) == (3, 2.0, 100)
@@ -47,7 +47,7 @@ directory = "/srv/flushctl"
 listen = ["192.0.2.1", "[2001:db8::1]:10366", "::"]
 tls_listen = "0.0.0.0:4366"
 user = "flushctl-odmr"
-map_socket = "/var/spool/postfix//private/odmr-map"
+relay_port = 999
 tls_cert_file = "/etc/ssl/odmr.pem"
 tls_key_file = "/etc/ssl/odmr.key"
 session_timeout = 3600
@@ -60,7 +60,7 @@ max_sessions = 20
                            HostPort("::", 366))
     assert odmr.tls_listen == (HostPort("0.0.0.0", 4366),)
     assert odmr.user == "flushctl-odmr"
-    assert odmr.map_socket == "/var/spool/postfix/private/odmr-map"
+    assert odmr.relay_port == 999
     assert (odmr.tls_cert_file, odmr.tls_key_file) == ("/etc/ssl/odmr.pem", "/etc/ssl/odmr.key")
     assert odmr.session_timeout == 3600.0 and isinstance(odmr.session_timeout, float)
     assert odmr.idle_timeout == 900.5
@@ -87,7 +87,8 @@ def test_listen_as_one_string_and_ipv6_in_brackets():
     ('tls_cert_file = "/etc/ssl/odmr.pem"', "odmr.tls_key_file: give tls_cert_file and"),
     ('tls_key_file = "/etc/ssl/odmr.key"', "odmr.tls_cert_file: give tls_cert_file and"),
     ('tls_cert_file = "odmr.pem"\ntls_key_file = "/k"', "odmr.tls_cert_file: must be an absolute"),
-    ('map_socket = "odmr/map"', "odmr.map_socket: must be an absolute path"),
+    ("relay_port = 1024", "odmr.relay_port: must be below 1024"),
+    ("relay_port = 0", "odmr.relay_port: must be greater than zero"),
     ('user = "root"', "odmr.user: the ODMR daemon talks to customers"),
     ('user = "Bad User"', "odmr.user: not a user name"),
     ("session_timeout = 0", "odmr.session_timeout: must be greater than zero"),

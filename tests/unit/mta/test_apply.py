@@ -135,7 +135,7 @@ def test_the_plans_maps_carry_the_mail_owners_uid():
     assert p.maps == settings.render_maps(cfg, requeue_uid=107)
     assert p.maps["intake"] != settings.render_maps(cfg)["intake"]
     assert set(p.maps) == {"relay_domains", "flush_domains", "transport", "relay_recipients",
-                           "relay_recipient_domains", "intake", "strip_hold", "odmr_domains"}
+                           "relay_recipient_domains", "intake", "strip_hold"}
 
 
 # -- what is kept from the previous run --------------------------------------------------

@@ -1,13 +1,14 @@
-"""The Postfix side of ODMR in `flushctl apply`'s plan: only ODMR domains
-ask the ODMR daemon's socketmap, and switching ODMR off takes it all away."""
+"""The Postfix side of ODMR in `flushctl apply`'s plan: an ODMR domain's
+mail goes to its relay on loopback, never anywhere else, and switching
+ODMR off takes the service away."""
 
 from __future__ import annotations
 
-import pytest
+import ipaddress
 
 from flushctl import config
 from flushctl.mta import settings
-from flushctl.mta.settings import SettingsError
+from flushctl.mta.routing import odmr_address
 
 DATA = settings.load_data()
 EXPANDED = {
@@ -27,41 +28,40 @@ def plan(text, raw=None, previous_ours=(), previous_services=(), services=None):
                          smtpd_chrooted=False, previous_services=frozenset(previous_services))
 
 
-def test_only_odmr_domains_reach_the_socketmap():
+def test_an_odmr_domains_mail_goes_to_its_relay_on_loopback_only():
     p = plan(ODMR + HOME + PLAIN)
-    first, second = [t.strip() for t in p.params["transport_maps"].split(", hash:")][:2]
-    assert first == ("pipemap:{hash:/etc/postfix/flushctl/odmr_domains, "
-                     "socketmap:unix:flushctl-odmr/map:odmr}")
-    assert second.endswith("flushctl/transport")
-    assert p.maps["odmr_domains"].splitlines()[1:] == [
-        "home.example\thome.example", ".home.example\thome.example"]
-    # the ordinary domain is in the hash transport table, never in the pipe's
-    assert "customer.example" not in p.maps["odmr_domains"]
-    assert "customer.example" in p.maps["transport"]
+    address = odmr_address("home.example")
+    assert ipaddress.ip_address(address).is_loopback and not address.startswith("127.0.")
+    lines = p.maps["transport"].splitlines()
+    assert f"home.example\todmr:[{address}]:367" in lines
+    assert f".home.example\todmr:[{address}]:367" in lines
+    assert "customer.example\tondemand:[mail.customer.example]:25" in lines
+    # a deferred transport: only releases send
+    assert p.params["defer_transports"].split(", ")[:2] == ["odmr", "ondemand"]
     entry = [e for e in p.services if e.startswith("odmr ")]
     assert entry and "soft_bounce=yes" in entry[0]
     assert "smtp_connection_cache_on_demand=no" in entry[0]
-    assert "starttls" in entry[0]
+    assert "starttls" in entry[0] and "smtp_fallback_relay=" in entry[0]
     assert p.params["odmr_destination_concurrency_limit"] == "1"
 
 
-@pytest.mark.parametrize("text", [PLAIN, ODMR + PLAIN])
-def test_without_an_odmr_domain_nothing_of_it_is_written(text):
-    p = plan(text)
-    assert "pipemap" not in p.params["transport_maps"]
-    assert not [e for e in p.services if e.startswith("odmr ")]
+def test_the_relay_address_is_the_same_everywhere():
+    assert odmr_address("home.example") == odmr_address("home.example")
+    assert odmr_address("home.example") != odmr_address("other.example")
 
 
-def test_switching_odmr_off_removes_the_map_and_the_service():
+def test_without_an_odmr_domain_nothing_of_it_is_written():
+    for text in (PLAIN, ODMR + PLAIN):
+        p = plan(text)
+        assert "odmr" not in p.params["defer_transports"]
+        assert not [e for e in p.services if e.startswith("odmr ")]
+
+
+def test_switching_odmr_off_removes_the_service():
     on = plan(ODMR + HOME + PLAIN)
-    raw = {"transport_maps": on.params["transport_maps"]}
+    raw = {"defer_transports": on.params["defer_transports"]}
     services = {settings.service_key(e): e for e in on.services}
     off = plan(PLAIN, raw=raw, previous_ours=on.ours, previous_services=on.our_services,
                services=services)
-    assert "pipemap" not in off.params["transport_maps"]
+    assert off.params["defer_transports"] == "ondemand"
     assert off.remove_services == ["odmr/unix"]
-
-
-def test_the_map_socket_must_be_under_the_queue_directory():
-    with pytest.raises(SettingsError, match="map_socket"):
-        plan(ODMR + 'map_socket = "/run/odmr/map"\n' + HOME)

@@ -84,3 +84,27 @@ def test_a_session_result_must_be_one_of_ours(held):
     with pytest.raises(Malformed):
         answer(held, tokens, {"op": "end", "token": token, "domains": [], "result": "x{y}",
                               "delivered": 0})
+
+
+def test_removing_a_login_or_changing_its_password_ends_its_token(held):
+    tokens = Tokens(600)
+    token, _ = cram(tokens, held)
+    request = {"op": "held", "token": token, "domains": ["other.example"]}
+    store.set_password(held.config.logins_path, "cust1", "pw-two")
+    with pytest.raises(PermissionError, match="removed or its password changed"):
+        answer(held, tokens, request)
+    token, _ = cram(tokens, held, password="pw-two")
+    store.delete_user(held.config.logins_path, "cust1")
+    with pytest.raises(PermissionError, match="removed"):
+        answer(held, tokens, {**request, "token": token})
+
+
+def test_a_flood_of_names_does_not_unlock_a_user(held, monkeypatch):
+    from flushctl.odmr import authority
+    monkeypatch.setattr(authority, "MAX_FAILED_USERS", 50)
+    tokens = Tokens(600, max_failures=3)
+    for _ in range(3):
+        cram(tokens, held, password="wrong")
+    for i in range(200):
+        tokens.failed(f"made-up-{i}")
+    assert cram(tokens, held)[0] is None
