@@ -1,8 +1,8 @@
 """The deployment test: the Ansible playbook against this machine, as an admin runs it.
 
 It changes the machine's own Postfix (port 25) and starts the daemons
-(finger on port 79), so it runs only where that is wanted: in CI
-(CI=true) or with FLUSHCTL_DEPLOY_TEST=1, as root.
+(finger on port 79, ODMR on 127.0.0.1:366), so it runs only where that is
+wanted: in CI (CI=true) or with FLUSHCTL_DEPLOY_TEST=1, as root.
 """
 
 import grp
@@ -14,6 +14,7 @@ import secrets
 import smtplib
 import stat
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -23,6 +24,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BOOTSTRAP = ROOT / "ansible" / "bootstrap.sh"
+ANSIBLE_PYTHON = Path("/opt/flushctl-ansible/bin/python")   # bootstrap.sh's virtualenv
+FLUSHCTL = "/usr/local/sbin/flushctl"
+
+sys.path.insert(0, str(ROOT / "tests"))
+from stack import Sink, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not (os.environ.get("CI") == "true"
@@ -34,6 +40,12 @@ EXAMPLE_VARS = ROOT / "ansible" / "example-vars.yml"
 LOGIN = "carol@customer.example"
 ADMIN = "flushctl-deploy-admin"   # a login user the role lets release without root
 PASSWORD = "p" + secrets.token_urlsafe(12)   # never "-...": swaks would take it for an option
+# an ODMR customer: no server of its own; it logs in on port 366 and takes its mail
+ODMR_DOMAIN = "odmr-customer.example"
+ODMR_LOGIN = "cust1"
+ODMR_PASSWORD = "p" + secrets.token_urlsafe(12)
+ODMR_PORT = 366
+CAP_NET_BIND_SERVICE = 1 << 10
 
 
 def playbook(extra_vars: Path, *more: str):
@@ -46,10 +58,50 @@ def playbook(extra_vars: Path, *more: str):
     return int(recap.group(1))
 
 
+def example_vars() -> dict:
+    """ansible/example-vars.yml as data, read by the PyYAML Ansible brings
+    (the bootstrap installs it first)."""
+    subprocess.run([str(BOOTSTRAP), "--version"], capture_output=True, timeout=1800, check=True)
+    with EXAMPLE_VARS.open() as fh:
+        out = subprocess.run([str(ANSIBLE_PYTHON), "-c", "import json, sys, yaml; "
+                              "json.dump(yaml.safe_load(sys.stdin), sys.stdout)"],
+                             stdin=fh, capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(out.stdout)
+
+
+def forget_login():
+    """No ODMR login left from an earlier run (with another password)."""
+    if Path(FLUSHCTL).exists():
+        subprocess.run([FLUSHCTL, "user", "del", ODMR_LOGIN], capture_output=True, timeout=60)
+
+
 def status():
     out = subprocess.run(["/usr/local/sbin/flushctl", "status", "--json", "customer.example"],
                          capture_output=True, text=True, timeout=60, check=True).stdout
     return json.loads(out)[0]
+
+
+def deployed(name):
+    """The deployed daemon ``name``'s processes (other test runs may have
+    private daemons of their own)."""
+    found = [p for p in psutil.process_iter(["cmdline"])
+             if (p.info["cmdline"] or [])[-3:] == ["--config", "/etc/flushctl/flushctl.toml",
+                                                  name]]
+    assert found, f"no {name} running"
+    return found
+
+
+def unprivileged(proc, user, caps=0):
+    """``proc`` runs as ``user`` (every uid), with the capabilities ``caps``
+    only, and can never gain another."""
+    with open(f"/proc/{proc.pid}/status") as fh:
+        proc_status = dict(line.rstrip("\n").split(":\t", 1) for line in fh
+                           if ":\t" in line)
+    entry = pwd.getpwnam(user)
+    assert proc_status["Uid"].split() == [str(entry.pw_uid)] * 4, proc_status["Uid"]
+    assert int(proc_status["CapEff"], 16) == caps, proc_status["CapEff"]
+    assert int(proc_status["CapBnd"], 16) == caps, proc_status["CapBnd"]
+    return proc_status
 
 
 def swaks(*args):
@@ -60,11 +112,19 @@ def swaks(*args):
 
 
 def test_playbook_deploys_a_working_host_and_converges(tmp_path):
-    # the example vars, plus SASL submission with one login
+    # the example vars, plus SASL submission with one login, plus an ODMR
+    # customer with its login
+    domains = example_vars()["flushctl_domains"]
+    domains[ODMR_DOMAIN] = {"odmr": True, "users": [ODMR_LOGIN]}
     extra = tmp_path / "submission.json"
     extra.write_text(json.dumps({"flushctl_submission_enabled": True,
                                  "flushctl_submission_users": {LOGIN: PASSWORD},
-                                 "flushctl_admins": [ADMIN]}))
+                                 "flushctl_admins": [ADMIN],
+                                 "flushctl_domains": domains,
+                                 "flushctl_odmr": {"listen": [f"127.0.0.1:{ODMR_PORT}"]},
+                                 "flushctl_users": [{"name": ODMR_LOGIN,
+                                                     "password": ODMR_PASSWORD}]}))
+    forget_login()
     # this host is one of three backup MX hosts in the inventory's group;
     # the play runs on this one only
     inventory = tmp_path / "inventory.ini"
@@ -109,7 +169,7 @@ def test_playbook_deploys_a_working_host_and_converges(tmp_path):
         families = text_string_to_metric_families(answer.read().decode())
     held = {s.labels["domain"]: s.value for f in families for s in f.samples
             if s.name == "flushctl_held_messages"}
-    assert held == {"customer.example": status()["messages"]}
+    assert held == {"customer.example": status()["messages"], ODMR_DOMAIN: 0}
 
     finger = subprocess.run(["finger", "customer.example@127.0.0.1"], capture_output=True,
                             text=True, timeout=60).stdout
@@ -148,25 +208,7 @@ def test_playbook_deploys_a_working_host_and_converges(tmp_path):
 
     # the milter, the gateway and the poller run as the users the role
     # made, from the start (User=), with no capability they could ever
-    # gain. (The deployed ones: other
-    # test runs may have private daemons of their own.)
-    def deployed(name):
-        found = [p for p in psutil.process_iter(["cmdline"])
-                 if (p.info["cmdline"] or [])[-3:] == ["--config", "/etc/flushctl/flushctl.toml",
-                                                      name]]
-        assert found, f"no {name} running"
-        return found
-
-    def unprivileged(proc, user):
-        with open(f"/proc/{proc.pid}/status") as fh:
-            proc_status = dict(line.rstrip("\n").split(":\t", 1) for line in fh
-                               if ":\t" in line)
-        entry = pwd.getpwnam(user)
-        assert proc_status["Uid"].split() == [str(entry.pw_uid)] * 4, proc_status["Uid"]
-        assert int(proc_status["CapEff"], 16) == 0, proc_status["CapEff"]
-        assert int(proc_status["CapBnd"], 16) == 0, proc_status["CapBnd"]
-        return proc_status
-
+    # gain.
     [gateway] = deployed("gateway")
     unprivileged(gateway, "flushctl-gateway")
     # port 79 is bound by the helper and served by the gateway: nobody else holds it
@@ -217,3 +259,67 @@ def test_playbook_deploys_a_working_host_and_converges(tmp_path):
     assert queued, out
     # it went out toward elsewhere.example (no internet here): take it back
     subprocess.run(["postsuper", "-d", queued.group(1)], capture_output=True, timeout=60)
+
+    odmr_session(tmp_path)
+
+
+def odmr_session(tmp_path):
+    """The ODMR customer's mail, held here, taken by fetchmail over port 366."""
+    config = Path("/etc/flushctl/flushctl.toml").read_text()
+    assert f'[odmr]\nuser = "flushctl-odmr"\nlisten = ["127.0.0.1:{ODMR_PORT}"]\n' in config
+    assert f'[domains."{ODMR_DOMAIN}"]\nodmr = true\nusers = ["{ODMR_LOGIN}"]\n' in config
+    logins = json.loads(subprocess.run([FLUSHCTL, "user", "list", "--json"], capture_output=True,
+                                       text=True, timeout=60, check=True).stdout)
+    [login] = [r for r in logins if r["user"] == ODMR_LOGIN]
+    assert login["has_password"] is True and login["domains"] == [ODMR_DOMAIN], login
+    assert stat.S_IMODE(os.stat("/var/lib/flushctl/logins").st_mode) & 0o077 == 0
+
+    # the ODMR daemon holds port 366 itself: its own user, in the helper's
+    # group, with the one capability that binds the port
+    [odmr] = deployed("odmr")
+    proc_status = unprivileged(odmr, "flushctl-odmr", caps=CAP_NET_BIND_SERVICE)
+    assert str(grp.getgrnam("flushctl").gr_gid) in proc_status["Groups"].split()
+    holders = {c.pid for c in psutil.net_connections("tcp")
+               if c.status == psutil.CONN_LISTEN and c.laddr.port == ODMR_PORT}
+    assert holders == {odmr.pid}, holders
+
+    def odmr_mail():
+        queue = subprocess.run(["postqueue", "-j"], capture_output=True, text=True,
+                               check=True).stdout
+        return [m for m in (json.loads(line) for line in queue.splitlines() if line.strip())
+                if any(r["address"].endswith("@" + ODMR_DOMAIN) for r in m["recipients"])]
+
+    sink = Sink()
+    try:
+        with smtplib.SMTP("127.0.0.1", 25, timeout=60) as smtp:
+            refused = smtp.sendmail("someone@sender.example", [f"bob@{ODMR_DOMAIN}"],
+                                    "Subject: deploy test odmr\n\nfor fetchmail\n")
+        assert refused == {}
+        wait_until(lambda: [m for m in odmr_mail() if m["queue_name"] == "hold"], 30,
+                   what="the ODMR domain's message held")
+
+        # the customer: smtp-sink as its MTA, fetchmail as its ODMR client
+        sink.start()
+        home = tmp_path / "fetchmail"
+        home.mkdir()
+        rc = f'poll 127.0.0.1 user "{ODMR_LOGIN}" password "{ODMR_PASSWORD}"\n'
+        proc = subprocess.run(["fetchmail", "-f", "-", "--nosyslog", "-v", "-p", "ODMR",
+                               "-P", str(ODMR_PORT), "--pidfile", str(home / "pid"),
+                               "--fetchdomains", ODMR_DOMAIN,
+                               "--smtphost", f"127.0.0.1/{sink.port}"],
+                              input=rc, capture_output=True, text=True, timeout=180,
+                              env=dict(os.environ, HOME=str(home)))
+        logs = "\n".join(Path(f"/var/log/flushctl/{name}.log").read_text()[-3000:]
+                         for name in ("odmr", "helper"))
+        assert proc.returncode == 0, proc.stdout + proc.stderr + logs
+        texts = wait_until(lambda: [t for t in sink.messages()
+                                    if f"X-OnDemand-Domain: {ODMR_DOMAIN}" in t], 30,
+                           what="the message at the customer's MTA")
+        assert len(texts) == 1 and "Subject: deploy test odmr" in texts[0], texts
+        assert odmr_mail() == []          # delivered: nothing left here
+    finally:
+        sink.cleanup()
+        if odmr_mail():
+            subprocess.run([FLUSHCTL, "purge", ODMR_DOMAIN, "--yes"], capture_output=True,
+                           timeout=60)
+        forget_login()

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
 
 
 UNITS = ROOT / "ansible/roles/flushctl/templates/units"
-DAEMONS = ["helper", "milter", "gateway", "poller"]
+ALWAYS = ["helper", "milter", "gateway", "poller"]   # flushctl_daemons
+DAEMONS = ALWAYS + ["odmr"]                          # odmr: with flushctl_odmr
 
 
 def _fill(text: str) -> str:
@@ -32,7 +33,8 @@ def _fill(text: str) -> str:
               "flushctl_state_directory": "/var/lib/flushctl",
               "flushctl_poller_user": "flushctl-poller",
               "flushctl_gateway_user": "flushctl-gateway",
-              "flushctl_milter_user": "flushctl-milter"}
+              "flushctl_milter_user": "flushctl-milter",
+              "flushctl_odmr_user": "flushctl-odmr"}
     text = re.sub(r"\{\{ (\w+) \}\}", lambda m: values[m.group(1)], text)
     assert "{{" not in text and "{%" not in text
     return text
@@ -54,7 +56,11 @@ def test_every_daemon_has_its_drop_in_and_the_role_starts_them_all():
     defaults = (ROOT / "ansible/roles/flushctl/defaults/main.yml").read_text()
     listed = re.search(r"flushctl_daemons:\n((?:  - \w+\n)+)", defaults).group(1)
     # the helper first: the others ask it as they start
-    assert re.findall(r"- (\w+)", listed) == DAEMONS
+    assert re.findall(r"- (\w+)", listed) == ALWAYS
+    # and the ODMR daemon after them, when flushctl_odmr is set
+    derived = (ROOT / "ansible/roles/flushctl/vars/main.yml").read_text()
+    assert "flushctl_running_daemons: \"{{ flushctl_daemons + (['odmr'] if flushctl_odmr_enabled" \
+        in derived
 
 
 @pytest.mark.parametrize("daemon", DAEMONS)
@@ -79,11 +85,11 @@ def _exposure(tmp_path, daemon) -> tuple[float, str]:
 
 
 @pytest.mark.parametrize("daemon,limit", [("helper", 3.0), ("milter", 3.0),
-                                          ("gateway", 3.0), ("poller", 2.0)])
+                                          ("gateway", 3.0), ("poller", 2.0), ("odmr", 2.0)])
 def test_unit_exposure(tmp_path, daemon, limit):
     # 10 is an unfenced root service; only the helper keeps root, with the
-    # capabilities postsuper needs; the poller is never root
+    # capabilities postsuper needs; the poller and the ODMR daemon are never root
     exposure, report = _exposure(tmp_path, daemon)
     assert exposure <= limit, report
-    if daemon == "poller":
+    if daemon in ("poller", "odmr"):
         assert "Service runs under a static non-root user identity" in report, report
