@@ -42,7 +42,7 @@ def prepare_milter(config: Config) -> None:
         if directory in taken:
             raise ApplyError(f"{config.path}: milter.listen: {directory} is {taken[directory]}: "
                              "give the milter's socket a directory of its own")
-        socket_directory(config, directory, os.path.basename(listen.path), uid, postfix)
+        _milter_directory(config, directory, os.path.basename(listen.path), uid, postfix)
     if gid is not None:
         try:
             share(config.state_directory, gid)
@@ -50,10 +50,8 @@ def prepare_milter(config: Config) -> None:
             raise ApplyError(f"cannot share the ledger with the milter: {exc}") from None
 
 
-def socket_directory(config: Config, directory: str, name: str, uid: int, gid: int,
-                     key: str = "milter.listen") -> None:
-    """Make ``directory`` a daemon's socket's (the milter's, the ODMR
-    daemon's map; ``uid``, group ``gid``, 02750), root
+def _milter_directory(config: Config, directory: str, name: str, uid: int, gid: int) -> None:
+    """Make ``directory`` the milter's (``uid``, group ``gid``, 02750), root
     all the way: every step is opened without following a link, below
     directories only root may change (or sticky ones, like /tmp), and the
     last is changed through its descriptor; so neither the milter (which
@@ -67,8 +65,8 @@ def socket_directory(config: Config, directory: str, name: str, uid: int, gid: i
             st = os.fstat(fd)
             if st.st_uid != 0 or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
                 above = "/" + "/".join(parts[:depth])
-                raise ApplyError(f"{config.path}: {key}: {above} may be changed by "
-                                 "others than root: the socket needs a directory "
+                raise ApplyError(f"{config.path}: milter.listen: {above} may be changed by "
+                                 "others than root: the milter's socket needs a directory "
                                  "below directories only root may change")
             try:
                 step = os.open(part, flags, dir_fd=fd)
@@ -77,15 +75,15 @@ def socket_directory(config: Config, directory: str, name: str, uid: int, gid: i
                 step = os.open(part, flags, dir_fd=fd)
             except OSError as exc:   # a link (ELOOP), a file (ENOTDIR)
                 where = "/" + "/".join(parts[:depth + 1])
-                raise ApplyError(f"{config.path}: {key}: {where}: not a directory "
+                raise ApplyError(f"{config.path}: milter.listen: {where}: not a directory "
                                  f"({exc.strerror})") from None
             os.close(fd)
             fd = step
         others = sorted(set(os.listdir(fd)) - {name})
         if others:
-            raise ApplyError(f"{config.path}: {key}: {directory} holds other files "
+            raise ApplyError(f"{config.path}: milter.listen: {directory} holds other files "
                              f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): "
-                             "give the socket a directory of its own")
+                             "give the milter's socket a directory of its own")
         st = os.fstat(fd)
         if (st.st_uid, st.st_gid) != (uid, gid):
             os.fchown(fd, uid, gid)
@@ -94,4 +92,3 @@ def socket_directory(config: Config, directory: str, name: str, uid: int, gid: i
             os.fchmod(fd, 0o2750)
     finally:
         os.close(fd)
-

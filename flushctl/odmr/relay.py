@@ -86,7 +86,6 @@ class Relay:
         self.greeting = b""
         self.delivered = 0
         self.connections = 0
-        self.active = 0                 # Postfix connections being served
         self.over = asyncio.Event()     # the customer is gone
         self.error = ""
         self._turn = asyncio.Lock()     # one Postfix connection talks at a time
@@ -160,7 +159,6 @@ class Relay:
     async def serve_postfix(self, preader: asyncio.StreamReader,
                             pwriter: asyncio.StreamWriter) -> None:
         """One connection of Postfix's (the provider checked who it is)."""
-        self.active += 1
         self._postfix_writers.add(pwriter)
         try:
             async with self._turn:
@@ -174,7 +172,6 @@ class Relay:
         except (ConnectionError, OSError):
             pass   # Postfix's side broke: its mail is deferred, the session goes on
         finally:
-            self.active -= 1
             self._postfix_writers.discard(pwriter)
             pwriter.close()
 
