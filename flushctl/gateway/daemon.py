@@ -20,6 +20,7 @@ import logging
 import os
 import sqlite3
 
+from flushctl import stopsignals
 from flushctl import cluster
 from flushctl.config import Config
 from flushctl.gateway.gate import Gate
@@ -90,6 +91,7 @@ def run(config: Config, heldmail: HeldMail | None = None) -> None:
     listeners (port 79, the policy socket in Postfix's private/) and hands
     them over, and decides again every release it asks for."""
     from flushctl.privsep import client
+    stopsignals.catch()
     user = config.gateway.user
     root = os.geteuid() == 0
     if root and not user:

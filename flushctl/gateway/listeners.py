@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 
+from flushctl import stopsignals
 from flushctl import names
 from flushctl.cluster import refresh_peers
 from flushctl.config import Config
@@ -197,8 +197,7 @@ class Gateway:
         def asked():
             self.asked_to_stop = True
             stop.set()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, asked)
+        stopsignals.on_stop(loop, asked)
         watching = None
         if closed is not None:   # the release helper hung up: nobody can release
             watching = loop.create_task(closed.wait())   # held: the loop's refs are weak

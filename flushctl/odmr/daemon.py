@@ -18,11 +18,11 @@ import asyncio
 import logging
 import os
 import pwd
-import signal
 import socket
 import ssl
 import warnings
 
+from flushctl import stopsignals
 from flushctl.config import Config
 from flushctl.mta.routing import odmr_address
 from flushctl.odmr.provider import Provider
@@ -118,6 +118,7 @@ def run(config: Config) -> None:
     settings = config.odmr
     if settings is None:
         raise PrivsepError("odmr: the config has no [odmr] section")
+    stopsignals.catch()
     try:   # as whoever starts it: under systemd, [odmr] user (give it the key's group)
         tls = tls_context(config)
     except (OSError, ssl.SSLError) as exc:
@@ -130,23 +131,23 @@ def run(config: Config) -> None:
     if os.geteuid() == 0 and settings.user:
         drop_privileges(account(settings.user, "odmr"), "odmr")
     try:
-        asyncio.run(_serve(config, listeners, tls, owner))
+        helper = HelperLink(config)   # waits for the helper: a stop meanwhile exits at once
+        asyncio.run(_serve(config, listeners, tls, owner, helper))
     finally:
         for sock, _ in listeners:
             sock.close()
 
 
-async def _serve(config: Config, listeners, tls, owner: int | None) -> None:
+async def _serve(config: Config, listeners, tls, owner: int | None,
+                 helper: HelperLink) -> None:
     settings = config.odmr
     # aiosmtpd's own log: a line per command, and a deprecation warning per login
     logging.getLogger("mail.log").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="aiosmtpd")
-    helper = await asyncio.to_thread(HelperLink, config)
     provider = Provider(config, helper, owner)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stopsignals.on_stop(loop, stop.set)
     servers = []
     hostname = socket.getfqdn()
 

@@ -25,10 +25,10 @@ import asyncio
 import logging
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass
 
+from flushctl import stopsignals
 from flushctl.privsep import accounts, wire
 from flushctl.privsep.errors import Malformed, PrivsepError
 from flushctl.heldmail.library import HeldMail
@@ -284,6 +284,7 @@ def run_forever(config, heldmail: HeldMail | None = None) -> None:
     from flushctl import metrics
     from flushctl.privsep import client
     from flushctl.heldmail.keeper import start_thread
+    stopsignals.catch()
     user = config.poller_user
     root = os.geteuid() == 0
     entry = accounts.account(user, "poller") if user and root else None
@@ -332,8 +333,7 @@ async def _loop(poller: Poller, gone=None) -> bool:
     def ask():
         asked.append(True)
         stop.set()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        running.add_signal_handler(sig, ask)
+    stopsignals.on_stop(running, ask)
 
     async def watch():
         while not gone():

@@ -26,10 +26,10 @@ import grp
 import json
 import logging
 import os
-import signal
 import socket
 import stat
 
+from flushctl import stopsignals
 from flushctl.config import Config
 from flushctl.privsep import sockets, wire
 from flushctl.privsep.client import gateway_listen
@@ -324,14 +324,14 @@ def run(config: Config) -> None:
     from flushctl.heldmail.keeper import start_thread
     if os.geteuid() != 0:
         raise PrivsepError("helper: must run as root (postsuper is root's)")
+    stopsignals.catch()
     helper = Helper(config)   # the ledger opened: its socket is bound only once ready
     listener = helper.listener = bind(config)
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stopsignals.on_stop(loop, stop.set)
         await helper.serve(stop)
 
     end_keeper = start_thread(config)

@@ -15,9 +15,13 @@ import signal
 import smtplib
 import socket
 import subprocess
+import time
+from pathlib import Path
 
+import pytest
 
-from conftest import wait_until
+from conftest import free_port, wait_until
+from test_odmr import odmr_domains, odmr_section
 
 STOP_LINE = re.compile(r"(?:^|\s)event=stop(?:\s|$)")
 NOT_QUIET = ("Traceback", "traceback=", "Task was destroyed", "Exception ignored",
@@ -144,3 +148,58 @@ def test_the_poller_stops_quietly_in_the_middle_of_a_probe(make_stack):
     log = stack.daemon_log("poller")
     assert "event=unprivileged" in log   # the daemon as it runs in production
     assert_stopped_quietly(log, status)
+
+
+# -- a stop asked for while a daemon starts ----------------------------------
+# A supervisor may stop a daemon at any moment of its start: while it waits
+# for the release helper, or the instant its port answers.  Each must then
+# exit 0, not die by the signal (a failure to the supervisor; CI saw it as a
+# flaky poller test).
+
+def _uid(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError("no Uid line")
+
+
+def _stack(make_stack, daemon):
+    if daemon == "odmr":
+        return make_stack(domains=odmr_domains, extra=odmr_section(free_port()))
+    return make_stack()
+
+
+@pytest.mark.parametrize("daemon", ["poller", "gateway", "odmr"])
+def test_stopped_while_waiting_for_the_helper(make_stack, daemon):
+    """No helper yet: the daemon has bound what it binds, dropped root and
+    waits for it (up to half a minute).  SIGTERM then ends it at once with
+    status 0 (before: killed by the signal, -15)."""
+    stack = _stack(make_stack, daemon)
+    proc = stack._daemon(daemon)
+    try:
+        # past binding and dropping root: it runs as its unprivileged user now
+        wait_until(lambda: proc.poll() is not None or _uid(proc.pid) != 0, 20,
+                   what=f"{daemon} unprivileged")
+        assert proc.poll() is None, stack.daemon_log(daemon)
+        time.sleep(0.3)   # into the wait for the helper
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0, stack.daemon_log(daemon)
+        assert "Traceback" not in stack.daemon_log(daemon)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("daemon", ["poller", "gateway", "odmr", "helper"])
+def test_stopped_the_moment_it_serves(make_stack, daemon):
+    """Stopped as soon as it is up, three times over: status 0 each time."""
+    stack = _stack(make_stack, daemon)
+    for _ in range(3):
+        getattr(stack, f"start_{daemon}")()
+        if daemon == "poller":
+            wait_until(stack.metrics_up, 15, interval=0.01, what="the metrics endpoint")
+        proc = getattr(stack, daemon)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0, stack.daemon_log(daemon)
+        setattr(stack, daemon, None)
