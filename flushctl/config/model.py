@@ -167,6 +167,22 @@ class OdmrSettings:
 
 
 @dataclass(frozen=True)
+class PortalSettings:
+    """[portal]: the customers' web portal (``flushctl portal``), meant to sit
+    behind the provider's HTTPS reverse proxy."""
+
+    listen: HostPort = HostPort("127.0.0.1", 8366)
+    user: str = "nobody"                    # it runs as this user, never root
+    admins: tuple[str, ...] = ()            # logins that see and steer every domain
+    url: str = ""                           # its public address, for links in notices
+    secure_cookie: bool = True              # the session cookie only over HTTPS
+    session_lifetime: float = 8 * 3600.0    # seconds a login lasts in the browser and the API
+    login_failures: int = 5                 # failed logins per client address before a pause
+    page_size: int = 50                     # held messages per page
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")   # whose X-Forwarded-For counts
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     config_directory: str
@@ -191,6 +207,7 @@ class Config:
     helper_socket: str = "/run/flushctl/helper.sock"   # the release helper's unix socket
     helper_group: str = "flushctl"   # its socket's group: the daemons and non-root admins
     odmr: OdmrSettings | None = None   # [odmr]; None: no ODMR
+    portal: PortalSettings | None = None   # [portal]; None: no portal
 
     @property
     def logins_path(self) -> str:

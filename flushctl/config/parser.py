@@ -20,7 +20,7 @@ from flushctl.config.fields import (_Section, _duration, _host_port, _host_ports
                                     split_host_port)
 from flushctl.config.model import (DEFAULT_PATH, ENV_VAR, METRICS_LISTEN, ODMR_PORT, SASL_PATHS,
                                    Cluster, Config, ConfigError, Domain, GatewaySettings,
-                                   HostPort, OdmrSettings, Peer, Submission)
+                                   HostPort, OdmrSettings, Peer, PortalSettings, Submission)
 
 
 def resolve_path(option: str | None) -> str:
@@ -140,13 +140,43 @@ def _odmr(path: str, data: dict) -> OdmrSettings | None:
     )
 
 
-def _users(sec: _Section) -> tuple[str, ...]:
+def _portal(path: str, data: dict) -> PortalSettings | None:
+    if "portal" not in data:
+        return None
+    sec = _Section(path, "portal", data["portal"])
+    sec.check_keys({"listen", "user", "admins", "url", "secure_cookie", "session_lifetime",
+                    "login_failures", "page_size", "trusted_proxies"})
+    default = PortalSettings()
+    url = sec.get("url", str, "")
+    if url and not re.fullmatch(r"https?://[A-Za-z0-9.:\[\]_-]+(/[!-~]*)?", url):
+        sec.fail("url", f"not an http(s) address: {url!r}")
+    proxies = []
+    for item in sec.get("trusted_proxies", list, list(default.trusted_proxies)):
+        if not isinstance(item, str) or not _is_ip(item):
+            sec.fail("trusted_proxies", f"not an IP address: {item!r}")
+        proxies.append(str(ipaddress.ip_address(item)))
+    return PortalSettings(
+        listen=_host_port(sec, "listen", f"{default.listen.host}:{default.listen.port}"),
+        user=_user(sec, default.user, "the portal reads what browsers send: name an "
+                   "unprivileged user"),
+        admins=_users(sec, "admins"),
+        url=url.rstrip("/"),
+        secure_cookie=sec.get("secure_cookie", bool, default.secure_cookie),
+        session_lifetime=float(sec.positive("session_lifetime", float,
+                                            default.session_lifetime)),
+        login_failures=sec.positive("login_failures", int, default.login_failures),
+        page_size=min(sec.positive("page_size", int, default.page_size), 1000),
+        trusted_proxies=tuple(proxies),
+    )
+
+
+def _users(sec: _Section, key: str = "users") -> tuple[str, ...]:
     users: list[str] = []
-    for item in sec.get("users", list, []):
+    for item in sec.get(key, list, []):
         try:
             name = login_name(item)
         except ValueError as exc:
-            sec.fail("users", str(exc))
+            sec.fail(key, str(exc))
         if name not in users:
             users.append(name)
     return tuple(users)
@@ -237,7 +267,7 @@ def parse(text: str, path: str = "<config>") -> Config:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     top = _Section(path, "", data)
     top.check_keys({"postfix", "state", "milter", "gateway", "poller", "helper", "relay",
-                    "submission", "cluster", "metrics", "odmr", "domains"})
+                    "submission", "cluster", "metrics", "odmr", "portal", "domains"})
     he = _Section(path, "helper", data.get("helper", {}))
     he.check_keys({"socket", "group"})
     helper_socket = he.absolute_path("socket", "/run/flushctl/helper.sock")
@@ -339,6 +369,7 @@ def parse(text: str, path: str = "<config>") -> Config:
         helper_socket=helper_socket,
         helper_group=helper_group,
         odmr=odmr,
+        portal=_portal(path, data),
     )
 
 

@@ -53,7 +53,8 @@ class Keeper:
         done: dict = {"rebuilt": od.rebuild_if_needed(), "nudged": od.nudge_incoming(),
                       "taken_in": od.take_in(),
                       "swept": od.sweep_all(), "returned": self.return_refused(),
-                      "recounted": od.recount_asked()}
+                      "recounted": od.recount_asked(),
+                      "sampled": od.ledger.sample_history(time.time())}
         for domain, count in done["rebuilt"].items():
             log.info("event=rebuilt domain=%s messages=%d", domain, count)
         return done

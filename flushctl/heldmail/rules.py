@@ -31,7 +31,7 @@ RELEASE_WATCH = 900.0
 
 # Triggers a customer or an admin sends; the poller is the only automatic one.
 # ODMR: the customer's own client, connected and asking (RFC 2645 ATRN).
-EXPLICIT_TRIGGERS = frozenset({"admin", "finger", "etrn", "peer", "odmr"})
+EXPLICIT_TRIGGERS = frozenset({"admin", "finger", "etrn", "peer", "odmr", "portal"})
 
 
 @dataclass(frozen=True)

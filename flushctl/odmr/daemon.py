@@ -28,37 +28,11 @@ from flushctl.mta.routing import odmr_address
 from flushctl.odmr.provider import Provider
 from flushctl.odmr.relay import MAX_LINE
 from flushctl.odmr.server import OdmrSMTP
-from flushctl.privsep import client, wire
+from flushctl.privsep import client
 from flushctl.privsep.accounts import account, current_user, drop_privileges
 from flushctl.privsep.errors import PrivsepError
 
 log = logging.getLogger("flushctl.odmr")
-
-CHANNELS = 4          # connections to the helper (its limit for the role)
-
-
-class HelperLink:
-    """A few ``wire.Channel``s to the helper, each used by one request at a time."""
-
-    def __init__(self, config: Config, count: int = CHANNELS):
-        self.channels = [wire.Channel(client.connect(config, "odmr", wait=client.CONNECT_WAIT))
-                         for _ in range(count)]
-        self.free: asyncio.Queue | None = None
-        self.gone = asyncio.Event()
-
-    async def __call__(self, request: dict) -> dict:
-        if self.free is None:
-            self.free = asyncio.Queue()
-            for ch in self.channels:
-                self.free.put_nowait(ch)
-        channel = await self.free.get()
-        try:
-            return await asyncio.to_thread(channel.call, request)
-        finally:
-            if channel.gone.is_set():
-                self.gone.set()
-            self.free.put_nowait(channel)
-
 
 PLAIN, TLS, RELAY = "plain", "tls", "relay"
 
@@ -131,7 +105,7 @@ def run(config: Config) -> None:
     if os.geteuid() == 0 and settings.user:
         drop_privileges(account(settings.user, "odmr"), "odmr")
     try:
-        helper = HelperLink(config)   # waits for the helper: a stop meanwhile exits at once
+        helper = client.HelperLink(config, "odmr")   # waits for the helper: a stop meanwhile exits at once
         asyncio.run(_serve(config, listeners, tls, owner, helper))
     finally:
         for sock, _ in listeners:
@@ -139,7 +113,7 @@ def run(config: Config) -> None:
 
 
 async def _serve(config: Config, listeners, tls, owner: int | None,
-                 helper: HelperLink) -> None:
+                 helper: client.HelperLink) -> None:
     settings = config.odmr
     # aiosmtpd's own log: a line per command, and a deprecation warning per login
     logging.getLogger("mail.log").setLevel(logging.ERROR)

@@ -18,6 +18,7 @@ import time
 from flushctl.config import Config
 from flushctl.privsep.errors import PrivsepError
 from flushctl.privsep.roles import HELLO_TIMEOUT, MAX_GRANT
+from flushctl.privsep import wire
 from flushctl.privsep.wire import MAX_MESSAGE, REQUEST_TIMEOUT
 
 log = logging.getLogger("flushctl.privsep")
@@ -183,3 +184,28 @@ class RemoteReleaser:
         except asyncio.TimeoutError:
             self._pending.pop(request["id"], None)
             raise PrivsepError("the release service did not answer") from None
+
+
+class HelperLink:
+    """For an asyncio daemon (ODMR, the portal): a few ``wire.Channel``s to
+    the helper in ``role`` (``count``: the role's limit there), each used by
+    one request at a time."""
+
+    def __init__(self, config, role: str, count: int = 4):
+        self.channels = [wire.Channel(connect(config, role, wait=CONNECT_WAIT))
+                         for _ in range(count)]
+        self.free: asyncio.Queue | None = None
+        self.gone = asyncio.Event()
+
+    async def __call__(self, request: dict) -> dict:
+        if self.free is None:
+            self.free = asyncio.Queue()
+            for ch in self.channels:
+                self.free.put_nowait(ch)
+        channel = await self.free.get()
+        try:
+            return await asyncio.to_thread(channel.call, request)
+        finally:
+            if channel.gone.is_set():
+                self.gone.set()
+            self.free.put_nowait(channel)

@@ -112,9 +112,11 @@ class Helper:
         self.waiting: dict[int, int] = {}         # connections per uid not yet said
         self.gate = None                          # the gateways' gate, made in serve()
         self.listeners: list[socket.socket] | None = None   # the gateway's, once asked for
-        from flushctl.odmr.authority import Tokens
+        from flushctl.logins.tokens import Tokens
         self.odmr_logins = Tokens(config.odmr.session_timeout * 2 + 600,
                                   config.odmr.auth_failures) if config.odmr else Tokens(0)
+        self.portal_logins = Tokens(config.portal.session_lifetime,
+                                    config.portal.login_failures) if config.portal else Tokens(0)
 
     async def serve(self, stop: asyncio.Event) -> None:
         from flushctl import cluster
@@ -289,6 +291,10 @@ class Helper:
         elif role == "odmr":
             from flushctl.odmr import authority
             handle, limit = (lambda r: authority.answer(od, self.odmr_logins, r)), \
+                wire.MAX_MESSAGE
+        elif role == "portal":
+            from flushctl.portal import authority as portal
+            handle, limit = (lambda r: portal.answer(od, self.portal_logins, r)), \
                 wire.MAX_MESSAGE
         elif role == "scrape":
             scrape = metrics.scrape_of(od)

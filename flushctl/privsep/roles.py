@@ -12,6 +12,9 @@ how many may be at it at once:
 - ``scrape`` ([poller] user): the metrics' figures;
 - ``odmr`` ([odmr] user): logins checked against the credentials store,
   and releases for a login's own ODMR domains;
+- ``portal`` ([portal] user): logins checked against the credentials
+  store, and a login's own domains: their status, held list, releases,
+  pause and resume, refused mail returned;
 - ``admin`` (root, or a member of ``[helper] group`` that is none of the
   daemons' users): `flushctl flush` and its ``--wait``.
 
@@ -28,13 +31,13 @@ from dataclasses import dataclass
 
 from flushctl.config import Config
 
-ROLES = ("gateway", "poller", "scrape", "admin", "odmr")
+ROLES = ("gateway", "poller", "scrape", "admin", "odmr", "portal")
 MAX_HELLO = 200          # bytes of the opening line
 MAX_GRANT = 4096         # bytes of the helper's answer to it (the gateway's: where it listens)
 HELLO_TIMEOUT = 10.0     # seconds a connection may take to say its role
 MAX_CONNECTIONS = 64     # connections served at once
 # connections per role at once: a daemon taken over cannot take the others' room
-PER_ROLE = {"gateway": 4, "poller": 2, "scrape": 2, "admin": 16, "odmr": 4}
+PER_ROLE = {"gateway": 4, "poller": 2, "scrape": 2, "admin": 16, "odmr": 4, "portal": 4}
 MAX_WAITING_PER_UID = 8  # connections of one uid that have not said their role yet
 ADMIN_IDLE = 120.0       # seconds an admin's connection may stay silent
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)   # Linux 4.13
@@ -74,15 +77,17 @@ def refusal(role: str, peer: Peer, config: Config) -> str | None:
         return f"no such role: {role!r:.40}"
     if peer.uid == 0:
         return None
-    if role in ("gateway", "poller", "scrape", "odmr"):
+    if role in ("gateway", "poller", "scrape", "odmr", "portal"):
         section = "poller" if role == "scrape" else role
-        user = {"gateway": config.gateway.user, "odmr": config.odmr.user if config.odmr else ""
+        user = {"gateway": config.gateway.user, "odmr": config.odmr.user if config.odmr else "",
+                "portal": config.portal.user if config.portal else ""
                 }.get(role, config.poller_user)
         if user and uid_of(user) == peer.uid:
             return None
         return f"uid {peer.uid} is not [{section}] user"
     daemons = {uid_of(u) for u in (config.gateway.user, config.poller_user, config.milter_user,
-                                   config.odmr.user if config.odmr else "")}
+                                   config.odmr.user if config.odmr else "",
+                                   config.portal.user if config.portal else "")}
     if peer.uid in daemons:
         return f"uid {peer.uid} runs a daemon: not an admin"
     try:

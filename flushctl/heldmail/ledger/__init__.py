@@ -23,5 +23,6 @@ Modules, each with one job:
 - ``counters``: event counters that outlive any process;
 - ``forwards``: releases still to be sent on to the cluster's peers;
 - ``foreign``: held mail that is not ours, judged once per config;
+- ``history``: held messages per domain, hour by hour, for a week (the portal's chart);
 - ``store``: ``Ledger``, all of these on one connection.
 """

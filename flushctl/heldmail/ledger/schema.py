@@ -50,6 +50,12 @@ CREATE TABLE IF NOT EXISTS foreign_mail (
     domain   TEXT,
     PRIMARY KEY (scope, queue, queue_id)
 );
+CREATE TABLE IF NOT EXISTS history (
+    domain   TEXT NOT NULL,
+    hour     INTEGER NOT NULL,  -- hours since the epoch
+    messages INTEGER NOT NULL,
+    PRIMARY KEY (domain, hour)
+);
 CREATE TABLE IF NOT EXISTS counters (
     name   TEXT NOT NULL,
     labels TEXT NOT NULL,

@@ -8,6 +8,7 @@ import pytest
 
 from flushctl import config
 from flushctl.logins import store
+from flushctl.logins import tokens as tokens_module
 from flushctl.odmr.authority import Tokens, answer
 from flushctl.privsep.errors import Malformed
 
@@ -100,8 +101,7 @@ def test_removing_a_login_or_changing_its_password_ends_its_token(held):
 
 
 def test_a_flood_of_names_does_not_unlock_a_user(held, monkeypatch):
-    from flushctl.odmr import authority
-    monkeypatch.setattr(authority, "MAX_FAILED_USERS", 50)
+    monkeypatch.setattr(tokens_module, "MAX_FAILED_USERS", 50)
     tokens = Tokens(600, max_failures=3)
     for _ in range(3):
         cram(tokens, held, password="wrong")

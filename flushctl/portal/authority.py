@@ -1,0 +1,107 @@
+"""The release helper's side of the portal: logins, and what a login may see and do.
+
+The portal reads what browsers send and runs unprivileged; it never sees
+the credentials store nor the queue.  It hands a login's password to the
+helper, which checks it (scrypt) and answers with a token; every later
+request names the token, and the helper decides again, from its own
+config, which domains that login may see: its own (``users`` of the
+domain), or every one for ``[portal] admins``.  A domain the login may
+not see and one that does not exist get the same answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flushctl.logins.tokens import Tokens
+from flushctl.privsep.errors import Malformed
+
+log = logging.getLogger("flushctl.helper")
+
+ACTIONS = ("release", "pause", "resume", "return_refused")
+NOT_YOURS = "no such domain"
+
+
+def _text(request: dict, key: str, limit: int = 1000) -> str:
+    value = request.get(key)
+    if not isinstance(value, str) or len(value) > limit:
+        raise Malformed(f"not a portal request: {key}")
+    return value
+
+
+def visible(config, user: str) -> list[str]:
+    """The domains ``user`` may see and steer, sorted."""
+    if user in config.portal.admins:
+        return sorted(config.domains)
+    return sorted(d.name for d in config.domains.values() if user in d.users)
+
+
+def quota(dom, status) -> dict:
+    return {"messages": dom.quota_messages, "bytes": dom.quota_bytes,
+            "messages_used": status.messages, "bytes_used": status.bytes}
+
+
+def answer(heldmail, tokens: Tokens, request: dict) -> dict:
+    """One request of the portal."""
+    from flushctl.heldmail.listing import page
+    from flushctl.logins import passwords, store
+    config = heldmail.config
+    op = request.get("op")
+    if op == "login":
+        user, client = _text(request, "user", 200), _text(request, "client", 100)
+        password = _text(request, "password")
+        if tokens.locked_out(user):
+            log.warning("event=auth_refused user=%r client=%s reason=locked_out via=portal",
+                        user[:64], client)
+            return {"token": None, "locked": True}
+        logins = store.load(config.logins_path)
+        if not passwords.verify_plain(logins, user, password):
+            tokens.failed(user)
+            log.warning("event=auth_failed user=%r client=%s via=portal", user[:64], client)
+            return {"token": None}
+        log.info("event=login user=%s client=%s via=portal", user, client)
+        return {"token": tokens.grant(user, logins.get(user).scrypt), "user": user,
+                "admin": user in config.portal.admins}
+    if op == "logout":
+        tokens.drop(request.get("token"))
+        return {}
+    user = tokens.user(request.get("token"), store.load(config.logins_path))
+    mine = visible(config, user)
+    if op == "whoami":
+        return {"user": user, "admin": user in config.portal.admins, "domains": mine}
+    if op == "overview":
+        statuses = []
+        for name in mine:
+            status = heldmail.status(name)
+            statuses.append({**status.as_json(), "quota": quota(config.domains[name], status)})
+        return {"user": user, "admin": user in config.portal.admins, "domains": statuses}
+    name = _text(request, "domain", 300)
+    if name not in mine:
+        raise PermissionError(NOT_YOURS)
+    dom = config.domains[name]
+    if op == "domain":
+        number, size = request.get("page", 1), config.portal.page_size
+        if not isinstance(number, int) or isinstance(number, bool):
+            raise Malformed("not a portal request: page")
+        status = heldmail.status(name)
+        return {"status": status.as_json(), "quota": quota(dom, status),
+                "odmr": dom.odmr, "relay": str(dom.relay) if dom.relay else None,
+                "held": page(heldmail, name, number, size),
+                "history": heldmail.ledger.history(name, time.time())}
+    if op == "release":
+        outcome = heldmail.flush(name, trigger="portal", client=user)
+        return {"outcome": outcome.as_json()}
+    if op == "pause":
+        heldmail.pause(name)
+        log.info("event=pause domain=%s user=%s via=portal", name, user)
+        return {}
+    if op == "resume":
+        heldmail.resume(name)
+        log.info("event=resume domain=%s user=%s via=portal", name, user)
+        return {}
+    if op == "return_refused":
+        count = heldmail.return_to_senders(name, refused_only=True)
+        log.info("event=returned domain=%s messages=%d user=%s via=portal", name, count, user)
+        return {"returned": count}
+    raise Malformed(f"not a portal request: {op!r:.40}")
