@@ -154,6 +154,7 @@ class Stack:
     poller: subprocess.Popen | None = None
     helper: subprocess.Popen | None = None
     odmr: subprocess.Popen | None = None
+    portal: subprocess.Popen | None = None
 
     @property
     def cfg(self):
@@ -222,6 +223,26 @@ class Stack:
         wait_until(lambda: self.daemon_log("odmr").count("event=start ") > started
                    or self.odmr.poll() is not None, 20, what="odmr started")
         assert self.odmr.poll() is None, self.daemon_log("odmr")
+
+    def start_portal(self):
+        """The portal (section [portal] in the config), once it takes connections."""
+        self.start_helper()
+        started = self.daemon_log("portal").count("event=start ")
+        self.portal = self._daemon("portal")
+        wait_until(lambda: self.daemon_log("portal").count("event=start ") > started
+                   or self.portal.poll() is not None, 20, what="portal started")
+        assert self.portal.poll() is None, self.daemon_log("portal")
+        where = self.cfg.portal.listen
+        wait_until(lambda: _tcp_open(where.host, where.port), 15, what="portal listening")
+
+    def stop_portal(self, sig=signal.SIGTERM):
+        _stop(self.portal, sig)
+        self.portal = None
+
+    @property
+    def portal_url(self) -> str:
+        where = self.cfg.portal.listen
+        return f"http://{where.host}:{where.port}"
 
     def stop_odmr(self, sig=signal.SIGTERM):
         _stop(self.odmr, sig)
@@ -308,10 +329,11 @@ class Stack:
         return [f"{name} exited {proc.returncode}"
                 for name, proc in (("milter", self.milter), ("gateway", self.gateway),
                                    ("poller", self.poller), ("helper", self.helper),
-                                   ("odmr", self.odmr))
+                                   ("odmr", self.odmr), ("portal", self.portal))
                 if proc is not None and proc.poll() is not None]
 
     def destroy(self):
+        self.stop_portal()
         self.stop_poller()
         self.stop_odmr()
         self.stop_gateway()

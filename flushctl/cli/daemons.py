@@ -60,6 +60,20 @@ def odmr(ctx):
 
 @click.command()
 @pass_ctx
+def portal(ctx):
+    """Run the customers' web portal (foreground, until SIGTERM)."""
+    from flushctl.portal.daemon import run
+    from flushctl.privsep.errors import PrivsepError
+    try:
+        run(ctx.config)
+    except PrivsepError as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"portal: cannot listen on {ctx.config.portal.listen}: {exc}") from None
+
+
+@click.command()
+@pass_ctx
 def helper(ctx):
     """Run the release helper, the one daemon that stays root (foreground):
     releases for the gateway, the poller and non-root admins; the keeper."""

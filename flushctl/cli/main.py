@@ -19,7 +19,7 @@ from flushctl import config as config_mod
 from flushctl.cli import daemons, held, setup, status, users
 from flushctl.cli.context import Context
 
-DAEMONS = frozenset({"milter", "gateway", "helper", "poller", "odmr"})   # they log what they do
+DAEMONS = frozenset({"milter", "gateway", "helper", "poller", "odmr", "portal"})   # they log what they do
 
 
 class KeyValueFormatter(logging.Formatter):
@@ -59,6 +59,7 @@ def main(ctx, config_path, log_level):
 
 for _command in (setup.apply, setup.check_config, setup.check, setup.domains,
                  daemons.milter, daemons.gateway, daemons.helper, daemons.poller, daemons.odmr,
+                 daemons.portal,
                  status.status,
                  held.flush, held.pause, held.resume, held.purge, held.return_, held.sweep,
                  users.user):

@@ -1,0 +1,405 @@
+"""The portal's web application: HTML pages for people, a JSON API for programs.
+
+Everything a page shows and every action goes through the release helper
+(``ask``), which checks the login's token and decides again which
+domains it may see; this module only renders and routes.  Pages are
+server-rendered HTML that work without JavaScript; every form carries
+the session's CSRF token; sessions are signed cookies (SameSite=Strict,
+HttpOnly, Secure unless ``[portal] secure_cookie = false``).  The API
+takes ``Authorization: Bearer TOKEN`` from ``POST /api/v1/login``; its
+description is ``/api/v1/openapi.json``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+import secrets
+import time
+from collections import deque
+from importlib import resources
+
+import jinja2
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.sessions import SessionMiddleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from flushctl import names
+from flushctl.privsep.errors import PrivsepError
+
+log = logging.getLogger("flushctl.portal")
+
+ACTIONS = {"release": "release", "pause": "pause", "resume": "resume",
+           "return-refused": "return_refused"}
+NOT_YOURS = "no such domain"       # the helper's words for another's domain or none
+FAILURE_MEMORY = 900.0             # seconds a failed login counts against its address
+MAX_ADDRESSES = 10000              # addresses with recent failures remembered
+LOGIN_GONE = ("no such login", "the login was removed")
+
+
+class Throttle:
+    """Failed logins per client address: ``limit`` within ``FAILURE_MEMORY``
+    and that address waits (429) until the oldest is forgotten."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.failures: dict[str, deque] = {}
+
+    def wait(self, address: str, now: float) -> float:
+        q = self.failures.get(address)
+        while q and q[0] < now - FAILURE_MEMORY:
+            q.popleft()
+        if q is not None and not q:
+            del self.failures[address]
+            return 0.0
+        if q and len(q) >= self.limit:
+            return q[0] + FAILURE_MEMORY - now
+        return 0.0
+
+    def failed(self, address: str, now: float) -> None:
+        if len(self.failures) >= MAX_ADDRESSES and address not in self.failures:
+            for key in [k for k, q in self.failures.items() if not q or q[-1] < now - 60]:
+                del self.failures[key]
+            if len(self.failures) >= MAX_ADDRESSES:
+                self.failures.pop(next(iter(self.failures)))
+        self.failures.setdefault(address, deque()).append(now)
+
+
+TEMPLATES = ("base.html", "login.html", "denied.html", "domains.html", "domain.html")
+_ASSETS: list = []
+
+
+def assets() -> tuple[jinja2.Environment, dict]:
+    """The templates (each compiled now) and the OpenAPI description, read
+    once: the daemon reads them before it gives up root."""
+    if not _ASSETS:
+        env = _environment()
+        for name in TEMPLATES:
+            env.get_template(name)
+        with resources.files("flushctl.portal").joinpath("openapi.json").open("rb") as f:
+            _ASSETS.extend((env, json.load(f)))
+    return _ASSETS[0], _ASSETS[1]
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("flushctl.portal", "templates"),
+        autoescape=True, undefined=jinja2.StrictUndefined, auto_reload=False,
+        cache_size=-1)
+    env.filters["when"] = lambda t: "-" if t is None else time.strftime(
+        "%Y-%m-%d %H:%M UTC", time.gmtime(t))
+    env.filters["size"] = _size
+    env.filters["age"] = _age
+    return env
+
+
+def _size(n) -> str:
+    if n is None:
+        return "-"
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _age(t) -> str:
+    if t is None:
+        return "-"
+    s = max(0, time.time() - t)
+    for unit, secs in (("d", 86400), ("h", 3600), ("min", 60)):
+        if s >= secs:
+            return f"{int(s // secs)} {unit}"
+    return f"{int(s)} s"
+
+
+def chart(history: list, width: int = 336, height: int = 60) -> dict:
+    """A bar chart of hourly held counts as SVG geometry (no JavaScript)."""
+    values = [v or 0 for _, v in history]
+    top = max(values, default=0) or 1
+    step = width / max(1, len(values))
+    bars = [{"x": round(i * step, 2), "w": max(0.5, round(step - 0.3, 2)),
+             "h": round(v / top * (height - 2), 2), "v": v, "t": t}
+            for i, ((t, _), v) in enumerate(zip(history, values)) if v]
+    return {"width": width, "height": height, "bars": bars, "top": top,
+            "first": history[0][0] if history else None}
+
+
+def outcome_words(outcome: dict) -> str:
+    kind = outcome.get("kind")
+    if kind == "released":
+        if outcome.get("shared"):
+            return "A delivery started moments ago is still under way; it takes this mail too."
+        n = outcome.get("released", 0)
+        return f"Delivery started: {n} message(s) on their way" + \
+            (f" to {outcome['target']}." if outcome.get("target") else ".")
+    if kind == "nothing held":
+        return "Nothing is held: there is nothing to deliver."
+    if kind == "unreachable":
+        return "Your server does not answer; the mail stays held. " + outcome.get("detail", "")
+    if kind == "paused":
+        return "Deliveries are paused for this domain: resume them first."
+    if kind == "nowhere":
+        return "There is nowhere to deliver to: " + outcome.get("detail", "")
+    return f"{kind}: {outcome.get('detail', '')}".strip()
+
+
+def build(ask, settings, secret: str | None = None) -> Starlette:
+    """The application.  ``ask(request_dict)`` is a coroutine that asks the
+    release helper (raising ``PrivsepError`` with its words); ``settings``
+    is ``Config.portal``."""
+    env, openapi = assets()
+    throttle = Throttle(settings.login_failures)
+
+    def page(name: str, request: Request, status: int = 200, **values) -> HTMLResponse:
+        session = request.session
+        if "csrf" not in session:
+            session["csrf"] = secrets.token_urlsafe(24)
+        flash = session.pop("flash", None)
+        body = env.get_template(name).render(user=session.get("user"),
+                                             admin=session.get("admin", False),
+                                             csrf=session["csrf"], flash=flash, **values)
+        return HTMLResponse(body, status_code=status, headers=_SECURITY_HEADERS)
+
+    def client_of(request: Request) -> str:
+        return request.client.host if request.client else "unknown"
+
+    async def csrf_ok(request: Request) -> dict | None:
+        form = await request.form()
+        token = form.get("csrf")
+        expected = request.session.get("csrf")
+        if not expected or not isinstance(token, str) \
+                or not hmac.compare_digest(token.encode(), expected.encode()):
+            return None
+        return form
+
+    async def login_attempt(request: Request, user: str, password: str) -> tuple[dict | None, int]:
+        """(the helper's grant, 0) or (None, seconds to wait; 0: wrong password)."""
+        client, now = client_of(request), time.monotonic()
+        wait = throttle.wait(client, now)
+        if wait > 0:
+            return None, math.ceil(wait)
+        reply = await ask({"op": "login", "user": user[:200], "password": password[:1000],
+                           "client": client})
+        if not reply.get("token"):
+            throttle.failed(client, now)
+            return None, 0 if not reply.get("locked") else math.ceil(FAILURE_MEMORY)
+        return reply, 0
+
+    # -- HTML --------------------------------------------------------------
+    async def home(request: Request):
+        return RedirectResponse("/domains" if request.session.get("token") else "/login", 303)
+
+    async def login_form(request: Request):
+        return page("login.html", request, error=None)
+
+    async def login(request: Request):
+        form = await csrf_ok(request)
+        if form is None:
+            return page("login.html", request, 403, error="The form expired: please try again.")
+        grant, wait = await login_attempt(request, str(form.get("user", "")),
+                                          str(form.get("password", "")))
+        if grant is None:
+            if wait:
+                return page("login.html", request, 429, error="Too many failed logins: "
+                            f"try again in {math.ceil(wait / 60)} minutes.")
+            return page("login.html", request, 401, error="Wrong user name or password.")
+        request.session.clear()   # a new session for the new login (no fixation)
+        request.session.update({"token": grant["token"], "user": grant["user"],
+                                "admin": grant["admin"], "csrf": secrets.token_urlsafe(24)})
+        return RedirectResponse("/domains", 303)
+
+    async def logout(request: Request):
+        if await csrf_ok(request) is not None and request.session.get("token"):
+            try:
+                await ask({"op": "logout", "token": request.session["token"]})
+            except PrivsepError:
+                pass
+            request.session.clear()
+        return RedirectResponse("/login", 303)
+
+    async def signed_in(request: Request, message: dict):
+        """The helper's answer for the session's login; a RedirectResponse
+        to the login page when there is none (or it ended)."""
+        token = request.session.get("token")
+        if not token:
+            return None
+        try:
+            return await ask({**message, "token": token})
+        except PrivsepError as exc:
+            if str(exc).startswith(LOGIN_GONE):
+                request.session.clear()
+                return None
+            raise
+
+    async def domains(request: Request):
+        reply = await signed_in(request, {"op": "overview"})
+        if reply is None:
+            return RedirectResponse("/login", 303)
+        return page("domains.html", request, domains=reply["domains"])
+
+    async def domain(request: Request):
+        name = request.path_params["domain"]
+        if not _domain_name(name):
+            return page("denied.html", request, 403)
+        number = _page_number(request.query_params.get("page"))
+        try:
+            reply = await signed_in(request, {"op": "domain", "domain": name, "page": number})
+        except PrivsepError as exc:
+            if str(exc) == NOT_YOURS:
+                return page("denied.html", request, 403)
+            raise
+        if reply is None:
+            return RedirectResponse("/login", 303)
+        return page("domain.html", request, name=name, d=reply, chart=chart(reply["history"]))
+
+    async def action(request: Request):
+        name, what = request.path_params["domain"], request.path_params["action"]
+        if what not in ACTIONS or not _domain_name(name):
+            return page("denied.html", request, 404 if what not in ACTIONS else 403)
+        if await csrf_ok(request) is None:
+            return page("denied.html", request, 403)
+        try:
+            reply = await signed_in(request, {"op": ACTIONS[what], "domain": name})
+        except PrivsepError as exc:
+            if str(exc) == NOT_YOURS:
+                return page("denied.html", request, 403)
+            raise
+        if reply is None:
+            return RedirectResponse("/login", 303)
+        request.session["flash"] = {
+            "release": lambda: outcome_words(reply["outcome"]),
+            "pause": lambda: "Paused: nothing is delivered until you resume.",
+            "resume": lambda: "Resumed: held mail goes out again when your server answers.",
+            "return-refused": lambda: f"{reply['returned']} refused message(s) returned "
+                                      "to their senders.",
+        }[what]()
+        return RedirectResponse(f"/domains/{name}", 303)
+
+    # -- JSON API ----------------------------------------------------------
+    def bearer(request: Request) -> str | None:
+        kind, _, token = request.headers.get("authorization", "").partition(" ")
+        return token.strip() if kind.lower() == "bearer" and token.strip() else None
+
+    async def api_ask(request: Request, message: dict):
+        token = bearer(request)
+        if "domain" in message and not _domain_name(message["domain"]):
+            return _problem(403, NOT_YOURS)
+        if token is None:
+            return _problem(401, "log in first: POST /api/v1/login, then "
+                            "Authorization: Bearer TOKEN")
+        try:
+            return await ask({**message, "token": token})
+        except PrivsepError as exc:
+            if str(exc).startswith(LOGIN_GONE):
+                return _problem(401, "the token expired or its login ended: log in again")
+            if str(exc) == NOT_YOURS:
+                return _problem(403, NOT_YOURS)
+            raise
+
+    async def api_login(request: Request):
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("user"), str) \
+                or not isinstance(body.get("password"), str):
+            return _problem(400, 'send {"user": ..., "password": ...}')
+        grant, wait = await login_attempt(request, body["user"], body["password"])
+        if grant is None:
+            if wait:
+                return _problem(429, "too many failed logins", {"Retry-After": str(wait)})
+            return _problem(401, "wrong user name or password")
+        return JSONResponse({"token": grant["token"], "user": grant["user"],
+                             "admin": grant["admin"],
+                             "expires_in": int(settings.session_lifetime)})
+
+    async def api_logout(request: Request):
+        reply = await api_ask(request, {"op": "logout"})
+        return reply if isinstance(reply, Response) else Response(status_code=204)
+
+    async def api_domains(request: Request):
+        reply = await api_ask(request, {"op": "overview"})
+        return reply if isinstance(reply, Response) else JSONResponse(reply)
+
+    async def api_domain(request: Request):
+        reply = await api_ask(request, {"op": "domain", "domain": request.path_params["domain"],
+                                        "page": _page_number(request.query_params.get("page"))})
+        if isinstance(reply, Response):
+            return reply
+        reply["history"] = [{"hour": t, "messages": v} for t, v in reply["history"]]
+        return JSONResponse(reply)
+
+    async def api_action(request: Request):
+        what = request.path_params["action"]
+        if what not in ACTIONS:
+            return _problem(404, "no such action")
+        reply = await api_ask(request, {"op": ACTIONS[what],
+                                        "domain": request.path_params["domain"]})
+        return reply if isinstance(reply, Response) else JSONResponse(reply)
+
+    async def api_description(request: Request):
+        return JSONResponse(openapi)
+
+    async def failed(request: Request, exc: Exception):
+        log.error("event=error path=%s reason=%r", request.url.path, str(exc))
+        if request.url.path.startswith("/api/"):
+            return _problem(503, "the service cannot answer now: try again shortly")
+        return HTMLResponse("<h1>The service cannot answer now</h1><p>Please try again "
+                            "shortly.</p>", status_code=503, headers=_SECURITY_HEADERS)
+
+    routes = [
+        Route("/", home, methods=["GET"]),
+        Route("/login", login_form, methods=["GET"]),
+        Route("/login", login, methods=["POST"]),
+        Route("/logout", logout, methods=["POST"]),
+        Route("/domains", domains, methods=["GET"]),
+        Route("/domains/{domain}", domain, methods=["GET"]),
+        Route("/domains/{domain}/{action}", action, methods=["POST"]),
+        Route("/api/v1/login", api_login, methods=["POST"]),
+        Route("/api/v1/logout", api_logout, methods=["POST"]),
+        Route("/api/v1/domains", api_domains, methods=["GET"]),
+        Route("/api/v1/domains/{domain}", api_domain, methods=["GET"]),
+        Route("/api/v1/domains/{domain}/{action}", api_action, methods=["POST"]),
+        Route("/api/v1/openapi.json", api_description, methods=["GET"]),
+    ]
+    middleware = [Middleware(SessionMiddleware, secret_key=secret or secrets.token_hex(32),
+                             session_cookie="flushctl_session",
+                             max_age=int(settings.session_lifetime), same_site="strict",
+                             https_only=settings.secure_cookie)]
+    return Starlette(routes=routes, middleware=middleware,
+                     exception_handlers={PrivsepError: failed})
+
+
+_SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+                               "img-src 'self' data:; form-action 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+def _problem(status: int, detail: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": detail}, status_code=status,
+                        headers={"Cache-Control": "no-store", **(headers or {})})
+
+
+def _domain_name(text: str) -> bool:
+    """A domain name in canonical form (anything else is no domain of anyone's)."""
+    try:
+        return len(text) <= 253 and names.domain(text) == text
+    except ValueError:
+        return False
+
+
+def _page_number(text) -> int:
+    try:
+        return max(1, min(int(text or 1), 10**6))
+    except ValueError:
+        return 1
