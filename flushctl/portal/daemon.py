@@ -52,8 +52,8 @@ def _preload() -> None:
     import uvicorn.lifespan.off  # noqa: F401
     import uvicorn.loops.asyncio  # noqa: F401
     import uvicorn.protocols.http.h11_impl  # noqa: F401
-    from flushctl.portal import app
-    app.assets()
+    from flushctl.portal import app, views  # noqa: F401
+    views.assets()
 
 
 def run(config: Config) -> None:

@@ -52,10 +52,12 @@ page_size = 5
 
 
 def start(make_stack, extra=""):
-    stack = make_stack(domains=portal_domains, extra=portal_section(extra))
+    stack = make_stack(domains=portal_domains, extra=portal_section(extra), gateway=True,
+                       poller_extra="interval = 3600")   # its releases would race ours
     for user, password in (("cust1", PASSWORD), ("cust2", OTHER_PASSWORD),
                            ("ops", ADMIN_PASSWORD)):
         stack.flushctl("user", "add", user, input=password + "\n")
+    stack.start_poller()
     stack.start_portal()
     return stack
 
@@ -186,3 +188,109 @@ def test_openapi_description_matches_the_served_routes(portal_stack):
                          body={} if method == "POST" and "login" not in path else None,
                          token=None if path.endswith("openapi.json") else token)
         assert status not in (404, 405), (path, method, status)
+
+
+# -- in a real browser ----------------------------------------------------------------
+
+def _browser():
+    """Headless Chromium from Debian's packages, through its chromedriver
+    (nothing downloaded: Selenium is given both paths)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    chromium = shutil.which("chromium")
+    driver = shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.fail("chromium and chromium-driver (Debian packages) are needed")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=420,1400", "--disable-extensions", "--no-first-run"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(executable_path=driver), options=options)
+
+
+@pytest.fixture
+def browser():
+    b = _browser()
+    b.set_page_load_timeout(60)
+    yield b
+    b.quit()
+
+
+def _click(browser, by, what):
+    """Click a submit button and wait for the page the form leads to."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+    old = browser.find_element(By.TAG_NAME, "html")
+    browser.find_element(by, what).click()
+    WebDriverWait(browser, 60).until(expected_conditions.staleness_of(old))
+
+
+def _login_page(browser, stack, user, password):
+    from selenium.webdriver.common.by import By
+    browser.get(stack.portal_url + "/login")
+    browser.find_element(By.ID, "user").send_keys(user)
+    browser.find_element(By.ID, "password").send_keys(password)
+    _click(browser, By.CSS_SELECTOR, "button[type=submit].primary")
+
+
+def test_in_a_browser_a_customer_sees_its_mail_and_delivers_it(portal_stack, browser):
+    """Log in, see mail held after SMTP delivery, pause (a finger is then
+    refused), resume, press "deliver now" with the customer's server up:
+    the count drops to 0 and the mail arrives.  A screenshot of the
+    domain page is kept as a test artefact."""
+    from selenium.webdriver.common.by import By
+    stack = portal_stack
+    _login_page(browser, stack, "cust1", "wrong password")
+    assert "Wrong user name or password" in browser.page_source
+    _login_page(browser, stack, "cust1", PASSWORD)
+    assert browser.current_url.endswith("/domains")
+    assert "customer.test" in browser.page_source and "other.test" not in browser.page_source
+    for i in range(3):
+        stack.send(["alice@customer.test"], subject=f"Invoice {i} =?utf-8?q?f=C3=BCr?= you")
+    wait_until(lambda: stack.status("customer.test")[0]["messages"] == 3, 30, what="held")
+    browser.get(stack.portal_url + "/domains/customer.test")
+    assert browser.find_element(By.ID, "held-count").text == "3"
+    assert browser.page_source.count("Invoice ") == 3 and "für you" in browser.page_source
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "portal-domain.png"))
+    # pause: a finger from the customer is refused meanwhile
+    _click(browser, By.ID, "pause")
+    assert "Paused" in browser.page_source
+    assert stack.status("customer.test")[0]["paused"] is True
+    assert "paused" in stack.finger("customer.test").lower()
+    _click(browser, By.ID, "resume")
+    assert stack.status("customer.test")[0]["paused"] is False
+    stack.sink.start()
+    _click(browser, By.ID, "deliver-now")
+    assert "Delivery started" in browser.find_element(By.CSS_SELECTOR, ".flash").text
+    wait_until(lambda: stack.status("customer.test")[0]["messages"] == 0, 60, what="delivered")
+    browser.get(stack.portal_url + "/domains/customer.test")
+    assert browser.find_element(By.ID, "held-count").text == "0"
+    assert browser.find_element(By.ID, "nothing-held")
+    assert len([m for m in stack.sink.messages() if "Invoice" in m]) == 3
+    # another customer's domain: 403, and nothing of it on the page
+    browser.get(stack.portal_url + "/domains/other.test")
+    assert "Not here" in browser.page_source and "other.test" not in browser.page_source
+
+
+def test_forms_without_the_sessions_csrf_token_are_refused(portal_stack, browser):
+    """A logged-in browser: a POST that lacks (or forges) the CSRF token
+    changes nothing (403), through the browser's own cookie."""
+    stack = portal_stack
+    _login_page(browser, stack, "cust1", PASSWORD)
+    cookie = browser.get_cookie("flushctl_session")
+    assert cookie and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    for form in ("", "csrf=forged"):
+        req = urllib.request.Request(stack.portal_url + "/domains/customer.test/pause",
+                                     data=form.encode(), method="POST")
+        req.add_header("Cookie", f"flushctl_session={cookie['value']}")
+        req.add_header("Content-Type", "application/x-www-form-urlencoded")
+        try:
+            urllib.request.urlopen(req, timeout=30)
+            status = 200
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+        assert status == 403, form
+    assert stack.status("customer.test")[0]["paused"] is False

@@ -1,0 +1,35 @@
+"""[portal]: defaults, and each bad value refused with its key named."""
+
+import pytest
+
+from flushctl.config import ConfigError, parse
+
+
+def test_absent_means_no_portal_and_defaults_are_loopback():
+    assert parse("").portal is None
+    p = parse("[portal]\n").portal
+    assert (p.listen.host, p.listen.port, p.user, p.admins) == ("127.0.0.1", 8366, "nobody", ())
+    assert p.secure_cookie is True and p.session_lifetime == 8 * 3600
+
+
+def test_values_are_read():
+    p = parse('[portal]\nlisten = "127.0.0.1:9000"\nadmins = ["ops", "Ops2"]\n'
+              'session_lifetime = "30m"\nurl = "https://mx.example/held/"\n'
+              'secure_cookie = false\ntrusted_proxies = ["::1"]\n').portal
+    assert p.listen.port == 9000 and p.session_lifetime == 1800
+    assert p.url == "https://mx.example/held" and p.secure_cookie is False
+    assert p.trusted_proxies == ("::1",)
+
+
+@pytest.mark.parametrize("text, key", [
+    ('user = "root"', "user"),
+    ('listen = "mx.example:80"', "listen"),
+    ('url = "javascript:alert(1)"', "url"),
+    ('session_lifetime = "-1"', "session_lifetime"),
+    ('trusted_proxies = ["proxy.example"]', "trusted_proxies"),
+    ('admins = ["bad name"]', "admins"),
+    ('nonsense = 1', "nonsense"),
+])
+def test_bad_values_are_refused(text, key):
+    with pytest.raises(ConfigError, match=key):
+        parse(f"[portal]\n{text}\n")
