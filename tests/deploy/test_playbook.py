@@ -42,6 +42,7 @@ ADMIN = "flushctl-deploy-admin"   # a login user the role lets release without r
 PASSWORD = "p" + secrets.token_urlsafe(12)   # never "-...": swaks would take it for an option
 # an ODMR customer: no server of its own; it logs in on port 366 and takes its mail
 ODMR_DOMAIN = "odmr-customer.example"
+PORTAL_PORT = 8366
 ODMR_LOGIN = "cust1"
 ODMR_PASSWORD = "p" + secrets.token_urlsafe(12)
 ODMR_PORT = 366
@@ -55,7 +56,13 @@ def playbook(extra_vars: Path, *more: str):
     recap = re.search(r"localhost\s+:\s+ok=\d+\s+changed=(\d+)\s+unreachable=0\s+failed=0",
                       proc.stdout)
     assert recap, proc.stdout[-3000:]
-    return int(recap.group(1))
+    changed = int(recap.group(1))
+    if changed:   # say which tasks changed
+        tasks = [block.split("]", 1)[0] for block in re.split(r"\n(?:TASK|RUNNING HANDLER) \[",
+                                                              proc.stdout)
+                 if "\nchanged: " in block]
+        print(f"{changed} changed: {tasks}")
+    return changed
 
 
 def example_vars() -> dict:
@@ -122,6 +129,8 @@ def test_playbook_deploys_a_working_host_and_converges(tmp_path):
                                  "flushctl_admins": [ADMIN],
                                  "flushctl_domains": domains,
                                  "flushctl_odmr": {"listen": [f"127.0.0.1:{ODMR_PORT}"]},
+                                 "flushctl_portal": {"listen": f"127.0.0.1:{PORTAL_PORT}",
+                                                     "secure_cookie": False},
                                  "flushctl_users": [{"name": ODMR_LOGIN,
                                                      "password": ODMR_PASSWORD}]}))
     forget_login()
@@ -132,7 +141,7 @@ def test_playbook_deploys_a_working_host_and_converges(tmp_path):
                          "mx3.provider.example\n")
     cluster = ("-i", str(inventory), "--limit", "localhost")
     playbook(extra, *cluster)
-    assert playbook(extra, *cluster) == 0  # the second run changes nothing
+    assert playbook(extra, *cluster) == 0, "the second run changes nothing"
 
     # the other two are this host's peers
     config = Path("/etc/flushctl/flushctl.toml").read_text()
@@ -260,7 +269,30 @@ def test_playbook_deploys_a_working_host_and_converges(tmp_path):
     # it went out toward elsewhere.example (no internet here): take it back
     subprocess.run(["postsuper", "-d", queued.group(1)], capture_output=True, timeout=60)
 
-    odmr_session(tmp_path)
+    portal_session()
+    odmr_session(tmp_path)   # it deletes the login at its end
+
+
+def portal_session():
+    """The portal, deployed: its own user, no capability; a customer logs in
+    over HTTP on loopback and sees its domain."""
+    config = Path("/etc/flushctl/flushctl.toml").read_text()
+    assert f'[portal]\nuser = "flushctl-portal"\nlisten = "127.0.0.1:{PORTAL_PORT}"\n' in config
+    [portal] = deployed("portal")
+    unprivileged(portal, "flushctl-portal")
+    base = f"http://127.0.0.1:{PORTAL_PORT}"
+    with urllib.request.urlopen(base + "/login", timeout=30) as r:
+        assert r.status == 200 and b'name="password"' in r.read()
+    req = urllib.request.Request(base + "/api/v1/login", method="POST",
+                                 data=json.dumps({"user": ODMR_LOGIN,
+                                                  "password": ODMR_PASSWORD}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        token = json.load(r)["token"]
+    req = urllib.request.Request(base + "/api/v1/domains",
+                                 headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert [d["domain"] for d in json.load(r)["domains"]] == [ODMR_DOMAIN]
 
 
 def odmr_session(tmp_path):

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
 
 UNITS = ROOT / "ansible/roles/flushctl/templates/units"
 ALWAYS = ["helper", "milter", "gateway", "poller"]   # flushctl_daemons
-DAEMONS = ALWAYS + ["odmr"]                          # odmr: with flushctl_odmr
+DAEMONS = ALWAYS + ["odmr", "portal"]   # odmr: with flushctl_odmr; portal: with flushctl_portal
 
 
 def _fill(text: str) -> str:
@@ -34,7 +34,8 @@ def _fill(text: str) -> str:
               "flushctl_poller_user": "flushctl-poller",
               "flushctl_gateway_user": "flushctl-gateway",
               "flushctl_milter_user": "flushctl-milter",
-              "flushctl_odmr_user": "flushctl-odmr"}
+              "flushctl_odmr_user": "flushctl-odmr",
+              "flushctl_portal_user": "flushctl-portal"}
     text = re.sub(r"\{\{ (\w+) \}\}", lambda m: values[m.group(1)], text)
     assert "{{" not in text and "{%" not in text
     return text
@@ -57,10 +58,10 @@ def test_every_daemon_has_its_drop_in_and_the_role_starts_them_all():
     listed = re.search(r"flushctl_daemons:\n((?:  - \w+\n)+)", defaults).group(1)
     # the helper first: the others ask it as they start
     assert re.findall(r"- (\w+)", listed) == ALWAYS
-    # and the ODMR daemon after them, when flushctl_odmr is set
+    # and the ODMR daemon and the portal after them, when set
     derived = (ROOT / "ansible/roles/flushctl/vars/main.yml").read_text()
-    assert "flushctl_running_daemons: \"{{ flushctl_daemons + (['odmr'] if flushctl_odmr_enabled" \
-        in derived
+    assert "flushctl_running_daemons: \"{{ flushctl_daemons + (['odmr'] if flushctl_odmr_enabled " \
+        "else []) + (['portal'] if flushctl_portal_enabled else []) }}\"" in derived
 
 
 @pytest.mark.parametrize("daemon", DAEMONS)
