@@ -33,7 +33,7 @@ log = logging.getLogger("flushctl.metrics")
 # ledger counter name -> (metric name without _total, help, label names)
 COUNTERS = {
     "releases": ("flushctl_releases", "Releases of a domain's held mail, by trigger "
-                 "(finger, etrn, poller, admin, peer, odmr).", ("domain", "trigger")),
+                 "(finger, etrn, poller, admin, peer, odmr, portal).", ("domain", "trigger")),
     "probes": ("flushctl_probes", "Probes of a customer's mail server, by result.",
                ("domain", "result")),
     "milter_decisions": ("flushctl_milter_decisions", "The milter's decisions on messages "
@@ -47,6 +47,9 @@ COUNTERS = {
                       "failed).", ("result",)),
     "odmr_delivered": ("flushctl_odmr_delivered_messages", "Messages the customers' servers "
                        "accepted over ODMR sessions.", ()),
+    "notifications": ("flushctl_notifications", "Notices about held mail, by kind (held, "
+                      "digest, quota, refused, stale), channel (mail, webhook) and result "
+                      "(sent, failed, expired).", ("domain", "kind", "channel", "result")),
 }
 GAUGES = ("flushctl_held_messages", "flushctl_held_bytes", "flushctl_oldest_held_age_seconds",
           "flushctl_refused_messages",

@@ -10,6 +10,7 @@ from flushctl.config.fields import login_name
 from flushctl.config.model import (DEFAULT_PATH, ENV_VAR, METRICS_LISTEN, ODMR_PORT,
                                    POLICY_LISTEN, SASL_PATHS, Cluster, Config, ConfigError,
                                    Domain, GatewaySettings, HostPort, Listen, Network,
+                                   NotifySettings,
                                    OdmrSettings, Peer, PortalSettings, Relay, Submission,
                                    UnknownDomain)
 from flushctl.config.parser import load, parse, resolve_path
@@ -17,6 +18,6 @@ from flushctl.config.parser import load, parse, resolve_path
 __all__ = [
     "DEFAULT_PATH", "ENV_VAR", "METRICS_LISTEN", "ODMR_PORT", "POLICY_LISTEN", "SASL_PATHS",
     "Cluster", "Config", "ConfigError", "Domain", "GatewaySettings", "HostPort", "Listen",
-    "Network", "OdmrSettings", "Peer", "PortalSettings", "Relay", "Submission", "UnknownDomain",
+    "Network", "NotifySettings", "OdmrSettings", "Peer", "PortalSettings", "Relay", "Submission", "UnknownDomain",
     "load", "login_name", "parse", "resolve_path",
 ]

@@ -234,3 +234,14 @@ def _relay(section: _Section, key: str) -> Relay | None:
         section.fail(key, f"an IP address must be written in brackets: [{host}]:{port}")
     return Relay(host=host, port=port, mx_lookup=not bracketed)
 
+
+def _users(sec: _Section, key: str = "users") -> tuple[str, ...]:
+    users: list[str] = []
+    for item in sec.get(key, list, []):
+        try:
+            name = login_name(item)
+        except ValueError as exc:
+            sec.fail(key, str(exc))
+        if name not in users:
+            users.append(name)
+    return tuple(users)

@@ -87,6 +87,10 @@ class Domain:
     refused_return_after: float | None = None
     users: tuple[str, ...] = ()   # login names that may release its mail (ODMR)
     odmr: bool = False            # its held mail goes out only over its users' ODMR sessions
+    notify: tuple[str, ...] = ()  # addresses told about its held mail (none in a customer domain)
+    notify_interval: float | None = None      # None: [notify] interval
+    notify_stale_after: float | None = None   # None: [notify] stale_after
+    notify_webhook: str | None = None         # an http(s) URL that gets each notice as JSON
 
     def __hash__(self) -> int:
         return hash(self.name)
@@ -167,6 +171,21 @@ class OdmrSettings:
 
 
 @dataclass(frozen=True)
+class NotifySettings:
+    """[notify]: how customers hear about their held mail (see ``notify``)."""
+
+    sender: str = ""                  # the envelope sender; "": the null sender, as DSNs
+    from_address: str = ""            # the From: header; "": postmaster@ this host's name
+    interval: float = 6 * 3600.0      # "mail is being held" at most this often per domain
+    stale_after: float = 3 * 86400.0  # "held for long" once mail is this old
+    digest_every: float = 86400.0     # a digest this often while mail is held
+    check_every: float = 60.0         # seconds between looks at the domains
+    webhook_secret_file: str | None = None   # the HMAC key of the webhook's signature
+    webhook_timeout: float = 10.0
+    webhook_retry_for: float = 86400.0       # a webhook not acknowledged is retried this long
+
+
+@dataclass(frozen=True)
 class PortalSettings:
     """[portal]: the customers' web portal (``flushctl portal``), meant to sit
     behind the provider's HTTPS reverse proxy."""
@@ -208,6 +227,7 @@ class Config:
     helper_group: str = "flushctl"   # its socket's group: the daemons and non-root admins
     odmr: OdmrSettings | None = None   # [odmr]; None: no ODMR
     portal: PortalSettings | None = None   # [portal]; None: no portal
+    notify: NotifySettings = field(default_factory=NotifySettings)   # [notify]
 
     @property
     def logins_path(self) -> str:

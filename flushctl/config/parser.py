@@ -16,11 +16,12 @@ from typing import Any
 
 from flushctl import names
 from flushctl.config.fields import (_Section, _duration, _host_port, _host_ports, _is_ip,
-                                    _listen, _policy_listen, _relay, _user, login_name,
+                                    _listen, _policy_listen, _relay, _user, _users,
                                     split_host_port)
+from flushctl.config.customers import _check_notify, _notify, _notify_addresses, _portal, _url
 from flushctl.config.model import (DEFAULT_PATH, ENV_VAR, METRICS_LISTEN, ODMR_PORT, SASL_PATHS,
                                    Cluster, Config, ConfigError, Domain, GatewaySettings,
-                                   HostPort, OdmrSettings, Peer, PortalSettings, Submission)
+                                   HostPort, OdmrSettings, Peer, Submission)
 
 
 def resolve_path(option: str | None) -> str:
@@ -140,47 +141,6 @@ def _odmr(path: str, data: dict) -> OdmrSettings | None:
     )
 
 
-def _portal(path: str, data: dict) -> PortalSettings | None:
-    if "portal" not in data:
-        return None
-    sec = _Section(path, "portal", data["portal"])
-    sec.check_keys({"listen", "user", "admins", "url", "secure_cookie", "session_lifetime",
-                    "login_failures", "page_size", "trusted_proxies"})
-    default = PortalSettings()
-    url = sec.get("url", str, "")
-    if url and not re.fullmatch(r"https?://[A-Za-z0-9.:\[\]_-]+(/[!-~]*)?", url):
-        sec.fail("url", f"not an http(s) address: {url!r}")
-    proxies = []
-    for item in sec.get("trusted_proxies", list, list(default.trusted_proxies)):
-        if not isinstance(item, str) or not _is_ip(item):
-            sec.fail("trusted_proxies", f"not an IP address: {item!r}")
-        proxies.append(str(ipaddress.ip_address(item)))
-    return PortalSettings(
-        listen=_host_port(sec, "listen", f"{default.listen.host}:{default.listen.port}"),
-        user=_user(sec, default.user, "the portal reads what browsers send: name an "
-                   "unprivileged user"),
-        admins=_users(sec, "admins"),
-        url=url.rstrip("/"),
-        secure_cookie=sec.get("secure_cookie", bool, default.secure_cookie),
-        session_lifetime=_duration(sec, "session_lifetime") or default.session_lifetime,
-        login_failures=sec.positive("login_failures", int, default.login_failures),
-        page_size=min(sec.positive("page_size", int, default.page_size), 1000),
-        trusted_proxies=tuple(proxies),
-    )
-
-
-def _users(sec: _Section, key: str = "users") -> tuple[str, ...]:
-    users: list[str] = []
-    for item in sec.get(key, list, []):
-        try:
-            name = login_name(item)
-        except ValueError as exc:
-            sec.fail(key, str(exc))
-        if name not in users:
-            users.append(name)
-    return tuple(users)
-
-
 def _check_odmr(path: str, domains: dict[str, Domain], odmr: OdmrSettings | None) -> None:
     """A domain whose mail goes out over ODMR only: someone may log in for
     it, and nothing else delivers it."""
@@ -209,7 +169,8 @@ def _domain(path: str, name: str, table: Any) -> Domain:
         raise ConfigError(f'{path}: domains."{name}": write the domain as "{key}"')
     sec = _Section(path, f'domains."{name}"', table)
     sec.check_keys({"relay", "recipients", "quota_messages", "quota_bytes", "flush_from",
-                    "hosts", "refused_return_after", "users", "odmr"})
+                    "hosts", "refused_return_after", "users", "odmr", "notify",
+                    "notify_interval", "notify_stale_after", "notify_webhook"})
     recipients = sec.get("recipients", list)
     rcpt_set = None
     if recipients is not None:
@@ -255,6 +216,10 @@ def _domain(path: str, name: str, table: Any) -> Domain:
         flush_from=tuple(networks),
         users=_users(sec),
         odmr=sec.get("odmr", bool, False),
+        notify=_notify_addresses(sec),
+        notify_interval=_duration(sec, "notify_interval"),
+        notify_stale_after=_duration(sec, "notify_stale_after"),
+        notify_webhook=_url(sec, "notify_webhook"),
     )
 
 
@@ -266,7 +231,8 @@ def parse(text: str, path: str = "<config>") -> Config:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     top = _Section(path, "", data)
     top.check_keys({"postfix", "state", "milter", "gateway", "poller", "helper", "relay",
-                    "submission", "cluster", "metrics", "odmr", "portal", "domains"})
+                    "submission", "cluster", "metrics", "odmr", "portal", "notify",
+                    "domains"})
     he = _Section(path, "helper", data.get("helper", {}))
     he.check_keys({"socket", "group"})
     helper_socket = he.absolute_path("socket", "/run/flushctl/helper.sock")
@@ -337,6 +303,11 @@ def parse(text: str, path: str = "<config>") -> Config:
         domains[dom.name] = dom
     odmr = _odmr(path, data)
     _check_odmr(path, domains, odmr)
+    _check_notify(path, domains)
+    notify = _notify(path, data)
+    if notify.webhook_secret_file is None and any(d.notify_webhook for d in domains.values()):
+        raise ConfigError(f"{path}: notify: webhook_secret_file: needed to sign the webhooks "
+                          "that domains name (notify_webhook)")
     return Config(
         path=path,
         config_directory=pf.absolute_path("config_directory", "/etc/postfix"),
@@ -369,6 +340,7 @@ def parse(text: str, path: str = "<config>") -> Config:
         helper_group=helper_group,
         odmr=odmr,
         portal=_portal(path, data),
+        notify=notify,
     )
 
 

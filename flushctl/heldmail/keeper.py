@@ -7,7 +7,9 @@ Every few seconds it
 - puts mail that failed after a release back on hold, marked refused on a
   5xx, backing the domain off after tempfails: ``HeldMail.sweep_all``;
 - returns refused mail to its senders once a domain's
-  ``refused_return_after`` has passed.
+  ``refused_return_after`` has passed;
+- samples each domain's held count once an hour (the portal's chart) and
+  sends the customers' notices that are due (``notify.notifier``).
 None of this is intake: it does not depend on the milter, which only takes
 mail in (as smtpd and cleanup do in Postfix).
 
@@ -38,8 +40,10 @@ def interval_for(minimal_backoff: float, lifetimes: list[float]) -> float:
 
 class Keeper:
     def __init__(self, heldmail: HeldMail):
+        from flushctl.notify.notifier import Notifier
         self.heldmail = heldmail
         self._returned_at = float("-inf")
+        self.notifier = Notifier(heldmail)
 
     def interval(self) -> float:
         od = self.heldmail
@@ -54,7 +58,8 @@ class Keeper:
                       "taken_in": od.take_in(),
                       "swept": od.sweep_all(), "returned": self.return_refused(),
                       "recounted": od.recount_asked(),
-                      "sampled": od.ledger.sample_history(time.time())}
+                      "sampled": od.ledger.sample_history(time.time()),
+                      "notified": self.notifier.tick()}
         for domain, count in done["rebuilt"].items():
             log.info("event=rebuilt domain=%s messages=%d", domain, count)
         return done

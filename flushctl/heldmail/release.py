@@ -162,7 +162,7 @@ class ReleasePart:
         its own poller, with its own backoff; a peer's ETRN, like a
         customer's, would also retry refused mail)."""
         cluster = self.config.cluster
-        if cluster is None or trigger not in ("admin", "finger", "etrn"):
+        if cluster is None or trigger not in ("admin", "finger", "etrn", "portal"):
             return 0
         self.ledger.queue_forwards(dom, cluster.peers)
         return len(cluster.peers)

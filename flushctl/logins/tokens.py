@@ -15,7 +15,8 @@ import threading
 import time
 from collections import deque
 
-MAX_TOKENS = 1000          # logins alive at once
+MAX_TOKENS = 1000          # logins alive at once (beyond: no new one until some end)
+MAX_PER_USER = 20          # of one user (beyond: its own oldest ends)
 MAX_FAILED_USERS = 100000  # users with recent failures remembered (beyond: all locked)
 MAX_CHALLENGES = 1000      # CRAM-MD5 challenges handed out and not yet answered
 CHALLENGE_LIFETIME = 300.0 # seconds a challenge may wait for its answer
@@ -77,17 +78,21 @@ class Tokens:
             if len(self._failures) < MAX_FAILED_USERS or user in self._failures:
                 self._failures.setdefault(user, deque()).append(now)
 
-    def grant(self, user: str, password_hash: str) -> str:
+    def grant(self, user: str, password_hash: str) -> str | None:
         """A token for ``user`` while its password is the one of ``password_hash``
-        (salted anew by every change)."""
+        (salted anew by every change); None when ``MAX_TOKENS`` are alive.
+        A user's logins beyond ``MAX_PER_USER`` end its own oldest, never
+        another user's."""
         now = time.monotonic()
         with self._lock:
             for t, (_, _, until) in list(self._tokens.items()):
                 if until < now:
                     del self._tokens[t]
-            if len(self._tokens) >= MAX_TOKENS:
-                oldest = min(self._tokens, key=lambda t: self._tokens[t][2])
-                del self._tokens[oldest]
+            own = [t for t, entry in self._tokens.items() if entry[0] == user]
+            if len(own) >= MAX_PER_USER:
+                del self._tokens[min(own, key=lambda t: self._tokens[t][2])]
+            elif len(self._tokens) >= MAX_TOKENS:
+                return None
             token = secrets.token_hex(16)
             self._tokens[token] = (user, password_hash, now + self.lifetime)
             return token

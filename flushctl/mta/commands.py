@@ -187,6 +187,19 @@ class Postfix:
         """Ask qmgr to look at the incoming queue now."""
         self._kick("qmgr", "I")
 
+    def send_mail(self, sender: str, recipients: Iterable[str], message: str) -> None:
+        """Queue ``message`` through Postfix's sendmail (pickup, cleanup, the
+        milters, the queue: retried and logged like any mail).  ``sender``
+        "" is the null sender; every address was validated by the config."""
+        rcpts = [r for r in recipients]
+        for address in (sender, *rcpts):
+            if address and (address.startswith("-") or not names.split_recipient(address)):
+                raise PostfixError(f"sendmail: not an address: {address!r}")
+        if not rcpts:
+            raise PostfixError("sendmail: no recipient")
+        self._run([_binary("sendmail"), "-C", self.config_directory, "-i", "-f", sender,
+                   "--", *rcpts], stdin=message)
+
     def _kick(self, service: str, request: str) -> None:
         """postkick, robustly.
 

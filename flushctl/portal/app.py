@@ -13,11 +13,11 @@ description is ``/api/v1/openapi.json``.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import math
 import secrets
 import time
-from collections import deque
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -27,6 +27,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 
 from flushctl import names
+from flushctl.portal.guards import FAILURE_MEMORY, TOKEN, LimitBody, Throttle, throttle_key
 from flushctl.portal.views import assets, chart, outcome_words
 from flushctl.privsep.errors import PrivsepError
 
@@ -35,37 +36,7 @@ log = logging.getLogger("flushctl.portal")
 ACTIONS = {"release": "release", "pause": "pause", "resume": "resume",
            "return-refused": "return_refused"}
 NOT_YOURS = "no such domain"       # the helper's words for another's domain or none
-FAILURE_MEMORY = 900.0             # seconds a failed login counts against its address
-MAX_ADDRESSES = 10000              # addresses with recent failures remembered
 LOGIN_GONE = ("no such login", "the login was removed")
-
-
-class Throttle:
-    """Failed logins per client address: ``limit`` within ``FAILURE_MEMORY``
-    and that address waits (429) until the oldest is forgotten."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.failures: dict[str, deque] = {}
-
-    def wait(self, address: str, now: float) -> float:
-        q = self.failures.get(address)
-        while q and q[0] < now - FAILURE_MEMORY:
-            q.popleft()
-        if q is not None and not q:
-            del self.failures[address]
-            return 0.0
-        if q and len(q) >= self.limit:
-            return q[0] + FAILURE_MEMORY - now
-        return 0.0
-
-    def failed(self, address: str, now: float) -> None:
-        if len(self.failures) >= MAX_ADDRESSES and address not in self.failures:
-            for key in [k for k, q in self.failures.items() if not q or q[-1] < now - 60]:
-                del self.failures[key]
-            if len(self.failures) >= MAX_ADDRESSES:
-                self.failures.pop(next(iter(self.failures)))
-        self.failures.setdefault(address, deque()).append(now)
 
 
 def build(ask, settings, secret: str | None = None) -> Starlette:
@@ -74,6 +45,18 @@ def build(ask, settings, secret: str | None = None) -> Starlette:
     is ``Config.portal``."""
     env, openapi = assets()
     throttle = Throttle(settings.login_failures)
+    acting: set[str] = set()   # domains with an action under way (one at a time each)
+
+    async def act(name: str, message: dict, run):
+        """``run(message)`` unless an action on the domain is under way
+        (a release may take long: it must not take all the helper's channels)."""
+        if name in acting:
+            return None
+        acting.add(name)
+        try:
+            return await run(message)
+        finally:
+            acting.discard(name)
 
     def page(template: str, request: Request, status: int = 200, **values) -> HTMLResponse:
         session = request.session
@@ -86,7 +69,13 @@ def build(ask, settings, secret: str | None = None) -> Starlette:
         return HTMLResponse(body, status_code=status, headers=_SECURITY_HEADERS)
 
     def client_of(request: Request) -> str:
-        return request.client.host if request.client else "unknown"
+        """The client's address (a trusted proxy's X-Forwarded-For, see
+        ``[portal] trusted_proxies``); "unknown" for anything that is not one."""
+        host = request.client.host if request.client else ""
+        try:
+            return str(ipaddress.ip_address(host))
+        except ValueError:
+            return "unknown"
 
     async def csrf_ok(request: Request) -> dict | None:
         form = await request.form()
@@ -100,14 +89,19 @@ def build(ask, settings, secret: str | None = None) -> Starlette:
     async def login_attempt(request: Request, user: str, password: str) -> tuple[dict | None, int]:
         """(the helper's grant, 0) or (None, seconds to wait; 0: wrong password)."""
         client, now = client_of(request), time.monotonic()
-        wait = throttle.wait(client, now)
+        key = throttle_key(client)
+        wait = throttle.wait(key, now)
         if wait > 0:
             return None, math.ceil(wait)
+        throttle.failed(key, now)   # counted from now: concurrent attempts see it
         reply = await ask({"op": "login", "user": user[:200], "password": password[:1000],
                            "client": client})
+        if reply.get("busy"):
+            throttle.forgive(key)
+            raise PrivsepError("too many logins at once")
         if not reply.get("token"):
-            throttle.failed(client, now)
             return None, 0 if not reply.get("locked") else math.ceil(FAILURE_MEMORY)
+        throttle.forgive(key)
         return reply, 0
 
     # -- HTML --------------------------------------------------------------
@@ -184,11 +178,15 @@ def build(ask, settings, secret: str | None = None) -> Starlette:
         if await csrf_ok(request) is None:
             return page("denied.html", request, 403)
         try:
-            reply = await signed_in(request, {"op": ACTIONS[what], "domain": name})
+            reply = await act(name, {"op": ACTIONS[what], "domain": name},
+                              lambda m: signed_in(request, m))
         except PrivsepError as exc:
             if str(exc) == NOT_YOURS:
                 return page("denied.html", request, 403)
             raise
+        if reply is None and name in acting:
+            request.session["flash"] = "An earlier request for this domain is still under way."
+            return RedirectResponse(f"/domains/{name}", 303)
         if reply is None:
             return RedirectResponse("/login", 303)
         request.session["flash"] = {
@@ -203,15 +201,16 @@ def build(ask, settings, secret: str | None = None) -> Starlette:
     # -- JSON API ----------------------------------------------------------
     def bearer(request: Request) -> str | None:
         kind, _, token = request.headers.get("authorization", "").partition(" ")
-        return token.strip() if kind.lower() == "bearer" and token.strip() else None
+        token = token.strip()
+        return token if kind.lower() == "bearer" and TOKEN.fullmatch(token) else None
 
     async def api_ask(request: Request, message: dict):
         token = bearer(request)
-        if "domain" in message and not _domain_name(message["domain"]):
-            return _problem(403, NOT_YOURS)
         if token is None:
             return _problem(401, "log in first: POST /api/v1/login, then "
                             "Authorization: Bearer TOKEN")
+        if "domain" in message and not _domain_name(message["domain"]):
+            return _problem(403, NOT_YOURS)
         try:
             return await ask({**message, "token": token})
         except PrivsepError as exc:
@@ -222,9 +221,13 @@ def build(ask, settings, secret: str | None = None) -> Starlette:
             raise
 
     async def api_login(request: Request):
+        # JSON only: a cross-site form (text/plain) cannot post a login
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() \
+                != "application/json":
+            return _problem(415, "send application/json")
         try:
             body = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             body = None
         if not isinstance(body, dict) or not isinstance(body.get("user"), str) \
                 or not isinstance(body.get("password"), str):
@@ -234,9 +237,8 @@ def build(ask, settings, secret: str | None = None) -> Starlette:
             if wait:
                 return _problem(429, "too many failed logins", {"Retry-After": str(wait)})
             return _problem(401, "wrong user name or password")
-        return JSONResponse({"token": grant["token"], "user": grant["user"],
-                             "admin": grant["admin"],
-                             "expires_in": int(settings.session_lifetime)})
+        return _json({"token": grant["token"], "user": grant["user"],
+                      "admin": grant["admin"], "expires_in": int(settings.session_lifetime)})
 
     async def api_logout(request: Request):
         reply = await api_ask(request, {"op": "logout"})
@@ -244,7 +246,7 @@ def build(ask, settings, secret: str | None = None) -> Starlette:
 
     async def api_domains(request: Request):
         reply = await api_ask(request, {"op": "overview"})
-        return reply if isinstance(reply, Response) else JSONResponse(reply)
+        return reply if isinstance(reply, Response) else _json(reply)
 
     async def api_domain(request: Request):
         reply = await api_ask(request, {"op": "domain", "domain": request.path_params["domain"],
@@ -252,18 +254,22 @@ def build(ask, settings, secret: str | None = None) -> Starlette:
         if isinstance(reply, Response):
             return reply
         reply["history"] = [{"hour": t, "messages": v} for t, v in reply["history"]]
-        return JSONResponse(reply)
+        return _json(reply)
 
     async def api_action(request: Request):
         what = request.path_params["action"]
         if what not in ACTIONS:
             return _problem(404, "no such action")
-        reply = await api_ask(request, {"op": ACTIONS[what],
-                                        "domain": request.path_params["domain"]})
-        return reply if isinstance(reply, Response) else JSONResponse(reply)
+        name = request.path_params["domain"]
+        reply = await act(name, {"op": ACTIONS[what], "domain": name},
+                          lambda m: api_ask(request, m))
+        if reply is None:
+            return _problem(429, "an earlier request for this domain is still under way",
+                            {"Retry-After": "5"})
+        return reply if isinstance(reply, Response) else _json(reply)
 
     async def api_description(request: Request):
-        return JSONResponse(openapi)
+        return _json(openapi)
 
     async def failed(request: Request, exc: Exception):
         log.error("event=error path=%s reason=%r", request.url.path, str(exc))
@@ -287,7 +293,7 @@ def build(ask, settings, secret: str | None = None) -> Starlette:
         Route("/api/v1/domains/{domain}/{action}", api_action, methods=["POST"]),
         Route("/api/v1/openapi.json", api_description, methods=["GET"]),
     ]
-    middleware = [Middleware(SessionMiddleware, secret_key=secret or secrets.token_hex(32),
+    middleware = [Middleware(LimitBody), Middleware(SessionMiddleware, secret_key=secret or secrets.token_hex(32),
                              session_cookie="flushctl_session",
                              max_age=int(settings.session_lifetime), same_site="strict",
                              https_only=settings.secure_cookie)]
@@ -304,9 +310,15 @@ _SECURITY_HEADERS = {
 }
 
 
+_API_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+
+
+def _json(data, status: int = 200, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(data, status_code=status, headers={**_API_HEADERS, **(headers or {})})
+
+
 def _problem(status: int, detail: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": detail}, status_code=status,
-                        headers={"Cache-Control": "no-store", **(headers or {})})
+    return _json({"error": detail}, status, headers)
 
 
 def _domain_name(text: str) -> bool:

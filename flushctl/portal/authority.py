@@ -11,6 +11,7 @@ not see and one that does not exist get the same answer.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 
@@ -28,6 +29,27 @@ def _text(request: dict, key: str, limit: int = 1000) -> str:
     if not isinstance(value, str) or len(value) > limit:
         raise Malformed(f"not a portal request: {key}")
     return value
+
+
+# the status fields a customer sees (the OpenAPI description's Status)
+STATUS_FIELDS = ("domain", "messages", "bytes", "oldest_arrival", "reachable", "last_probe",
+                 "last_error", "last_flush", "last_flush_trigger", "last_flush_result",
+                 "paused", "refused", "refused_reply")
+
+
+def shown(status) -> dict:
+    data = status.as_json()
+    return {k: data[k] for k in STATUS_FIELDS}
+
+
+def _client(request: dict) -> str:
+    client = _text(request, "client", 100)
+    if client != "unknown":
+        try:
+            ipaddress.ip_address(client)
+        except ValueError:
+            raise Malformed("not a portal request: client") from None
+    return client
 
 
 def visible(config, user: str) -> list[str]:
@@ -49,24 +71,31 @@ def answer(heldmail, tokens: Tokens, request: dict) -> dict:
     config = heldmail.config
     op = request.get("op")
     if op == "login":
-        user, client = _text(request, "user", 200), _text(request, "client", 100)
+        user, client = _text(request, "user", 200), _client(request)
         password = _text(request, "password")
-        if tokens.locked_out(user):
+        # failures count per login and address: guesses from everywhere
+        # cannot lock a customer (or the admin) out from where it logs in
+        key = f"{user}\0{client}"
+        if tokens.locked_out(key):
             log.warning("event=auth_refused user=%r client=%s reason=locked_out via=portal",
                         user[:64], client)
             return {"token": None, "locked": True}
         logins = store.load(config.logins_path)
         if not passwords.verify_plain(logins, user, password):
-            tokens.failed(user)
+            tokens.failed(key)
             log.warning("event=auth_failed user=%r client=%s via=portal", user[:64], client)
             return {"token": None}
+        token = tokens.grant(user, logins.get(user).scrypt)
+        if token is None:
+            log.warning("event=auth_refused user=%s client=%s reason=too_many_logins via=portal",
+                        user, client)
+            return {"token": None, "busy": True}
         log.info("event=login user=%s client=%s via=portal", user, client)
-        return {"token": tokens.grant(user, logins.get(user).scrypt), "user": user,
-                "admin": user in config.portal.admins}
+        return {"token": token, "user": user, "admin": user in config.portal.admins}
+    user = tokens.user(request.get("token"), store.load(config.logins_path))
     if op == "logout":
         tokens.drop(request.get("token"))
         return {}
-    user = tokens.user(request.get("token"), store.load(config.logins_path))
     mine = visible(config, user)
     if op == "whoami":
         return {"user": user, "admin": user in config.portal.admins, "domains": mine}
@@ -74,7 +103,7 @@ def answer(heldmail, tokens: Tokens, request: dict) -> dict:
         statuses = []
         for name in mine:
             status = heldmail.status(name)
-            statuses.append({**status.as_json(), "quota": quota(config.domains[name], status)})
+            statuses.append({**shown(status), "quota": quota(config.domains[name], status)})
         return {"user": user, "admin": user in config.portal.admins, "domains": statuses}
     name = _text(request, "domain", 300)
     if name not in mine:
@@ -85,7 +114,7 @@ def answer(heldmail, tokens: Tokens, request: dict) -> dict:
         if not isinstance(number, int) or isinstance(number, bool):
             raise Malformed("not a portal request: page")
         status = heldmail.status(name)
-        return {"status": status.as_json(), "quota": quota(dom, status),
+        return {"status": shown(status), "quota": quota(dom, status),
                 "odmr": dom.odmr, "relay": str(dom.relay) if dom.relay else None,
                 "held": page(heldmail, name, number, size),
                 "history": heldmail.ledger.history(name, time.time())}

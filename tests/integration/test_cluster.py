@@ -30,15 +30,17 @@ def _port_free_on_all() -> int:
     raise AssertionError("no port free on every test address")
 
 
-def _build_cluster(make_stack, sources=ADDRESSES, helo="mx{n}.provider.test"):
+def _build_cluster(make_stack, sources=ADDRESSES, helo="mx{n}.provider.test", more=None):
     """Three hosts; each names its peers by the addresses they listen on,
-    and sends its ETRNs from ``sources[n]`` with EHLO ``helo``."""
+    and sends its ETRNs from ``sources[n]`` with EHLO ``helo``; ``more``:
+    {n: more config} for some of them."""
     smtp, finger_port = _port_free_on_all(), _port_free_on_all()
     stacks = []
     for n, address in enumerate(ADDRESSES, 1):
         peers = [f"{a}:{smtp}" for a in ADDRESSES if a != address]
         extra = (f"[cluster]\npeers = {json.dumps(peers)}\nfinger_port = {finger_port}\n"
-                 f'source = "{sources[n - 1]}"\nhelo = "{helo.format(n=n)}"\n')
+                 f'source = "{sources[n - 1]}"\nhelo = "{helo.format(n=n)}"\n'
+                 + (more or {}).get(n, ""))
         stacks.append(make_stack(gateway=True, address=address, smtpd_port=smtp,
                                  ports=Ports(finger_port), extra=extra))
     return stacks
@@ -217,8 +219,11 @@ def test_a_peer_down_gets_its_release_when_it_returns(cluster):
     assert all(bounce_lines(s) == [] for s in cluster)
 
 
-@pytest.mark.parametrize("trigger", ["admin", "etrn"])
-def test_every_trigger_on_one_mx_releases_on_all(cluster, trigger):
+@pytest.mark.parametrize("trigger", ["admin", "etrn", "portal"])
+def test_every_trigger_on_one_mx_releases_on_all(make_stack, trigger):
+    portal = f'[portal]\nlisten = "127.0.0.1:{free_port()}"\nadmins = ["ops"]\n' \
+        'secure_cookie = false\n'
+    cluster = _build_cluster(make_stack, more={2: portal} if trigger == "portal" else None)
     first, second, third = cluster
     _hold_everywhere(cluster)
     for stack in cluster:
@@ -226,6 +231,15 @@ def test_every_trigger_on_one_mx_releases_on_all(cluster, trigger):
     if trigger == "admin":
         out = second.flushctl("flush", "customer.test").stdout
         assert "sent on to 2 peer(s)" in out and f"released {PER_HOST}" in out, out
+    elif trigger == "portal":   # "deliver now" in the portal of mx2
+        from test_portal import call
+        second.flushctl("user", "add", "ops", input="ops password\n")
+        second.start_portal()
+        status, body = call(second, "POST", "/api/v1/login",
+                            {"user": "ops", "password": "ops password"})
+        status, body = call(second, "POST", "/api/v1/domains/customer.test/release",
+                            token=body["token"])
+        assert status == 200 and body["outcome"]["forwarded"] == 2, body
     else:   # the customer's fetchmail, from outside the cluster
         proc = subprocess.run(
             ["fetchmail", "-f", "/dev/null", "-p", "ETRN", "--fetchdomains", "customer.test",

@@ -294,3 +294,70 @@ def test_forms_without_the_sessions_csrf_token_are_refused(portal_stack, browser
             status = exc.code
         assert status == 403, form
     assert stack.status("customer.test")[0]["paused"] is False
+
+
+# -- attacks from the review: none may cut the portal off from the helper ----------------
+
+def _still_serving(stack):
+    token = login(stack)
+    status, body = call(stack, "GET", "/api/v1/domains", token=token)
+    assert status == 200, body
+    assert stack.portal.poll() is None, stack.daemon_log("portal")
+
+
+def test_hostile_headers_and_bodies_never_cut_the_portal_off(portal_stack):
+    """Before: a Bearer token of 12,000 bytes over 0x7f (six bytes each in
+    the helper's JSON) or an X-Forwarded-For that is no address made the
+    helper cut the portal's channel off, and the portal ended for everyone.
+    A 1 MB body was read whole.  Now: 401, 413, and the portal serves on."""
+    stack = portal_stack
+    for value in ("\xff" * 12000, "a" * 5000, "0" * 31, "../../x"):
+        status, _ = call(stack, "GET", "/api/v1/domains",
+                         headers={"Authorization": "Bearer " + value})
+        assert status == 401
+    for forwarded in ("A" * 101, "1.2.3.4 event=login user=ops", "::1, nonsense"):
+        status, _ = call(stack, "POST", "/api/v1/login", {"user": "cust1", "password": "x"},
+                         headers={"X-Forwarded-For": forwarded})
+        assert status in (401, 429)
+    status, _ = call(stack, "POST", "/api/v1/login", headers={"Content-Type": "text/plain"})
+    assert status == 415   # a cross-site form cannot post a login
+    req = urllib.request.Request(stack.portal_url + "/api/v1/login", data=b"x" * 10**6,
+                                 method="POST", headers={"Content-Type": "application/json"})
+    try:
+        urllib.request.urlopen(req, timeout=60)
+        status = 200
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except (ConnectionError, urllib.error.URLError):
+        status = 413   # it may hang up before reading the rest
+    assert status == 413
+    _still_serving(stack)
+    assert "cut_off" not in stack.daemon_log("helper")
+
+
+def test_guesses_from_elsewhere_do_not_lock_the_admin_out(portal_stack):
+    """Before: five wrong passwords for "ops", from anywhere, locked the
+    admin out everywhere for 15 minutes.  Failures count per login and
+    address now."""
+    stack = portal_stack
+    for n in range(6):
+        call(stack, "POST", "/api/v1/login", {"user": "ops", "password": "guess"},
+             headers={"X-Forwarded-For": f"192.0.2.{n}"})
+    status, body = call(stack, "POST", "/api/v1/login", {"user": "ops", "password": ADMIN_PASSWORD},
+                        headers={"X-Forwarded-For": "198.51.100.7"})
+    assert status == 200, body
+
+
+def test_concurrent_wrong_logins_do_not_slip_past_the_throttle(portal_stack):
+    """Before: 40 wrong logins at once from one address all got a password
+    check (the throttle counted each only once answered).  Now at most the
+    limit (4) are checked; the rest wait."""
+    import concurrent.futures
+    stack = portal_stack
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        codes = list(pool.map(lambda _: call(stack, "POST", "/api/v1/login",
+                                             {"user": "cust1", "password": "wrong"})[0],
+                              range(20)))
+    assert codes.count(401) <= 4 and codes.count(429) >= 16, codes
+    failed = stack.daemon_log("helper").count("event=auth_failed")
+    assert failed <= 4, failed

@@ -23,6 +23,7 @@ Modules, each with one job:
 - ``counters``: event counters that outlive any process;
 - ``forwards``: releases still to be sent on to the cluster's peers;
 - ``foreign``: held mail that is not ours, judged once per config;
+- ``notices``: when each domain's notices went out, and the webhook's deliveries;
 - ``history``: held messages per domain, hour by hour, for a week (the portal's chart);
 - ``store``: ``Ledger``, all of these on one connection.
 """

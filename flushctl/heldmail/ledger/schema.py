@@ -56,6 +56,25 @@ CREATE TABLE IF NOT EXISTS history (
     messages INTEGER NOT NULL,
     PRIMARY KEY (domain, hour)
 );
+CREATE TABLE IF NOT EXISTS notices (
+    domain TEXT NOT NULL,
+    kind   TEXT NOT NULL,       -- a notice's kind, or "empty": last seen holding nothing
+    sent   REAL NOT NULL,
+    PRIMARY KEY (domain, kind)
+);
+CREATE TABLE IF NOT EXISTS webhooks (
+    id        INTEGER PRIMARY KEY,
+    domain    TEXT NOT NULL,
+    kind      TEXT NOT NULL,
+    url       TEXT NOT NULL,
+    body      BLOB NOT NULL,
+    signature TEXT NOT NULL,
+    due       REAL NOT NULL,
+    until     REAL NOT NULL,    -- given up after
+    attempts  INTEGER NOT NULL DEFAULT 0,
+    taken     REAL,             -- handed to the poller then (not handed again for a while)
+    last_error TEXT
+);
 CREATE TABLE IF NOT EXISTS counters (
     name   TEXT NOT NULL,
     labels TEXT NOT NULL,

@@ -33,3 +33,29 @@ def test_values_are_read():
 def test_bad_values_are_refused(text, key):
     with pytest.raises(ConfigError, match=key):
         parse(f"[portal]\n{text}\n")
+
+
+def test_a_notice_to_held_mail_is_refused_as_a_loop():
+    base = '[domains."a.example"]\nnotify = ["{}"]\n[domains."b.example"]\n'
+    for address in ("ops@a.example", "ops@pc1.a.example", "ops@b.example", "OPS@B.Example"):
+        with pytest.raises(ConfigError, match="notify: .* is mail for"):
+            parse(base.format(address))
+    assert parse(base.format("ops@elsewhere.example")).domains["a.example"].notify == \
+        ("ops@elsewhere.example",)
+
+
+@pytest.mark.parametrize("text, key", [
+    ('notify = ["not an address"]', "notify"),
+    ('notify = ["\\"quoted x\\"@elsewhere.example"]', "notify"),
+    ('notify = ["-oops@elsewhere.example"]', "notify"),
+    ('notify_webhook = "ftp://x"', "notify_webhook"),
+    ('notify_interval = "soon"', "notify_interval"),
+])
+def test_bad_notify_values_are_refused(text, key):
+    with pytest.raises(ConfigError, match=key):
+        parse(f'[domains."a.example"]\n{text}\n')
+
+
+def test_a_webhook_needs_its_secret():
+    with pytest.raises(ConfigError, match="webhook_secret_file"):
+        parse('[domains."a.example"]\nnotify_webhook = "https://tickets.example/hook"\n')

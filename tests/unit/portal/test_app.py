@@ -4,7 +4,8 @@ subject and recipients, the history samples (a real ledger file)."""
 import time
 
 from flushctl.heldmail.listing import decode_subject, own_recipients
-from flushctl.portal.app import FAILURE_MEMORY, Throttle, _domain_name
+from flushctl.portal.app import _domain_name
+from flushctl.portal.guards import FAILURE_MEMORY, Throttle, throttle_key
 from flushctl.portal.views import chart
 
 
@@ -63,3 +64,20 @@ def test_history_is_sampled_once_an_hour_and_kept_a_week(tmp_path):
     with ledger._lock:
         oldest = ledger._db.execute("SELECT MIN(hour) FROM history").fetchone()[0]
     assert oldest >= int(now // 3600) + 24
+
+
+def test_throttle_keys_are_addresses_and_ipv6_64s():
+    assert throttle_key("192.0.2.1") == "192.0.2.1"
+    assert throttle_key("2001:db8:1:2:3:4:5:6") == throttle_key("2001:db8:1:2::9") \
+        == "2001:db8:1:2::/64"
+    assert throttle_key("::ffff:192.0.2.1") == "192.0.2.1"
+    assert throttle_key("unknown") == "unknown"
+
+
+def test_an_attempt_counts_from_its_start_and_a_success_is_forgiven():
+    t = Throttle(2)
+    t.failed("a", 1.0)
+    t.failed("a", 1.0)   # two at once: the third waits
+    assert t.wait("a", 1.0) > 0
+    t.forgive("a")
+    assert t.wait("a", 1.0) == 0
