@@ -77,6 +77,13 @@ class LocalOps:
     def record_probe(self, name: str, result: ProbeResult) -> None:
         self.heldmail.record_probe(name, result)
 
+    def webhooks(self) -> list[dict]:
+        return self.heldmail.ledger.take_webhooks(time.time())
+
+    def webhook_result(self, delivery: int, ok: bool, error: str) -> None:
+        if not self.heldmail.ledger.webhook_result(delivery, ok, error, time.time()):
+            raise Malformed(f"no such webhook delivery: {delivery}")
+
     def release(self, name: str, results: dict[str, ProbeResult]) -> tuple[str, int]:
         """Release ``name`` if no earlier release is still at work, with
         the poller's probes: (action, messages released)."""
@@ -148,10 +155,33 @@ class Poller:
         entries += await asyncio.gather(*(one(d, r) for d, r in sorted(candidates.items())))
         return entries
 
+    async def deliver_webhooks(self, stop: asyncio.Event) -> None:
+        """Make the webhook deliveries the release helper queued, one look
+        every ``[notify] check_every``; each result goes back to it."""
+        from flushctl.notify.webhook import post
+        every = max(1.0, self.config.notify.check_every)
+        timeout = self.config.notify.webhook_timeout
+        while not stop.is_set():
+            try:
+                for d in await asyncio.to_thread(self.ops.webhooks):
+                    ok, why = await asyncio.to_thread(post, d["url"], d["body"],
+                                                      d["signature"], timeout)
+                    log.log(logging.INFO if ok else logging.WARNING,
+                            "event=webhook id=%d ok=%s detail=%r", d["id"], ok, why)
+                    await asyncio.to_thread(self.ops.webhook_result, d["id"], ok, why)
+            except Exception:
+                log.exception("event=error stage=webhook")
+            try:
+                await asyncio.wait_for(stop.wait(), every)
+            except asyncio.TimeoutError:
+                pass
+
     async def run(self, stop: asyncio.Event) -> None:
         interval = self.config.poller_interval
         log.info("event=start interval=%d concurrency=%d", interval,
                  self.config.poller_concurrency)
+        hooks = asyncio.get_running_loop().create_task(self.deliver_webhooks(stop)) \
+            if any(d.notify_webhook for d in self.config.domains.values()) else None
         while not stop.is_set():
             started = time.monotonic()
             try:
@@ -166,6 +196,8 @@ class Poller:
                 await asyncio.wait_for(stop.wait(), delay)
             except asyncio.TimeoutError:
                 pass
+        if hooks is not None:
+            await hooks
         log.info("event=stop")
 
 
@@ -214,6 +246,13 @@ class RemoteOps:
     def record_probe(self, name: str, result: ProbeResult) -> None:
         self.channel.call({"op": "probe", "domain": name, "result": encode_probe(result)})
 
+    def webhooks(self) -> list[dict]:
+        return self.channel.call({"op": "webhooks"})["deliveries"]
+
+    def webhook_result(self, delivery: int, ok: bool, error: str) -> None:
+        self.channel.call({"op": "webhook_result", "id": delivery, "ok": ok,
+                           "error": error[:MAX_TEXT]})
+
     def release(self, name: str, results: dict[str, ProbeResult]) -> tuple[str, int]:
         try:
             reply = self.channel.call({"op": "release", "domain": name, "results":
@@ -240,6 +279,13 @@ def answer(ops: LocalOps, request: dict) -> dict:
     if op == "candidates" and set(request) == {"op"}:
         candidates, waiting = ops.candidates()
         return {"candidates": candidates, "waiting": waiting}
+    if op == "webhooks" and set(request) == {"op"}:
+        return {"deliveries": ops.webhooks()}
+    if op == "webhook_result" and set(request) == {"op", "id", "ok", "error"} \
+            and type(request["id"]) is int and type(request["ok"]) is bool \
+            and isinstance(request["error"], str) and len(request["error"]) <= MAX_TEXT:
+        ops.webhook_result(request["id"], request["ok"], request["error"])
+        return {}
     name = request.get("domain")
     if not isinstance(name, str) or name not in domains:
         raise Malformed(f"not a configured domain: {name!r:.80}")
@@ -268,6 +314,7 @@ def _preload() -> None:
     import dns._asyncio_backend  # noqa: F401
     import dns.rdata
     import encodings.idna  # noqa: F401
+    import flushctl.notify.webhook  # noqa: F401  urllib, http.client, ssl
     dns.rdata.load_all_types()   # dnspython loads a record type's code when it first sees one
 
 

@@ -95,3 +95,64 @@ def test_an_offline_customer_hears_once_then_a_digest_quota_stale_and_refusals(n
     stack.send(["alice@customer.test"], subject="again")
     wait_until(lambda: len(notices(stack, "held")) == 2, 30, what="a second held notice")
     assert not [m for m in stack.ops.messages() if "X-Flushctl-Notice" not in m]
+
+
+def test_the_webhook_gets_each_notice_signed_and_retried(make_stack, tmp_path):
+    """A local HTTP server as the provider's ticket system: it fails the
+    first delivery (500), then takes the retry; each body is signed with
+    the shared secret (checked here), the poller makes the deliveries as
+    its unprivileged user."""
+    import hashlib
+    import hmac
+    import http.server
+    import json
+    import threading
+    secret = b"webhook secret 7"
+    (tmp_path / "hook.key").write_bytes(secret + b"\n")
+    received, answers = [], [500]
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((body, self.headers.get("X-Flushctl-Signature")))
+            code = answers.pop(0) if answers else 204
+            self.send_response(code)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        def domains(sink_port):
+            return f"""
+[domains."customer.test"]
+relay = "[127.0.0.1]:{sink_port}"
+notify_webhook = "http://127.0.0.1:{server.server_port}/hook"
+"""
+        stack = make_stack(domains=domains, extra=f"""
+[notify]
+check_every = 1
+webhook_secret_file = "{tmp_path / 'hook.key'}"
+""", poller_extra="interval = 3600")
+        stack.start_poller()
+        stack.send(["alice@customer.test"], subject="for the webhook")
+        wait_until(lambda: len(received) >= 2, 60, what="the delivery and its retry")
+        for body, signature in received:
+            expected = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+            assert hmac.compare_digest(signature, expected)
+            notice = json.loads(body)
+            assert (notice["kind"], notice["domain"], notice["messages"]) == \
+                ("held", "customer.test", 1)
+        assert received[0][0] == received[1][0]   # the same notice, retried
+        time.sleep(8)   # acknowledged: never sent again
+        assert len(received) == 2
+        log = stack.daemon_log("poller")
+        assert "event=webhook" in log and "ok=False" in log and "ok=True" in log
+        scrape = stack.scrape()
+        counted = {dict(labels)["result"]: value for (name, labels), value in scrape.items()
+                   if name == "flushctl_notifications_total"
+                   and dict(labels).get("channel") == "webhook"}
+        assert counted == {"failed": 1, "sent": 1}, counted
+    finally:
+        server.shutdown()
