@@ -105,7 +105,7 @@ class HeldMail(StatusPart, ReleasePart, IntakePart, HoldBackPart, AdminPart):
                 "queue_directory", "hash_queue_names", "hash_queue_depth",
                 "maximal_queue_lifetime", "bounce_queue_lifetime",
                 "minimal_backoff_time", "maximal_backoff_time",
-                "disable_dns_lookups", "smtp_dns_support_level")
+                "disable_dns_lookups", "smtp_dns_support_level", "myhostname")
         return self._params
 
     @property

@@ -37,7 +37,7 @@ def subject(kind: str, domain: str, f: Figures, now: float, stale_after: float) 
 
 def body(kind: str, domain: str, f: Figures, now: float, link: str | None,
          top_senders: list[tuple[str, int]], refused_reply: str | None,
-         stale_after: float) -> str:
+         stale_after: float, host: str = "this host") -> str:
     lines = []
     if kind == "held":
         lines.append(f"Your mail server for {domain} does not take mail right now, so this "
@@ -63,10 +63,11 @@ def body(kind: str, domain: str, f: Figures, now: float, link: str | None,
     if f.refused:
         lines.append(f"Refused by your server: {f.refused} message(s).")
     if top_senders:
-        lines.append("From: " + ", ".join(f"{s or '<>'} ({n})" for s, n in top_senders))
+        lines.append("Most of it from: " + ", ".join(f"{s or '<>'} ({n})"
+                                                      for s, n in top_senders))
     lines.append("")
     lines.append("To get it: bring your server back online (it is delivered within minutes), "
-                 f"or ask for it with ETRN {domain}, finger {domain}@this host"
+                 f"or ask for it with ETRN {domain}, finger {domain}@{host}"
                  + (", or in the portal:" if link else "."))
     if link:
         lines.append(link)
@@ -74,7 +75,8 @@ def body(kind: str, domain: str, f: Figures, now: float, link: str | None,
 
 
 def build(kind: str, domain: str, to: tuple[str, ...], from_address: str, f: Figures,
-          now: float, link: str | None, top_senders, refused_reply, stale_after) -> bytes:
+          now: float, link: str | None, top_senders, refused_reply, stale_after,
+          host: str = "this host") -> bytes:
     msg = EmailMessage()
     msg["From"] = from_address
     msg["To"] = ", ".join(to)
@@ -83,7 +85,8 @@ def build(kind: str, domain: str, to: tuple[str, ...], from_address: str, f: Fig
     msg["Message-ID"] = make_msgid("flushctl-notice")
     msg["Auto-Submitted"] = "auto-generated"    # RFC 3834: no auto-replies to it
     msg["X-Flushctl-Notice"] = f"{kind}; domain={domain}"
-    msg.set_content(body(kind, domain, f, now, link, top_senders, refused_reply, stale_after))
+    msg.set_content(body(kind, domain, f, now, link, top_senders, refused_reply, stale_after,
+                         host))
     return bytes(msg)
 
 

@@ -107,10 +107,10 @@ class Notifier:
     def _mail(self, dom, kind, f, now, link, senders, reply, timing) -> bool:
         od = self.heldmail
         settings = od.config.notify
-        from_address = settings.from_address or \
-            f"postmaster@{od.postfix.get('myhostname')['myhostname']}"
+        host = od.params()["myhostname"]
+        from_address = settings.from_address or f"postmaster@{host}"
         text = messages.build(kind, dom.name, dom.notify, from_address, f, now, link, senders,
-                              reply, timing.stale_after).decode()
+                              reply, timing.stale_after, host).decode()
         try:
             od.postfix.send_mail(settings.sender, dom.notify, text)
         except PostfixError as exc:

@@ -64,6 +64,14 @@ def quota(dom, status) -> dict:
             "messages_used": status.messages, "bytes_used": status.bytes}
 
 
+def _with_now(history: list, status) -> list:
+    """The hourly samples, the current hour showing at least what is held now."""
+    if history:
+        hour, value = history[-1]
+        history[-1] = (hour, max(value or 0, status.messages))
+    return history
+
+
 def answer(heldmail, tokens: Tokens, request: dict) -> dict:
     """One request of the portal."""
     from flushctl.heldmail.listing import page
@@ -117,7 +125,7 @@ def answer(heldmail, tokens: Tokens, request: dict) -> dict:
         return {"status": shown(status), "quota": quota(dom, status),
                 "odmr": dom.odmr, "relay": str(dom.relay) if dom.relay else None,
                 "held": page(heldmail, name, number, size),
-                "history": heldmail.ledger.history(name, time.time())}
+                "history": _with_now(heldmail.ledger.history(name, time.time()), status)}
     if op == "release":
         outcome = heldmail.flush(name, trigger="portal", client=user)
         return {"outcome": outcome.as_json()}

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -39,10 +40,10 @@ quota_messages = 100
 """
 
 
-def portal_section(extra: str = "") -> str:
+def portal_section(extra: str = "", port: int | None = None) -> str:
     return f"""
 [portal]
-listen = "127.0.0.1:{free_port()}"
+listen = "127.0.0.1:{port or free_port()}"
 admins = ["ops"]
 secure_cookie = false   # plain HTTP on loopback in the tests
 login_failures = 4
@@ -51,9 +52,11 @@ page_size = 5
 """
 
 
-def start(make_stack, extra=""):
-    stack = make_stack(domains=portal_domains, extra=portal_section(extra), gateway=True,
-                       poller_extra="interval = 3600")   # its releases would race ours
+def start(make_stack, extra="", domains=portal_domains, more="", **kwargs):
+    stack = make_stack(domains=domains, extra=portal_section(extra, kwargs.pop("port", None))
+                       + more, gateway=True,
+                       poller_extra="interval = 3600",   # its releases would race ours
+                       **kwargs)
     for user, password in (("cust1", PASSWORD), ("cust2", OTHER_PASSWORD),
                            ("ops", ADMIN_PASSWORD)):
         stack.flushctl("user", "add", user, input=password + "\n")
@@ -361,3 +364,58 @@ def test_concurrent_wrong_logins_do_not_slip_past_the_throttle(portal_stack):
     assert codes.count(401) <= 4 and codes.count(429) >= 16, codes
     failed = stack.daemon_log("helper").count("event=auth_failed")
     assert failed <= 4, failed
+
+
+# -- the whole story ----------------------------------------------------------------------
+
+def test_offline_for_a_day_one_notice_then_the_portal_delivers_it(make_stack, browser):
+    """The customer is offline: its ops address (a second smtp-sink behind
+    the instance's relayhost) gets one "mail is waiting" notice, however
+    much mail comes; it follows the notice's link, logs in, sees exactly
+    what is held, and once its server is back presses "deliver now" and
+    sees it go."""
+    from selenium.webdriver.common.by import By
+    from stack import Sink
+    ops = Sink().start()
+    port = free_port()
+
+    def domains(sink_port):
+        return portal_domains(sink_port).replace(
+            'users = ["cust1"]', 'users = ["cust1"]\nnotify = ["ops@ops.test"]')
+    try:
+        stack = start(make_stack, f'url = "http://127.0.0.1:{port}"', domains, port=port,
+                      more='[notify]\ncheck_every = 1\ninterval = "1d"\n',
+                      extra_main={"relayhost": f"[127.0.0.1]:{ops.port}"})
+        for i in range(4):
+            stack.send(["alice@customer.test"], sender=f"shop{i}@far.test",
+                       subject=f"Order {i}")
+            time.sleep(1.5)
+        [notice] = wait_until(lambda: [m for m in ops.messages()
+                                       if "X-Flushctl-Notice: held;" in m], 30,
+                              what="the notice")
+        link = re.search(r"^(http://\S+/domains/customer\.test)$", notice, re.M).group(1)
+        _login_page(browser, stack, "cust1", PASSWORD)
+        browser.get(link)
+        assert browser.find_element(By.ID, "held-count").text == "4"
+        held = {e["queue_id"] for e in stack.queue()
+                if any(r["address"].endswith("@customer.test") for r in e["recipients"])}
+        shown = browser.find_elements(By.CSS_SELECTOR, "table.held tbody tr")
+        assert len(held) == 4 and len(shown) == 4
+        assert sorted(re.search(r"Order \d", r.text).group(0) for r in shown) == \
+            [f"Order {i}" for i in range(4)]
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "portal-waiting.png"))
+        stack.sink.start()   # the customer's server is back
+        _click(browser, By.ID, "deliver-now")
+        assert "Delivery started: 4 message(s)" in browser.find_element(By.CSS_SELECTOR,
+                                                                         ".flash").text
+        wait_until(lambda: stack.status("customer.test")[0]["messages"] == 0, 60,
+                   what="delivered")
+        browser.get(link)
+        assert browser.find_element(By.ID, "held-count").text == "0"
+        browser.save_screenshot(str(ARTIFACTS / "portal-delivered.png"))
+        assert sorted(re.search(r"Subject: (Order \d)", m).group(1)
+                      for m in stack.sink.messages()) == [f"Order {i}" for i in range(4)]
+        assert len([m for m in ops.messages() if "X-Flushctl-Notice" in m]) == 1
+    finally:
+        ops.cleanup()
