@@ -120,6 +120,14 @@ def _daemons(config: Config, report: Report) -> None:
                                "the helper holds its sockets, queries wait unanswered")
     if config.odmr is not None:
         _odmr(config, report)
+    if config.portal is not None:
+        report.checks.append("portal")
+        why = _connectable(config.portal.listen)
+        if why:
+            report.problems.append(f"portal: nothing accepts connections on "
+                                   f"{config.portal.listen} ({why}): is `flushctl portal` "
+                                   "running?")
+    _notify(config, report)
     report.checks.append("helper")
     why = _connectable(Listen("unix", path=config.helper_socket))
     if why:
@@ -135,6 +143,26 @@ def _daemons(config: Config, report: Report) -> None:
         if why:
             report.problems.append(f"metrics: the poller does not serve {config.metrics_listen} "
                                    f"({why}); see its log")
+
+
+def _notify(config: Config, report: Report) -> None:
+    """Notices: the webhook's secret readable (the helper signs with it);
+    links only with the portal's public address."""
+    settings = config.notify
+    if settings.webhook_secret_file and any(d.notify_webhook for d in config.domains.values()):
+        report.checks.append("notify")
+        path = settings.webhook_secret_file
+        try:
+            with open(path, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                if not fh.read().strip():
+                    report.problems.append(f"notify: {path} is empty: webhooks would be "
+                                           "signed with no secret")
+            if st.st_uid != 0 or st.st_mode & 0o077:
+                report.problems.append(f"notify: {path} must be root's alone (mode 0600): "
+                                       "whoever reads it can sign notices")
+        except OSError as exc:
+            report.problems.append(f"notify: cannot read webhook_secret_file: {exc}")
 
 
 def _odmr(config: Config, report: Report) -> None:

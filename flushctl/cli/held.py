@@ -159,10 +159,12 @@ def sweep(ctx):
     mail for customers the milter never saw, put mail that failed after a
     release back on hold."""
     from flushctl.heldmail.keeper import Keeper
-    done = Keeper(ctx.heldmail).tick()
+    done = Keeper(ctx.heldmail, notify=False).tick()
     for domain, count in sorted(done["taken_in"].items()):
         click.echo(f"{domain}: took in {count}")
     for domain, result in done["swept"].items():
         click.echo(f"{domain}: reheld {result['reheld']}, in flight {result['in_flight']}")
     for domain, count in sorted(done["returned"].items()):
         click.echo(f"{domain}: returned {count} refused message(s) to their senders")
+    if done["errors"]:
+        raise CliError("; ".join(done["errors"]))

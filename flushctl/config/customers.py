@@ -62,22 +62,28 @@ def _plain_address(sec: _Section, key: str, value: str) -> str:
         local, dom = names.address(value)
     except ValueError as exc:
         sec.fail(key, str(exc))
-    if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}", local) or local[0] in "-.":
-        sec.fail(key, f"{value!r}: write the local part plainly (no quotes)")
+    # no quotes, and none of the routing Postfix still honours inside a local
+    # part (user%host, host!user: allow_percent_hack, swap_bangpath)
+    if not re.fullmatch(r"[A-Za-z0-9#$&'*+/=?^_`{|}~.-]{1,64}", local) or local[0] in "-.":
+        sec.fail(key, f"{value!r}: write the local part plainly (no quotes, no % or !)")
     return f"{local}@{dom}"
 
 
-def _check_notify(path: str, domains: dict[str, Domain]) -> None:
+def _check_notify(path: str, domains: dict[str, Domain],
+                  notify: NotifySettings | None = None) -> None:
     """No notice may go to held mail: it would wait for the very customer it
-    tells (a loop when that customer's own notices are what it waits for)."""
-    for name, dom in domains.items():
-        for address in dom.notify:
-            held = names.customer_of(address.rpartition("@")[2], domains)
-            if held is not None:
-                raise ConfigError(
-                    f'{path}: domains."{name}".notify: {address} is mail for {held}, '
-                    "which is held while that customer is offline: name an address "
-                    "outside every customer domain")
+    tells (a loop when that customer's own notices are what it waits for);
+    nor come from it (its bounces would be held)."""
+    where = [(f'domains."{name}".notify', a) for name, d in domains.items() for a in d.notify]
+    if notify is not None:
+        where += [(f"notify: {key}", a) for key, a in (("sender", notify.sender),
+                                                        ("from", notify.from_address)) if a]
+    for key, address in where:
+        held = names.customer_of(address.rpartition("@")[2], domains)
+        if held is not None:
+            raise ConfigError(
+                f"{path}: {key}: {address} is mail for {held}, which is held while that "
+                "customer is offline: name an address outside every customer domain")
 
 
 def _notify(path: str, data: dict) -> NotifySettings:

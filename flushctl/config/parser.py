@@ -303,8 +303,8 @@ def parse(text: str, path: str = "<config>") -> Config:
         domains[dom.name] = dom
     odmr = _odmr(path, data)
     _check_odmr(path, domains, odmr)
-    _check_notify(path, domains)
     notify = _notify(path, data)
+    _check_notify(path, domains, notify)
     if notify.webhook_secret_file is None and any(d.notify_webhook for d in domains.values()):
         raise ConfigError(f"{path}: notify: webhook_secret_file: needed to sign the webhooks "
                           "that domains name (notify_webhook)")

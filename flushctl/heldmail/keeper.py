@@ -39,11 +39,13 @@ def interval_for(minimal_backoff: float, lifetimes: list[float]) -> float:
 
 
 class Keeper:
-    def __init__(self, heldmail: HeldMail):
+    def __init__(self, heldmail: HeldMail, notify: bool = True):
         from flushctl.notify.notifier import Notifier
         self.heldmail = heldmail
         self._returned_at = float("-inf")
-        self.notifier = Notifier(heldmail)
+        # `flushctl sweep` sends no notices: the helper's keeper does (two
+        # looks at once would send the same notice twice)
+        self.notifier = Notifier(heldmail) if notify else None
 
     def interval(self) -> float:
         od = self.heldmail
@@ -54,12 +56,22 @@ class Keeper:
     def tick(self) -> dict:
         """One pass; what it did, for the log and `flushctl sweep`."""
         od = self.heldmail
-        done: dict = {"rebuilt": od.rebuild_if_needed(), "nudged": od.nudge_incoming(),
-                      "taken_in": od.take_in(),
-                      "swept": od.sweep_all(), "returned": self.return_refused(),
-                      "recounted": od.recount_asked(),
-                      "sampled": od.ledger.sample_history(time.time()),
-                      "notified": self.notifier.tick()}
+        steps = [("rebuilt", od.rebuild_if_needed, {}), ("nudged", od.nudge_incoming, 0),
+                 ("taken_in", od.take_in, {}), ("swept", od.sweep_all, {}),
+                 ("returned", self.return_refused, {}), ("recounted", od.recount_asked, []),
+                 ("sampled", lambda: od.ledger.sample_history(time.time()), False),
+                 ("notified", self.notifier.tick if self.notifier else dict, {})]
+        # each step on its own: one that fails (a message postcat cannot
+        # show, a full disk) must not keep the others, re-holding above
+        # all, from running
+        done: dict = {"errors": []}
+        for name, step, empty in steps:
+            try:
+                done[name] = step()
+            except Exception as exc:
+                log.exception("event=error stage=keeper step=%s", name)
+                done["errors"].append(f"{name}: {exc}")
+                done[name] = empty
         for domain, count in done["rebuilt"].items():
             log.info("event=rebuilt domain=%s messages=%d", domain, count)
         return done

@@ -23,6 +23,9 @@ SEARCH_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 _POSTCAT_GONE = re.compile(r"open queue file ([0-9A-Za-z]+)")
 
 
+SENDMAIL_TIMEOUT = 10.0   # seconds a notice's sendmail may take (the keeper waits on it)
+
+
 class PostfixError(Exception):
     """A Postfix command failed; the text says which and why."""
 
@@ -40,17 +43,22 @@ class Postfix:
     timeout: float = DEFAULT_TIMEOUT
 
     def _run(self, argv: list[str], stdin: str | None = None,
-             check: bool = True, keep_sigpipe_ignored: bool = False
-             ) -> subprocess.CompletedProcess:
+             check: bool = True, keep_sigpipe_ignored: bool = False,
+             timeout: float | None = None) -> subprocess.CompletedProcess:
         for arg in argv[1:]:
             if "\0" in arg or "\n" in arg:
                 raise PostfixError(f"refusing argument with control characters: {arg!r}")
         try:
+            # errors="replace": a header in raw 8-bit (a legacy mailer's
+            # Latin-1 Subject, which Postfix accepts) must not make a
+            # command's output unreadable
             proc = subprocess.run(argv, input=stdin, capture_output=True, text=True,
-                                  timeout=self.timeout, check=False,
+                                  errors="replace", timeout=timeout or self.timeout,
+                                  check=False,
                                   restore_signals=not keep_sigpipe_ignored)
         except subprocess.TimeoutExpired:
-            raise PostfixError(f"{argv[0]}: no answer within {self.timeout:.0f}s") from None
+            raise PostfixError(f"{argv[0]}: no answer within {timeout or self.timeout:.0f}s") \
+                from None
         except OSError as exc:
             raise PostfixError(f"{argv[0]}: {exc}") from None
         if check and proc.returncode != 0:
@@ -198,7 +206,7 @@ class Postfix:
         if not rcpts:
             raise PostfixError("sendmail: no recipient")
         self._run([_binary("sendmail"), "-C", self.config_directory, "-i", "-f", sender,
-                   "--", *rcpts], stdin=message)
+                   "--", *rcpts], stdin=message, timeout=SENDMAIL_TIMEOUT)
 
     def _kick(self, service: str, request: str) -> None:
         """postkick, robustly.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
@@ -20,6 +21,13 @@ def _age(seconds: float) -> str:
 def _size(n: int) -> str:
     return f"{n} bytes" if n < 1024 else f"{n / 1024:.0f} KB" if n < 1024 ** 2 \
         else f"{n / 1024 ** 2:.1f} MB"
+
+
+def plain_sender(sender: str) -> bool:
+    """A sender shown in a notice: the null one or a plain address (no
+    words, links or control characters a stranger could put there)."""
+    return sender == "" or (len(sender) <= 100 and re.fullmatch(
+        r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+", sender) is not None)
 
 
 def subject(kind: str, domain: str, f: Figures, now: float, stale_after: float) -> str:
@@ -62,9 +70,9 @@ def body(kind: str, domain: str, f: Figures, now: float, link: str | None,
         lines.append(f"Quota used: {f.quota_share():.0%}.")
     if f.refused:
         lines.append(f"Refused by your server: {f.refused} message(s).")
-    if top_senders:
-        lines.append("Most of it from: " + ", ".join(f"{s or '<>'} ({n})"
-                                                      for s, n in top_senders))
+    shown = [(s or "<>", n) for s, n in top_senders if plain_sender(s)]
+    if shown:
+        lines.append("Most of it from: " + ", ".join(f"{s} ({n})" for s, n in shown))
     lines.append("")
     lines.append("To get it: bring your server back online (it is delivered within minutes), "
                  f"or ask for it with ETRN {domain}, finger {domain}@{host}"
@@ -81,8 +89,8 @@ def build(kind: str, domain: str, to: tuple[str, ...], from_address: str, f: Fig
     msg["From"] = from_address
     msg["To"] = ", ".join(to)
     msg["Subject"] = subject(kind, domain, f, now, stale_after)
-    msg["Date"] = formatdate(now, localtime=False)
-    msg["Message-ID"] = make_msgid("flushctl-notice")
+    msg["Date"] = formatdate(now, usegmt=True)
+    msg["Message-ID"] = make_msgid("flushctl-notice", domain=host)
     msg["Auto-Submitted"] = "auto-generated"    # RFC 3834: no auto-replies to it
     msg["X-Flushctl-Notice"] = f"{kind}; domain={domain}"
     msg.set_content(body(kind, domain, f, now, link, top_senders, refused_reply, stale_after,

@@ -40,6 +40,7 @@ class Notifier:
     def __init__(self, heldmail):
         self.heldmail = heldmail
         self._checked = float("-inf")
+        self._mail_failed = False
 
     def _told(self):
         return [d for d in self.heldmail.config.domains.values() if d.notify or d.notify_webhook]
@@ -55,7 +56,10 @@ class Notifier:
         od = self.heldmail
         states = od.ledger.states()
         done: dict[str, list[str]] = {}
+        self._mail_failed = False
         for dom in told:
+            if self._mail_failed:   # Postfix is not taking mail: the next look tries again
+                break
             state = states.get(dom.name)
             sent = od.ledger.notices(dom.name)
             if state is None or state.messages <= 0:
@@ -90,13 +94,22 @@ class Notifier:
         portal = od.config.portal
         link = f"{portal.url}/domains/{dom.name}" if portal and portal.url else None
         reply = newest_refusal.refused if newest_refusal else None
-        senders = self._top_senders(snap) if {"held", "digest"} & set(kinds) else []
+        senders = self._top_senders(snap) if dom.notify and {"held", "digest"} & set(kinds) \
+            else []
         out = []
         for kind in kinds:
+            if self._mail_failed:
+                break
             if dom.notify and not self._mail(dom, kind, f, now, link, senders, reply, timing):
                 continue   # tried again at the next look
             if dom.notify_webhook:
-                self._queue_webhook(dom, kind, f, now, link, reply)
+                try:
+                    self._queue_webhook(dom, kind, f, now, link, reply)
+                except Exception as exc:   # the mail went: it is not sent again
+                    log.error("event=notify_failed domain=%s kind=%s channel=webhook "
+                              "reason=%r", dom.name, kind, str(exc))
+                    od.ledger.add_counts([("notifications",
+                                           (dom.name, kind, "webhook", "failed"), 1)])
             od.ledger.notice_sent(dom.name, kind, now,
                                   (kind, "mail", "sent") if dom.notify else None)
             log.info("event=notify domain=%s kind=%s to=%s webhook=%s", dom.name, kind,
@@ -116,6 +129,7 @@ class Notifier:
         except PostfixError as exc:
             log.error("event=notify_failed domain=%s kind=%s reason=%r", dom.name, kind, str(exc))
             od.ledger.add_counts([("notifications", (dom.name, kind, "mail", "failed"), 1)])
+            self._mail_failed = True
             return False
         return True
 
@@ -124,13 +138,22 @@ class Notifier:
         settings = od.config.notify
         with open(settings.webhook_secret_file, "rb") as fh:
             secret = fh.read().strip()
+        if not secret:
+            raise ValueError(f"{settings.webhook_secret_file} is empty")
         body = json.dumps(messages.webhook_payload(kind, dom.name, f, now, link, reply),
                           sort_keys=True).encode()
         od.ledger.queue_webhook(dom.name, kind, dom.notify_webhook, body, sign(secret, body),
                                 now, settings.webhook_retry_for)
 
     def _top_senders(self, snap) -> list[tuple[str, int]]:
+        """The commonest senders of the newest held mail (none if it cannot
+        be read: the notice goes without them)."""
         from flushctl.mta.queuefiles import parse_postcat
         newest = sorted(snap.present, key=lambda i: -i.arrival)[:SENDERS_READ]
-        read = parse_postcat(self.heldmail.postfix.read_messages([i.queue_id for i in newest]))
+        try:
+            read = parse_postcat(self.heldmail.postfix.read_messages(
+                [i.queue_id for i in newest]))
+        except (PostfixError, ValueError) as exc:
+            log.warning("event=notify_senders_unread reason=%r", str(exc))
+            return []
         return Counter(m.sender for m in read).most_common(TOP_SENDERS)

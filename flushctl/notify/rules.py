@@ -6,7 +6,8 @@ times its notices went out (no I/O).
 - ``digest``: every ``digest_every`` while mail is held, after a ``held``;
 - ``quota``: the held mail is at 90 % of a quota or more, at most once per
   interval;
-- ``refused``: the customer's server refused mail (5xx) since the last one;
+- ``refused``: the customer's server refused mail (5xx) since the last one,
+  at most once per interval (a sender cannot make a storm of them);
 - ``stale``: the oldest held message is older than ``stale_after``, once
   until the domain is seen empty again.
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 KINDS = ("held", "digest", "quota", "refused", "stale")
 QUOTA_SHARE = 0.9
+CLOCK_SLACK = 60.0   # seconds a recorded time may lie ahead of the clock
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,9 @@ def due(f: Figures, sent: dict[str, float], now: float, t: Timing) -> list[str]:
     """The kinds of notice the domain is due now, in ``KINDS`` order."""
     if f.messages <= 0:
         return []
+    # a time recorded while the clock was ahead counts as never (one notice
+    # again, then its time is right), not as a future that silences all
+    sent = {k: v for k, v in sent.items() if v <= now + CLOCK_SLACK}
     out = []
     held = sent.get("held")
     empty = sent.get("empty")
@@ -62,7 +67,10 @@ def due(f: Figures, sent: dict[str, float], now: float, t: Timing) -> list[str]:
         out.append("digest")
     if f.quota_share() >= QUOTA_SHARE and now - sent.get("quota", float("-inf")) >= t.interval:
         out.append("quota")
-    if f.refused and f.refused_last is not None and f.refused_last > sent.get("refused", 0.0):
+    last_refused = sent.get("refused")
+    if f.refused and f.refused_last is not None and (
+            last_refused is None
+            or f.refused_last > last_refused and now - last_refused >= t.interval):
         out.append("refused")
     stale = sent.get("stale")
     if f.oldest is not None and now - f.oldest >= t.stale_after \

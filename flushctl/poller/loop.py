@@ -78,7 +78,13 @@ class LocalOps:
         self.heldmail.record_probe(name, result)
 
     def webhooks(self) -> list[dict]:
-        return self.heldmail.ledger.take_webhooks(time.time())
+        """Due deliveries, each only to the URL its domain's config names
+        now (the ledger is shared with the milter's group: a row planted
+        there sends nothing anywhere else)."""
+        domains = self.heldmail.config.domains
+        return [{k: d[k] for k in ("id", "url", "body", "signature")}
+                for d in self.heldmail.ledger.take_webhooks(time.time())
+                if d["domain"] in domains and domains[d["domain"]].notify_webhook == d["url"]]
 
     def webhook_result(self, delivery: int, ok: bool, error: str) -> None:
         if not self.heldmail.ledger.webhook_result(delivery, ok, error, time.time()):
@@ -155,32 +161,12 @@ class Poller:
         entries += await asyncio.gather(*(one(d, r) for d, r in sorted(candidates.items())))
         return entries
 
-    async def deliver_webhooks(self, stop: asyncio.Event) -> None:
-        """Make the webhook deliveries the release helper queued, one look
-        every ``[notify] check_every``; each result goes back to it."""
-        from flushctl.notify.webhook import post
-        every = max(1.0, self.config.notify.check_every)
-        timeout = self.config.notify.webhook_timeout
-        while not stop.is_set():
-            try:
-                for d in await asyncio.to_thread(self.ops.webhooks):
-                    ok, why = await asyncio.to_thread(post, d["url"], d["body"],
-                                                      d["signature"], timeout)
-                    log.log(logging.INFO if ok else logging.WARNING,
-                            "event=webhook id=%d ok=%s detail=%r", d["id"], ok, why)
-                    await asyncio.to_thread(self.ops.webhook_result, d["id"], ok, why)
-            except Exception:
-                log.exception("event=error stage=webhook")
-            try:
-                await asyncio.wait_for(stop.wait(), every)
-            except asyncio.TimeoutError:
-                pass
-
     async def run(self, stop: asyncio.Event) -> None:
         interval = self.config.poller_interval
         log.info("event=start interval=%d concurrency=%d", interval,
                  self.config.poller_concurrency)
-        hooks = asyncio.get_running_loop().create_task(self.deliver_webhooks(stop)) \
+        from flushctl.notify.webhook import deliver
+        hooks = asyncio.get_running_loop().create_task(deliver(self.ops, self.config, stop)) \
             if any(d.notify_webhook for d in self.config.domains.values()) else None
         while not stop.is_set():
             started = time.monotonic()
@@ -272,7 +258,7 @@ def answer_scrape(scrape, request: dict) -> dict:
 
 def answer(ops: LocalOps, request: dict) -> dict:
     """The release helper's answer to one request of the poller: only
-    these three, each checked (a configured domain, well-formed probe
+    these (candidates, probe, release, webhooks, webhook_result), each checked (a configured domain, well-formed probe
     results) before anything is done; ``Malformed`` otherwise."""
     op = request.get("op")
     domains = ops.heldmail.config.domains
@@ -282,7 +268,8 @@ def answer(ops: LocalOps, request: dict) -> dict:
     if op == "webhooks" and set(request) == {"op"}:
         return {"deliveries": ops.webhooks()}
     if op == "webhook_result" and set(request) == {"op", "id", "ok", "error"} \
-            and type(request["id"]) is int and type(request["ok"]) is bool \
+            and type(request["id"]) is int and 0 < request["id"] < 2 ** 63 \
+            and type(request["ok"]) is bool \
             and isinstance(request["error"], str) and len(request["error"]) <= MAX_TEXT:
         ops.webhook_result(request["id"], request["ok"], request["error"])
         return {}
@@ -325,8 +312,9 @@ def run_forever(config, heldmail: HeldMail | None = None) -> None:
     the keeper included.  Otherwise it runs as ``[poller] user`` (as root:
     bind the metrics port, then become it): it probes and serves scrapes,
     and asks the release helper (``flushctl helper``, which runs the
-    keeper) for four things only: what to probe, a probe's result to
-    record, a release, a scrape's figures.
+    keeper) for these only: what to probe, a probe's result to record, a
+    release, a scrape's figures, the webhook deliveries due and their
+    results.
     """
     from flushctl import metrics
     from flushctl.privsep import client

@@ -629,3 +629,31 @@ def test_outside_recipients_go_their_own_way_once_the_customer_has_its_copy(make
     assert [r["address"] for r in message["recipients"]] == ["y@slow.test"]
     assert stack.status("customer.test")[0]["messages"] == 0
     assert stack.status("customer.test")[0]["backoff_until"] is None
+
+
+def test_a_raw_8bit_header_anywhere_in_the_queue_stops_no_keeping(make_stack):
+    """Legacy mailers send raw Latin-1 headers, and Postfix takes them.
+    Before: one such message in the deferred queue (for anyone) made
+    postcat's output unreadable, every keeper pass failed at its intake
+    step and skipped the rest, so mail for a customer that reached the
+    queue through an alias was never held.  Now the output is read with
+    replacement characters, and each keeper step runs on its own."""
+    closed = free_port()
+    main = {
+        "virtual_alias_domains": "provider.test",
+        "virtual_alias_maps": "inline:{info@provider.test=alice@customer.test}",
+        "relay_domains": "outside.test",
+        "transport_maps": f"inline:{{outside.test=smtp:[127.0.0.1]:{closed}}}",
+    }
+    stack = make_stack(extra_main=main, domains=one_customer)
+    stack.start_helper()   # the keeper
+    raw = (b"From: someone@sender.test\r\nTo: x@outside.test\r\n"
+           b"Subject: Caf\xe9 cr\xe8me\r\n\r\nhello\r\n")
+    with smtplib.SMTP(stack.pf.address, stack.pf.smtpd_port, timeout=30) as s:
+        s.sendmail("someone@sender.test", ["x@outside.test"], raw)
+    wait_until(lambda: any(e["queue_name"] == "deferred" for e in stack.queue()), 30,
+               what="the 8-bit message deferred")
+    smtp(stack, "x@sender.test", "info@provider.test", "through an alias")
+    wait_until(lambda: stack.status("customer.test")[0]["queues"] == {"hold": 1}, 30,
+               what="the alias's customer mail held")
+    assert "UnicodeDecodeError" not in stack.daemon_log("helper")

@@ -156,3 +156,25 @@ webhook_secret_file = "{tmp_path / 'hook.key'}"
         assert counted == {"failed": 1, "sent": 1}, counted
     finally:
         server.shutdown()
+
+
+def test_a_webhook_that_cannot_be_signed_does_not_repeat_the_mail(notify_stack, tmp_path):
+    """The webhook's secret gone after the start: the mail notice still
+    goes out once (not at every look, as when the failed signing kept the
+    notice from being recorded), the webhook is counted as failed."""
+    stack = notify_stack
+    key = tmp_path / "hook.key"
+    key.write_text("secret\n")
+    text = stack.config_path.read_text().replace(
+        'notify = ["ops@notify.test"]',
+        'notify = ["ops@notify.test"]\nnotify_webhook = "http://127.0.0.1:9/hook"').replace(
+        "[notify]\n", f'[notify]\nwebhook_secret_file = "{key}"\n')
+    stack.config_path.write_text(text)
+    stack.stop_helper()
+    key.unlink()
+    stack.start_helper()
+    stack.send(["alice@customer.test"], subject="one")
+    wait_until(lambda: notices(stack, "held"), 30, what="the held notice")
+    time.sleep(8)
+    assert len(notices(stack, "held")) == 1
+    assert "channel=webhook" in stack.daemon_log("helper")

@@ -419,3 +419,12 @@ def test_offline_for_a_day_one_notice_then_the_portal_delivers_it(make_stack, br
         assert len([m for m in ops.messages() if "X-Flushctl-Notice" in m]) == 1
     finally:
         ops.cleanup()
+
+
+def test_check_says_when_the_portal_is_down(portal_stack):
+    def portal_problems():
+        out = portal_stack.flushctl("check", check=False).stdout
+        return [line for line in out.splitlines() if line.startswith("portal:")]
+    assert portal_problems() == []
+    portal_stack.stop_portal()
+    assert any("nothing accepts connections" in p for p in portal_problems())

@@ -52,13 +52,19 @@ class Notices(LedgerFile):
                 count(db, "notifications", (domain, kind, "webhook", "expired"))
             db.execute("DELETE FROM webhooks WHERE until < ?", (now,))
             rows = db.execute(
-                "SELECT id, url, body, signature FROM webhooks WHERE due <= ?"
+                "SELECT id, domain, url, body, signature FROM webhooks WHERE due <= ?"
                 " AND (taken IS NULL OR taken < ?) ORDER BY due LIMIT ?",
                 (now, now - TAKEN_FOR, MAX_TAKE)).fetchall()
             db.executemany("UPDATE webhooks SET taken = ? WHERE id = ?",
                            [(now, r[0]) for r in rows])
-        return [{"id": i, "url": u, "body": bytes(b).decode(), "signature": s}
-                for i, u, b, s in rows]
+        out = []
+        for i, d, u, b, s in rows:
+            try:   # rows are the helper's; one of another shape is no delivery
+                body = b.decode() if isinstance(b, bytes) else str(b)
+                out.append({"id": i, "domain": d, "url": u, "body": body, "signature": s})
+            except (UnicodeDecodeError, TypeError):
+                continue
+        return out
 
     def webhook_result(self, delivery: int, ok: bool, error: str, now: float) -> bool:
         """The poller's report of one delivery; False for one it was not given."""

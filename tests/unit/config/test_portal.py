@@ -59,3 +59,16 @@ def test_bad_notify_values_are_refused(text, key):
 def test_a_webhook_needs_its_secret():
     with pytest.raises(ConfigError, match="webhook_secret_file"):
         parse('[domains."a.example"]\nnotify_webhook = "https://tickets.example/hook"\n')
+
+
+@pytest.mark.parametrize("address", ["ops%a.example@elsewhere.example",
+                                     "a.example!ops@elsewhere.example"])
+def test_percent_and_bang_routing_in_a_notice_address_is_refused(address):
+    with pytest.raises(ConfigError, match="no % or !"):
+        parse(f'[domains."a.example"]\nnotify = ["{address}"]\n')
+
+
+@pytest.mark.parametrize("key", ["sender", "from"])
+def test_notices_are_not_sent_from_a_customer_domain(key):
+    with pytest.raises(ConfigError, match=f"notify: {key}: .* is mail for a.example"):
+        parse(f'[notify]\n{key} = "postmaster@a.example"\n[domains."a.example"]\n')

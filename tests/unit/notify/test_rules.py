@@ -33,11 +33,22 @@ def test_quota_at_ninety_percent_once_per_interval():
     assert due(held(9, quota=10), {"held": 0.0, "quota": 10.0}, 50.0, T) == []
 
 
-def test_refused_for_each_new_refusal():
+def test_refused_for_new_refusals_at_most_once_per_interval():
+    """A sender cannot make a storm of them: one bad recipient a minute,
+    refused by the customer's server, is one notice per interval."""
     assert due(held(refused=2, refused_last=30.0), {"held": 0.0}, 40.0, T) == ["refused"]
     assert due(held(refused=2, refused_last=30.0), {"held": 0.0, "refused": 40.0}, 60.0, T) == []
     assert due(held(refused=3, refused_last=50.0), {"held": 0.0, "refused": 40.0}, 60.0,
+               T) == []   # a new one, within the interval
+    assert due(held(refused=3, refused_last=50.0), {"held": 0.0, "refused": 40.0}, 141.0,
                T) == ["refused"]
+
+
+def test_times_recorded_while_the_clock_was_ahead_do_not_silence_everything():
+    year = 365 * 86400.0
+    sent = {"held": 1000.0 + year, "refused": 1000.0 + year, "quota": 1000.0 + year}
+    assert due(held(9, 990.0, refused=1, refused_last=995.0, quota=10), sent, 1000.0, T) == \
+        ["held", "quota", "refused"]   # once again, then recorded at the right time
 
 
 def test_stale_once_per_episode():

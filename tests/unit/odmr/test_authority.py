@@ -2,31 +2,22 @@
 lock out, tokens that name their login's domains only (real store files)."""
 
 import hmac
-import os
 
 import pytest
 
-from flushctl import config
 from flushctl.logins import store
 from flushctl.logins import tokens as tokens_module
 from flushctl.odmr.authority import Tokens, answer
 from flushctl.privsep.errors import Malformed
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the store is root's: run as root")
+from tests.unit.logins.held_logins import ROOT_ONLY, held_with
 
-
-class Held:
-    """The parts of HeldMail the login requests touch."""
-
-    def __init__(self, cfg):
-        self.config = cfg
+pytestmark = ROOT_ONLY
 
 
 @pytest.fixture
 def held(tmp_path):
-    cfg = config.parse(f"""
-[state]
-directory = "{tmp_path}"
+    return held_with(tmp_path, """
 [odmr]
 listen = "127.0.0.1:10366"
 [domains."home.example"]
@@ -35,9 +26,7 @@ users = ["cust1"]
 [domains."other.example"]
 odmr = true
 users = ["cust2"]
-""", str(tmp_path / "t.toml"))
-    store.add_user(cfg.logins_path, "cust1", "pw-one")
-    return Held(cfg)
+""", {"cust1": "pw-one"})
 
 
 def cram(tokens, held, password="pw-one", challenge=None, user="cust1"):
