@@ -58,7 +58,10 @@ class HoldBackPart:
             if outcome == rules.REFUSED:
                 outcomes.append((item.queue_id, rules.refusal_text(reasons)))
                 refused += 1
-            elif outcome == rules.TEMPFAIL and item.released is not None:
+            # tempfailed: a released message, or any whose defer log shows a
+            # real attempt (a renewed copy that qmgr sent before the release
+            # marked it: the customer's server answered 4xx all the same)
+            elif outcome == rules.TEMPFAIL and (item.released is not None or reasons):
                 outcomes.append((item.queue_id, None))
                 tempfailed += 1
             elif item.released is not None:
