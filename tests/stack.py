@@ -197,15 +197,22 @@ class Stack:
         _stop(self.poller)
         self.poller = None
 
+    def _start_announced(self, name: str, timeout: float) -> subprocess.Popen:
+        """Start daemon ``name`` (the helper first) and wait for its next
+        event=start line; it must still be running then."""
+        self.start_helper()
+        started = self.daemon_log(name).count("event=start ")
+        proc = self._daemon(name)
+        setattr(self, name, proc)
+        wait_until(lambda: self.daemon_log(name).count("event=start ") > started
+                   or proc.poll() is not None, timeout, what=f"{name} started")
+        assert proc.poll() is None, self.daemon_log(name)
+        return proc
+
     def start_gateway(self):
         """The gateway, once it serves: the helper binds its listeners (they
         take connections from then on), the gateway says when it accepts."""
-        self.start_helper()
-        started = self.daemon_log("gateway").count("event=start ")
-        self.gateway = self._daemon("gateway")
-        wait_until(lambda: self.daemon_log("gateway").count("event=start ") > started
-                   or self.gateway.poll() is not None, 15, what="gateway started")
-        assert self.gateway.poll() is None, self.daemon_log("gateway")
+        self._start_announced("gateway", 15)
         cfg = self.cfg
         for where in (cfg.finger_listen, cfg.policy_listen):
             if getattr(where, "kind", "inet") == "unix":
@@ -216,22 +223,12 @@ class Stack:
                            what=f"gateway on {where}")
 
     def start_odmr(self):
-        """The ODMR daemon, once its map socket and its port take connections."""
-        self.start_helper()
-        started = self.daemon_log("odmr").count("event=start ")
-        self.odmr = self._daemon("odmr")
-        wait_until(lambda: self.daemon_log("odmr").count("event=start ") > started
-                   or self.odmr.poll() is not None, 20, what="odmr started")
-        assert self.odmr.poll() is None, self.daemon_log("odmr")
+        """The ODMR daemon, once its ports take connections."""
+        self._start_announced("odmr", 20)
 
     def start_portal(self):
         """The portal (section [portal] in the config), once it takes connections."""
-        self.start_helper()
-        started = self.daemon_log("portal").count("event=start ")
-        self.portal = self._daemon("portal")
-        wait_until(lambda: self.daemon_log("portal").count("event=start ") > started
-                   or self.portal.poll() is not None, 20, what="portal started")
-        assert self.portal.poll() is None, self.daemon_log("portal")
+        self._start_announced("portal", 20)
         where = self.cfg.portal.listen
         wait_until(lambda: _tcp_open(where.host, where.port), 15, what="portal listening")
 
