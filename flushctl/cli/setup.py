@@ -79,13 +79,21 @@ def check(ctx, as_json):
 @pass_ctx
 def domains(ctx, as_json):
     """The configured customer domains."""
+    from flushctl.mta.relays import Overrides
     cfg = ctx.config
+    overrides = Overrides(cfg)   # the relays customers chose in the portal
     rows = []
     for name in sorted(cfg.domains):
-        d = cfg.domains[name]
+        d = overrides.domain(cfg.domains[name])
+        chosen = overrides.entry(name) if d.relay_editable else None
         rows.append({
             "domain": name,
             "relay": d.relay.nexthop if d.relay else None,
+            "relay_editable": d.relay_editable,
+            "relay_configured": cfg.domains[name].relay.nexthop if cfg.domains[name].relay
+            else None,
+            "relay_changed_by": chosen["by"] if chosen else None,
+            "relay_changed_at": chosen["at"] if chosen else None,
             "recipients": sorted(f"{l}@{name}" for l in d.recipients) if d.recipients else None,
             "quota_messages": d.quota_messages,
             "quota_bytes": d.quota_bytes,
@@ -97,6 +105,7 @@ def domains(ctx, as_json):
         click.echo(json.dumps(rows, indent=2))
         return
     for r in rows:
-        click.echo(f"{r['domain']:<30} relay={'(ODMR)' if r['odmr'] else r['relay'] or '(MX)'}"
+        by = f" (set by {r['relay_changed_by']})" if r["relay_changed_by"] else ""
+        click.echo(f"{r['domain']:<30} relay={'(ODMR)' if r['odmr'] else r['relay'] or '(MX)'}{by}"
                    f" recipients={len(r['recipients']) if r['recipients'] else 'any'}"
                    f" quota={r['quota_messages'] or '-'}/{r['quota_bytes'] or '-'}")

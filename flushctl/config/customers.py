@@ -6,8 +6,8 @@ import ipaddress
 import re
 
 from flushctl import names
-from flushctl.config.fields import (_Section, _duration, _host_port, _is_ip, _user,
-                                    _users)
+from flushctl.config.fields import (_Section, _duration, _host_port, _is_ip, _networks,
+                                    _user, _users)
 from flushctl.config.model import ConfigError, Domain, NotifySettings, PortalSettings
 
 
@@ -16,7 +16,7 @@ def _portal(path: str, data: dict) -> PortalSettings | None:
         return None
     sec = _Section(path, "portal", data["portal"])
     sec.check_keys({"listen", "user", "admins", "url", "secure_cookie", "session_lifetime",
-                    "login_failures", "page_size", "trusted_proxies"})
+                    "login_failures", "page_size", "trusted_proxies", "relay_allow"})
     default = PortalSettings()
     url = _url(sec, "url") or ""
     proxies = []
@@ -35,6 +35,7 @@ def _portal(path: str, data: dict) -> PortalSettings | None:
         login_failures=sec.positive("login_failures", int, default.login_failures),
         page_size=min(sec.positive("page_size", int, default.page_size), 1000),
         trusted_proxies=tuple(proxies),
+        relay_allow=tuple(_networks(sec, "relay_allow")),
     )
 
 def _url(sec: _Section, key: str) -> str | None:

@@ -235,6 +235,28 @@ def _relay(section: _Section, key: str) -> Relay | None:
     return Relay(host=host, port=port, mx_lookup=not bracketed)
 
 
+def _networks(sec: _Section, key: str) -> list:
+    """A list of IP networks (host bits allowed: "192.0.2.7/24")."""
+    networks = []
+    for item in sec.get(key, list, []):
+        try:
+            networks.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError:
+            sec.fail(key, f"not an IP network: {item!r}")
+    return networks
+
+
+def relay_text(text: str) -> Relay:
+    """A next hop as ``relay`` takes it, written by someone other than the
+    admin (the portal); ValueError says what is wrong with it."""
+    try:
+        relay = _relay(_Section("", "", {"relay": text}), "relay")
+    except ConfigError as exc:
+        raise ValueError(str(exc).removeprefix(": relay: ")) from None
+    assert relay is not None
+    return relay
+
+
 def _users(sec: _Section, key: str = "users") -> tuple[str, ...]:
     users: list[str] = []
     for item in sec.get(key, list, []):

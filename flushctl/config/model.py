@@ -91,6 +91,7 @@ class Domain:
     notify_interval: float | None = None      # None: [notify] interval
     notify_stale_after: float | None = None   # None: [notify] stale_after
     notify_webhook: str | None = None         # an http(s) URL that gets each notice as JSON
+    relay_editable: bool = False  # its customer may change ``relay`` in the portal (mta.relays)
 
     def __hash__(self) -> int:
         return hash(self.name)
@@ -199,6 +200,8 @@ class PortalSettings:
     login_failures: int = 5                 # failed logins per client address before a pause
     page_size: int = 50                     # held messages per page
     trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")   # whose X-Forwarded-For counts
+    # where a relay set in the portal may point besides public unicast addresses
+    relay_allow: tuple[Network, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from typing import Any
 
 from flushctl import names
 from flushctl.config.fields import (_Section, _duration, _host_port, _host_ports, _is_ip,
-                                    _listen, _policy_listen, _relay, _user, _users,
+                                    _listen, _networks, _policy_listen, _relay, _user,
+                                    _users,
                                     split_host_port)
 from flushctl.config.customers import _check_notify, _notify, _notify_addresses, _portal, _url
 from flushctl.config.model import (DEFAULT_PATH, ENV_VAR, METRICS_LISTEN, ODMR_PORT, SASL_PATHS,
@@ -158,6 +159,20 @@ def _check_odmr(path: str, domains: dict[str, Domain], odmr: OdmrSettings | None
         if dom.hosts:
             raise ConfigError(f"{where}: its mail goes out over ODMR only; "
                               "drop hosts (or odmr)")
+        if dom.relay_editable:
+            raise ConfigError(f"{where}: its mail goes out over ODMR only; "
+                              "drop relay_editable (or odmr)")
+
+
+def _check_relay_editable(path: str, domains: dict[str, Domain], cluster) -> None:
+    """A relay a customer sets in the portal is this host's alone: on a
+    cluster the other MX hosts would keep sending their part to the old one."""
+    editable = sorted(n for n, d in domains.items() if d.relay_editable)
+    if editable and cluster is not None:
+        raise ConfigError(f'{path}: domains."{editable[0]}".relay_editable: a relay changed '
+                          "in the portal would reach this host only, and the cluster's "
+                          "other MX hosts would send their part to the old one; set relay "
+                          "in the config of every host instead")
 
 
 def _domain(path: str, name: str, table: Any) -> Domain:
@@ -170,7 +185,8 @@ def _domain(path: str, name: str, table: Any) -> Domain:
     sec = _Section(path, f'domains."{name}"', table)
     sec.check_keys({"relay", "recipients", "quota_messages", "quota_bytes", "flush_from",
                     "hosts", "refused_return_after", "users", "odmr", "notify",
-                    "notify_interval", "notify_stale_after", "notify_webhook"})
+                    "notify_interval", "notify_stale_after", "notify_webhook",
+                    "relay_editable"})
     recipients = sec.get("recipients", list)
     rcpt_set = None
     if recipients is not None:
@@ -187,12 +203,7 @@ def _domain(path: str, name: str, table: Any) -> Domain:
             rcpt_set.add(local.lower())
         if not rcpt_set:
             sec.fail("recipients", "an empty list would refuse all mail; leave the key out to accept any recipient")
-    networks = []
-    for item in sec.get("flush_from", list, []):
-        try:
-            networks.append(ipaddress.ip_network(str(item), strict=False))
-        except ValueError:
-            sec.fail("flush_from", f"not an IP network: {item!r}")
+    networks = _networks(sec, "flush_from")
     hosts = {}
     table_hosts = sec.get("hosts", dict, {})
     for host, spec in table_hosts.items():
@@ -220,6 +231,7 @@ def _domain(path: str, name: str, table: Any) -> Domain:
         notify_interval=_duration(sec, "notify_interval"),
         notify_stale_after=_duration(sec, "notify_stale_after"),
         notify_webhook=_url(sec, "notify_webhook"),
+        relay_editable=sec.get("relay_editable", bool, False),
     )
 
 
@@ -246,13 +258,7 @@ def parse(text: str, path: str = "<config>") -> Config:
         metrics_listen = _host_port(me, "listen", METRICS_LISTEN)
     rl = _Section(path, "relay", data.get("relay", {}))
     rl.check_keys({"networks"})
-    relay_networks = []
-    for item in rl.get("networks", list, []):
-        try:
-            net = ipaddress.ip_network(str(item), strict=False)
-        except ValueError:
-            rl.fail("networks", f"not an IP network: {item!r}")
-        relay_networks.append(net)
+    relay_networks = _networks(rl, "networks")
     wide = names.too_wide(relay_networks)
     if wide:
         rl.fail("networks", wide)
@@ -305,6 +311,8 @@ def parse(text: str, path: str = "<config>") -> Config:
     _check_odmr(path, domains, odmr)
     notify = _notify(path, data)
     _check_notify(path, domains, notify)
+    cluster = _cluster(path, data)
+    _check_relay_editable(path, domains, cluster)
     if notify.webhook_secret_file is None and any(d.notify_webhook for d in domains.values()):
         raise ConfigError(f"{path}: notify: webhook_secret_file: needed to sign the webhooks "
                           "that domains name (notify_webhook)")
@@ -334,7 +342,7 @@ def parse(text: str, path: str = "<config>") -> Config:
         transport_name=transport,
         domains=domains,
         submission=_submission(path, data),
-        cluster=_cluster(path, data),
+        cluster=cluster,
         metrics_listen=metrics_listen,
         helper_socket=helper_socket,
         helper_group=helper_group,

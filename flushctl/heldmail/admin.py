@@ -32,6 +32,30 @@ class AdminPart:
     def resume(self, domain: str | Domain) -> None:
         self.ledger.set_paused(self.domain(domain).name, False)
 
+    def route_anew(self, domain: str | Domain) -> int:
+        """The domain's relay changed: each held message's route as it is
+        now (see ``routing.route_of``), and nothing of the old target kept
+        (its probe, its backoff).  Returns the messages whose route changed."""
+        from flushctl.mta.queuefiles import parse_postcat
+        dom = self.domain(domain)
+        self.ledger.forget_target(dom.name)
+        items = {i.queue_id: i for i in self.snapshot(dom.name).present}
+        moved = []
+        if dom.relay is not None:
+            # every host not listed in ``hosts`` goes through the relay
+            moved = [(qid, dom.name) for qid, i in items.items()
+                     if i.route not in dom.hosts and i.route != dom.name]
+        elif items:
+            # routed by each host's own DNS: the recipients say which host
+            for msg in parse_postcat(self.postfix.read_messages(sorted(items))):
+                owner = self._customer_of(msg)
+                item = items.get(msg.queue_id)
+                if item is not None and owner[0] == dom.name and owner[1] != item.route:
+                    moved.append((msg.queue_id, owner[1]))
+        for qid, route in moved:
+            self.ledger.reassign(qid, dom.name, route)
+        return len(moved)
+
     def purge(self, domain: str) -> int:
         dom = self._known_domain(domain)
         snap = self.snapshot(dom)

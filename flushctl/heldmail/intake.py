@@ -176,7 +176,7 @@ class IntakePart:
         tag = tag_of(msg.header(TAG_HEADER))
         if tag is None:
             return None
-        dom = self.config.domains.get(tag)
+        dom = self.overrides.domains().get(tag)
         if dom is None and not self.ledger.has_domain(tag):
             return None   # neither configured nor a domain this host held mail for
         for rcpt in msg.recipients:

@@ -32,10 +32,19 @@ from flushctl.heldmail.release import ReleasePart
 from flushctl.heldmail.status import StatusPart
 from flushctl.mta.commands import Postfix, PostfixError
 from flushctl.mta.queuefiles import QueueLayout, QueueWatch, parse_duration
+from flushctl.mta.relays import Overrides
 from flushctl.mta.routing import route_of
 from flushctl.poller.prober import Prober, ProbeResult, is_ip, probe
 
 log = logging.getLogger("flushctl.release")
+
+
+def interface_addresses() -> list[str]:
+    """Every address of this machine's interfaces (IPv6 scopes dropped)."""
+    import psutil
+    import socket
+    return [a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs
+            if a.family in (socket.AF_INET, socket.AF_INET6)]
 
 
 class HeldMail(StatusPart, ReleasePart, IntakePart, HoldBackPart, AdminPart):
@@ -44,6 +53,7 @@ class HeldMail(StatusPart, ReleasePart, IntakePart, HoldBackPart, AdminPart):
     def __init__(self, config: Config, postfix: Postfix | None = None,
                  layout: QueueLayout | None = None, ledger: Ledger | None = None):
         self.config = config
+        self.overrides = Overrides(config)   # the relays customers chose
         self.postfix = postfix or Postfix(config.config_directory)
         self._layout = layout
         self._params: dict[str, str] | None = None
@@ -123,8 +133,9 @@ class HeldMail(StatusPart, ReleasePart, IntakePart, HoldBackPart, AdminPart):
                                   self.seconds("bounce_queue_lifetime")])
 
     def domain(self, name: str) -> Domain:
-        """The configured domain, or ``UnknownDomain``."""
-        return self.config.domain(name)
+        """The configured domain as it routes now (its customer's relay,
+        if it chose one), or ``UnknownDomain``."""
+        return self.overrides.domain(self.config.domain(name))
 
     # -- probing ------------------------------------------------------------
     @property
@@ -157,14 +168,12 @@ class HeldMail(StatusPart, ReleasePart, IntakePart, HoldBackPart, AdminPart):
         """Addresses Postfix takes for itself (inet_interfaces, proxy_interfaces)
         and the peers written as addresses."""
         from flushctl.mta.routing import own_addresses
-        import psutil
         import socket
         try:
             values = self.postfix.get("inet_interfaces", "proxy_interfaces")
         except PostfixError:
             values = {"inet_interfaces": "all", "proxy_interfaces": ""}
-        local = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
-                 if a.family in (socket.AF_INET, socket.AF_INET6)]
+        local = interface_addresses()
 
         def resolve(name):
             try:
@@ -212,7 +221,7 @@ class HeldMail(StatusPart, ReleasePart, IntakePart, HoldBackPart, AdminPart):
         customer = names.customer_of(parts[1], self.config.domains)
         if customer is None:
             return None
-        return customer, route_of(self.config.domains[customer], parts[1])
+        return customer, route_of(self.domain(customer), parts[1])
 
     def _hold(self, queue_ids: list[str]) -> None:
         """postsuper -h; a message that moved on meanwhile is not an error."""

@@ -22,14 +22,16 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from flushctl.heldmail import holdtag
 
 from flushctl.mta import settings
 from flushctl.config import Config
 from flushctl.mta.commands import Postfix, PostfixError
+from flushctl.mta import relays
 from flushctl.mta.milter_access import prepare_milter
+from flushctl.mta.relay_change import maps_lock
 from flushctl.mta.removed_domains import held_removed, refuse_removed, settle_removed
 
 STATE_FILE = "applied.json"
@@ -281,11 +283,24 @@ def apply(config: Config, dry_run: bool = False, reload: bool = True,
           removed: str | None = None) -> ApplyReport:
     """``removed``: what becomes of the held mail of domains the config no
     longer names (one of removed_domains.REMOVED_ACTIONS); without it such
-    mail stops the apply, unless an earlier ``keep`` covers it."""
-    pf = Postfix(config.config_directory)
+    mail stops the apply, unless an earlier ``keep`` covers it.  The
+    transport map routes each editable domain where its customer chose
+    (``relays``); a relay change waits for the apply, and the other way round."""
     if not os.path.isfile(os.path.join(config.config_directory, "main.cf")):
         raise ApplyError(f"{config.config_directory}: no main.cf here "
                          f"(check [postfix] config_directory in {config.path})")
+    if dry_run:
+        return _apply(config, dry_run, reload, removed)
+    with maps_lock(config):
+        return _apply(config, dry_run, reload, removed)
+
+
+def _apply(config: Config, dry_run: bool, reload: bool, removed: str | None) -> ApplyReport:
+    try:
+        config = replace(config, domains=relays.effective(config.domains, relays.read(config)))
+    except relays.RelaysError as exc:
+        raise ApplyError(str(exc)) from None
+    pf = Postfix(config.config_directory)
     data = settings.load_data()
     list_names = list(data["lists"]) + list(data["conditional_lists"]) + \
         list(data["parameters"]) + list(data["odmr"]["parameters"]) + ["nested_header_checks"]

@@ -32,6 +32,7 @@ from flushctl import stopsignals
 from flushctl.privsep import accounts, wire
 from flushctl.privsep.errors import Malformed, PrivsepError
 from flushctl.heldmail.library import HeldMail
+from flushctl.mta.relays import Overrides
 from flushctl.heldmail.outcome import BACKING_OFF, BUSY, FAILED, NOWHERE, RELEASED, UNREACHABLE, \
     Outcome
 from flushctl.poller.prober import NOT_PROBED, OUTCOMES, ProbeResult, Prober, routable
@@ -109,6 +110,7 @@ class Poller:
 
     def __init__(self, config, ops, prober: Prober, postfix_prober: Prober | None = None):
         self.config = config
+        self.overrides = Overrides(config)   # the relays customers chose: where to knock
         self.ops = ops
         self.prober = prober
         self.postfix_prober = postfix_prober
@@ -139,7 +141,7 @@ class Poller:
                 return await self.prober.probe(dom, route)
 
         async def one(name: str, routes: list[str]) -> CycleEntry:
-            dom = self.config.domains[name]
+            dom = self.overrides.domains()[name]
             results = dict(zip(routes, await asyncio.gather(
                 *(knock(dom, route) for route in routes))))
             async with limit:

@@ -28,13 +28,13 @@ from starlette.routing import Route
 
 from flushctl import names
 from flushctl.portal.guards import FAILURE_MEMORY, TOKEN, LimitBody, Throttle, throttle_key
-from flushctl.portal.views import assets, chart, outcome_words
+from flushctl.portal.views import assets, chart, outcome_words, relay_words
 from flushctl.privsep.errors import PrivsepError
 
 log = logging.getLogger("flushctl.portal")
 
 ACTIONS = {"release": "release", "pause": "pause", "resume": "resume",
-           "return-refused": "return_refused"}
+           "return-refused": "return_refused", "relay": "relay"}
 NOT_YOURS = "no such domain"       # the helper's words for another's domain or none
 LOGIN_GONE = ("no such login", "the login was removed")
 
@@ -175,11 +175,16 @@ def build(ask, settings, secret: str | None = None) -> Starlette:
         name, what = request.path_params["domain"], request.path_params["action"]
         if what not in ACTIONS or not _domain_name(name):
             return page("denied.html", request, 404 if what not in ACTIONS else 403)
-        if await csrf_ok(request) is None:
+        form = await csrf_ok(request)
+        if form is None:
             return page("denied.html", request, 403)
+        message = {"op": ACTIONS[what], "domain": name}
+        if what == "relay":
+            # "Use the provider's setting" sends the form without a relay
+            relay = "" if "reset" in form else form.get("relay", "")
+            message["relay"] = relay[:300] if isinstance(relay, str) else ""
         try:
-            reply = await act(name, {"op": ACTIONS[what], "domain": name},
-                              lambda m: signed_in(request, m))
+            reply = await act(name, message, lambda m: signed_in(request, m))
         except PrivsepError as exc:
             if str(exc) == NOT_YOURS:
                 return page("denied.html", request, 403)
@@ -195,6 +200,7 @@ def build(ask, settings, secret: str | None = None) -> Starlette:
             "resume": lambda: "Resumed: held mail goes out again when your server answers.",
             "return-refused": lambda: f"{reply['returned']} refused message(s) returned "
                                       "to their senders.",
+            "relay": lambda: relay_words(reply),
         }[what]()
         return RedirectResponse(f"/domains/{name}", 303)
 
@@ -221,16 +227,10 @@ def build(ask, settings, secret: str | None = None) -> Starlette:
             raise
 
     async def api_login(request: Request):
-        # JSON only: a cross-site form (text/plain) cannot post a login
-        if request.headers.get("content-type", "").split(";")[0].strip().lower() \
-                != "application/json":
-            return _problem(415, "send application/json")
-        try:
-            body = await request.json()
-        except (ValueError, RecursionError):
-            body = None
-        if not isinstance(body, dict) or not isinstance(body.get("user"), str) \
-                or not isinstance(body.get("password"), str):
+        body = await _json_body(request)
+        if isinstance(body, Response):
+            return body
+        if not isinstance(body.get("user"), str) or not isinstance(body.get("password"), str):
             return _problem(400, 'send {"user": ..., "password": ...}')
         grant, wait = await login_attempt(request, body["user"], body["password"])
         if grant is None:
@@ -261,11 +261,21 @@ def build(ask, settings, secret: str | None = None) -> Starlette:
         if what not in ACTIONS:
             return _problem(404, "no such action")
         name = request.path_params["domain"]
-        reply = await act(name, {"op": ACTIONS[what], "domain": name},
-                          lambda m: api_ask(request, m))
+        message = {"op": ACTIONS[what], "domain": name}
+        if what == "relay":
+            body = await _json_body(request)
+            if isinstance(body, Response):
+                return body
+            if not isinstance(body.get("relay"), str):
+                return _problem(400, 'send {"relay": "[host]:port"}, or {"relay": ""} for '
+                                "the provider's setting")
+            message["relay"] = body["relay"][:300]
+        reply = await act(name, message, lambda m: api_ask(request, m))
         if reply is None:
             return _problem(429, "an earlier request for this domain is still under way",
                             {"Retry-After": "5"})
+        if isinstance(reply, dict) and reply.get("refused"):
+            return _problem(403 if reply.get("forbidden") else 400, reply["refused"])
         return reply if isinstance(reply, Response) else _json(reply)
 
     async def api_description(request: Request):
@@ -315,6 +325,21 @@ _API_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"
 
 def _json(data, status: int = 200, headers: dict | None = None) -> JSONResponse:
     return JSONResponse(data, status_code=status, headers={**_API_HEADERS, **(headers or {})})
+
+
+async def _json_body(request: Request) -> dict | Response:
+    """The request's JSON object, or the problem to answer.  JSON only: a
+    cross-site form (text/plain) cannot post it."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() \
+            != "application/json":
+        return _problem(415, "send application/json")
+    try:
+        body = await request.json()
+    except (ValueError, RecursionError):
+        body = None
+    if not isinstance(body, dict):
+        return _problem(400, "send a JSON object")
+    return body
 
 
 def _problem(status: int, detail: str, headers: dict | None = None) -> JSONResponse:

@@ -11,6 +11,7 @@ not see and one that does not exist get the same answer.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import time
@@ -20,7 +21,7 @@ from flushctl.privsep.errors import Malformed
 
 log = logging.getLogger("flushctl.helper")
 
-ACTIONS = ("release", "pause", "resume", "return_refused")
+ACTIONS = ("release", "pause", "resume", "return_refused", "relay")
 NOT_YOURS = "no such domain"
 
 
@@ -72,6 +73,50 @@ def _with_now(history: list, status) -> list:
     return history
 
 
+def relay_view(heldmail, dom) -> dict:
+    """Where the domain's mail goes, and whether its customer may change it."""
+    configured = heldmail.config.domains[dom.name].relay
+    entry = heldmail.overrides.entry(dom.name) or {}
+    return {"relay": dom.relay.nexthop if dom.relay else None,
+            "relay_editable": dom.relay_editable,
+            "relay_configured": configured.nexthop if configured else None,
+            "relay_changed": entry.get("at")}
+
+
+def change_relay(heldmail, dom, text: str, user: str) -> dict:
+    """Send the domain's mail to ``text`` (a next hop; "": the configured
+    one), held mail included: {"relay", "warning"}, or {"refused": why}."""
+    from flushctl.config import relay_text
+    from flushctl.heldmail.library import interface_addresses
+    from flushctl.mta import relay_change
+    if not dom.relay_editable:
+        return {"refused": "where this domain's mail goes is set by your provider",
+                "forbidden": True}
+    relay = None
+    if text:
+        try:
+            relay = relay_text(text)
+        except ValueError as exc:
+            return {"refused": str(exc)}
+        # where Postfix would connect, as this host resolves it now
+        candidates, _, problem = asyncio.run(heldmail.prober.targets(relay, dom.name))
+        why = relay_change.target_refusal(relay, candidates, problem,
+                                          heldmail.config.portal.relay_allow,
+                                          heldmail.own_addresses()
+                                          | set(interface_addresses()))
+        if why:
+            return {"refused": why}
+    try:
+        routed, warning = relay_change.change(heldmail.config, heldmail.postfix, dom.name,
+                                              relay, user)
+    except relay_change.RelayChangeError as exc:
+        return {"refused": str(exc)}
+    moved = heldmail.route_anew(dom.name)
+    log.info("event=relay domain=%s relay=%s user=%s via=portal rerouted=%d", dom.name,
+             routed.relay.nexthop if routed.relay else "-", user, moved)
+    return {"relay": routed.relay.nexthop if routed.relay else None, "warning": warning}
+
+
 def answer(heldmail, tokens: Tokens, request: dict) -> dict:
     """One request of the portal."""
     from flushctl.heldmail.listing import page
@@ -116,14 +161,14 @@ def answer(heldmail, tokens: Tokens, request: dict) -> dict:
     name = _text(request, "domain", 300)
     if name not in mine:
         raise PermissionError(NOT_YOURS)
-    dom = config.domains[name]
+    dom = heldmail.domain(name)   # as it routes now
     if op == "domain":
         number, size = request.get("page", 1), config.portal.page_size
         if not isinstance(number, int) or isinstance(number, bool):
             raise Malformed("not a portal request: page")
         status = heldmail.status(name)
         return {"status": shown(status), "quota": quota(dom, status),
-                "odmr": dom.odmr, "relay": str(dom.relay) if dom.relay else None,
+                "odmr": dom.odmr, **relay_view(heldmail, dom),
                 "held": page(heldmail, name, number, size),
                 "history": _with_now(heldmail.ledger.history(name, time.time()), status)}
     if op == "release":
@@ -141,4 +186,6 @@ def answer(heldmail, tokens: Tokens, request: dict) -> dict:
         count = heldmail.return_to_senders(name, refused_only=True)
         log.info("event=returned domain=%s messages=%d user=%s via=portal", name, count, user)
         return {"returned": count}
+    if op == "relay":
+        return change_relay(heldmail, dom, _text(request, "relay", 300).strip(), user)
     raise Malformed(f"not a portal request: {op!r:.40}")

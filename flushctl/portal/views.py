@@ -89,3 +89,11 @@ def outcome_words(outcome: dict) -> str:
     if kind == "nowhere":
         return "There is nowhere to deliver to: " + outcome.get("detail", "")
     return f"{kind}: {outcome.get('detail', '')}".strip()
+
+
+def relay_words(reply: dict) -> str:
+    if reply.get("refused"):
+        return "Nothing changed: " + reply["refused"]
+    where = reply.get("relay") or "your domain's own mail servers (its MX records)"
+    text = f"Your mail goes to {where} from now on, the mail held here included."
+    return text + (" " + reply["warning"] if reply.get("warning") else "")

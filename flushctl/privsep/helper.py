@@ -331,6 +331,10 @@ def run(config: Config) -> None:
     if os.geteuid() != 0:
         raise PrivsepError("helper: must run as root (postsuper is root's)")
     stopsignals.catch()
+    # a relay change cut short: the transport map says what relays.json says
+    from flushctl.mta.commands import Postfix
+    from flushctl.mta.relay_change import reconcile
+    reconcile(config, Postfix(config.config_directory))
     helper = Helper(config)   # the ledger opened: its socket is bound only once ready
     listener = helper.listener = bind(config)
 

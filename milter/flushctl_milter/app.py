@@ -25,6 +25,7 @@ import Milter
 
 from flushctl.privsep import accounts
 from flushctl.config import Config
+from flushctl.mta.relays import Overrides
 from flushctl.metrics import Counts
 from flushctl.heldmail.library import HeldMail
 from flushctl.heldmail.holdtag import OUR_HEADERS
@@ -42,13 +43,19 @@ class Shared:
 
     def __init__(self, config: Config, heldmail: HeldMail):
         self.config = config
-        self.domains = config.domains
+        self.overrides = Overrides(config)   # the relays customers chose
         self.heldmail = heldmail
         self.ledger = heldmail.ledger
         self.counts = Counts()   # refusals; "held" is counted with the ledger record
         self._recount_lock = threading.Lock()
         self._recounted: dict[str, float] = {}
         self.queue_unreadable = False
+
+    @property
+    def domains(self):
+        """The configured domains as they route now (a customer's relay
+        decides the route of its mail)."""
+        return self.overrides.domains()
 
     def totals(self, domain: str, size: int = 0) -> tuple[int, int]:
         """Held (messages, bytes) for a domain, exact whenever it matters.

@@ -10,7 +10,6 @@ exist), a token that ended, login floods from one address.
 import json
 import os
 import re
-import shutil
 import time
 import urllib.error
 import urllib.request
@@ -194,31 +193,6 @@ def test_openapi_description_matches_the_served_routes(portal_stack):
 
 
 # -- in a real browser ----------------------------------------------------------------
-
-def _browser():
-    """Headless Chromium from Debian's packages, through its chromedriver
-    (nothing downloaded: Selenium is given both paths)."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    chromium = shutil.which("chromium")
-    driver = shutil.which("chromedriver")
-    if not (chromium and driver):
-        pytest.fail("chromium and chromium-driver (Debian packages) are needed")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=420,1400", "--disable-extensions", "--no-first-run"):
-        options.add_argument(arg)
-    return webdriver.Chrome(service=Service(executable_path=driver), options=options)
-
-
-@pytest.fixture
-def browser():
-    b = _browser()
-    b.set_page_load_timeout(60)
-    yield b
-    b.quit()
-
 
 def _click(browser, by, what):
     """Click a submit button and wait for the page the form leads to."""

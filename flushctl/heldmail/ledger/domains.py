@@ -95,6 +95,13 @@ class DomainStates(LedgerFile):
             count(db, "releases", (domain, trigger))
             return True
 
+    def forget_target(self, domain: str) -> None:
+        """The domain's mail goes elsewhere now: what was learnt of the old
+        target (its last probe, the backoff after its failures) says
+        nothing of the new one."""
+        self._update(domain, reachable=None, last_error=None, last_probe=None,
+                     backoff_until=None, backoff=None)
+
     def set_flush_result(self, domain: str, result: str) -> None:
         self._update(domain, last_flush_result=result)
 

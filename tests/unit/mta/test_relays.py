@@ -1,0 +1,159 @@
+"""The relays customers choose: the config keys, the file, the domains as
+they route, what a customer may point at, and the transport map's lines."""
+
+import ipaddress
+import os
+
+import pytest
+
+from flushctl.config import ConfigError, parse, relay_text
+from flushctl.mta import relay_change, relays
+
+EDITABLE = '[domains."a.example"]\nrelay = "[192.0.2.1]:25"\nrelay_editable = true\n' \
+           '[domains."b.example"]\nrelay = "[192.0.2.2]:25"\n'
+
+
+def test_relay_editable_is_read_and_refused_where_it_cannot_hold():
+    cfg = parse(EDITABLE)
+    assert cfg.domains["a.example"].relay_editable and not cfg.domains["b.example"].relay_editable
+    with pytest.raises(ConfigError, match="relay_editable: must be true or false"):
+        parse('[domains."a.example"]\nrelay_editable = "yes"\n')
+    # on a cluster the other MX hosts would keep the old relay
+    with pytest.raises(ConfigError, match="relay_editable.*cluster"):
+        parse(EDITABLE + '[cluster]\npeers = ["192.0.2.9"]\n')
+    # an ODMR domain's mail goes out over its customer's session only
+    with pytest.raises(ConfigError, match="drop relay_editable"):
+        parse('[odmr]\n[domains."a.example"]\nodmr = true\nusers = ["u1"]\n'
+              'relay_editable = true\n')
+
+
+def test_relay_allow_takes_networks_only():
+    cfg = parse('[portal]\nrelay_allow = ["127.0.0.0/8", "fd00::/8"]\n')
+    assert cfg.portal.relay_allow == (ipaddress.ip_network("127.0.0.0/8"),
+                                      ipaddress.ip_network("fd00::/8"))
+    assert parse("[portal]\n").portal.relay_allow == ()
+    with pytest.raises(ConfigError, match="portal.relay_allow: not an IP network"):
+        parse('[portal]\nrelay_allow = ["mx.example"]\n')
+
+
+@pytest.mark.parametrize("text, nexthop", [
+    ("[192.0.2.7]:2525", "[192.0.2.7]:2525"),
+    ("mail.example.net:25", "mail.example.net:25"),
+    ("[Mail.Example.NET]", "[mail.example.net]:25"),
+    ("[2001:db8::1]:587", "[2001:db8::1]:587"),
+])
+def test_a_customers_relay_is_read_as_the_configs(text, nexthop):
+    assert relay_text(text).nexthop == nexthop
+
+
+@pytest.mark.parametrize("text", ["", "not a next hop", "192.0.2.7:25", "[192.0.2.7]:0",
+                                  "[192.0.2.7]:70000", "mx..example:25", "a b:25",
+                                  "[" + "1" * 400 + "]:25"])
+def test_what_is_no_next_hop_is_refused_in_words(text):
+    with pytest.raises(ValueError) as exc:
+        relay_text(text)
+    assert not str(exc.value).startswith(":")
+
+
+def test_the_file_is_checked_and_only_editable_domains_take_it():
+    cfg = parse(EDITABLE)
+    text = relays.render({"a.example": {"relay": "[198.51.100.7]:2525", "by": "u1", "at": 5.0},
+                          "b.example": {"relay": "[198.51.100.8]:25", "by": "u2", "at": 6.0}})
+    entries = relays.parse(text)
+    domains = relays.effective(cfg.domains, entries)
+    assert domains["a.example"].relay.nexthop == "[198.51.100.7]:2525"
+    assert domains["b.example"] is cfg.domains["b.example"]   # not editable: the config's
+    # null: the configured relay again
+    entries["a.example"]["relay"] = None
+    assert relays.effective(cfg.domains, entries)["a.example"] is cfg.domains["a.example"]
+    for bad in ('[]', '{"domains": []}', '{"domains": {"a.example": {"relay": 5, "by": "u",'
+                ' "at": 1}}}', '{"domains": {"a.example": {"relay": "nonsense", "by": "u",'
+                ' "at": 1}}}', '{"domains": {"a.example": {"relay": null}}}'):
+        with pytest.raises(ValueError):
+            relays.parse(bad)
+
+
+def test_a_process_sees_a_change_of_the_file(tmp_path):
+    cfg = parse(EDITABLE + f'[postfix]\nconfig_directory = "{tmp_path}"\n')
+    overrides = relays.Overrides(cfg)
+    assert overrides.domains() is cfg.domains   # no file
+    (tmp_path / "flushctl").mkdir()
+    path = tmp_path / "flushctl" / "relays.json"
+    path.write_text(relays.render({"a.example": {"relay": "[198.51.100.7]:25", "by": "u",
+                                                 "at": 1.0}}))
+    relays.forget(cfg)
+    assert overrides.domain(cfg.domains["a.example"]).relay.nexthop == "[198.51.100.7]:25"
+    assert overrides.entry("a.example")["by"] == "u"
+    # a file that is not one: what was known stands
+    path.write_text("garbage")
+    relays.forget(cfg)
+    assert overrides.domain(cfg.domains["a.example"]).relay.nexthop == "[198.51.100.7]:25"
+    # nothing editable: no look at the file at all
+    plain = relays.Overrides(parse('[domains."b.example"]\n'))
+    assert plain.domains() is plain.config.domains and plain.entry("b.example") is None
+
+
+@pytest.mark.parametrize("port, ok", [(25, True), (587, True), (1024, True), (2525, True),
+                                      (22, False), (80, False), (465, False), (1023, False)])
+def test_ports_a_customer_may_use(port, ok):
+    assert (relay_change.port_refusal(port) is None) == ok
+
+
+def test_addresses_a_customer_may_point_at():
+    allow = (ipaddress.ip_network("127.0.0.2/32"),)
+    refusal = relay_change.address_refusal
+    assert refusal("mx.example", ["198.51.100.7"], ()) is not None   # TEST-NET: not global
+    assert refusal("mx.example", ["8.8.8.8", "2001:4860::8888"], ()) is None
+    for bad in ("10.0.0.1", "192.168.1.1", "169.254.1.1", "127.0.0.1", "::1", "fe80::1%eth0",
+                "fd00::1", "0.0.0.0", "::ffff:10.0.0.1", "100.64.0.1", "224.0.0.1", "ff0e::1"):
+        assert "not an address on the internet" in refusal("mx.example", [bad], ()), bad
+    assert refusal("mx.example", ["8.8.8.8", "10.0.0.1"], ()) is not None   # any one
+    assert refusal("mx.example", ["127.0.0.2"], allow) is None
+    assert "this host" in refusal("mx.example", ["8.8.8.8"], (), frozenset({"8.8.8.8"}))
+    assert "this host" in refusal("mx.example", ["127.0.0.2"], allow, frozenset({"127.0.0.2"}))
+
+
+def test_target_refusal_takes_the_probers_targets():
+    relay = relay_text("mx.example:25")
+    assert relay_change.target_refusal(relay, [], "mx.example: no address", ()) == \
+        "mx.example: no address"
+    assert relay_change.target_refusal(relay, [("mx.example", 25, ("8.8.8.8",))], "", ()) is None
+    assert "not an address" in relay_change.target_refusal(
+        relay, [("a.example", 25, ("8.8.8.8",)), ("b.example", 25, ("10.0.0.1",))], "", ())
+    assert "port 80" in relay_change.target_refusal(relay_text("[8.8.8.8]:80"),
+                                                    [("8.8.8.8", 80, ("8.8.8.8",))], "", ())
+
+
+def test_the_transport_lines_of_one_domain_are_replaced_in_place():
+    text = ("# header\na.example\tondemand:[192.0.2.1]:25\n.a.example\tondemand:[192.0.2.1]:25\n"
+            "pc.a.example\tondemand:[192.0.2.5]:25\n.pc.a.example\tondemand:[192.0.2.5]:25\n"
+            "b.example\tondemand:[192.0.2.2]:25\n.b.example\tondemand:[192.0.2.2]:25\n")
+    lines = ["a.example\tondemand:[198.51.100.7]:2525\n", ".a.example\tondemand:[198.51.100.7]:2525\n"]
+    out = relay_change.with_lines(text, "a.example", lines)
+    assert out.splitlines()[1:3] == [line.rstrip("\n") for line in lines]
+    assert out.splitlines()[3:] == text.splitlines()[3:]   # hosts and other domains as they were
+    with pytest.raises(ValueError, match="flushctl apply"):
+        relay_change.with_lines(text, "c.example", lines)
+    # a comment naming the domain is not an entry
+    with pytest.raises(ValueError):
+        relay_change.with_lines("#a.example x\n", "a.example", lines)
+
+
+def test_lines_for_a_domain_follow_transport_entries():
+    cfg = parse(EDITABLE)
+    from dataclasses import replace
+    dom = replace(cfg.domains["a.example"], relay=relay_text("mx.example.net:2525"))
+    assert relay_change._lines(cfg, dom) == ["a.example\tondemand:mx.example.net:2525\n",
+                                             ".a.example\tondemand:mx.example.net:2525\n"]
+    dom = replace(cfg.domains["a.example"], relay=None)
+    assert relay_change._lines(cfg, dom) == ["a.example\tondemand:\n", ".a.example\tondemand:\n"]
+
+
+def test_the_maps_lock_is_one_writer_at_a_time(tmp_path):
+    import fcntl
+    cfg = parse(f'[postfix]\nconfig_directory = "{tmp_path}"\n')
+    with relay_change.maps_lock(cfg):
+        fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(fd)
