@@ -224,7 +224,7 @@ def _mx(od: HeldMail, report: Report) -> None:
         held_routes.setdefault(dom, set()).update(routes)
 
     async def one(name: str) -> list[str]:
-        dom = config.domains[name]
+        dom = od.domain(name)   # its customer's relay, if it chose one
         answer, problem = await prober.query(name, "MX")
         if answer is None:
             return [f"mx: {name}: {problem or 'no MX records'}; we are not its backup MX"]

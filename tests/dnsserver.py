@@ -3,7 +3,8 @@
 Records live in a dict the test may change while the server runs:
 ``server.records[("mail.example", "A")] = ["127.0.0.3"]``;
 ``("example", "MX")`` takes ``[(10, "mail.example")]``, ``[(0, ".")]`` is a
-Null MX.  A name with no record of any type is NXDOMAIN.
+Null MX, ``"SERVFAIL"`` answers that.  A name with no record of any type
+is NXDOMAIN.
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ class DNSServer:
             response.set_rcode(dns.rcode.NXDOMAIN)
             return response
         values = self.records.get((name, rdtype), [])
+        if values == "SERVFAIL":
+            response.set_rcode(dns.rcode.SERVFAIL)
+            return response
         if values:
             if rdtype == "MX":
                 texts = [f"{pref} {host if host == '.' else host + '.'}" for pref, host in values]

@@ -92,7 +92,7 @@ def domains(ctx, as_json):
             "relay_editable": d.relay_editable,
             "relay_configured": cfg.domains[name].relay.nexthop if cfg.domains[name].relay
             else None,
-            "relay_changed_by": chosen["by"] if chosen else None,
+            "relay_chosen": d.relay_chosen,    # its customer's, set in the portal
             "relay_changed_at": chosen["at"] if chosen else None,
             "recipients": sorted(f"{l}@{name}" for l in d.recipients) if d.recipients else None,
             "quota_messages": d.quota_messages,
@@ -105,7 +105,7 @@ def domains(ctx, as_json):
         click.echo(json.dumps(rows, indent=2))
         return
     for r in rows:
-        by = f" (set by {r['relay_changed_by']})" if r["relay_changed_by"] else ""
+        by = " (the customer's choice)" if r["relay_chosen"] else ""
         click.echo(f"{r['domain']:<30} relay={'(ODMR)' if r['odmr'] else r['relay'] or '(MX)'}{by}"
                    f" recipients={len(r['recipients']) if r['recipients'] else 'any'}"
                    f" quota={r['quota_messages'] or '-'}/{r['quota_bytes'] or '-'}")

@@ -92,6 +92,7 @@ class Domain:
     notify_stale_after: float | None = None   # None: [notify] stale_after
     notify_webhook: str | None = None         # an http(s) URL that gets each notice as JSON
     relay_editable: bool = False  # its customer may change ``relay`` in the portal (mta.relays)
+    relay_chosen: bool = False    # ``relay`` is its customer's choice (set by mta.relays only)
 
     def __hash__(self) -> int:
         return hash(self.name)
@@ -231,6 +232,7 @@ class Config:
     odmr: OdmrSettings | None = None   # [odmr]; None: no ODMR
     portal: PortalSettings | None = None   # [portal]; None: no portal
     notify: NotifySettings = field(default_factory=NotifySettings)   # [notify]
+    digest: str = ""   # of the file's text: which config an apply made live (applied.json)
 
     @property
     def logins_path(self) -> str:

@@ -7,6 +7,7 @@ the file.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
@@ -349,6 +350,7 @@ def parse(text: str, path: str = "<config>") -> Config:
         odmr=odmr,
         portal=_portal(path, data),
         notify=notify,
+        digest=hashlib.sha256(text.encode()).hexdigest(),
     )
 
 

@@ -53,7 +53,7 @@ class AdminPart:
                 if item is not None and owner[0] == dom.name and owner[1] != item.route:
                     moved.append((msg.queue_id, owner[1]))
         for qid, route in moved:
-            self.ledger.reassign(qid, dom.name, route)
+            self.ledger.reassign(qid, dom.name, route, from_domain=dom.name)
         return len(moved)
 
     def purge(self, domain: str) -> int:

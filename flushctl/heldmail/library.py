@@ -147,10 +147,21 @@ class HeldMail(StatusPart, ReleasePart, IntakePart, HoldBackPart, AdminPart):
                 protocols = self.postfix.get("inet_protocols")["inet_protocols"]
             except (PostfixError, KeyError):
                 protocols = "all"
+            own = self.own_addresses()
             self._prober = Prober(self.config.probe_timeout, self.own_hosts(),
-                                  self.config.nameservers, self.own_addresses(),
-                                  record_types(protocols))
+                                  self.config.nameservers, own, record_types(protocols))
+            if self.overrides.editable:
+                self._prober.fence = self.fence(own)
         return self._prober
+
+    def fence(self, own: frozenset[str] | None = None):
+        """fence(relay, targets, problem): why a relay a customer chose may
+        not be used where it resolves (None: it may); see ``mta.relays``."""
+        from flushctl.mta.relays import target_refusal
+        allow = self.config.portal.relay_allow if self.config.portal else ()
+        mine = frozenset(own if own is not None else self.own_addresses()) \
+            | frozenset(interface_addresses())
+        return lambda relay, found, problem: target_refusal(relay, found, problem, allow, mine)
 
     def own_hosts(self) -> set[str]:
         """Names of our own MX hosts: [poller] own_hosts, Postfix's

@@ -101,8 +101,10 @@ class ReleasePart:
             return Outcome(BACKING_OFF, detail=f"{name}: backing off until {until} "
                            "after failed attempts", forwarded=forwarded)
         results, fresh = {}, {}
+        changed = (self.overrides.entry(name) or {}).get("at", float("-inf"))
         for route in sorted({i.route for i in candidates}):
-            if probed and route in probed:
+            # a probe made before the relay changed knocked at the old one
+            if probed and route in probed and probed[route].when >= changed:
                 results[route] = probed[route]   # the poller checked them as below
             elif probed_only:
                 results[route] = ProbeResult(NOT_PROBED, "", "not probed by the poller",

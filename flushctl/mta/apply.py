@@ -18,6 +18,7 @@ A second apply with the same config finds nothing to change.
 from __future__ import annotations
 
 import grp
+import logging
 import json
 import os
 import shutil
@@ -31,8 +32,10 @@ from flushctl.config import Config
 from flushctl.mta.commands import Postfix, PostfixError
 from flushctl.mta import relays
 from flushctl.mta.milter_access import prepare_milter
-from flushctl.mta.relay_change import maps_lock
+from flushctl.mta.relay_change import RelayChangeError, maps_lock, prune
 from flushctl.mta.removed_domains import held_removed, refuse_removed, settle_removed
+
+log = logging.getLogger("flushctl.apply")
 
 STATE_FILE = "applied.json"
 MANAGED = ("queue_directory", "mynetworks", "smtpd_relay_restrictions")
@@ -119,7 +122,7 @@ def _write_ours(config: Config, plan: settings.Plan, kept: list[str]) -> str:
                                dir=config.state_directory)
     with os.fdopen(fd, "w") as fh:
         json.dump({"ours": plan.ours, "services": plan.our_services,
-                   "kept_removed": sorted(kept)}, fh)
+                   "kept_removed": sorted(kept), "config_digest": config.digest}, fh)
     return tmp
 
 
@@ -291,15 +294,21 @@ def apply(config: Config, dry_run: bool = False, reload: bool = True,
                          f"(check [postfix] config_directory in {config.path})")
     if dry_run:
         return _apply(config, dry_run, reload, removed)
-    with maps_lock(config):
-        return _apply(config, dry_run, reload, removed)
+    try:
+        with maps_lock(config):
+            return _apply(config, dry_run, reload, removed)
+    except RelayChangeError as exc:
+        raise ApplyError(str(exc)) from None
 
 
 def _apply(config: Config, dry_run: bool, reload: bool, removed: str | None) -> ApplyReport:
     try:
+        dropped = [] if dry_run else prune(config)   # choices that no longer hold
         config = replace(config, domains=relays.effective(config.domains, relays.read(config)))
     except relays.RelaysError as exc:
         raise ApplyError(str(exc)) from None
+    if dropped:
+        log.info("event=relay_choice_dropped domains=%s", ",".join(dropped))
     pf = Postfix(config.config_directory)
     data = settings.load_data()
     list_names = list(data["lists"]) + list(data["conditional_lists"]) + \

@@ -1,28 +1,32 @@
-"""A customer's change of where its mail goes: checked, put into the transport map, made to reach held mail.
+"""A customer's change of where its mail goes: put into the transport map, made to reach held mail.
 
-``change`` (the release helper, for the portal):
-1. under the maps' lock (``flushctl apply`` takes it too), the domain's two
-   lines of the live transport map (the domain and its subdomains) are
-   rewritten and the map built under a temporary name, then moved into
-   place: the text first, then the table Postfix reads;
-2. ``relays.json`` is replaced: every process routes and probes by it;
-3. Postfix is reloaded if it runs.  Nothing in a queue file names a next
-   hop: qmgr asks trivial-rewrite for every message it takes in, and the
-   reload ends the processes that still hold the old answer, so mail held,
-   deferred, or in the active queue all goes to the new target.
-A helper killed between 1 and 2 leaves a map that relays.json does not
-explain; ``reconcile``, at the helper's start, makes the lines of every
-editable domain say what the config and relays.json say.
-
-``target_refusal`` is the rule of what a customer may point its mail at:
-a port an SMTP server listens on, and addresses on the public internet
-(or in ``[portal] relay_allow``), never this host.
+``change`` (the release helper, for the portal), all under the maps' lock
+(a root-only file beside the maps; ``flushctl apply`` takes it too):
+1. only while the helper's config is the one apply made live (its digest
+   in applied.json): the map's other lines are apply's, and a config
+   edited since says nothing yet;
+2. the domain's two lines of the live transport map (the domain and its
+   subdomains) are rewritten and the map built under a temporary name,
+   then moved into place: the text first, then the table Postfix reads;
+3. ``relays.json`` is replaced, the change marked pending: every process
+   routes and probes by it;
+4. Postfix is reloaded if it runs (at most one reload every 2 s).  Nothing
+   in a queue file names a next hop: qmgr asks trivial-rewrite for every
+   message it takes in, and the reload ends the processes that still hold
+   the old answer, so mail held, deferred, or in the active queue all
+   goes to the new target.
+Then the caller re-routes the ledger's rows (``HeldMail.route_anew``) and
+marks the change ``settled``.  A helper stopped anywhere in between is
+mended at its next start: ``reconcile`` makes the lines of every editable
+domain say what the config and relays.json say, reloads, and names the
+domains whose rows are to be routed anew.  A change to where the mail
+goes already changes nothing.
 """
 
 from __future__ import annotations
 
 import fcntl
-import ipaddress
+import json
 import logging
 import os
 import tempfile
@@ -37,67 +41,45 @@ from flushctl.mta.routing import transport_entries
 
 log = logging.getLogger("flushctl.relays")
 
-MIN_INTERVAL = 10.0        # seconds between two changes of one domain (each reloads Postfix)
-SMTP_PORTS = (25, 587)     # below 1024, only these
+LOCK = ".flushctl.lock"
+LOCK_WAIT = 60.0           # seconds to wait for another apply or change
+MIN_INTERVAL = 10.0        # seconds between two changes of one domain
+RELOAD_EVERY = 2.0         # seconds between two reloads for changes, whatever the domain
 
 
 class RelayChangeError(Exception):
-    """Why the relay stays as it was, in words for the customer."""
+    """Why the relay stays as it was, in words for the customer; ``busy``:
+    nothing is wrong with the request, only its time (try again later)."""
+
+    def __init__(self, text: str, busy: bool = False):
+        super().__init__(text)
+        self.busy = busy
 
 
 @contextmanager
-def maps_lock(config: Config):
+def maps_lock(config: Config, wait: float = LOCK_WAIT):
     """The maps of this config, one writer at a time (apply, a relay
-    change): a lock on the Postfix config directory itself, which leaves
-    no file behind."""
-    fd = os.open(config.config_directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    change): a file of root's alone beside the maps (no other user can
+    take the lock and stall them)."""
+    from flushctl.mta.settings import map_dir
+    directory = map_dir(config)
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    fd = os.open(os.path.join(directory, LOCK),
+                 os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RelayChangeError("another apply or change of a relay is under way; "
+                                           "try again shortly", busy=True) from None
+                time.sleep(0.05)
         yield
     finally:
         os.close(fd)
-
-
-# -- what a customer may point at (pure) ----------------------------------------
-def port_refusal(port: int) -> str | None:
-    if port in SMTP_PORTS or port >= 1024:
-        return None
-    return f"port {port}: use 25, 587 or a port above 1023"
-
-
-def address_refusal(host: str, addresses, allow, own=frozenset()) -> str | None:
-    """Why mail may not go to these addresses: one of this host's (on any
-    port: its other services are no customer's), or one that is not on
-    the public internet (loopback, private, link-local, ...) and not in
-    ``allow``."""
-    for text in addresses:
-        addr = ipaddress.ip_address(text.split("%")[0])
-        if addr.version == 6 and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        name = f"{host} ({addr})" if host != str(addr) else str(addr)
-        if str(addr) in own:
-            return f"{name}: that is this host"
-        public = addr.is_global and not addr.is_multicast
-        if not public and not any(addr in net for net in allow):
-            return f"{name}: not an address on the internet"
-    return None
-
-
-def target_refusal(relay: Relay, candidates, problem: str, allow,
-                   own=frozenset()) -> str | None:
-    """Why ``relay`` is refused: ``candidates`` and ``problem`` are the
-    prober's ``targets`` for it (where Postfix would connect, nothing when
-    that is this host); ``own``: this host's addresses."""
-    why = port_refusal(relay.port)
-    if why:
-        return why
-    if not candidates:
-        return problem or f"{relay.host}: no address"
-    for host, _, addresses in candidates:
-        why = address_refusal(host, addresses, allow, own)
-        if why:
-            return why
-    return None
 
 
 def with_lines(text: str, name: str, lines: list[str]) -> str:
@@ -125,7 +107,16 @@ def _lines(config: Config, dom: Domain) -> list[str]:
             for key, value in transport_entries(dom, config.transport_name, port)[:2]]
 
 
-# -- the map ------------------------------------------------------------------------
+def _live(config: Config) -> bool:
+    """Is ``config`` the one the last apply made live?"""
+    try:
+        with open(os.path.join(config.state_directory, "applied.json")) as fh:
+            return json.load(fh).get("config_digest") == config.digest
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+# -- the files ----------------------------------------------------------------------
 def _write_transport(config: Config, pf: Postfix, doms: list[Domain],
                      applied_only: bool = False) -> list[str]:
     """Make the live map route ``doms`` so; the names it changed.  With
@@ -168,6 +159,15 @@ def _write_transport(config: Config, pf: Postfix, doms: list[Domain],
     return changed
 
 
+def _read(config: Config) -> dict[str, dict]:
+    try:
+        return relays.read(config)
+    except relays.RelaysError as exc:
+        log.error("event=error stage=relays reason=%r", str(exc))
+        raise RelayChangeError("the provider's record of relays is damaged; "
+                               "ask your provider") from None
+
+
 def _write_entries(config: Config, entries: dict) -> None:
     path = relays.path_of(config)
     fd, tmp = tempfile.mkstemp(prefix=".relays.", dir=os.path.dirname(path))
@@ -184,8 +184,15 @@ def _write_entries(config: Config, entries: dict) -> None:
     relays.forget(config)
 
 
+_last_reload = float("-inf")
+
+
 def _reload(pf: Postfix) -> str:
-    """Reload a running Postfix; a warning when that failed ("" when done)."""
+    """Reload a running Postfix, at most every RELOAD_EVERY seconds (the
+    caller holds the lock: changes wait their turn); a warning when that
+    failed ("" when done)."""
+    global _last_reload
+    time.sleep(max(0.0, RELOAD_EVERY - (time.monotonic() - _last_reload)))
     try:
         if pf.running():
             pf.reload()
@@ -194,50 +201,105 @@ def _reload(pf: Postfix) -> str:
         log.error("event=error stage=relay_reload reason=%r", str(exc))
         return ("Postfix could not be reloaded: mail already on its way may go to the "
                 "old target until it is")
+    finally:
+        _last_reload = time.monotonic()
 
 
-def change(config: Config, pf: Postfix, name: str, relay: Relay | None, by: str,
-           now: float | None = None) -> tuple[Domain, str]:
+# -- the change -----------------------------------------------------------------------
+def check_rate(config: Config, name: str, now: float) -> None:
+    """``RelayChangeError`` (busy) when the domain changed too recently:
+    before anything slow is done for a new change."""
+    entry = _read(config).get(name)
+    if entry is not None and relays.holds(config.domains.get(name), entry) \
+            and 0 <= now - entry["at"] < MIN_INTERVAL:
+        raise RelayChangeError(f"{name}: changed {now - entry['at']:.0f} s ago; wait "
+                               f"{MIN_INTERVAL:.0f} s between changes", busy=True)
+
+
+def change(config: Config, pf: Postfix, name: str, relay: Relay | None,
+           now: float | None = None) -> tuple[Domain, str, bool]:
     """Send the domain's mail to ``relay`` from now on (None: to the
     configured relay again), held mail included.  Returns the domain as it
-    routes now, and a warning ("" when none); ``RelayChangeError`` when
-    nothing changed."""
+    routes now, a warning ("" when none), and whether anything changed
+    (then the caller routes the held mail anew and calls ``settled``);
+    ``RelayChangeError`` when nothing changed and something was wrong."""
     now = time.time() if now is None else now
     dom = config.domains[name]
     if not dom.relay_editable:
         raise RelayChangeError(f"{name}: where its mail goes is set by the provider")
     with maps_lock(config):
-        try:
-            entries = relays.read(config)
-        except relays.RelaysError as exc:
-            raise RelayChangeError(str(exc)) from None
+        if not _live(config):
+            raise RelayChangeError("the provider is changing this host's configuration; "
+                                   "try again later", busy=True)
+        entries = _read(config)
         last = entries.get(name)
-        if last is not None and 0 <= now - last["at"] < MIN_INTERVAL:
-            raise RelayChangeError(f"{name}: changed {now - last['at']:.0f} s ago; "
-                                   f"wait {MIN_INTERVAL:.0f} s between changes")
-        entries[name] = {"relay": relay.nexthop if relay is not None else None,
-                         "by": by, "at": now}
-        routed = replace(dom, relay=relay if relay is not None else dom.relay)
+        if last is not None and not relays.holds(dom, last):
+            last = None
+        current = relays.effective({name: dom}, {name: last} if last else {})[name]
+        wanted = relay if relay is not None else dom.relay
+        routed = replace(dom, relay=wanted, relay_chosen=relay is not None)
+        if _text(current.relay) == _text(wanted) and not (last and last["pending"]):
+            return routed, "", False
+        check_rate(config, name, now)
+        entries[name] = {"relay": relay.nexthop if relay is not None else None, "at": now,
+                         "basis": relays.basis(dom), "pending": True}
         _write_transport(config, pf, [routed])
         _write_entries(config, entries)
-    return routed, _reload(pf)
+        warning = _reload(pf)
+    return routed, warning, True
+
+
+def _text(relay: Relay | None) -> str | None:
+    return relay.nexthop if relay is not None else None
+
+
+def settled(config: Config, name: str) -> None:
+    """The domain's change is done (reloaded, its mail routed anew)."""
+    with maps_lock(config):
+        entries = _read(config)
+        if name in entries and entries[name]["pending"]:
+            entries[name]["pending"] = False
+            _write_entries(config, entries)
+
+
+def prune(config: Config) -> list[str]:
+    """Drop the choices that no longer hold (the domain gone, not editable,
+    or its configured relay or users changed).  For apply, which holds the
+    lock; the domains dropped."""
+    try:
+        entries = relays.read(config)
+    except relays.RelaysError as exc:
+        raise RelayChangeError(str(exc)) from None
+    gone = sorted(n for n, e in entries.items() if not relays.holds(config.domains.get(n), e))
+    if gone:
+        _write_entries(config, {n: e for n, e in entries.items() if n not in gone})
+    return gone
 
 
 def reconcile(config: Config, pf: Postfix) -> list[str]:
-    """Make the transport map's lines of every editable domain say what the
-    config and relays.json say (after a change cut short); the domains
-    whose lines changed."""
+    """At the helper's start: make the transport map's lines of every
+    editable domain say what the config and relays.json say (after a
+    change cut short), and reload when they did not or a change is still
+    pending.  Returns the domains whose held mail is to be routed anew
+    (then ``settled``).  Nothing when the config is not the applied one."""
     if not any(d.relay_editable for d in config.domains.values()):
         return []
     with maps_lock(config):
+        if not _live(config):
+            log.warning("event=relay_reconcile_skipped reason=config_not_applied")
+            return []
         try:
-            domains = relays.effective(config.domains, relays.read(config))
+            entries = relays.read(config)
+            domains = relays.effective(config.domains, entries)
             editable = [d for d in domains.values() if d.relay_editable]
             changed = _write_transport(config, pf, editable, applied_only=True)
         except (relays.RelaysError, RelayChangeError) as exc:
             log.warning("event=error stage=relay_reconcile reason=%r", str(exc))
             return []
-    if changed:
-        log.warning("event=relay_reconciled domains=%s", ",".join(changed))
-        _reload(pf)
-    return changed
+        pending = [n for n, e in entries.items()
+                   if e["pending"] and relays.holds(config.domains.get(n), e)]
+        if changed or pending:
+            if changed:
+                log.warning("event=relay_reconciled domains=%s", ",".join(changed))
+            _reload(pf)
+    return sorted(set(changed) | set(pending))

@@ -1,23 +1,34 @@
-"""The relays customers chose in the portal, and the domains as they route now.
+"""The relays customers chose in the portal, the domains as they route now, and what a customer may point at.
 
 A domain with ``relay_editable = true`` may have its next hop changed by
 its customer (the portal's "where your mail goes"; ``relay_change``
 makes the change).  The choices are kept in ``relays.json`` beside the
 maps that ``flushctl apply`` writes: root's file, readable by all like the
-transport map that says the same.  Every process that routes or probes a
-customer's mail (the milter, the poller, the release helper, apply) takes
-its domains from here (``Overrides.domains``): the configured domain, with
-the customer's relay in place of ``relay`` where there is one.  Only
-``relay_editable`` domains take one: a domain the admin made uneditable
-again goes back to its configured relay at the next apply.
+transport map that says the same (it names no login).  Every process that
+routes or probes a customer's mail (the milter, the poller, the release
+helper, apply) takes its domains from here (``Overrides.domains``): the
+configured domain, with the customer's relay in place of ``relay``.  A
+choice holds only while the domain is ``relay_editable`` and its
+configured ``relay`` and ``users`` are what they were when it was made
+(its ``basis``): an admin who changes either, or who removes the domain,
+takes the choice back, and apply drops it from the file.
 
-The file: ``{"domains": {NAME: {"relay": NEXTHOP or null, "by": LOGIN,
-"at": SECONDS}}}``; a null relay means "the configured one" (kept so that
-the last change and who made it stay known).
+The file: ``{"domains": {NAME: {"relay": NEXTHOP or null, "at": SECONDS,
+"basis": HASH, "pending": BOOL}}}``; a null relay means "the configured
+one" (kept so that the last change stays known); ``pending``: a change
+whose reload and re-routing are not known to be done.
+
+The rule of what a customer may point at (``target_refusal``, at the
+change and again at every probe of its relay): a port an SMTP server
+listens on, and addresses on the public internet only (or in ``[portal]
+relay_allow``), never this host; a name whose lookups do not all succeed
+is refused too.
 """
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -43,6 +54,13 @@ def path_of(config: Config) -> str:
     return os.path.join(map_dir(config), FILE)
 
 
+def basis(dom: Domain) -> str:
+    """What a choice was made on: the configured relay and the users (hashed:
+    the file is readable by all, and names no login)."""
+    text = f"{dom.relay.nexthop if dom.relay else ''}\0{','.join(sorted(dom.users))}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def parse(text: str) -> dict[str, dict]:
     """The file's entries, each checked; ValueError says what is wrong."""
     data = json.loads(text)
@@ -51,15 +69,20 @@ def parse(text: str) -> dict[str, dict]:
     entries = {}
     for name, entry in data["domains"].items():
         if not isinstance(entry, dict) or not isinstance(entry.get("at"), (int, float)) \
-                or not isinstance(entry.get("by"), str):
+                or not isinstance(entry.get("basis"), str):
             raise ValueError(f"{name!r:.80}: not an entry")
         if entry.get("relay") is not None:
             if not isinstance(entry["relay"], str):
                 raise ValueError(f"{name!r:.80}: not a relay")
             relay_text(entry["relay"])
-        entries[name] = {"relay": entry.get("relay"), "by": entry["by"],
-                         "at": float(entry["at"])}
+        entries[name] = {"relay": entry.get("relay"), "at": float(entry["at"]),
+                         "basis": entry["basis"], "pending": bool(entry.get("pending"))}
     return entries
+
+
+def holds(dom: Domain | None, entry: dict) -> bool:
+    """Does a choice still hold for the configured domain ``dom``?"""
+    return dom is not None and dom.relay_editable and entry.get("basis") == basis(dom)
 
 
 def render(entries: dict[str, dict]) -> str:
@@ -86,13 +109,63 @@ def read(config: Config) -> dict[str, dict]:
 
 
 def effective(domains: dict[str, Domain], entries: dict[str, dict]) -> dict[str, Domain]:
-    """``domains`` with each editable one's chosen relay (pure)."""
+    """``domains`` with each customer's chosen relay where it holds (pure)."""
     out = dict(domains)
     for name, entry in entries.items():
         dom = domains.get(name)
-        if dom is not None and dom.relay_editable and entry.get("relay") is not None:
-            out[name] = replace(dom, relay=relay_text(entry["relay"]))
+        if entry.get("relay") is not None and holds(dom, entry):
+            out[name] = replace(dom, relay=relay_text(entry["relay"]), relay_chosen=True)
     return out
+
+
+# -- what a customer may point at (pure) ----------------------------------------
+SMTP_PORTS = (25, 587)     # below 1024, only these
+# IPv6 forms that carry an IPv4 address a gateway may deliver to: NAT64
+# (RFC 6052, RFC 8215), 6to4, IPv4-compatible, SIIT; and the old site-local
+EMBEDDING = tuple(ipaddress.ip_network(n) for n in (
+    "64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "::/96", "::ffff:0:0:0/96", "fec0::/10"))
+
+
+def port_refusal(port: int) -> str | None:
+    if port in SMTP_PORTS or port >= 1024:
+        return None
+    return f"port {port}: use 25, 587 or a port above 1023"
+
+
+def address_refusal(host: str, addresses, allow, own=frozenset()) -> str | None:
+    """Why mail may not go to these addresses: one of this host's (on any
+    port: its other services are no customer's), or one that is not on
+    the public internet (loopback, private, link-local, multicast, an IPv6
+    form carrying an IPv4 address, ...) and not in ``allow``."""
+    for text in addresses:
+        addr = ipaddress.ip_address(text.split("%")[0])
+        if addr.version == 6 and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        name = f"{host} ({addr})" if host != str(addr) else str(addr)
+        if str(addr) in own:
+            return f"{name}: that is this host"
+        embeds = addr.version == 6 and any(addr in net for net in EMBEDDING)
+        public = addr.is_global and not addr.is_multicast and not embeds
+        if not public and not any(addr in net for net in allow):
+            return f"{name}: not an address on the internet"
+    return None
+
+
+def target_refusal(relay, candidates, problem: str, allow, own=frozenset()) -> str | None:
+    """Why ``relay`` is refused: ``candidates`` and ``problem`` are a
+    prober's strict ``targets`` for it (where Postfix would connect;
+    nothing when that is this host, or when a lookup failed);
+    ``own``: this host's addresses."""
+    why = port_refusal(relay.port)
+    if why:
+        return why
+    if not candidates:
+        return problem or f"{relay.host}: no address"
+    for host, _, addresses in candidates:
+        why = address_refusal(host, addresses, allow, own)
+        if why:
+            return why
+    return None
 
 
 # -- one process's view, the file looked at no more than once a second --------
@@ -164,5 +237,9 @@ class Overrides:
         return self.domains().get(dom.name, dom) if dom.relay_editable else dom
 
     def entry(self, name: str) -> dict | None:
-        """Who chose the domain's relay, when, and what (None: no one ever did)."""
-        return _entries(self.config)[1].get(name) if self.editable else None
+        """The domain's last change, while it holds (None: there is none)."""
+        dom = self.config.domains.get(name)
+        if not self.editable or dom is None:
+            return None
+        entry = _entries(self.config)[1].get(name)
+        return entry if entry is not None and holds(dom, entry) else None

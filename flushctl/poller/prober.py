@@ -82,6 +82,9 @@ class Prober:
         resolver.cache = dns.resolver.LRUCache(100_000)
         resolver.lifetime = timeout
         self.resolver = resolver
+        # fence(relay, targets, problem): why a relay a customer chose may
+        # not be used where it resolves now (None: it may); see mta.relays
+        self.fence = None
 
     async def query(self, name: str, rdtype: str):
         """(answer or None, problem text); NoAnswer is (None, '')."""
@@ -94,13 +97,15 @@ class Prober:
         except (dns.exception.DNSException, OSError) as exc:
             return None, f"{name}: DNS lookup failed ({exc.__class__.__name__})"
 
-    async def targets(self, relay: Relay | None, name: str
+    async def targets(self, relay: Relay | None, name: str, strict: bool = False
                       ) -> tuple[list[tuple[str, int, list[str]]], str, str]:
         """(host, port, addresses) to try for a next hop, best first; else an
         outcome (NO_ADDRESS or NOWHERE) and the problem text.  ``relay``:
-        the configured next hop; None: ``name``'s own MX records."""
+        the configured next hop; None: ``name``'s own MX records.
+        ``strict``: a lookup that failed (not "no such name", not "no such
+        record") fails it all, even when others answered."""
         if relay is not None and not relay.mx_lookup:
-            addrs, problem = await self.addresses(relay.host)
+            addrs, problem = await self.addresses(relay.host, strict)
             if not addrs:
                 return [], NO_ADDRESS, problem
             if self._ours(relay.host, addrs, relay.port):
@@ -113,7 +118,7 @@ class Prober:
             if problem:
                 return [], NO_ADDRESS, problem
             # no MX records: the name itself (RFC 5321)
-            addrs, problem = await self.addresses(lookup)
+            addrs, problem = await self.addresses(lookup, strict)
             if not addrs:
                 return [], NO_ADDRESS, problem
             if self._ours(lookup, addrs, port):
@@ -122,7 +127,10 @@ class Prober:
             return [(lookup, port, addrs)], "", ""
         records = [(r.preference, str(r.exchange).rstrip(".").lower()) for r in answer]
         hosts = sorted({h for _, h in records if h})
-        found = await asyncio.gather(*(self.addresses(h) for h in hosts))
+        found = await asyncio.gather(*(self.addresses(h, strict) for h in hosts))
+        failed = [problem for addrs, problem in found if strict and problem]
+        if failed:
+            return [], NO_ADDRESS, failed[0]
         addresses = {h: addrs for h, (addrs, _) in zip(hosts, found)}
         own_addrs = self.own_addresses if port == SMTP_PORT else frozenset()
         choice = mx_targets(lookup, records, addresses, self.own_hosts, own_addrs)
@@ -136,7 +144,9 @@ class Prober:
         own_addrs = self.own_addresses if port == SMTP_PORT else frozenset()
         return host_is_ours(host, addrs, self.own_hosts, own_addrs)
 
-    async def addresses(self, host: str) -> tuple[list[str], str]:
+    async def addresses(self, host: str, strict: bool = False) -> tuple[list[str], str]:
+        """(addresses, "") or ([], why not); ``strict``: ([], why) also when
+        one of the lookups failed while another answered."""
         if is_ip(host):
             return [host], ""
         found, problems = [], []
@@ -146,6 +156,8 @@ class Prober:
                 found.extend(r.address for r in answer)
             elif problem:
                 problems.append(problem)
+        if strict and problems and not all(p.endswith("no such domain") for p in problems):
+            return [], next(p for p in problems if not p.endswith("no such domain"))
         if not found:
             return [], problems[0] if problems else f"{host}: no address records"
         return found, ""
@@ -174,13 +186,25 @@ class Prober:
 
     def same_view(self) -> "Prober":
         """A prober that resolves with the system's resolver, as Postfix's
-        smtp client does, with this one's idea of ours and its families."""
-        return Prober(self.timeout, self.own_hosts, (), self.own_addresses, self.record_types)
+        smtp client does, with this one's idea of ours, its families and
+        its fence."""
+        other = Prober(self.timeout, self.own_hosts, (), self.own_addresses, self.record_types)
+        other.fence = self.fence
+        return other
 
     async def route_targets(self, dom: Domain, route: str | None = None):
-        """``targets`` for one route of a domain (default: the domain's own)."""
+        """``targets`` for one route of a domain (default: the domain's own).
+        A relay its customer chose is looked up strictly and must pass the
+        fence where it resolves now: else there is nowhere to deliver."""
         route = route or dom.name
-        return await self.targets(relay_of(dom, route), route)
+        relay = relay_of(dom, route)
+        if self.fence is None or not dom.relay_chosen or route in dom.hosts:
+            return await self.targets(relay, route)
+        found, outcome, problem = await self.targets(relay, route, strict=True)
+        why = self.fence(relay, found, problem) if found else None
+        if why:
+            return [], NOWHERE, f"{why} (the relay chosen in the portal)"
+        return found, outcome, problem
 
     async def probe(self, dom: Domain, route: str | None = None) -> ProbeResult:
         """Knock where the mail of ``route`` (default: the domain) goes."""

@@ -36,6 +36,7 @@ log = logging.getLogger("flushctl.portal")
 ACTIONS = {"release": "release", "pause": "pause", "resume": "resume",
            "return-refused": "return_refused", "relay": "relay"}
 NOT_YOURS = "no such domain"       # the helper's words for another's domain or none
+MAX_RELAY = 300                    # characters of a next hop (the helper's limit too)
 LOGIN_GONE = ("no such login", "the login was removed")
 
 
@@ -182,7 +183,12 @@ def build(ask, settings, secret: str | None = None) -> Starlette:
         if what == "relay":
             # "Use the provider's setting" sends the form without a relay
             relay = "" if "reset" in form else form.get("relay", "")
-            message["relay"] = relay[:300] if isinstance(relay, str) else ""
+            relay = relay if isinstance(relay, str) else ""
+            if len(relay) > MAX_RELAY:
+                request.session["flash"] = (f"Nothing changed: a next hop is at most "
+                                            f"{MAX_RELAY} characters.")
+                return RedirectResponse(f"/domains/{name}", 303)
+            message["relay"] = relay
         try:
             reply = await act(name, message, lambda m: signed_in(request, m))
         except PrivsepError as exc:
@@ -269,12 +275,16 @@ def build(ask, settings, secret: str | None = None) -> Starlette:
             if not isinstance(body.get("relay"), str):
                 return _problem(400, 'send {"relay": "[host]:port"}, or {"relay": ""} for '
                                 "the provider's setting")
-            message["relay"] = body["relay"][:300]
+            if len(body["relay"]) > MAX_RELAY:
+                return _problem(400, f"a next hop is at most {MAX_RELAY} characters")
+            message["relay"] = body["relay"]
         reply = await act(name, message, lambda m: api_ask(request, m))
         if reply is None:
             return _problem(429, "an earlier request for this domain is still under way",
                             {"Retry-After": "5"})
         if isinstance(reply, dict) and reply.get("refused"):
+            if reply.get("busy"):
+                return _problem(429, reply["refused"], {"Retry-After": "10"})
             return _problem(403 if reply.get("forbidden") else 400, reply["refused"])
         return reply if isinstance(reply, Response) else _json(reply)
 

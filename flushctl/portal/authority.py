@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import threading
 import time
 
 from flushctl.logins.tokens import Tokens
+from flushctl.mta.relays import CHECK_EVERY
 from flushctl.privsep.errors import Malformed
 
 log = logging.getLogger("flushctl.helper")
@@ -76,45 +78,73 @@ def _with_now(history: list, status) -> list:
 def relay_view(heldmail, dom) -> dict:
     """Where the domain's mail goes, and whether its customer may change it."""
     configured = heldmail.config.domains[dom.name].relay
-    entry = heldmail.overrides.entry(dom.name) or {}
+    entry = heldmail.overrides.entry(dom.name) if dom.relay_chosen else None
     return {"relay": dom.relay.nexthop if dom.relay else None,
             "relay_editable": dom.relay_editable,
             "relay_configured": configured.nexthop if configured else None,
-            "relay_changed": entry.get("at")}
+            "relay_changed": entry["at"] if entry else None}
+
+
+MAX_RELAY = 300               # characters of a next hop a customer may send
+_changing = threading.Lock()  # one change at a time: its DNS lookups hold a helper channel
 
 
 def change_relay(heldmail, dom, text: str, user: str) -> dict:
     """Send the domain's mail to ``text`` (a next hop; "": the configured
-    one), held mail included: {"relay", "warning"}, or {"refused": why}."""
+    one), held mail included: {"relay", "warning"}, or {"refused": why}
+    (with "forbidden" or "busy" when that is why)."""
     from flushctl.config import relay_text
-    from flushctl.heldmail.library import interface_addresses
     from flushctl.mta import relay_change
     if not dom.relay_editable:
         return {"refused": "where this domain's mail goes is set by your provider",
                 "forbidden": True}
-    relay = None
-    if text:
+    if not _changing.acquire(blocking=False):
+        return {"refused": "another change of where mail goes is under way; try again in a "
+                           "moment", "busy": True}
+    try:
+        relay = None
         try:
-            relay = relay_text(text)
+            relay_change.check_rate(heldmail.config, dom.name, time.time())
+            if text:
+                relay = relay_text(text)
+        except relay_change.RelayChangeError as exc:
+            return {"refused": str(exc), "busy": exc.busy}
         except ValueError as exc:
             return {"refused": str(exc)}
-        # where Postfix would connect, as this host resolves it now
-        candidates, _, problem = asyncio.run(heldmail.prober.targets(relay, dom.name))
-        why = relay_change.target_refusal(relay, candidates, problem,
-                                          heldmail.config.portal.relay_allow,
-                                          heldmail.own_addresses()
-                                          | set(interface_addresses()))
+        if relay is not None:
+            why = asyncio.run(_target_refusal(heldmail, dom, relay))
+            if why:
+                return {"refused": why}
+        try:
+            routed, warning, changed = relay_change.change(heldmail.config, heldmail.postfix,
+                                                           dom.name, relay)
+        except relay_change.RelayChangeError as exc:
+            return {"refused": str(exc), "busy": exc.busy}
+        moved = 0
+        if changed:
+            time.sleep(CHECK_EVERY)   # every process (the milter) routes by the new file
+            moved = heldmail.route_anew(dom.name)
+            relay_change.settled(heldmail.config, dom.name)
+        log.info("event=relay domain=%s relay=%s user=%s via=portal changed=%s rerouted=%d",
+                 dom.name, routed.relay.nexthop if routed.relay else "-", user,
+                 "yes" if changed else "no", moved)
+        return {"relay": routed.relay.nexthop if routed.relay else None, "warning": warning}
+    finally:
+        _changing.release()
+
+
+async def _target_refusal(heldmail, dom, relay) -> str | None:
+    """Why the customer may not point its mail at ``relay``, as this host
+    resolves it now, with the poller's resolver and with Postfix's."""
+    fence = heldmail.fence()
+    for prober in (heldmail.prober, heldmail.postfix_prober()):
+        if prober is None:
+            continue
+        found, _, problem = await prober.targets(relay, dom.name, strict=True)
+        why = fence(relay, found, problem)
         if why:
-            return {"refused": why}
-    try:
-        routed, warning = relay_change.change(heldmail.config, heldmail.postfix, dom.name,
-                                              relay, user)
-    except relay_change.RelayChangeError as exc:
-        return {"refused": str(exc)}
-    moved = heldmail.route_anew(dom.name)
-    log.info("event=relay domain=%s relay=%s user=%s via=portal rerouted=%d", dom.name,
-             routed.relay.nexthop if routed.relay else "-", user, moved)
-    return {"relay": routed.relay.nexthop if routed.relay else None, "warning": warning}
+            return why
+    return None
 
 
 def answer(heldmail, tokens: Tokens, request: dict) -> dict:
@@ -187,5 +217,5 @@ def answer(heldmail, tokens: Tokens, request: dict) -> dict:
         log.info("event=returned domain=%s messages=%d user=%s via=portal", name, count, user)
         return {"returned": count}
     if op == "relay":
-        return change_relay(heldmail, dom, _text(request, "relay", 300).strip(), user)
+        return change_relay(heldmail, dom, _text(request, "relay", MAX_RELAY).strip(), user)
     raise Malformed(f"not a portal request: {op!r:.40}")

@@ -325,17 +325,28 @@ def _listening(sock: socket.socket) -> bool:
         return False
 
 
+def _finish_relay_changes(config: Config) -> None:
+    """A relay change cut short: the transport map made to say what
+    relays.json says, and the held mail of each such domain routed anew."""
+    from flushctl.heldmail.library import HeldMail
+    from flushctl.mta.relay_change import RelayChangeError, reconcile, settled
+    held = HeldMail(config)
+    try:
+        for name in reconcile(config, held.postfix):
+            held.route_anew(name)
+            settled(config, name)
+    except (RelayChangeError, OSError) as exc:
+        log.error("event=error stage=relay_reconcile reason=%r", str(exc))
+
+
 def run(config: Config) -> None:
     """Serve until SIGTERM: the keeper, the forwarder and every role."""
     from flushctl.heldmail.keeper import start_thread
     if os.geteuid() != 0:
         raise PrivsepError("helper: must run as root (postsuper is root's)")
     stopsignals.catch()
-    # a relay change cut short: the transport map says what relays.json says
-    from flushctl.mta.commands import Postfix
-    from flushctl.mta.relay_change import reconcile
-    reconcile(config, Postfix(config.config_directory))
     helper = Helper(config)   # the ledger opened: its socket is bound only once ready
+    _finish_relay_changes(config)
     listener = helper.listener = bind(config)
 
     async def main() -> None:

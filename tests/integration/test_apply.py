@@ -7,8 +7,11 @@ from instance import PostfixInstance
 
 
 def fingerprint(pf):
+    """Every file of the instance's config directory but the maps' lock
+    (apply takes it before it looks at anything: no setting of Postfix's)."""
+    from flushctl.mta.relay_change import LOCK
     etc = pf.config_directory
-    files = sorted(p for p in etc.rglob("*") if p.is_file())
+    files = sorted(p for p in etc.rglob("*") if p.is_file() and p.name != LOCK)
     return {str(p.relative_to(etc)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 

@@ -100,12 +100,15 @@ class Records(LedgerFile):
                                " refused_since = COALESCE(refused_since, ?) WHERE queue_id = ?",
                                (refusal, when, qid))
 
-    def reassign(self, queue_id: str, domain: str, route: str) -> None:
-        """A message whose remaining recipients belong to another customer domain."""
+    def reassign(self, queue_id: str, domain: str, route: str,
+                 from_domain: str | None = None) -> None:
+        """A message whose remaining recipients belong to another customer
+        domain, or whose route changed; ``from_domain``: only if its row
+        is still that domain's (a queue id reused meanwhile is another's)."""
         with self._tx() as db:
             row = db.execute("SELECT domain, size FROM messages WHERE queue_id = ?",
                              (queue_id,)).fetchone()
-            if row is None:
+            if row is None or from_domain is not None and row[0] != from_domain:
                 return
             db.execute("UPDATE messages SET domain = ?, route = ? WHERE queue_id = ?",
                        (domain, None if route == domain else route, queue_id))

@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from dataclasses import replace
+
 from flushctl.config import ConfigError, parse, relay_text
 from flushctl.mta import relay_change, relays
 
@@ -55,22 +57,52 @@ def test_what_is_no_next_hop_is_refused_in_words(text):
     assert not str(exc.value).startswith(":")
 
 
+def entry(dom, relay, at=5.0, pending=False):
+    return {"relay": relay, "at": at, "basis": relays.basis(dom), "pending": pending}
+
+
 def test_the_file_is_checked_and_only_editable_domains_take_it():
     cfg = parse(EDITABLE)
-    text = relays.render({"a.example": {"relay": "[198.51.100.7]:2525", "by": "u1", "at": 5.0},
-                          "b.example": {"relay": "[198.51.100.8]:25", "by": "u2", "at": 6.0}})
+    a, b = cfg.domains["a.example"], cfg.domains["b.example"]
+    text = relays.render({"a.example": entry(a, "[198.51.100.7]:2525"),
+                          "b.example": entry(b, "[198.51.100.8]:25")})
+    assert "u1" not in text   # no login in a file every user reads
     entries = relays.parse(text)
     domains = relays.effective(cfg.domains, entries)
     assert domains["a.example"].relay.nexthop == "[198.51.100.7]:2525"
-    assert domains["b.example"] is cfg.domains["b.example"]   # not editable: the config's
+    assert domains["a.example"].relay_chosen
+    assert domains["b.example"] is b   # not editable: the config's
     # null: the configured relay again
     entries["a.example"]["relay"] = None
-    assert relays.effective(cfg.domains, entries)["a.example"] is cfg.domains["a.example"]
-    for bad in ('[]', '{"domains": []}', '{"domains": {"a.example": {"relay": 5, "by": "u",'
-                ' "at": 1}}}', '{"domains": {"a.example": {"relay": "nonsense", "by": "u",'
-                ' "at": 1}}}', '{"domains": {"a.example": {"relay": null}}}'):
+    assert relays.effective(cfg.domains, entries)["a.example"] is a
+    for bad in ('[]', '{"domains": []}', '{"domains": {"a.example": {"relay": 5, "basis": "x",'
+                ' "at": 1}}}', '{"domains": {"a.example": {"relay": "nonsense", "basis": "x",'
+                ' "at": 1}}}', '{"domains": {"a.example": {"relay": null, "at": 1}}}'):
         with pytest.raises(ValueError):
             relays.parse(bad)
+
+
+@pytest.mark.parametrize("edit", [
+    pytest.param(lambda t: t.replace('relay = "[192.0.2.1]:25"', 'relay = "[192.0.2.9]:25"'),
+                 id="the configured relay changed"),
+    pytest.param(lambda t: t.replace('users = ["u1"]', 'users = ["newcust"]'),
+                 id="another customer"),
+    pytest.param(lambda t: t.replace("relay_editable = true", "relay_editable = false"),
+                 id="no longer editable"),
+    pytest.param(lambda t: t.replace('[domains."a.example"]', '[domains."c.example"]'),
+                 id="the domain removed"),
+])
+def test_a_choice_lapses_when_the_admin_changes_what_it_was_made_on(edit):
+    """The domain re-added for another customer, a new configured relay, or
+    editable no more: the old customer's choice routes nothing."""
+    text = EDITABLE.replace("relay_editable = true", 'users = ["u1"]\nrelay_editable = true')
+    before = parse(text)
+    entries = {"a.example": entry(before.domains["a.example"], "[198.51.100.7]:25")}
+    assert relays.effective(before.domains, entries)["a.example"].relay_chosen
+    after = parse(edit(text))
+    dom = relays.effective(after.domains, entries).get("a.example")
+    assert dom is None or not dom.relay_chosen
+    assert not relays.holds(after.domains.get("a.example"), entries["a.example"])
 
 
 def test_a_process_sees_a_change_of_the_file(tmp_path):
@@ -79,11 +111,11 @@ def test_a_process_sees_a_change_of_the_file(tmp_path):
     assert overrides.domains() is cfg.domains   # no file
     (tmp_path / "flushctl").mkdir()
     path = tmp_path / "flushctl" / "relays.json"
-    path.write_text(relays.render({"a.example": {"relay": "[198.51.100.7]:25", "by": "u",
-                                                 "at": 1.0}}))
+    path.write_text(relays.render({"a.example": entry(cfg.domains["a.example"],
+                                                      "[198.51.100.7]:25")}))
     relays.forget(cfg)
     assert overrides.domain(cfg.domains["a.example"]).relay.nexthop == "[198.51.100.7]:25"
-    assert overrides.entry("a.example")["by"] == "u"
+    assert overrides.entry("a.example")["at"] == 5.0
     # a file that is not one: what was known stands
     path.write_text("garbage")
     relays.forget(cfg)
@@ -93,15 +125,27 @@ def test_a_process_sees_a_change_of_the_file(tmp_path):
     assert plain.domains() is plain.config.domains and plain.entry("b.example") is None
 
 
+def test_apply_drops_the_choices_that_lapsed(tmp_path):
+    cfg = parse(EDITABLE + f'[postfix]\nconfig_directory = "{tmp_path}"\n')
+    (tmp_path / "flushctl").mkdir()
+    path = tmp_path / "flushctl" / "relays.json"
+    a = cfg.domains["a.example"]
+    path.write_text(relays.render({"a.example": entry(a, "[198.51.100.7]:25"),
+                                   "gone.example": entry(a, "[198.51.100.8]:25")}))
+    assert relay_change.prune(cfg) == ["gone.example"]
+    assert list(relays.parse(path.read_text())) == ["a.example"]
+    assert relay_change.prune(cfg) == []
+
+
 @pytest.mark.parametrize("port, ok", [(25, True), (587, True), (1024, True), (2525, True),
                                       (22, False), (80, False), (465, False), (1023, False)])
 def test_ports_a_customer_may_use(port, ok):
-    assert (relay_change.port_refusal(port) is None) == ok
+    assert (relays.port_refusal(port) is None) == ok
 
 
 def test_addresses_a_customer_may_point_at():
     allow = (ipaddress.ip_network("127.0.0.2/32"),)
-    refusal = relay_change.address_refusal
+    refusal = relays.address_refusal
     assert refusal("mx.example", ["198.51.100.7"], ()) is not None   # TEST-NET: not global
     assert refusal("mx.example", ["8.8.8.8", "2001:4860::8888"], ()) is None
     for bad in ("10.0.0.1", "192.168.1.1", "169.254.1.1", "127.0.0.1", "::1", "fe80::1%eth0",
@@ -109,18 +153,22 @@ def test_addresses_a_customer_may_point_at():
         assert "not an address on the internet" in refusal("mx.example", [bad], ()), bad
     assert refusal("mx.example", ["8.8.8.8", "10.0.0.1"], ()) is not None   # any one
     assert refusal("mx.example", ["127.0.0.2"], allow) is None
+    # IPv6 forms that carry an IPv4 address a gateway may deliver to
+    for bad in ("64:ff9b::a00:1", "64:ff9b:1::a00:1", "64:ff9b::808:808", "2002:a00:1::1",
+                "2002:808:808::1", "::7f00:1", "::ffff:0:7f00:1", "fec0::1"):
+        assert "not an address on the internet" in refusal("mx.example", [bad], ()), bad
     assert "this host" in refusal("mx.example", ["8.8.8.8"], (), frozenset({"8.8.8.8"}))
     assert "this host" in refusal("mx.example", ["127.0.0.2"], allow, frozenset({"127.0.0.2"}))
 
 
 def test_target_refusal_takes_the_probers_targets():
     relay = relay_text("mx.example:25")
-    assert relay_change.target_refusal(relay, [], "mx.example: no address", ()) == \
+    assert relays.target_refusal(relay, [], "mx.example: no address", ()) == \
         "mx.example: no address"
-    assert relay_change.target_refusal(relay, [("mx.example", 25, ("8.8.8.8",))], "", ()) is None
-    assert "not an address" in relay_change.target_refusal(
+    assert relays.target_refusal(relay, [("mx.example", 25, ("8.8.8.8",))], "", ()) is None
+    assert "not an address" in relays.target_refusal(
         relay, [("a.example", 25, ("8.8.8.8",)), ("b.example", 25, ("10.0.0.1",))], "", ())
-    assert "port 80" in relay_change.target_refusal(relay_text("[8.8.8.8]:80"),
+    assert "port 80" in relays.target_refusal(relay_text("[8.8.8.8]:80"),
                                                     [("8.8.8.8", 80, ("8.8.8.8",))], "", ())
 
 
@@ -141,7 +189,6 @@ def test_the_transport_lines_of_one_domain_are_replaced_in_place():
 
 def test_lines_for_a_domain_follow_transport_entries():
     cfg = parse(EDITABLE)
-    from dataclasses import replace
     dom = replace(cfg.domains["a.example"], relay=relay_text("mx.example.net:2525"))
     assert relay_change._lines(cfg, dom) == ["a.example\tondemand:mx.example.net:2525\n",
                                              ".a.example\tondemand:mx.example.net:2525\n"]
@@ -149,11 +196,25 @@ def test_lines_for_a_domain_follow_transport_entries():
     assert relay_change._lines(cfg, dom) == ["a.example\tondemand:\n", ".a.example\tondemand:\n"]
 
 
-def test_the_maps_lock_is_one_writer_at_a_time(tmp_path):
+def test_the_maps_lock_is_root_s_alone_and_one_writer_at_a_time(tmp_path):
     import fcntl
+    import stat
     cfg = parse(f'[postfix]\nconfig_directory = "{tmp_path}"\n')
+    lock = tmp_path / "flushctl" / relay_change.LOCK
     with relay_change.maps_lock(cfg):
-        fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+        assert stat.S_IMODE(lock.stat().st_mode) == 0o600   # no other user can take it
+        fd = os.open(lock, os.O_RDWR)
         with pytest.raises(BlockingIOError):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # another writer waits, then gives up saying why
+        with pytest.raises(relay_change.RelayChangeError, match="under way"):
+            with relay_change.maps_lock(cfg, wait=0.2):
+                pass
         os.close(fd)
+    # a link planted in its place is not followed
+    lock.unlink()
+    lock.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OSError):
+        with relay_change.maps_lock(cfg):
+            pass
+    assert not (tmp_path / "elsewhere").exists()

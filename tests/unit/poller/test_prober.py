@@ -416,6 +416,68 @@ def test_postfixs_view_keeps_our_idea_of_ourselves(dns):
     assert view is not ours and view.resolver is not ours.resolver
 
 
+# -- a relay its customer chose: fenced at every probe --------------------------------
+
+def chosen(relay: str) -> config.Domain:
+    """A domain whose relay its customer chose in the portal."""
+    from dataclasses import replace
+    return replace(domain(relay), relay_editable=True, relay_chosen=True)
+
+
+def fenced(dns, **kwargs) -> Prober:
+    import ipaddress
+    from flushctl.mta.relays import target_refusal
+    prober = make_prober(dns, **kwargs)
+    allow = (ipaddress.ip_network("127.0.0.0/24"),)
+    prober.fence = lambda relay, found, problem: target_refusal(relay, found, problem, allow)
+    return prober
+
+
+def test_a_chosen_relay_that_now_resolves_to_a_refused_address_is_nowhere(dns, listen):
+    """The name passed when it was chosen; it points elsewhere now (a
+    private address, this host): no knock, no release."""
+    port = listen().port
+    dns.records.update({("mail.cust.test", "A"): ["127.0.0.1"]})
+    prober = fenced(dns)
+    assert probe(prober, chosen(f"[mail.cust.test]:{port}")).reachable
+    for address in ("10.0.0.1", "::1", "64:ff9b::a00:1"):
+        kind = "AAAA" if ":" in address else "A"
+        dns.records.clear()
+        dns.records[("mail.cust.test", kind)] = [address]
+        prober = fenced(dns)   # a fresh cache
+        found, outcome, problem = targets(prober, chosen(f"[mail.cust.test]:{port}"))
+        assert (found, outcome) == ([], NOWHERE), address
+        assert "not an address on the internet (the relay chosen in the portal)" in problem
+        # the admin's relay of the same name is the admin's business
+        assert targets(prober, domain(f"[mail.cust.test]:{port}"))[0] != []
+
+
+def test_a_chosen_relay_whose_lookups_do_not_all_answer_is_not_used(dns):
+    """An A answer beside a failed AAAA lookup: the AAAA could be anything
+    next time; for an MX relay, one MX host's failed lookup likewise."""
+    dns.records.update({("mail.cust.test", "A"): ["127.0.0.5"],
+                        ("mail.cust.test", "AAAA"): "SERVFAIL"})
+    found, outcome, problem = targets(fenced(dns), chosen("[mail.cust.test]:2525"))
+    assert (found, outcome) == ([], NO_ADDRESS) and "DNS lookup failed" in problem
+    assert targets(fenced(dns), domain("[mail.cust.test]:2525"))[0] != []   # the admin's
+    dns.records.clear()
+    dns.records.update({("relay.cust.test", "MX"): [(10, "a.cust.test"), (20, "b.cust.test")],
+                        ("a.cust.test", "A"): ["127.0.0.5"], ("b.cust.test", "A"): "SERVFAIL"})
+    found, outcome, problem = targets(fenced(dns, record_types=("A",)),
+                                      chosen("relay.cust.test:2525"))
+    assert (found, outcome) == ([], NO_ADDRESS) and "b.cust.test" in problem
+    # no AAAA record at all is no failure
+    dns.records.clear()
+    dns.records.update({("mail.cust.test", "A"): ["127.0.0.5"]})
+    assert targets(fenced(dns), chosen("[mail.cust.test]:2525"))[0] == \
+        [("mail.cust.test", 2525, ["127.0.0.5"])]
+
+
+def test_postfixs_view_keeps_the_fence(dns):
+    prober = fenced(dns)
+    assert prober.same_view().fence is prober.fence
+
+
 # -- words --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("result, text", [
