@@ -127,6 +127,13 @@ def _daemons(config: Config, report: Report) -> None:
             report.problems.append(f"portal: nothing accepts connections on "
                                    f"{config.portal.listen} ({why}): is `flushctl portal` "
                                    "running?")
+    if any(d.relay_editable for d in config.domains.values()):
+        from flushctl.mta.relay_change import live
+        report.checks.append("relays")
+        if not live(config):
+            report.problems.append(f"relays: {config.path} is not the config the last "
+                                   "`flushctl apply` made live: customers' changes of relay "
+                                   "are refused until it is applied (and the helper restarted)")
     _notify(config, report)
     report.checks.append("helper")
     why = _connectable(Listen("unix", path=config.helper_socket))

@@ -25,6 +25,8 @@ from flushctl.heldmail.rules import Snapshot
 from flushctl.heldmail.outcome import BACKING_OFF, NOTHING, NOWHERE, PAUSED, RELEASED, \
     UNREACHABLE, Outcome
 from flushctl.poller import prober
+from flushctl.mta.relays import CHECK_EVERY
+from flushctl.mta.routing import relay_of
 from flushctl.poller.prober import NOT_PROBED, UNROUTABLE, ProbeResult, probe, routable
 
 RELEASE_WATCH = rules.RELEASE_WATCH
@@ -51,6 +53,15 @@ def wait_for(step, timeout: float, progress=None, interval: float = 0.5
         if time.monotonic() >= deadline:
             return False, present
         time.sleep(interval)
+
+
+def knocked_at(result: ProbeResult, relay) -> bool:
+    """Did the probe knock where the route's mail goes now?  (A next hop
+    without MX lookup names its host and port; through MX records, any.)"""
+    if relay is None or relay.mx_lookup or not result.target:
+        return True
+    host, _, port = result.target.rpartition(":")
+    return port == str(relay.port) and host.split("[")[0] == relay.host
 
 
 class ReleasePart:
@@ -101,10 +112,12 @@ class ReleasePart:
             return Outcome(BACKING_OFF, detail=f"{name}: backing off until {until} "
                            "after failed attempts", forwarded=forwarded)
         results, fresh = {}, {}
-        changed = (self.overrides.entry(name) or {}).get("at", float("-inf"))
+        # a probe made before the relay changed (or by a process that had
+        # not looked at the file since: once a second) knocked at the old one
+        changed = (self.overrides.entry(name) or {}).get("at", float("-inf")) + CHECK_EVERY
         for route in sorted({i.route for i in candidates}):
-            # a probe made before the relay changed knocked at the old one
-            if probed and route in probed and probed[route].when >= changed:
+            if probed and route in probed and probed[route].when > changed \
+                    and knocked_at(probed[route], relay_of(dom, route)):
                 results[route] = probed[route]   # the poller checked them as below
             elif probed_only:
                 results[route] = ProbeResult(NOT_PROBED, "", "not probed by the poller",

@@ -18,7 +18,6 @@ A second apply with the same config finds nothing to change.
 from __future__ import annotations
 
 import grp
-import logging
 import json
 import os
 import shutil
@@ -32,10 +31,8 @@ from flushctl.config import Config
 from flushctl.mta.commands import Postfix, PostfixError
 from flushctl.mta import relays
 from flushctl.mta.milter_access import prepare_milter
-from flushctl.mta.relay_change import RelayChangeError, maps_lock, prune
+from flushctl.mta.relay_change import RelayChangeError, applied, maps_lock, stage_digest
 from flushctl.mta.removed_domains import held_removed, refuse_removed, settle_removed
-
-log = logging.getLogger("flushctl.apply")
 
 STATE_FILE = "applied.json"
 MANAGED = ("queue_directory", "mynetworks", "smtpd_relay_restrictions")
@@ -122,7 +119,7 @@ def _write_ours(config: Config, plan: settings.Plan, kept: list[str]) -> str:
                                dir=config.state_directory)
     with os.fdopen(fd, "w") as fh:
         json.dump({"ours": plan.ours, "services": plan.our_services,
-                   "kept_removed": sorted(kept), "config_digest": config.digest}, fh)
+                   "kept_removed": sorted(kept)}, fh)
     return tmp
 
 
@@ -301,14 +298,11 @@ def apply(config: Config, dry_run: bool = False, reload: bool = True,
         raise ApplyError(str(exc)) from None
 
 
-def _apply(config: Config, dry_run: bool, reload: bool, removed: str | None) -> ApplyReport:
-    try:
-        dropped = [] if dry_run else prune(config)   # choices that no longer hold
-        config = replace(config, domains=relays.effective(config.domains, relays.read(config)))
+def _apply(given: Config, dry_run: bool, reload: bool, removed: str | None) -> ApplyReport:
+    try:   # each domain routed where its customer chose, while the choice holds
+        config = replace(given, domains=relays.effective(given.domains, relays.read(given)))
     except relays.RelaysError as exc:
         raise ApplyError(str(exc)) from None
-    if dropped:
-        log.info("event=relay_choice_dropped domains=%s", ",".join(dropped))
     pf = Postfix(config.config_directory)
     data = settings.load_data()
     list_names = list(data["lists"]) + list(data["conditional_lists"]) + \
@@ -338,12 +332,15 @@ def _apply(config: Config, dry_run: bool, reload: bool, removed: str | None) -> 
     if dry_run or not report.changed:
         if not dry_run:
             _save_ours(config, plan, sorted(kept))
+            os.replace(*stage_digest(config))
+            applied(given)
             _forget_hold_secret(config)
             settle_removed(config, held, removed, report)
         return report
 
     stage = _stage(pf, plan) if (plan.params or plan.services or plan.remove_services) else None
     _commit(pf, config, plan, report, stage, reload, sorted(kept))
+    applied(given)
     _forget_hold_secret(config)   # only now is no table of the live settings naming it
     settle_removed(config, held, removed, report)
     return report
@@ -368,6 +365,9 @@ def _commit(pf: Postfix, config: Config, plan: settings.Plan, report: ApplyRepor
         ours = _write_ours(config, plan, kept)
         scratch.append(ours)
         moves.append((ours, os.path.join(config.state_directory, STATE_FILE)))
+        digest = stage_digest(config)   # which config is live: with the rest, or not at all
+        scratch.append(digest[0])
+        moves.append(digest)
         for new, target in moves:
             swap.put(new, target)
         if reload and pf.running():

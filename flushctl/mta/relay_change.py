@@ -26,7 +26,6 @@ goes already changes nothing.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import tempfile
@@ -63,7 +62,9 @@ def maps_lock(config: Config, wait: float = LOCK_WAIT):
     take the lock and stall them)."""
     from flushctl.mta.settings import map_dir
     directory = map_dir(config)
-    os.makedirs(directory, mode=0o755, exist_ok=True)
+    if not os.path.isdir(directory):
+        os.makedirs(directory, exist_ok=True)
+        os.chmod(directory, 0o755)   # whatever the umask: the milter and poller read here
     fd = os.open(os.path.join(directory, LOCK),
                  os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
@@ -107,13 +108,32 @@ def _lines(config: Config, dom: Domain) -> list[str]:
             for key, value in transport_entries(dom, config.transport_name, port)[:2]]
 
 
-def _live(config: Config) -> bool:
-    """Is ``config`` the one the last apply made live?"""
+DIGEST = "applied-config"   # beside the maps: the digest of the config apply made live
+
+
+def stage_digest(config: Config) -> tuple[str, str]:
+    """For apply: the config's digest under a temporary name, and the name
+    to move it to once everything else is in place."""
+    from flushctl.mta.settings import map_dir
+    path = os.path.join(map_dir(config), DIGEST)
+    fd, tmp = tempfile.mkstemp(prefix=".applied-config.", dir=os.path.dirname(path))
+    with os.fdopen(fd, "w") as fh:
+        fh.write(config.digest + "\n")
+    os.chmod(tmp, 0o644)
+    return tmp, path
+
+
+def live(config: Config) -> bool:
+    """Is ``config`` the one the last apply made live?  (Read from root's
+    directory beside the maps: nothing another user wrote.)"""
+    from flushctl.mta.settings import map_dir
     try:
-        with open(os.path.join(config.state_directory, "applied.json")) as fh:
-            return json.load(fh).get("config_digest") == config.digest
-    except (OSError, ValueError, AttributeError):
+        fd = os.open(os.path.join(map_dir(config), DIGEST),
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
         return False
+    with os.fdopen(fd) as fh:
+        return bool(config.digest) and fh.read(200).strip() == config.digest
 
 
 # -- the files ----------------------------------------------------------------------
@@ -223,12 +243,23 @@ def change(config: Config, pf: Postfix, name: str, relay: Relay | None,
     routes now, a warning ("" when none), and whether anything changed
     (then the caller routes the held mail anew and calls ``settled``);
     ``RelayChangeError`` when nothing changed and something was wrong."""
-    now = time.time() if now is None else now
     dom = config.domains[name]
     if not dom.relay_editable:
         raise RelayChangeError(f"{name}: where its mail goes is set by the provider")
+    try:
+        return _change(config, pf, dom, relay, now)
+    except OSError as exc:
+        log.error("event=error stage=relay_change domain=%s reason=%r", name, str(exc))
+        raise RelayChangeError("the change could not be made here; nothing changed "
+                               "(the provider's log says why)") from None
+
+
+def _change(config: Config, pf: Postfix, dom: Domain, relay: Relay | None,
+            now: float | None) -> tuple[Domain, str, bool]:
+    name = dom.name
     with maps_lock(config):
-        if not _live(config):
+        now = time.time() if now is None else now   # the change starts once it has the lock
+        if not live(config):
             raise RelayChangeError("the provider is changing this host's configuration; "
                                    "try again later", busy=True)
         entries = _read(config)
@@ -262,6 +293,14 @@ def settled(config: Config, name: str) -> None:
             _write_entries(config, entries)
 
 
+def applied(given: Config) -> None:
+    """For apply, once it is whole (under the lock): drop the customers'
+    choices that no longer hold (they route nothing already)."""
+    dropped = prune(given)
+    if dropped:
+        log.info("event=relay_choice_dropped domains=%s", ",".join(dropped))
+
+
 def prune(config: Config) -> list[str]:
     """Drop the choices that no longer hold (the domain gone, not editable,
     or its configured relay or users changed).  For apply, which holds the
@@ -285,7 +324,7 @@ def reconcile(config: Config, pf: Postfix) -> list[str]:
     if not any(d.relay_editable for d in config.domains.values()):
         return []
     with maps_lock(config):
-        if not _live(config):
+        if not live(config):
             log.warning("event=relay_reconcile_skipped reason=config_not_applied")
             return []
         try:

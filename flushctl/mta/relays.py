@@ -141,7 +141,9 @@ def address_refusal(host: str, addresses, allow, own=frozenset()) -> str | None:
         addr = ipaddress.ip_address(text.split("%")[0])
         if addr.version == 6 and addr.ipv4_mapped is not None:
             addr = addr.ipv4_mapped
-        name = f"{host} ({addr})" if host != str(addr) else str(addr)
+        # the address itself is not told: the customer could map the
+        # provider's internal names with it
+        name = host
         if str(addr) in own:
             return f"{name}: that is this host"
         embeds = addr.version == 6 and any(addr in net for net in EMBEDDING)
@@ -189,6 +191,15 @@ def forget(config: Config) -> None:
             _files[path_of(config)] = (float("-inf"), ("forgotten",), looked[2])
 
 
+_told: set[str] = set()   # problems already logged by this process
+
+
+def _warn_once(text: str) -> None:
+    if text not in _told:
+        _told.add(text)
+        log.warning("event=error stage=relays reason=%r", text)
+
+
 def _entries(config: Config) -> tuple[tuple | None, dict]:
     path = path_of(config)
     now = time.monotonic()
@@ -199,7 +210,7 @@ def _entries(config: Config) -> tuple[tuple | None, dict]:
         try:
             stamp = _stamp(path)
         except OSError as exc:   # unreadable directory: what we knew stands
-            log.warning("event=error stage=relays path=%s reason=%r", path, str(exc))
+            _warn_once(f"{path}: {exc.strerror or exc}")
             stamp = looked[1] if looked else None
         if looked is not None and stamp == looked[1]:
             _files[path] = (now, stamp, looked[2])
@@ -207,7 +218,7 @@ def _entries(config: Config) -> tuple[tuple | None, dict]:
         try:
             entries = read(config) if stamp is not None else {}
         except RelaysError as exc:
-            log.warning("event=error stage=relays reason=%r", str(exc))
+            _warn_once(str(exc))
             entries = looked[2] if looked else {}
         _files[path] = (now, stamp, entries)
         return stamp, entries

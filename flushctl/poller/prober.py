@@ -128,7 +128,10 @@ class Prober:
         records = [(r.preference, str(r.exchange).rstrip(".").lower()) for r in answer]
         hosts = sorted({h for _, h in records if h})
         found = await asyncio.gather(*(self.addresses(h, strict) for h in hosts))
-        failed = [problem for addrs, problem in found if strict and problem]
+        # a host that does not exist is passed over as Postfix does; one
+        # whose lookup failed could be anything
+        failed = [problem for addrs, problem in found
+                  if strict and problem and not problem.endswith("no such domain")]
         if failed:
             return [], NO_ADDRESS, failed[0]
         addresses = {h: addrs for h, (addrs, _) in zip(hosts, found)}

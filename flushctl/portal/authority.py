@@ -86,7 +86,25 @@ def relay_view(heldmail, dom) -> dict:
 
 
 MAX_RELAY = 300               # characters of a next hop a customer may send
+LOOKUP_LIMIT = 15.0           # seconds the lookups of a new relay may take, all together
+ATTEMPTS = 20                 # tries per domain per ATTEMPT_WINDOW, refused ones too
+ATTEMPT_WINDOW = 60.0
 _changing = threading.Lock()  # one change at a time: its DNS lookups hold a helper channel
+_attempts: dict[str, list[float]] = {}   # domain -> times of its recent tries
+
+
+def _may_try(name: str, now: float) -> bool:
+    """At most ATTEMPTS tries per domain a minute: refused tries count too
+    (each looks names up, and a refusal says something of where they point)."""
+    recent = [t for t in _attempts.get(name, []) if now - t < ATTEMPT_WINDOW]
+    if len(recent) >= ATTEMPTS:
+        _attempts[name] = recent
+        return False
+    _attempts[name] = recent + [now]
+    if len(_attempts) > 10_000:   # forget the quiet ones
+        for key in [k for k, v in _attempts.items() if not v or now - v[-1] >= ATTEMPT_WINDOW]:
+            del _attempts[key]
+    return True
 
 
 def change_relay(heldmail, dom, text: str, user: str) -> dict:
@@ -102,6 +120,8 @@ def change_relay(heldmail, dom, text: str, user: str) -> dict:
         return {"refused": "another change of where mail goes is under way; try again in a "
                            "moment", "busy": True}
     try:
+        if not _may_try(dom.name, time.monotonic()):
+            return {"refused": f"too many tries for {dom.name}; wait a minute", "busy": True}
         relay = None
         try:
             relay_change.check_rate(heldmail.config, dom.name, time.time())
@@ -112,7 +132,11 @@ def change_relay(heldmail, dom, text: str, user: str) -> dict:
         except ValueError as exc:
             return {"refused": str(exc)}
         if relay is not None:
-            why = asyncio.run(_target_refusal(heldmail, dom, relay))
+            try:
+                why = asyncio.run(asyncio.wait_for(_target_refusal(heldmail, dom, relay),
+                                                   LOOKUP_LIMIT))
+            except asyncio.TimeoutError:
+                why = f"{relay.host}: its lookups took too long"
             if why:
                 return {"refused": why}
         try:
@@ -123,8 +147,11 @@ def change_relay(heldmail, dom, text: str, user: str) -> dict:
         moved = 0
         if changed:
             time.sleep(CHECK_EVERY)   # every process (the milter) routes by the new file
-            moved = heldmail.route_anew(dom.name)
-            relay_change.settled(heldmail.config, dom.name)
+            try:
+                moved = heldmail.route_anew(dom.name)
+                relay_change.settled(heldmail.config, dom.name)
+            except Exception:   # made all the same: the helper's next start finishes it
+                log.exception("event=error stage=relay_settle domain=%s", dom.name)
         log.info("event=relay domain=%s relay=%s user=%s via=portal changed=%s rerouted=%d",
                  dom.name, routed.relay.nexthop if routed.relay else "-", user,
                  "yes" if changed else "no", moved)

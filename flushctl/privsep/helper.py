@@ -329,14 +329,14 @@ def _finish_relay_changes(config: Config) -> None:
     """A relay change cut short: the transport map made to say what
     relays.json says, and the held mail of each such domain routed anew."""
     from flushctl.heldmail.library import HeldMail
-    from flushctl.mta.relay_change import RelayChangeError, reconcile, settled
+    from flushctl.mta.relay_change import reconcile, settled
     held = HeldMail(config)
     try:
         for name in reconcile(config, held.postfix):
             held.route_anew(name)
             settled(config, name)
-    except (RelayChangeError, OSError) as exc:
-        log.error("event=error stage=relay_reconcile reason=%r", str(exc))
+    except Exception:   # the rest of the helper's work must start all the same
+        log.exception("event=error stage=relay_reconcile")
 
 
 def run(config: Config) -> None:
@@ -346,8 +346,8 @@ def run(config: Config) -> None:
         raise PrivsepError("helper: must run as root (postsuper is root's)")
     stopsignals.catch()
     helper = Helper(config)   # the ledger opened: its socket is bound only once ready
+    listener = helper.listener = bind(config)   # (one helper at a time: this one)
     _finish_relay_changes(config)
-    listener = helper.listener = bind(config)
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -35,7 +35,8 @@ def _fill(text: str) -> str:
               "flushctl_gateway_user": "flushctl-gateway",
               "flushctl_milter_user": "flushctl-milter",
               "flushctl_odmr_user": "flushctl-odmr",
-              "flushctl_portal_user": "flushctl-portal"}
+              "flushctl_portal_user": "flushctl-portal",
+              "flushctl_postfix_config_directory": "/etc/postfix"}
     text = re.sub(r"\{\{ (\w+) \}\}", lambda m: values[m.group(1)], text)
     assert "{{" not in text and "{%" not in text
     return text
@@ -94,3 +95,18 @@ def test_unit_exposure(tmp_path, daemon, limit):
     assert exposure <= limit, report
     if daemon in ("poller", "odmr"):
         assert "Service runs under a static non-root user identity" in report, report
+
+
+def test_the_helper_may_write_the_maps_and_nothing_else_of_etc(tmp_path):
+    """ProtectSystem=strict makes /etc read-only to every daemon; the
+    helper rewrites the transport map when a customer changes its relay
+    (and takes the maps' lock there): that directory alone is writable."""
+    path = render(tmp_path, "helper")
+    unit = path.read_text() + (tmp_path / f"{path.name}.d" / "privileges.conf").read_text()
+    assert "ProtectSystem=strict" in unit
+    writable = [p for line in unit.splitlines() if line.startswith("ReadWritePaths=")
+                for p in line.split("=", 1)[1].split()]
+    assert "-/etc/postfix/flushctl" in writable
+    assert [p for p in writable if p.lstrip("-").startswith("/etc")] == ["-/etc/postfix/flushctl"]
+    for other in ("milter", "gateway", "poller", "odmr", "portal"):
+        assert "ReadWritePaths" not in (UNITS / f"{other}.conf.j2").read_text()

@@ -211,6 +211,18 @@ def test_what_a_customer_may_not_point_its_mail_at(make_stack, new_sink):
     assert stack.pf.log().count("reload -- version") == reloads + 1
 
 
+def test_refused_tries_are_counted_too(make_stack):
+    """20 tries a minute per domain, refused ones too: refusals say which
+    names are not on the internet, so they cannot be asked without end."""
+    stack = start(make_stack, extra=ALLOW, domains=relay_domains)
+    token = login(stack)
+    for n in range(20):
+        status, body = change(stack, token, f"[10.1.2.{n + 1}]:25")
+        assert status == 400 and "not an address on the internet" in body["error"], body
+    status, body = change(stack, token, "[10.1.2.99]:25")
+    assert status == 429 and "too many tries" in body["error"], body
+
+
 def test_a_change_cut_short_and_an_apply_afterwards(make_stack, new_sink):
     """The map rewritten but the file not (the helper killed between the
     two): the helper's next start puts the map back to what the file and

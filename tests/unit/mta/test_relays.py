@@ -153,6 +153,9 @@ def test_addresses_a_customer_may_point_at():
         assert "not an address on the internet" in refusal("mx.example", [bad], ()), bad
     assert refusal("mx.example", ["8.8.8.8", "10.0.0.1"], ()) is not None   # any one
     assert refusal("mx.example", ["127.0.0.2"], allow) is None
+    # the words name what the customer wrote, never where it resolves
+    assert refusal("db.corp.example", ["10.1.2.3"], ()) == \
+        "db.corp.example: not an address on the internet"
     # IPv6 forms that carry an IPv4 address a gateway may deliver to
     for bad in ("64:ff9b::a00:1", "64:ff9b:1::a00:1", "64:ff9b::808:808", "2002:a00:1::1",
                 "2002:808:808::1", "::7f00:1", "::ffff:0:7f00:1", "fec0::1"):
@@ -218,3 +221,44 @@ def test_the_maps_lock_is_root_s_alone_and_one_writer_at_a_time(tmp_path):
         with relay_change.maps_lock(cfg):
             pass
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_changes_are_made_only_on_the_config_apply_made_live(tmp_path):
+    cfg = parse(EDITABLE + f'[postfix]\nconfig_directory = "{tmp_path}"\n')
+    assert not relay_change.live(cfg)              # never applied
+    (tmp_path / "flushctl").mkdir()
+    os.replace(*relay_change.stage_digest(cfg))
+    assert relay_change.live(cfg)
+    edited = parse(EDITABLE + "# edited\n" + f'[postfix]\nconfig_directory = "{tmp_path}"\n')
+    assert not relay_change.live(edited)           # loaded, not applied
+    digest = tmp_path / "flushctl" / relay_change.DIGEST
+    assert digest.stat().st_mode & 0o777 == 0o644  # beside the maps, root's
+    digest.unlink()
+    os.mkfifo(digest)                               # no reader waits on it
+    assert not relay_change.live(cfg)
+
+
+@pytest.mark.parametrize("target, relay, knocked", [
+    ("mail.example.net[192.0.2.7]:2525", "[mail.example.net]:2525", True),
+    ("mail.example.net[192.0.2.7]:25", "[mail.example.net]:2525", False),
+    ("old.example.net[192.0.2.8]:2525", "[mail.example.net]:2525", False),
+    ("192.0.2.7:25", "[192.0.2.7]:25", True),
+    ("2001:db8::7:25", "[2001:db8::7]:25", True),
+    ("2001:db8::8:25", "[2001:db8::7]:25", False),
+    ("mx1.example.net[192.0.2.7]:25", "example.net:25", True),   # through MX: any MX host
+])
+def test_a_probe_counts_only_where_the_mail_goes_now(target, relay, knocked):
+    from flushctl.heldmail.release import knocked_at
+    from flushctl.poller.prober import REACHABLE, ProbeResult
+    assert knocked_at(ProbeResult(REACHABLE, target, "220", 1.0), relay_text(relay)) is knocked
+    assert knocked_at(ProbeResult(REACHABLE, target, "220", 1.0), None)
+
+
+def test_tries_are_counted_per_domain_refused_ones_too():
+    from flushctl.portal import authority
+    authority._attempts.clear()
+    now = 1000.0
+    assert all(authority._may_try("a.example", now + i) for i in range(authority.ATTEMPTS))
+    assert not authority._may_try("a.example", now + 10)
+    assert authority._may_try("b.example", now + 10)          # another domain's own count
+    assert authority._may_try("a.example", now + authority.ATTEMPT_WINDOW + 1)

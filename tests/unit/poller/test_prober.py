@@ -466,6 +466,11 @@ def test_a_chosen_relay_whose_lookups_do_not_all_answer_is_not_used(dns):
     found, outcome, problem = targets(fenced(dns, record_types=("A",)),
                                       chosen("relay.cust.test:2525"))
     assert (found, outcome) == ([], NO_ADDRESS) and "b.cust.test" in problem
+    # an MX host that does not exist is passed over, as Postfix does
+    dns.records[("b.cust.test", "A")] = ["127.0.0.6"]
+    dns.records[("relay.cust.test", "MX")] = [(10, "a.cust.test"), (20, "gone.cust.test")]
+    found, _, _ = targets(fenced(dns, record_types=("A",)), chosen("relay.cust.test:2525"))
+    assert found == [("a.cust.test", 2525, ["127.0.0.5"])]
     # no AAAA record at all is no failure
     dns.records.clear()
     dns.records.update({("mail.cust.test", "A"): ["127.0.0.5"]})
