@@ -88,11 +88,15 @@ class Shared:
         return totals
 
 
+RCPT_MACROS = ("{client_addr}", "{client_name}", "{client_port}")   # who sent it
+
+
 class OnDemandMilter(Milter.Base):
     shared: Shared  # set by run()
 
     def __init__(self):
         self.local = False
+        self.client = None   # (name, port, address) from connect, when it is called
         self._reset()
 
     def _reset(self):
@@ -112,28 +116,66 @@ class OnDemandMilter(Milter.Base):
         self.setreply(reply.code, reply.dsn, reply.text)
         return Milter.TEMPFAIL if reply.temporary else Milter.REJECT
 
+    # Postfix is asked for the fewest steps that do the job (a round trip
+    # each costs every message): no connect, HELO, MAIL, DATA or
+    # end-of-headers events; headers and body without replies; RCPT and
+    # the end of the message with one.  What connect told comes as macros
+    # with each RCPT; the message's state is reset at its end and on abort.
+    def negotiate(self, opts):
+        """pymilter's negotiation, but with our macro request: its own
+        passes bytes where its C part takes text (pymilter 1.0.5), and a
+        failed negotiation would take every step."""
+        try:
+            self._actions = opts[0]
+            mask = self.protocol_mask()
+            if self._actions & Milter.SETSYMLIST:
+                self._ctx.setsymlist(Milter.M_ENVRCPT, " ".join(RCPT_MACROS))
+            else:   # no macros to ask for: connect says who sent it
+                mask |= Milter.P_NOCONNECT
+            opts[1] = self._protocol = opts[1] & ~mask
+            opts[2] = opts[3] = 0
+        except Exception:
+            log.exception("event=error stage=negotiate")
+            return Milter.ALL_OPTS
+        return Milter.CONTINUE
+
+    @Milter.nocallback
     def connect(self, hostname, family, hostaddr):
-        # Mail that comes through pickup (sendmail) has no SMTP client: Postfix
-        # presents it as localhost, port 0.  Nothing can be refused to it (a
-        # refused recipient would leave the whole message in maildrop, retried
-        # for ever): it is tagged and held only when all of it is one
-        # customer's, else left to the keeper, which holds the customer's part.
-        # (An SMTP client whose port smtpd could not tell also shows port
-        # 0, but not as localhost at a loopback address.)
-        self.local = (hostname == "localhost" and isinstance(hostaddr, tuple)
-                      and len(hostaddr) >= 2 and hostaddr[1] == 0
-                      and hostaddr[0] in ("127.0.0.1", "::1"))
+        # called only where Postfix could not be asked to skip it (an
+        # older MTA): what the macros would say
+        self.client = (hostname, hostaddr[1] if isinstance(hostaddr, tuple)
+                       and len(hostaddr) >= 2 else None,
+                       hostaddr[0] if isinstance(hostaddr, tuple) and hostaddr else None)
         return Milter.CONTINUE
 
     @Milter.nocallback
     def hello(self, hostname):
         return Milter.CONTINUE
 
+    @Milter.nocallback
     def envfrom(self, mailfrom, *params):
-        self._reset()
         return Milter.CONTINUE
 
+    def _local(self) -> bool:
+        """Mail that comes through pickup (sendmail) has no SMTP client:
+        Postfix presents it as localhost, port 0.  Nothing can be refused to
+        it (a refused recipient would leave the whole message in maildrop,
+        retried for ever): it is tagged and held only when all of it is one
+        customer's, else left to the keeper, which holds the customer's part.
+        (An SMTP client whose port smtpd could not tell also shows port 0,
+        but not as localhost at a loopback address.)"""
+        name = self.getsymval("{client_name}")
+        if name is not None:
+            port, addr = self.getsymval("{client_port}"), self.getsymval("{client_addr}")
+        elif self.client is not None:
+            name, port, addr = self.client
+            port = None if port is None else str(port)
+        else:
+            return False
+        return name == "localhost" and port == "0" and addr in ("127.0.0.1", "::1")
+
     def envrcpt(self, rcpt, *params):
+        self.local = self._local()
         try:
             reply, klass = rules.decide_rcpt(rcpt, self.klass, self.shared.domains,
                                               self.shared.totals)
@@ -191,6 +233,12 @@ class OnDemandMilter(Milter.Base):
         return Milter.ACCEPT
 
     def eom(self):
+        try:
+            return self._eom()
+        finally:
+            self._reset()   # the next message of the connection starts afresh
+
+    def _eom(self):
         klass = self.klass
         if not klass or self.untaken:
             return self._untagged()
@@ -312,7 +360,7 @@ def run(config: Config, heldmail: HeldMail | None = None) -> None:
         os.umask(0o007)
     _when_open(listen.path if listen.kind == "unix" else None)
     Milter.factory = OnDemandMilter
-    Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE)
+    Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE | Milter.SETSYMLIST)
     stop = threading.Event()
     upkeep = threading.Thread(target=_upkeep, args=(od.ledger, stop, shared.counts),
                               name="upkeep", daemon=True)

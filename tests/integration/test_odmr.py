@@ -460,18 +460,7 @@ class RawClient:
 
 
 def pipe(a: socket.socket, b: socket.socket, timeout: float) -> threading.Thread:
-    def copy(src, dst):
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+    from sockpipe import copy
     for src, dst in ((a, b), (b, a)):
         threading.Thread(target=copy, args=(src, dst), daemon=True).start()
 

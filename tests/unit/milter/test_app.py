@@ -337,15 +337,15 @@ def test_abort_resets_class():
 
 # -- local submissions (sendmail): nothing refused, mixed mail left to the keeper
 
-def connected_ctx(port):
-    """A connection from localhost; libmilter gives the address as (ip, port)
-    (TestCtx's own _connect passes a bare string)."""
-    import socket
+def connected_ctx(port, host="localhost", address="127.0.0.1"):
+    """A connection as Postfix 3.7 presents it to us: no connect event (we
+    ask to skip it), the client in the macros we ask for at RCPT."""
     ctx = RecordingCtx()
     ctx._setsymval("i", QUEUE_ID)
-    ctx._negotiate()
-    rc = Milter.connect_callback(ctx, "localhost", socket.AF_INET, ("127.0.0.1", port))
-    assert rc == Milter.CONTINUE
+    for name, value in (("{client_name}", host), ("{client_addr}", address),
+                        ("{client_port}", str(port))):
+        ctx._setsymval(name, value)
+    assert ctx._negotiate() == Milter.CONTINUE
     return ctx
 
 
@@ -390,10 +390,52 @@ def test_local_mail_over_quota_goes_on_untagged(heldmail):
     ("client.example", ("192.0.2.7", 0)),         # smtpd could not tell the port
 ])
 def test_smtp_is_not_local_mail(heldmail, host, address):
-    import socket
-    ctx = RecordingCtx()
-    ctx._negotiate()
-    Milter.connect_callback(ctx, host, socket.AF_INET, address)
+    ctx = connected_ctx(address[1], host, address[0])
     assert ctx._envfrom("<s@example.org>") == Milter.CONTINUE
     assert ctx._envrcpt("<alice@customer.example>") == Milter.CONTINUE
     assert ctx._envrcpt("<victim@elsewhere.example>") == Milter.TEMPFAIL
+
+
+# -- what we ask Postfix for: the fewest steps that do the job --------------------
+
+def test_we_ask_for_rcpt_and_the_end_of_the_message_and_headers_and_body_unanswered():
+    ctx = RecordingCtx()
+    assert ctx._negotiate() == Milter.CONTINUE
+    p = ctx._protocol
+    for skipped in (Milter.P_NOCONNECT, Milter.P_NOHELO, Milter.P_NOMAIL, Milter.P_NODATA,
+                    Milter.P_NOEOH, Milter.P_NOUNKNOWN, Milter.P_NR_HDR, Milter.P_NR_BODY):
+        assert p & skipped, hex(skipped)
+    for kept in (Milter.P_NORCPT, Milter.P_NR_RCPT, Milter.P_NOHDRS, Milter.P_NOBODY):
+        assert not p & kept, hex(kept)   # recipients answered; headers and body seen
+    # the client comes as macros with each RCPT
+    assert sorted(ctx._symlist[Milter.M_ENVRCPT]) == [b"{client_addr}", b"{client_name}",
+                                                      b"{client_port}"]
+
+
+def test_without_macro_requests_connect_says_who_sent_it(heldmail):
+    """An MTA that cannot be asked for macros keeps the connect event,
+    and local mail is still told from SMTP."""
+    import socket
+    ctx = RecordingCtx()
+    ctx._setsymval("i", QUEUE_ID)
+    opts = [Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE, 0x1fffff, 0, 0]
+    assert Milter.negotiate_callback(ctx, opts) == Milter.CONTINUE
+    ctx._protocol = opts[1]
+    assert not opts[1] & Milter.P_NOCONNECT
+    assert Milter.connect_callback(ctx, "localhost", socket.AF_INET,
+                                   ("127.0.0.1", 0)) == Milter.CONTINUE
+    assert ctx._envfrom("<root@mx.example>") == Milter.CONTINUE
+    # local: a second domain is not refused (it would strand the mail in maildrop)
+    assert ctx._envrcpt("<alice@customer.example>") == Milter.CONTINUE
+    assert ctx._envrcpt("<victim@elsewhere.example>") == Milter.CONTINUE
+
+
+def test_a_second_message_on_a_connection_starts_afresh(heldmail):
+    """No MAIL event resets the message's state: its end does (abort too)."""
+    ctx = connected_ctx(40123)
+    assert transaction(ctx, "<alice@customer.example>") == Milter.ACCEPT
+    assert len(ctx.quarantined) == 1
+    # the next message, for no customer: not tagged, not held, not refused
+    assert ctx._envrcpt("<victim@elsewhere.example>") == Milter.CONTINUE
+    assert send_data(ctx) == Milter.ACCEPT
+    assert len(ctx.quarantined) == 1 and len(domain_headers(ctx)) == 1
