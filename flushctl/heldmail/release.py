@@ -117,7 +117,8 @@ class ReleasePart:
         changed = (self.overrides.entry(name) or {}).get("at", float("-inf")) + CHECK_EVERY
         for route in sorted({i.route for i in candidates}):
             if probed and route in probed and probed[route].when > changed \
-                    and knocked_at(probed[route], relay_of(dom, route)):
+                    and (not dom.relay_chosen or knocked_at(probed[route],
+                                                             relay_of(dom, route))):
                 results[route] = probed[route]   # the poller checked them as below
             elif probed_only:
                 results[route] = ProbeResult(NOT_PROBED, "", "not probed by the poller",
