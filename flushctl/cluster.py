@@ -82,13 +82,19 @@ async def _read_reply(reader: asyncio.StreamReader) -> tuple[int, str]:
 
 
 async def send_etrn(peer: Peer, domains: list[str], helo: str, source: str | None = None,
-                    timeout: float = TIMEOUT) -> dict[str, tuple[int, str]]:
+                    timeout: float = TIMEOUT,
+                    results: dict | None = None) -> dict[str, tuple[int, str]]:
     """One SMTP session: EHLO, then a forwarded ETRN for each domain; the
-    peer's reply to each."""
+    peer's reply to each.  Each step (connecting and the greeting, EHLO,
+    each ETRN's reply: the peer answers once its release is decided) has
+    ``timeout`` seconds; the replies land in ``results`` as they come, so
+    a session cut short keeps the ones it got."""
+    results = {} if results is None else results
     async with asyncio.timeout(timeout):
         reader, writer = await asyncio.open_connection(
             peer.host, peer.port, local_addr=(source, 0) if source else None, limit=4096)
-        try:
+    try:
+        async with asyncio.timeout(timeout):
             code, text = await _read_reply(reader)
             if code != 220:
                 raise PeerError(f"greeting {code} {text}")
@@ -96,23 +102,25 @@ async def send_etrn(peer: Peer, domains: list[str], helo: str, source: str | Non
             code, text = await _read_reply(reader)
             if code != 250:
                 raise PeerError(f"EHLO: {code} {text}")
-            results = {}
-            plain = False   # a peer of an older version: the plain form for the rest
-            for domain in domains:
+        plain = False   # a peer of an older version: the plain form for the rest
+        for domain in domains:
+            async with asyncio.timeout(timeout):
                 writer.write(f"ETRN {domain if plain else forwarded(domain)}\r\n".encode())
-                results[domain] = await _read_reply(reader)
-                if results[domain][0] == 501 and not plain:
+                reply = await _read_reply(reader)
+                if reply[0] == 501 and not plain:
                     # it does not know the forwarded form (it knows its peers
                     # by address and EHLO name, as it always did); one such
                     # error per session, smtpd counts them
                     plain = True
                     writer.write(f"ETRN {domain}\r\n".encode())
-                    results[domain] = await _read_reply(reader)
-            writer.write(b"QUIT\r\n")
+                    reply = await _read_reply(reader)
+            results[domain] = reply
+        writer.write(b"QUIT\r\n")
+        async with asyncio.timeout(timeout):
             await writer.drain()
-            return results
-        finally:
-            writer.close()
+        return results
+    finally:
+        writer.close()
 
 
 async def ask_report(peer: Peer, domain: str, port: int, source: str | None = None,
@@ -144,29 +152,64 @@ class Forwarder:
         self.helo = helo_name(self.cluster)
         self.peers = {str(peer): peer for peer in self.cluster.peers}
         self.wake = asyncio.Event()
+        self._sessions: dict[str, asyncio.Task] = {}   # peer -> its session under way
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info("event=forwarder_start peers=%s", ",".join(self.peers))
-        while not stop.is_set():
-            try:
-                await self.round()
-                next_due = await asyncio.to_thread(self.ledger.next_forward_due)
-            except Exception:
-                log.exception("event=error stage=forward")
-                next_due = None
-            delay = POLL if next_due is None else min(POLL, max(0.0, next_due - time.time()))
-            self.wake.clear()
-            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wake.wait())]
-            await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-            for w in waits:
-                w.cancel()
+        try:
+            while not stop.is_set():
+                try:
+                    await self.round(wait=False)
+                    next_due = await asyncio.to_thread(self._next_due)
+                except Exception:
+                    log.exception("event=error stage=forward")
+                    next_due = None
+                delay = POLL if next_due is None else min(POLL, max(0.0, next_due - time.time()))
+                self.wake.clear()
+                waits = [asyncio.ensure_future(stop.wait()),
+                         asyncio.ensure_future(self.wake.wait())]
+                await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+                for w in waits:
+                    w.cancel()
+        finally:
+            # not waiting out a peer's timeout: what is pending stays queued
+            for task in list(self._sessions.values()):
+                task.cancel()
 
-    async def round(self) -> None:
+    def _next_due(self) -> float | None:
+        """When the next forward to a peer without a session under way is due
+        (a busy peer's come up when its session ends: it wakes the loop)."""
+        dues = [f.due for f in self.ledger.forwards() if f.peer not in self._sessions]
+        return min(dues, default=None)
+
+    async def round(self, wait: bool = True) -> None:
+        """Start a session to each peer with forwards due and none under way.
+        Each peer has its own: a slow or silent peer holds up only its own
+        forwards, never the other peers' (``wait``: until these end)."""
         due = await asyncio.to_thread(self.ledger.forwards, time.time())
         by_peer: dict[str, list[Forward]] = {}
         for fwd in due:
-            by_peer.setdefault(fwd.peer, []).append(fwd)
-        await asyncio.gather(*(self._peer(name, rows) for name, rows in by_peer.items()))
+            if fwd.peer not in self._sessions:
+                by_peer.setdefault(fwd.peer, []).append(fwd)
+        started = []
+        for name, rows in by_peer.items():
+            task = asyncio.get_running_loop().create_task(self._session(name, rows))
+            self._sessions[name] = task
+            task.add_done_callback(lambda _, name=name: self._ended(name))
+            started.append(task)
+        if wait and started:
+            await asyncio.gather(*started)
+
+    async def _session(self, name: str, rows: list[Forward]) -> None:
+        try:
+            await self._peer(name, rows)
+        except Exception:   # its rows stay queued; not straight back at them
+            log.exception("event=error stage=forward peer=%s", name)
+            await asyncio.sleep(POLL)
+
+    def _ended(self, name: str) -> None:
+        self._sessions.pop(name, None)
+        self.wake.set()   # forwards queued for that peer meanwhile are due
 
     async def _done(self, fwd: Forward, event: str, detail: str) -> None:
         level = logging.INFO if event == "forward_acked" else logging.WARNING
@@ -199,15 +242,17 @@ class Forwarder:
                 live.append(fwd)
         for start in range(0, len(live), PER_SESSION):
             chunk = live[start:start + PER_SESSION]
+            replies: dict[str, tuple[int, str]] = {}
+            reason = None
             try:
-                replies = await send_etrn(peer, [f.domain for f in chunk], self.helo,
-                                          self.cluster.source)
+                await send_etrn(peer, [f.domain for f in chunk], self.helo,
+                                self.cluster.source, results=replies)
             except (OSError, PeerError, TimeoutError) as exc:
                 reason = str(exc) or type(exc).__name__
-                for fwd in chunk:
-                    await self._retry(fwd, reason)
-                continue
             for fwd in chunk:
+                if fwd.domain not in replies:   # the session ended before its reply
+                    await self._retry(fwd, reason or "no reply")
+                    continue
                 code, text = replies[fwd.domain]
                 detail = f"{code} {text}"
                 if 200 <= code < 300:

@@ -179,6 +179,84 @@ def test_a_newer_release_queued_during_a_send_is_kept(tmp_path):
     assert left.since == 200.0 and left.attempts == 0
 
 
+class SlowPeer(ScriptedPeer):
+    """Greets only after ``delay`` seconds (a peer whose host is overloaded)."""
+
+    def __init__(self, delay: float):
+        super().__init__(b"250 Queuing started\r\n")
+        self.delay = delay
+
+    async def _serve(self, reader, writer):
+        await asyncio.sleep(self.delay)
+        await super()._serve(reader, writer)
+
+
+def test_a_slow_peer_holds_up_no_other_peers_forwards(tmp_path):
+    """The run loop sends each peer its own session: a release queued while
+    one peer's session crawls reaches the others at once (before, every
+    round waited for every peer, so each later release waited out the slow
+    one's session, up to its whole timeout)."""
+    async def run():
+        slow, fast = SlowPeer(2.0), ScriptedPeer(b"250 Queuing started\r\n")
+        ledger, fwd = _forwarder(tmp_path, [await slow.start(), await fast.start()])
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop().create_task(fwd.run(stop))
+        ledger.queue_forwards("a.example", fwd.cluster.peers)
+        fwd.wake.set()
+        await asyncio.sleep(0.5)    # the slow peer's session is under way
+        ledger.queue_forwards("b.example", fwd.cluster.peers)
+        fwd.wake.set()
+        start = time.monotonic()
+        while "ETRN _forwarded.b.example" not in fast.commands:
+            assert time.monotonic() - start < 1.0, fast.commands
+            await asyncio.sleep(0.02)
+        while len([c for c in slow.commands if c.startswith("ETRN")]) < 2:
+            # the slow one gets both, one session after the other
+            assert time.monotonic() - start < 8, slow.commands
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        stop.set()
+        await loop
+        slow.server.close()
+        fast.server.close()
+        return ledger.forwards(), slow.commands
+    left, slow_commands = asyncio.run(run())
+    assert left == []
+    assert [c for c in slow_commands if c.startswith("ETRN")] == \
+        ["ETRN _forwarded.a.example", "ETRN _forwarded.b.example"]
+
+
+class StallingPeer(ScriptedPeer):
+    """Answers the first ETRN, then never again."""
+
+    async def _serve(self, reader, writer):
+        writer.write(b"220 peer.example ESMTP\r\n")
+        etrns = 0
+        while line := await reader.readline():
+            command = line.decode().strip()
+            self.commands.append(command)
+            if command.startswith("EHLO"):
+                writer.write(b"250 peer.example\r\n")
+            elif command.startswith("ETRN"):
+                etrns += 1
+                if etrns == 1:
+                    writer.write(self.etrn_reply)
+
+
+def test_a_session_cut_short_keeps_the_replies_it_got(tmp_path, monkeypatch):
+    """The peer acked the first ETRN and then stalled: only the second is
+    tried again (before, the session's timeout threw the ack away and the
+    first domain was released on the peer a second time)."""
+    real = cluster.send_etrn
+    monkeypatch.setattr(cluster, "send_etrn",
+                        lambda *args, **kwargs: real(*args, **{**kwargs, "timeout": 0.5}))
+    left, commands = _one_round(tmp_path, StallingPeer(b"250 Queuing started\r\n"),
+                                ["a.example", "b.example"])
+    assert commands[:3] == ["EHLO mx1.provider.example", "ETRN _forwarded.a.example",
+                            "ETRN _forwarded.b.example"]
+    assert [(f.domain, f.attempts) for f in left] == [("b.example", 1)]
+
+
 class RecordingReleaser:
     """Stands in for the gateway's privileged half: records each trigger."""
 
