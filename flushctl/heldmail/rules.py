@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 # What a message of ours is doing, by where its queue file is.
 HELD = "held"              # in the hold queue: never tried, never expires
@@ -88,7 +89,7 @@ class Snapshot:
     def ids(self, *kinds: str) -> list[str]:
         return [i.queue_id for i in self.of_kind(*kinds)]
 
-    @property
+    @cached_property   # the snapshot does not change: its figures read it several times
     def present(self) -> list[Item]:
         return [i for i in self.items if i.queue is not None]
 

@@ -18,6 +18,11 @@ from flushctl.heldmail.rules import Item, Snapshot
 from flushctl.mta.queuefiles import FORCED_EXPIRE_BIT
 
 
+# holding domains from which an all-domains view lists the queue's
+# directories once rather than stat each message
+LIST_FROM = 200
+
+
 @dataclass(frozen=True)
 class Status:
     domain: str
@@ -132,24 +137,47 @@ class StatusPart:
 
     def status_all(self) -> list[Status]:
         """Every configured domain's status, then held mail of removed ones."""
-        return [self._status(name, snap or Snapshot((), time.time()), state)
+        empty = Snapshot((), time.time())
+        return [self._status(name, snap or empty, state)
                 for name, snap, state in self.located_all()]
 
     def located_all(self):
         """(domain, Snapshot or None, DomainState) for every configured
         domain and every removed one that still holds mail: one read of all
         the domains' rows, and the queue looked at only for those whose
-        totals show mail (None: nothing held)."""
+        totals show mail (None: nothing held).  With many of those, one
+        listing of the queue's directories says where each message is,
+        instead of a ``stat`` each (the snapshots count; their items carry
+        no retry time): rows the listing misses are settled one by one."""
         self.rebuild_if_needed()
         states = self.ledger.states()
         removed = sorted(d for d, s in states.items()
                          if d not in self.config.domains and s.messages > 0)
+        holding = sum(1 for s in states.values() if s.messages > 0)
+        where = self.layout.where_all() if holding >= LIST_FROM else None
         for name in [*sorted(self.config.domains), *removed]:
             state = states.get(name)
             if state is None or state.messages <= 0:
                 yield name, None, state or DomainState(name)
-            else:   # the row's other fields stand; the counts come from the queue
+            elif where is None:   # the row's other fields stand; the counts come from the queue
                 yield name, self.snapshot(name), state
+            else:
+                yield name, self._listed(name, where, state), state
+
+    def _listed(self, name: str, where: dict[str, str], state: DomainState) -> Snapshot:
+        items, missing = [], []
+        for entry in self.ledger.entries(name):
+            queue = where.get(entry.queue_id)
+            if queue is None:
+                missing.append(entry)
+            else:
+                items.append(Item(entry.queue_id, entry.domain, entry.route, entry.size,
+                                  entry.arrival, entry.ctime, queue, released=entry.released,
+                                  refused=entry.refused, refused_since=entry.refused_since))
+        if not missing:
+            return Snapshot(tuple(items), time.time(), state.releasing_until)
+        settled = self._snapshot(missing, state.releasing_until)   # prunes what is gone
+        return Snapshot((*items, *settled.items), settled.now, state.releasing_until)
 
     def removed_domains(self) -> list[str]:
         """Domains the ledger holds mail for that the config does not name."""
