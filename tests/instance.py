@@ -28,6 +28,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def port_free_on(addresses, candidates=None) -> int:
+    """A port free on every one of ``addresses`` (the hosts of a cluster
+    listen on the same ports), from ``candidates`` (default: free ports of
+    127.0.0.1, a hundred tries)."""
+    for port in candidates if candidates is not None else (free_port() for _ in range(100)):
+        try:
+            for address in addresses:
+                with socket.socket() as sock:
+                    sock.bind((address, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"no port free on every one of {', '.join(addresses)}")
+
+
 def _private_master_cf(text: str, smtpd_port: int, address: str = "127.0.0.1") -> str:
     """The stock master.cf with no chroot and smtpd on a loopback port."""
     out = []

@@ -12,6 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from stack import Stack, build_stack, wait_until  # noqa: E402,F401
@@ -131,3 +133,15 @@ def fill(stack: Stack, domains: list[str], per_domain: int, parallel: int = 8) -
     want = before + per_domain * len(domains)
     wait_until(lambda: count_queue(stack, "hold") >= want, 600, 0.5,
                what=f"{want} messages held")
+
+
+def peak_rss(pid: int) -> int:
+    """VmHWM of a process and its children, bytes."""
+    total = 0
+    proc = psutil.Process(pid)
+    for p in [proc] + proc.children(recursive=True):
+        with open(f"/proc/{p.pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) * 1024
+    return total

@@ -1,4 +1,4 @@
-"""P7 held mail that is not ours: a domain's status and release with 10,000
+"""P9 held mail that is not ours: a domain's status and release with 10,000
 foreign held messages beside its 100, against an empty hold queue.
 
 Foreign: held by somebody else (here a filter's quarantine: the admin's
@@ -76,9 +76,9 @@ def run(report: Report, quick: bool) -> None:
             runs = [release_round() for _ in range(rounds)]
             return median([r for r, _ in runs]), median([s for _, s in runs])
 
-        log(f"P7: {rounds} releases of {HELD} renewed messages, hold queue otherwise empty")
+        log(f"P9: {rounds} releases of {HELD} renewed messages, hold queue otherwise empty")
         empty_release, empty_status = measure()
-        log(f"P7: holding {foreign} messages that are not ours")
+        log(f"P9: holding {foreign} messages that are not ours")
         pf = stack.pf
         pf.postconf("-e", f"header_checks = {pf.postconf('-h', 'header_checks').strip()}, "
                           f"regexp:{quarantine}")
@@ -94,17 +94,17 @@ def run(report: Report, quick: bool) -> None:
         start = time.perf_counter()
         keeper.take_in()
         next_pass = time.perf_counter() - start
-        log(f"P7: {rounds} releases of {HELD} renewed messages beside {foreign} foreign held")
+        log(f"P9: {rounds} releases of {HELD} renewed messages beside {foreign} foreign held")
         full_release, full_status = measure()
         ratio = full_release / empty_release
-        report.add("P7", f"release {HELD} renewed, beside {foreign} foreign held",
+        report.add("P9", f"release {HELD} renewed, beside {foreign} foreign held",
                    f"{full_release:.2f} s", f"{empty_release:.2f} s (none)", f"{ratio:.2f}",
                    "<= 1.25x", ratio <= 1.25)
         status_ratio = full_status / empty_status
-        report.add("P7", f"status in-process, beside {foreign} foreign held",
+        report.add("P9", f"status in-process, beside {foreign} foreign held",
                    f"{full_status * 1000:.1f} ms", f"{empty_status * 1000:.1f} ms (none)",
                    f"{status_ratio:.2f}", "<= 1.25x", status_ratio <= 1.25)
-        report.add("P7", f"keeper pass, {foreign} foreign held: first / next",
+        report.add("P9", f"keeper pass, {foreign} foreign held: first / next",
                    f"{first_pass:.2f} s / {next_pass * 1000:.0f} ms", "-", "-",
                    "next < 0.5 s", next_pass < 0.5)
     finally:

@@ -12,9 +12,8 @@ from __future__ import annotations
 import re
 import subprocess
 
-import psutil
 
-from common import Report, build_stack, compile_c, log, smtp_source
+from common import Report, build_stack, compile_c, log, peak_rss, smtp_source
 from stack import wait_until
 
 QUERY_DOMAINS = [f"q{i:03d}.test" for i in range(100)]
@@ -36,18 +35,6 @@ def load(host, port, queries, clients, duration=3600.0, total=0):
                           *queries], capture_output=True, text=True, check=True).stdout
     answered, failed, took = out.split()
     return int(answered), int(failed), float(took)
-
-
-def peak_rss(pid: int) -> int:
-    """VmHWM of a process and its children, bytes."""
-    total = 0
-    proc = psutil.Process(pid)
-    for p in [proc] + proc.children(recursive=True):
-        with open(f"/proc/{p.pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    total += int(line.split()[1]) * 1024
-    return total
 
 
 def run(report: Report, quick: bool) -> None:

@@ -48,6 +48,17 @@ def tarpit(port: int, stop: threading.Event) -> None:
     asyncio.run(main())
 
 
+def timed_cycle(od) -> tuple[list, float, float]:
+    """One cycle in this process: its entries, wall seconds, CPU seconds."""
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.monotonic()
+    entries = asyncio.run(Poller.local(od).cycle())
+    wall = time.monotonic() - start
+    usage1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
+    return entries, wall, cpu
+
+
 def cycle(timeout: float, concurrency: int) -> dict:
     """One cycle; what it found and what it cost."""
     # dead_port: nothing listens there once free_port's socket is closed
@@ -76,12 +87,7 @@ def cycle(timeout: float, concurrency: int) -> dict:
     layout = QueueLayout(str(tmp / "queue"), frozenset(), 1)  # no queue files: nothing to release
     od = HeldMail(cfg, layout=layout, ledger=ledger)
 
-    usage0 = resource.getrusage(resource.RUSAGE_SELF)
-    t0 = time.monotonic()
-    entries = asyncio.run(Poller.local(od).cycle())
-    wall = time.monotonic() - t0
-    usage1 = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
+    entries, wall, cpu = timed_cycle(od)
 
     by_outcome: dict[str, int] = {}
     for e in entries:

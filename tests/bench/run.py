@@ -1,4 +1,4 @@
-"""The benchmark suite: P1-P7 (and P1b), ours against Postfix alone, one table.
+"""The benchmark suite: P1-P9 (and P1b), ours against Postfix alone, one table.
 
     .venv/bin/python tests/bench/run.py            # everything (about 20 minutes)
     .venv/bin/python tests/bench/run.py --quick    # small sizes, a few minutes
@@ -26,14 +26,16 @@ import foreign  # noqa: E402
 import gateway_load  # noqa: E402
 import intake  # noqa: E402
 import metrics_scrape  # noqa: E402
+import mxhosts  # noqa: E402
 import poller_cycle  # noqa: E402
 import release  # noqa: E402
+import scale  # noqa: E402
 import status  # noqa: E402
 from common import Report, log  # noqa: E402
 
 MEASURES = {"P1": intake.run, "P1B": intake.run_floor, "P2": release.run, "P3": status.run,
             "P4": poller_cycle.run, "P5": gateway_load.run, "P6": metrics_scrape.run,
-            "P7": foreign.run}
+            "P7": scale.run, "P8": mxhosts.run, "P9": foreign.run}
 
 
 def machine() -> str:

@@ -4,37 +4,24 @@ one trigger releases the customer's mail on all of them."""
 
 import json
 import re
-import socket
 import subprocess
 import time
 
 import pytest
 
 from conftest import bounce_lines, free_port, wait_until
+from instance import port_free_on
 from stack import Ports
 
 ADDRESSES = ["127.0.0.11", "127.0.0.12", "127.0.0.13"]
 PER_HOST = 3
 
 
-def _port_free_on_all() -> int:
-    for _ in range(100):
-        port = free_port()
-        try:
-            for address in ADDRESSES:
-                with socket.socket() as sock:
-                    sock.bind((address, port))
-        except OSError:
-            continue
-        return port
-    raise AssertionError("no port free on every test address")
-
-
 def _build_cluster(make_stack, sources=ADDRESSES, helo="mx{n}.provider.test", more=None):
     """Three hosts; each names its peers by the addresses they listen on,
     and sends its ETRNs from ``sources[n]`` with EHLO ``helo``; ``more``:
     {n: more config} for some of them."""
-    smtp, finger_port = _port_free_on_all(), _port_free_on_all()
+    smtp, finger_port = port_free_on(ADDRESSES), port_free_on(ADDRESSES)
     stacks = []
     for n, address in enumerate(ADDRESSES, 1):
         peers = [f"{a}:{smtp}" for a in ADDRESSES if a != address]

@@ -21,6 +21,7 @@ import time
 import pytest
 
 from conftest import bounce_lines, free_port, wait_until
+from instance import port_free_on
 from netns import in_netns
 
 PASSWORD = "s3cret-Pass"
@@ -51,15 +52,7 @@ def relay_port() -> int:
     """A privileged port free on the loopback addresses of our test domains."""
     from flushctl.mta.routing import odmr_address
     addresses = [odmr_address(d) for d in ("odmr.test", "second.test", "other.test")]
-    for port in range(900, 1000):
-        try:
-            for address in addresses:
-                with socket.socket() as sock:
-                    sock.bind((address, port))
-        except OSError:
-            continue
-        return port
-    raise AssertionError("no privileged port free")
+    return port_free_on(addresses, range(900, 1000))
 
 
 def odmr_section(port: int, extra: str = "") -> str:
@@ -608,9 +601,9 @@ def test_in_a_cluster_the_customer_polls_each_mx(make_stack):
     passed between them: the customer's client polls every MX in turn
     (one poll line each), each delivers the mail it holds itself, and a
     session on one MX releases nothing elsewhere, nor is sent on as ETRN."""
-    from test_cluster import ADDRESSES, _port_free_on_all
+    from test_cluster import ADDRESSES
     from stack import Ports
-    smtp, finger, odmr = _port_free_on_all(), _port_free_on_all(), _port_free_on_all()
+    smtp, finger, odmr = port_free_on(ADDRESSES), port_free_on(ADDRESSES), port_free_on(ADDRESSES)
     stacks = []
     for address in ADDRESSES:
         peers = [f"{a}:{smtp}" for a in ADDRESSES if a != address]
