@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import click
@@ -60,3 +61,12 @@ class Context:
 
 
 pass_ctx = click.make_pass_decorator(Context)
+
+
+def json_rows(rows: list) -> str:
+    """A JSON array with one row per line: the C encoder writes each row (the
+    pretty-printer is pure Python, seconds for 100,000 domains), and a
+    reader still sees one row per line."""
+    if not rows:
+        return "[]"
+    return "[\n" + ",\n".join("  " + json.dumps(row) for row in rows) + "\n]"

@@ -6,12 +6,11 @@ command line never loads them.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 
 import click
 
-from flushctl.cli.context import pass_ctx
+from flushctl.cli.context import json_rows, pass_ctx
 from flushctl.cli.errors import CliError, guard
 from flushctl.mta.commands import PostfixError
 
@@ -107,7 +106,7 @@ def poller(ctx, once, as_json):
         return
     entries = run_once(ctx.heldmail)
     if as_json:
-        click.echo(json.dumps([e.as_json() for e in entries], indent=2))
+        click.echo(json_rows([e.as_json() for e in entries]))
         return
     for e in entries:
         extra = f" ({e.released})" if e.released else ""

@@ -7,7 +7,7 @@ import json
 import click
 
 from flushctl import config as config_mod
-from flushctl.cli.context import pass_ctx
+from flushctl.cli.context import json_rows, pass_ctx
 from flushctl.cli.errors import EXIT_ERROR, CliError, guard
 
 
@@ -102,7 +102,7 @@ def domains(ctx, as_json):
             "odmr": d.odmr,
         })
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json_rows(rows))
         return
     for r in rows:
         by = " (the customer's choice)" if r["relay_chosen"] else ""

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import click
 
-from flushctl.cli.context import pass_ctx
+from flushctl.cli.context import json_rows, pass_ctx
 from flushctl.cli.errors import CliError, guard
 
 
@@ -36,7 +35,7 @@ def status(ctx, domain, as_json, of_cluster):
         _cluster_status(ctx, rows, as_json)
         return
     if as_json:
-        click.echo(json.dumps([r.as_json() for r in rows], indent=2))
+        click.echo(json_rows([r.as_json() for r in rows]))
         return
     click.echo(f"{'DOMAIN':<30} {'MESSAGES':>8} {'BYTES':>12} {'OLDEST':<19} "
                f"{'REACHABLE':<9} {'LAST FLUSH':<19} STATE")
@@ -94,7 +93,7 @@ def _cluster_status(ctx, local, as_json) -> None:
     rows = asyncio.run(cluster.cluster_status(cfg.cluster, local,
                                               ctx.heldmail.ledger.forwards()))
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json_rows(rows))
         return
     click.echo(f"{'DOMAIN':<30} {'HOST':<28} {'MESSAGES':>8} {'BYTES':>12} {'OLDEST':<19} "
                f"{'REACHABLE':<9} NOTE")

@@ -10,14 +10,13 @@ hidden prompt, and no secret is ever printed.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 import time
 
 import click
 
-from flushctl.cli.context import pass_ctx
+from flushctl.cli.context import json_rows, pass_ctx
 from flushctl.cli.errors import CliError
 from flushctl.cli.status import fmt_time
 from flushctl.config import Config, login_name
@@ -160,7 +159,7 @@ def list_(ctx, as_json):
         for r in rows:
             if r["changed"] is not None:
                 r["changed"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r["changed"]))
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json_rows(rows))
         return
     click.echo(f"{'USER':<24} {'PASSWORD':<8} {'CHANGED':<19} DOMAINS")
     for r in rows:

@@ -44,3 +44,14 @@ def test_domains_json_shows_logins_and_odmr(tmp_path):
     assert rows["b.example"]["users"] == [] and rows["b.example"]["odmr"] is False
     code, out = run("--config", str(path), "domains")
     assert "relay=(ODMR)" in out
+
+
+def test_json_rows_is_the_same_json_one_row_a_line():
+    from flushctl.cli.context import json_rows
+    rows = [{"domain": "a.example", "messages": 3, "queues": {"hold": 3}, "last_error": None},
+            {"domain": "b.example", "messages": 0, "queues": {}, "last_error": "é \"x\"\n"}]
+    text = json_rows(rows)
+    assert json.loads(text) == rows
+    assert text.splitlines()[1:-1] == ["  " + json.dumps(r) + ("," if i == 0 else "")
+                                        for i, r in enumerate(rows)]
+    assert json.loads(json_rows([])) == []
