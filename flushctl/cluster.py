@@ -69,7 +69,10 @@ def peer_addresses(cluster: Cluster) -> frozenset[str]:
 async def _read_reply(reader: asyncio.StreamReader) -> tuple[int, str]:
     lines = []
     while True:
-        line = await reader.readline()
+        try:
+            line = await reader.readline()
+        except ValueError:   # longer than the stream's limit
+            raise PeerError("reply line too long") from None
         if not line.endswith(b"\n"):
             raise PeerError("connection closed" if not line else "reply line too long")
         if len(line) < 4 or not line[:3].isdigit() or line[3:4] not in (b" ", b"-", b"\r"):
@@ -82,14 +85,16 @@ async def _read_reply(reader: asyncio.StreamReader) -> tuple[int, str]:
 
 
 async def send_etrn(peer: Peer, domains: list[str], helo: str, source: str | None = None,
-                    timeout: float = TIMEOUT,
-                    results: dict | None = None) -> dict[str, tuple[int, str]]:
+                    timeout: float = TIMEOUT, results: dict | None = None,
+                    sent: list | None = None) -> dict[str, tuple[int, str]]:
     """One SMTP session: EHLO, then a forwarded ETRN for each domain; the
     peer's reply to each.  Each step (connecting and the greeting, EHLO,
     each ETRN's reply: the peer answers once its release is decided) has
     ``timeout`` seconds; the replies land in ``results`` as they come, so
-    a session cut short keeps the ones it got."""
+    a session cut short keeps the ones it got, and each domain whose ETRN
+    was sent in ``sent``."""
     results = {} if results is None else results
+    sent = [] if sent is None else sent
     async with asyncio.timeout(timeout):
         reader, writer = await asyncio.open_connection(
             peer.host, peer.port, local_addr=(source, 0) if source else None, limit=4096)
@@ -104,6 +109,7 @@ async def send_etrn(peer: Peer, domains: list[str], helo: str, source: str | Non
                 raise PeerError(f"EHLO: {code} {text}")
         plain = False   # a peer of an older version: the plain form for the rest
         for domain in domains:
+            sent.append(domain)
             async with asyncio.timeout(timeout):
                 writer.write(f"ETRN {domain if plain else forwarded(domain)}\r\n".encode())
                 reply = await _read_reply(reader)
@@ -158,14 +164,15 @@ class Forwarder:
         log.info("event=forwarder_start peers=%s", ",".join(self.peers))
         try:
             while not stop.is_set():
+                self.wake.clear()   # a wake from here on is seen below
                 try:
                     await self.round(wait=False)
-                    next_due = await asyncio.to_thread(self._next_due)
+                    next_due = await asyncio.to_thread(self.ledger.next_forward_due,
+                                                       frozenset(self._sessions))
                 except Exception:
                     log.exception("event=error stage=forward")
                     next_due = None
                 delay = POLL if next_due is None else min(POLL, max(0.0, next_due - time.time()))
-                self.wake.clear()
                 waits = [asyncio.ensure_future(stop.wait()),
                          asyncio.ensure_future(self.wake.wait())]
                 await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
@@ -176,20 +183,19 @@ class Forwarder:
             for task in list(self._sessions.values()):
                 task.cancel()
 
-    def _next_due(self) -> float | None:
-        """When the next forward to a peer without a session under way is due
-        (a busy peer's come up when its session ends: it wakes the loop)."""
-        dues = [f.due for f in self.ledger.forwards() if f.peer not in self._sessions]
-        return min(dues, default=None)
-
     async def round(self, wait: bool = True) -> None:
         """Start a session to each peer with forwards due and none under way.
         Each peer has its own: a slow or silent peer holds up only its own
         forwards, never the other peers' (``wait``: until these end)."""
+        # a peer with a session under way when the rows are read waits for
+        # the next round, even if the session ends during the read: its rows
+        # may be stale (acked or put off meanwhile); the session's end wakes
+        # the loop
+        busy = set(self._sessions)
         due = await asyncio.to_thread(self.ledger.forwards, time.time())
         by_peer: dict[str, list[Forward]] = {}
         for fwd in due:
-            if fwd.peer not in self._sessions:
+            if fwd.peer not in busy:
                 by_peer.setdefault(fwd.peer, []).append(fwd)
         started = []
         for name, rows in by_peer.items():
@@ -243,14 +249,29 @@ class Forwarder:
         for start in range(0, len(live), PER_SESSION):
             chunk = live[start:start + PER_SESSION]
             replies: dict[str, tuple[int, str]] = {}
+            sent: list[str] = []
             reason = None
             try:
                 await send_etrn(peer, [f.domain for f in chunk], self.helo,
-                                self.cluster.source, results=replies)
+                                self.cluster.source, results=replies, sent=sent)
             except (OSError, PeerError, TimeoutError) as exc:
                 reason = str(exc) or type(exc).__name__
+            except asyncio.CancelledError:
+                # stopping: what the peer answered is settled now (no await
+                # left to us), the rest stays queued for the next start
+                for fwd in chunk:
+                    if fwd.domain in replies and replies[fwd.domain][0] // 100 in (2, 5):
+                        self.ledger.forward_done(fwd.domain, fwd.peer, fwd.since)
+                raise
+            unsent = False
             for fwd in chunk:
-                if fwd.domain not in replies:   # the session ended before its reply
+                if fwd.domain not in replies:
+                    if sent and fwd.domain not in sent:
+                        # never sent: the session broke on a domain before it
+                        # (a peer slow to decide); it stays due for the next
+                        # session, ahead of that one, which waits its backoff
+                        unsent = True
+                        continue
                     await self._retry(fwd, reason or "no reply")
                     continue
                 code, text = replies[fwd.domain]
@@ -261,6 +282,8 @@ class Forwarder:
                     await self._done(fwd, "forward_refused", detail)
                 else:
                     await self._retry(fwd, detail)
+            if unsent:
+                return   # the next round reads the rows again, in the order they are due
 
 
 HERE = "(here)"

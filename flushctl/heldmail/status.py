@@ -18,9 +18,9 @@ from flushctl.heldmail.rules import Item, Snapshot
 from flushctl.mta.queuefiles import FORCED_EXPIRE_BIT
 
 
-# holding domains from which an all-domains view lists the queue's
-# directories once rather than stat each message
-LIST_FROM = 200
+# held messages from which an all-domains view lists the hold queue once
+# rather than stat each message
+LIST_FROM = 1000
 
 
 @dataclass(frozen=True)
@@ -145,34 +145,34 @@ class StatusPart:
         """(domain, Snapshot or None, DomainState) for every configured
         domain and every removed one that still holds mail: one read of all
         the domains' rows, and the queue looked at only for those whose
-        totals show mail (None: nothing held).  With many of those, one
-        listing of the queue's directories says where each message is,
-        instead of a ``stat`` each (the snapshots count; their items carry
-        no retry time): rows the listing misses are settled one by one."""
+        totals show mail (None: nothing held).  With much held, one listing
+        of the hold queue says which messages are there, instead of a
+        ``stat`` each (the snapshots count; their items carry no retry
+        time): rows it does not show (elsewhere in the queue, gone, or moved
+        during the listing) are settled one by one."""
         self.rebuild_if_needed()
         states = self.ledger.states()
         removed = sorted(d for d, s in states.items()
                          if d not in self.config.domains and s.messages > 0)
-        holding = sum(1 for s in states.values() if s.messages > 0)
-        where = self.layout.where_all() if holding >= LIST_FROM else None
+        held = sum(s.messages for s in states.values() if s.messages > 0)
+        in_hold = frozenset(self.layout.ids("hold")) if held >= LIST_FROM else None
         for name in [*sorted(self.config.domains), *removed]:
             state = states.get(name)
             if state is None or state.messages <= 0:
                 yield name, None, state or DomainState(name)
-            elif where is None:   # the row's other fields stand; the counts come from the queue
+            elif in_hold is None:   # the row's other fields stand; the counts come from the queue
                 yield name, self.snapshot(name), state
             else:
-                yield name, self._listed(name, where, state), state
+                yield name, self._listed(name, in_hold, state), state
 
-    def _listed(self, name: str, where: dict[str, str], state: DomainState) -> Snapshot:
+    def _listed(self, name: str, in_hold: frozenset[str], state: DomainState) -> Snapshot:
         items, missing = [], []
         for entry in self.ledger.entries(name):
-            queue = where.get(entry.queue_id)
-            if queue is None:
+            if entry.queue_id not in in_hold:
                 missing.append(entry)
             else:
                 items.append(Item(entry.queue_id, entry.domain, entry.route, entry.size,
-                                  entry.arrival, entry.ctime, queue, released=entry.released,
+                                  entry.arrival, entry.ctime, "hold", released=entry.released,
                                   refused=entry.refused, refused_since=entry.refused_since))
         if not missing:
             return Snapshot(tuple(items), time.time(), state.releasing_until)

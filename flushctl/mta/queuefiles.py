@@ -112,21 +112,6 @@ class QueueLayout:
                     found.append(queue_id)
         return found
 
-    def where_all(self) -> dict[str, str]:
-        """{queue id: queue} of every queue file, from one listing of each
-        directory (no ``stat``): what holds a million messages is counted
-        in a second.  A message renamed from one queue to another during
-        the listing can be missing from it: ``locate`` settles those."""
-        where: dict[str, str] = {}
-        for queue in QUEUES:
-            for directory in self.leaf_directories(queue):
-                try:
-                    with os.scandir(directory) as entries:
-                        where.update((e.name, queue) for e in entries)
-                except (FileNotFoundError, NotADirectoryError):
-                    continue
-        return where
-
     def locate_once(self, queue_id: str) -> tuple[str, os.stat_result] | None:
         for queue in QUEUES:
             try:

@@ -375,3 +375,115 @@ def test_metrics_config():
                       ('port = 9469', "unknown key")):
         with pytest.raises(config.ConfigError, match=says):
             config.parse("[metrics]\n" + bad)
+
+
+class SlowReplyPeer(ScriptedPeer):
+    """Answers each ETRN after ``delay`` seconds, or never after the first
+    ``answers`` (a peer slow to decide on one domain: its probe)."""
+
+    def __init__(self, delay: float = 0.0, answers: int | None = None,
+                 reply: bytes = b"250 Queuing started\r\n"):
+        super().__init__(reply)
+        self.delay, self.answers = delay, answers
+
+    async def _serve(self, reader, writer):
+        writer.write(b"220 peer.example ESMTP\r\n")
+        etrns = 0
+        while line := await reader.readline():
+            command = line.decode().strip()
+            self.commands.append(command)
+            if command.startswith("EHLO"):
+                writer.write(b"250 peer.example\r\n")
+            elif command.startswith("ETRN"):
+                etrns += 1
+                if self.answers is not None and etrns > self.answers:
+                    continue
+                await asyncio.sleep(self.delay)
+                writer.write(self.etrn_reply)
+            else:
+                writer.write(b"221 bye\r\n")
+                break
+        writer.close()
+
+    def etrns(self) -> list[str]:
+        return [c for c in self.commands if c.startswith("ETRN")]
+
+
+def test_rows_read_while_the_peers_session_ends_are_not_sent_again(tmp_path):
+    """A round whose read of the rows overlaps the end of a peer's session
+    (the session acked the domain meanwhile) must not start a second
+    session from what it read (review finding: an ETRN sent twice)."""
+    async def run():
+        peer = SlowReplyPeer(delay=0.3)
+        ledger, fwd = _forwarder(tmp_path, [await peer.start()])
+        ledger.queue_forwards("a.example", fwd.cluster.peers)
+        await fwd.round(wait=False)            # the session is under way
+        real = ledger.forwards
+
+        def slow_read(due_by=None):
+            rows = real(due_by)                # still pending when read
+            time.sleep(0.6)                    # the session acks it meanwhile
+            return rows
+        ledger.forwards = slow_read
+        await asyncio.sleep(0.1)
+        await fwd.round(wait=False)
+        ledger.forwards = real
+        await asyncio.sleep(1.0)
+        peer.server.close()
+        return peer.etrns(), ledger.forwards()
+    etrns, left = asyncio.run(run())
+    assert etrns == ["ETRN _forwarded.a.example"] and left == []
+
+
+def test_stopping_mid_session_keeps_the_acks_it_got(tmp_path):
+    async def run():
+        peer = SlowReplyPeer(answers=1)
+        ledger, fwd = _forwarder(tmp_path, [await peer.start()])
+        for domain in ("a.example", "b.example"):
+            ledger.queue_forwards(domain, fwd.cluster.peers)
+        stop = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(fwd.run(stop))
+        await asyncio.sleep(1.0)               # a acked, b waiting for its reply
+        stop.set()
+        task.cancel()                          # as the gateway does when it stops
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        await asyncio.sleep(0.1)
+        peer.server.close()
+        return ledger.forwards()
+    left = asyncio.run(run())
+    assert [(f.domain, f.attempts) for f in left] == [("b.example", 0)]
+
+
+def test_an_over_long_reply_is_the_peers_error_and_backs_off(tmp_path):
+    left, commands = _one_round(tmp_path, SlowReplyPeer(reply=b"458 " + b"x" * 5000 + b"\r\n"),
+                                ["a.example"])
+    assert [(f.domain, f.attempts) for f in left] == [("a.example", 1)]
+    assert left[0].due > time.time() and "too long" in left[0].last_error
+
+
+def test_a_domain_the_peer_is_slow_on_does_not_hold_back_the_rest(tmp_path, monkeypatch):
+    """The session breaks on a domain the peer takes too long over: the
+    domains after it were never sent and go in the next session, ahead of
+    it (before, all were put off together, the slow one first again each
+    time, and the others never reached the peer)."""
+    real = cluster.send_etrn
+    monkeypatch.setattr(cluster, "send_etrn",
+                        lambda *args, **kwargs: real(*args, **{**kwargs, "timeout": 0.5}))
+
+    async def run():
+        peer = SlowReplyPeer(answers=0)        # answers nothing: every ETRN times out
+        ledger, fwd = _forwarder(tmp_path, [await peer.start()])
+        for n, domain in enumerate(("slow.example", "x.example", "y.example")):
+            ledger.queue_forwards(domain, fwd.cluster.peers, now=time.time() - 3 + n)
+        for _ in range(3):
+            await fwd.round()
+        peer.server.close()
+        return peer.etrns(), ledger.forwards()
+    etrns, left = asyncio.run(run())
+    assert etrns == ["ETRN _forwarded.slow.example", "ETRN _forwarded.x.example",
+                     "ETRN _forwarded.y.example"]
+    assert sorted((f.domain, f.attempts) for f in left) == \
+        [("slow.example", 1), ("x.example", 1), ("y.example", 1)]

@@ -37,9 +37,13 @@ class Forwards(LedgerFile):
             rows = self._db.execute(sql + " ORDER BY due", args).fetchall()
         return [Forward(*row) for row in rows]
 
-    def next_forward_due(self) -> float | None:
+    def next_forward_due(self, except_peers=frozenset()) -> float | None:
+        """When the next pending forward is due, to a peer not in ``except_peers``."""
+        sql, args = "SELECT MIN(due) FROM forwards", tuple(except_peers)
+        if args:
+            sql += f" WHERE peer NOT IN ({', '.join('?' * len(args))})"
         with self._lock:
-            return self._db.execute("SELECT MIN(due) FROM forwards").fetchone()[0]
+            return self._db.execute(sql, args).fetchone()[0]
 
     def forward_done(self, domain: str, peer: str, since: float) -> None:
         """The peer acknowledged (or refused for good) the release of ``since``;

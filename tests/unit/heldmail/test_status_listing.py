@@ -1,8 +1,9 @@
 """Every domain's status at once: with many domains holding, one listing of
-the queue's directories says where each message is (a stat each took most
-of the time at 100,000 held); the figures must be the ones a stat per
-message gives, a message gone must be pruned, and one that moves while the
-directories are listed must still be counted."""
+the hold queue says which messages are there (a stat each took most of the
+time at 100,000 held); the figures must be the ones a stat per message
+gives (mail elsewhere in the queue included), a message gone must be
+pruned, and one that moves while the directory is listed must still be
+counted."""
 
 import os
 
@@ -61,12 +62,11 @@ def test_the_listing_counts_what_a_stat_per_message_counts(heldmail, monkeypatch
 def test_a_message_that_moves_during_the_listing_is_still_counted(heldmail, monkeypatch):
     monkeypatch.setattr(status_mod, "LIST_FROM", 1)
     layout = heldmail.layout
-    real = QueueLayout.where_all
+    real = QueueLayout.ids
 
-    def listing_that_missed_one(self):
-        where = real(self)
-        del where["4jfQW04Wb7zJ9WB"]   # renamed between two directories' listings
-        return where
-    monkeypatch.setattr(QueueLayout, "where_all", listing_that_missed_one)
+    def listing_that_missed_one(self, queue):
+        # renamed out of the directory and back while it was listed
+        return [i for i in real(self, queue) if i != "4jfQW04Wb7zJ9WB"]
+    monkeypatch.setattr(QueueLayout, "ids", listing_that_missed_one)
     assert _figures(heldmail) == WANT
     assert os.path.exists(layout.path("hold", "4jfQW04Wb7zJ9WB"))
