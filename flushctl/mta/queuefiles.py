@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from dataclasses import dataclass
 
 # Postfix's "safe" alphabet for long queue ids: digits, then consonants.
@@ -148,14 +149,21 @@ class QueueWatch:
     renamed in or out changes that time, so one ``stat`` per directory
     tells whether to list it again.  Every ``full_every`` seconds all are
     listed regardless (a change within one clock tick is not missed for
-    long).
+    long).  A changed directory is listed again only once the time since
+    its last listing is 1/``share`` times what that listing took: a hold
+    queue of a million messages, which changes with every message held
+    and takes about a second to list, is listed every 20 s or so, not at
+    every pass (a small one still at once).
     """
 
-    def __init__(self, layout: QueueLayout, queue: str, full_every: float = 60.0):
+    def __init__(self, layout: QueueLayout, queue: str, full_every: float = 60.0,
+                 share: float = 0.05):
         self.layout = layout
         self.queue = queue
         self.full_every = full_every
-        self._dirs: dict[str, tuple[int, frozenset[str]]] = {}
+        self.share = share
+        # directory -> (mtime, ids, when listed, seconds the listing took)
+        self._dirs: dict[str, tuple[int, frozenset[str], float, float]] = {}
         self.last_full = float("-inf")   # when every directory was last listed
 
     def ids(self, now: float) -> set[str]:
@@ -170,8 +178,11 @@ class QueueWatch:
                 self._dirs.pop(directory, None)
                 continue
             known = self._dirs.get(directory)
-            if full or known is None or known[0] != mtime:
-                known = (mtime, frozenset(_ids_in(directory)))
+            if full or known is None or (known[0] != mtime
+                                         and now - known[2] >= known[3] / self.share):
+                start = time.monotonic()
+                ids = frozenset(_ids_in(directory))
+                known = (mtime, ids, now, time.monotonic() - start)
                 self._dirs[directory] = known
             result |= known[1]
         return result

@@ -209,3 +209,25 @@ def test_queue_watch_lists_again_only_what_changed(tmp_path):
     assert watch.ids(1.0) == {"4jcczJ2wnFzJ9C2", "4jcczJ2xwpzJ9C3"}
     assert len(layout.leaf_directories("deferred")) == 16
     assert layout.leaf_directories("hold") == [str(tmp_path / "hold")]
+
+
+def test_queue_watch_lists_a_big_changed_directory_again_only_now_and_then(tmp_path):
+    """A directory whose listing is costly (the hold queue with a million
+    messages: about a second, and it changes with every message held) is
+    listed again after a change only once 1/share times that cost has
+    passed; before, the keeper listed it at every pass (measured by P7)."""
+    layout = QueueLayout(str(tmp_path), frozenset(), 1)
+    (tmp_path / "hold").mkdir()
+    (tmp_path / "hold" / "4jcczJ2wnFzJ9C2").write_bytes(b"")
+    watch = QueueWatch(layout, "hold", full_every=3600, share=1e-6)  # every listing "costly"
+    assert watch.ids(0.0) == {"4jcczJ2wnFzJ9C2"}
+    took = watch._dirs[str(tmp_path / "hold")][3]
+    (tmp_path / "hold" / "4jcczJ2xwpzJ9C3").write_bytes(b"")
+    os.utime(tmp_path / "hold", ns=(1, 1))
+    assert watch.ids(took / 2e-6) == {"4jcczJ2wnFzJ9C2"}      # changed, not listed yet
+    assert watch.ids(took / 1e-6 + 1) == {"4jcczJ2wnFzJ9C2", "4jcczJ2xwpzJ9C3"}
+    small = QueueWatch(layout, "hold", full_every=3600)       # cheap to list: at once
+    assert small.ids(0.0) == {"4jcczJ2wnFzJ9C2", "4jcczJ2xwpzJ9C3"}
+    (tmp_path / "hold" / "4jcczJ2xwpzJ9C4").write_bytes(b"")
+    os.utime(tmp_path / "hold", ns=(2, 2))
+    assert len(small.ids(0.5)) == 3
