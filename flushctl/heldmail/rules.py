@@ -13,7 +13,7 @@ made from that and the clock; the side effects live in the ``HeldMail`` parts an
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 # What a message of ours is doing, by where its queue file is.
@@ -127,6 +127,47 @@ class Snapshot:
 
     def refused(self) -> list[Item]:
         return [i for i in self.present if i.refused is not None]
+
+
+@dataclass
+class Tally:
+    """A domain's held mail counted for the all-domains views (what a
+    Snapshot's figures say, without an Item per message: a million held
+    made those objects most of the time)."""
+
+    now: float
+    releasing_until: float | None = None
+    messages: int = 0
+    bytes: int = 0
+    oldest: float | None = None
+    queues: dict = field(default_factory=dict)
+    hosts: dict = field(default_factory=dict)
+    refused_items: list = field(default_factory=list)
+
+    def add(self, queue: str, route: str, size: int, arrival: float) -> None:
+        self.messages += 1
+        self.bytes += size
+        if self.oldest is None or arrival < self.oldest:
+            self.oldest = arrival
+        self.queues[queue] = self.queues.get(queue, 0) + 1
+        self.hosts[route] = self.hosts.get(route, 0) + 1
+
+    def add_item(self, item: Item) -> None:
+        self.add(item.queue, item.route, item.size, item.arrival)
+        if item.refused is not None:
+            self.refused_items.append(item)
+
+    def figures(self) -> tuple[int, int, float | None]:
+        return self.messages, self.bytes, self.oldest
+
+    def per_queue(self) -> dict[str, int]:
+        return dict(sorted(self.queues.items()))
+
+    def routes(self) -> dict[str, int]:
+        return dict(sorted(self.hosts.items()))
+
+    def refused(self) -> list[Item]:
+        return list(self.refused_items)
 
 
 def releasable(snapshot: Snapshot, trigger: str, routes: set[str] | None = None) -> list[Item]:

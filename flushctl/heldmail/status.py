@@ -14,7 +14,7 @@ from flushctl import names
 from flushctl.config import Domain, UnknownDomain
 from flushctl.heldmail import rules as rules
 from flushctl.heldmail.ledger.schema import DomainState, Entry
-from flushctl.heldmail.rules import Item, Snapshot
+from flushctl.heldmail.rules import Item, Snapshot, Tally
 from flushctl.mta.queuefiles import FORCED_EXPIRE_BIT
 
 
@@ -142,14 +142,15 @@ class StatusPart:
                 for name, snap, state in self.located_all()]
 
     def located_all(self):
-        """(domain, Snapshot or None, DomainState) for every configured
-        domain and every removed one that still holds mail: one read of all
-        the domains' rows, and the queue looked at only for those whose
-        totals show mail (None: nothing held).  With much held, one listing
-        of the hold queue says which messages are there, instead of a
-        ``stat`` each (the snapshots count; their items carry no retry
-        time): rows it does not show (elsewhere in the queue, gone, or moved
-        during the listing) are settled one by one."""
+        """(domain, Snapshot, Tally or None, DomainState) for every
+        configured domain and every removed one that still holds mail: one
+        read of all the domains' rows, and the queue looked at only for
+        those whose totals show mail (None: nothing held).  With much held,
+        one listing of the hold queue says which messages are there, and a
+        Tally counts each domain's rows, instead of a ``stat`` and an Item
+        per message (both only count: figures, queues, routes, refused);
+        rows the listing does not show (elsewhere in the queue, gone, or
+        moved during the listing) are settled one by one."""
         self.rebuild_if_needed()
         states = self.ledger.states()
         removed = sorted(d for d, s in states.items()
@@ -165,19 +166,23 @@ class StatusPart:
             else:
                 yield name, self._listed(name, in_hold, state), state
 
-    def _listed(self, name: str, in_hold: frozenset[str], state: DomainState) -> Snapshot:
-        items, missing = [], []
-        for entry in self.ledger.entries(name):
-            if entry.queue_id not in in_hold:
-                missing.append(entry)
+    def _listed(self, name: str, in_hold: frozenset[str], state: DomainState) -> Tally:
+        tally = Tally(time.time(), state.releasing_until)
+        missing = []
+        for row in self.ledger.rows(name):
+            # Entry's fields: queue_id, domain, size, arrival, ctime, route,
+            # released, refused, refused_since, origin
+            if row[0] not in in_hold:
+                missing.append(Entry(*row))
+            elif row[7] is None:
+                tally.add("hold", row[5], row[2], row[3])
             else:
-                items.append(Item(entry.queue_id, entry.domain, entry.route, entry.size,
-                                  entry.arrival, entry.ctime, "hold", released=entry.released,
-                                  refused=entry.refused, refused_since=entry.refused_since))
-        if not missing:
-            return Snapshot(tuple(items), time.time(), state.releasing_until)
-        settled = self._snapshot(missing, state.releasing_until)   # prunes what is gone
-        return Snapshot((*items, *settled.items), settled.now, state.releasing_until)
+                tally.add_item(Item(row[0], row[1], row[5], row[2], row[3], row[4], "hold",
+                                    released=row[6], refused=row[7], refused_since=row[8]))
+        if missing:
+            for item in self._snapshot(missing, state.releasing_until).present:
+                tally.add_item(item)   # elsewhere in the queue, or moved meanwhile
+        return tally
 
     def removed_domains(self) -> list[str]:
         """Domains the ledger holds mail for that the config does not name."""

@@ -44,6 +44,12 @@ class Records(LedgerFile):
                                     (domain,)).fetchall()
         return [Entry(*row) for row in rows]
 
+    def rows(self, domain: str) -> list[tuple]:
+        """The domain's rows as Entry's fields, without an Entry each (the
+        all-domains views read a million)."""
+        with self._lock:
+            return self._db.execute(ENTRY_SELECT + " WHERE domain = ?", (domain,)).fetchall()
+
     def entries_by_id(self, queue_ids) -> dict[str, Entry]:
         return {row[0]: Entry(*row) for row in
                 self._rows_in(ENTRY_SELECT + " WHERE queue_id IN ({})", queue_ids)}

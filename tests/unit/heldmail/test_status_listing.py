@@ -51,12 +51,19 @@ WANT = [("a.test", 3, 600, {"deferred": 1, "hold": 2}), ("b.test", 1, 400, {"hol
 
 
 def test_the_listing_counts_what_a_stat_per_message_counts(heldmail, monkeypatch):
+    # refused mail: one in the hold queue, one in the deferred queue
+    heldmail.ledger.set_outcomes([("4jfQW04Wb7zJ9WB", "550 5.1.1 no such user"),
+                                  ("4jfQW04Wb7zJ9WC", "554 5.7.1 refused")], 1000.0)
     monkeypatch.setattr(status_mod, "LIST_FROM", 1)
+    listed = [s.as_json() for s in heldmail.status_all()]
     assert _figures(heldmail) == WANT
     # the gone message was pruned, as a stat pass prunes it
     assert heldmail.ledger.state("b.test").messages == 1
     monkeypatch.setattr(status_mod, "LIST_FROM", 10**9)
     assert _figures(heldmail) == WANT
+    # every field the same, refusals and routes included
+    assert listed == [s.as_json() for s in heldmail.status_all()]
+    assert listed[0]["refused"] == 2 and listed[0]["hosts"] == {"a.test": 3}
 
 
 def test_a_message_that_moves_during_the_listing_is_still_counted(heldmail, monkeypatch):
