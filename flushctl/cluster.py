@@ -250,30 +250,43 @@ class Forwarder:
             chunk = live[start:start + PER_SESSION]
             replies: dict[str, tuple[int, str]] = {}
             sent: list[str] = []
-            reason = None
+            settled: set[str] = set()
             try:
-                await send_etrn(peer, [f.domain for f in chunk], self.helo,
-                                self.cluster.source, results=replies, sent=sent)
-            except (OSError, PeerError, TimeoutError) as exc:
-                reason = str(exc) or type(exc).__name__
+                unsent = await self._chunk(peer, chunk, replies, sent, settled)
             except asyncio.CancelledError:
                 # stopping: what the peer answered is settled now (no await
                 # left to us), the rest stays queued for the next start
                 for fwd in chunk:
-                    if fwd.domain in replies and replies[fwd.domain][0] // 100 in (2, 5):
+                    code = replies.get(fwd.domain, (0, ""))[0]
+                    if fwd.domain not in settled and code // 100 in (2, 5):
                         self.ledger.forward_done(fwd.domain, fwd.peer, fwd.since)
+                        log.info("event=forward_settled_at_stop domain=%s peer=%s reply=%r",
+                                 fwd.domain, fwd.peer, " ".join(map(str, replies[fwd.domain])))
                 raise
-            unsent = False
-            for fwd in chunk:
-                if fwd.domain not in replies:
-                    if sent and fwd.domain not in sent:
-                        # never sent: the session broke on a domain before it
-                        # (a peer slow to decide); it stays due for the next
-                        # session, ahead of that one, which waits its backoff
-                        unsent = True
-                        continue
-                    await self._retry(fwd, reason or "no reply")
+            if unsent:
+                return   # the next round reads the rows again, in the order they are due
+
+    async def _chunk(self, peer: Peer, chunk: list[Forward], replies: dict, sent: list,
+                     settled: set) -> bool:
+        """One session for ``chunk``; each forward settled by its reply (in
+        ``settled`` once done).  True when some were never sent because the
+        peer took too long over one before them: those stay due, and go in
+        the next session, ahead of it (it backs off).  Any other failure
+        backs off every domain the peer did not answer."""
+        reason, slow = None, False
+        try:
+            await send_etrn(peer, [f.domain for f in chunk], self.helo,
+                            self.cluster.source, results=replies, sent=sent)
+        except (OSError, PeerError, TimeoutError) as exc:
+            reason, slow = str(exc) or type(exc).__name__, isinstance(exc, TimeoutError)
+        unsent = False
+        for fwd in chunk:
+            if fwd.domain not in replies:
+                if slow and sent and fwd.domain not in sent:
+                    unsent = True
                     continue
+                await self._retry(fwd, reason or "no reply")
+            else:
                 code, text = replies[fwd.domain]
                 detail = f"{code} {text}"
                 if 200 <= code < 300:
@@ -282,8 +295,8 @@ class Forwarder:
                     await self._done(fwd, "forward_refused", detail)
                 else:
                     await self._retry(fwd, detail)
-            if unsent:
-                return   # the next round reads the rows again, in the order they are due
+            settled.add(fwd.domain)
+        return unsent
 
 
 HERE = "(here)"

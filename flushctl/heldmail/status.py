@@ -116,7 +116,9 @@ class StatusPart:
     def _status(self, dom: str, snap: Snapshot, state: DomainState) -> Status:
         messages, size, oldest = snap.figures()
         refused = snap.refused()
-        last_refusal = max(refused, key=lambda i: i.refused_since or 0, default=None)
+        # the latest refusal; of equal times the same one whatever the order read
+        last_refusal = max(refused, key=lambda i: (i.refused_since or 0, i.queue_id),
+                           default=None)
         return Status(
             domain=dom,
             messages=messages,
@@ -142,7 +144,7 @@ class StatusPart:
                 for name, snap, state in self.located_all()]
 
     def located_all(self):
-        """(domain, Snapshot, Tally or None, DomainState) for every
+        """(domain, Snapshot or Tally or None, DomainState) for every
         configured domain and every removed one that still holds mail: one
         read of all the domains' rows, and the queue looked at only for
         those whose totals show mail (None: nothing held).  With much held,

@@ -178,8 +178,9 @@ class QueueWatch:
                 self._dirs.pop(directory, None)
                 continue
             known = self._dirs.get(directory)
-            if full or known is None or (known[0] != mtime
-                                         and now - known[2] >= known[3] / self.share):
+            # (a clock stepped back since the last listing: due at once)
+            if full or known is None or (known[0] != mtime and (
+                    now < known[2] or now - known[2] >= known[3] / self.share)):
                 start = time.monotonic()
                 ids = frozenset(_ids_in(directory))
                 known = (mtime, ids, now, time.monotonic() - start)

@@ -226,23 +226,6 @@ def test_a_slow_peer_holds_up_no_other_peers_forwards(tmp_path):
         ["ETRN _forwarded.a.example", "ETRN _forwarded.b.example"]
 
 
-class StallingPeer(ScriptedPeer):
-    """Answers the first ETRN, then never again."""
-
-    async def _serve(self, reader, writer):
-        writer.write(b"220 peer.example ESMTP\r\n")
-        etrns = 0
-        while line := await reader.readline():
-            command = line.decode().strip()
-            self.commands.append(command)
-            if command.startswith("EHLO"):
-                writer.write(b"250 peer.example\r\n")
-            elif command.startswith("ETRN"):
-                etrns += 1
-                if etrns == 1:
-                    writer.write(self.etrn_reply)
-
-
 def test_a_session_cut_short_keeps_the_replies_it_got(tmp_path, monkeypatch):
     """The peer acked the first ETRN and then stalled: only the second is
     tried again (before, the session's timeout threw the ack away and the
@@ -250,7 +233,7 @@ def test_a_session_cut_short_keeps_the_replies_it_got(tmp_path, monkeypatch):
     real = cluster.send_etrn
     monkeypatch.setattr(cluster, "send_etrn",
                         lambda *args, **kwargs: real(*args, **{**kwargs, "timeout": 0.5}))
-    left, commands = _one_round(tmp_path, StallingPeer(b"250 Queuing started\r\n"),
+    left, commands = _one_round(tmp_path, SlowReplyPeer(answers=1),
                                 ["a.example", "b.example"])
     assert commands[:3] == ["EHLO mx1.provider.example", "ETRN _forwarded.a.example",
                             "ETRN _forwarded.b.example"]
@@ -379,12 +362,13 @@ def test_metrics_config():
 
 class SlowReplyPeer(ScriptedPeer):
     """Answers each ETRN after ``delay`` seconds, or never after the first
-    ``answers`` (a peer slow to decide on one domain: its probe)."""
+    ``answers`` (a peer slow to decide on one domain: its probe), or hangs
+    up at the first."""
 
     def __init__(self, delay: float = 0.0, answers: int | None = None,
-                 reply: bytes = b"250 Queuing started\r\n"):
+                 reply: bytes = b"250 Queuing started\r\n", hang_up: bool = False):
         super().__init__(reply)
-        self.delay, self.answers = delay, answers
+        self.delay, self.answers, self.hang_up = delay, answers, hang_up
 
     async def _serve(self, reader, writer):
         writer.write(b"220 peer.example ESMTP\r\n")
@@ -396,6 +380,8 @@ class SlowReplyPeer(ScriptedPeer):
                 writer.write(b"250 peer.example\r\n")
             elif command.startswith("ETRN"):
                 etrns += 1
+                if self.hang_up:    # reads one ETRN and goes without a word
+                    break
                 if self.answers is not None and etrns > self.answers:
                     continue
                 await asyncio.sleep(self.delay)
@@ -487,3 +473,56 @@ def test_a_domain_the_peer_is_slow_on_does_not_hold_back_the_rest(tmp_path, monk
                      "ETRN _forwarded.y.example"]
     assert sorted((f.domain, f.attempts) for f in left) == \
         [("slow.example", 1), ("x.example", 1), ("y.example", 1)]
+
+
+def test_a_peer_that_hangs_up_gets_one_session_per_backoff_not_one_per_domain(tmp_path):
+    """Only a peer slow over one domain sends the rest on at once; one that
+    hangs up backs the whole session off (review finding: a session per
+    domain, 50 in the first second)."""
+    async def run():
+        peer = SlowReplyPeer(hang_up=True)
+        ledger, fwd = _forwarder(tmp_path, [await peer.start()])
+        for n in range(5):
+            ledger.queue_forwards(f"d{n}.example", fwd.cluster.peers)
+        stop = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(fwd.run(stop))
+        await asyncio.sleep(0.6)            # before the first backoff (1 s) is over
+        stop.set()
+        await task
+        peer.server.close()
+        return peer, ledger.forwards()
+    peer, left = asyncio.run(run())
+    assert len(peer.etrns()) == 1
+    assert sorted(f.attempts for f in left) == [1] * 5
+
+
+def test_stopping_while_replies_are_being_settled_keeps_them(tmp_path, monkeypatch):
+    """The peer answered both; the gateway stops while the first answer is
+    being written to the ledger: the second is settled too (review finding:
+    it was sent again after the restart)."""
+    async def run():
+        peer = SlowReplyPeer()
+        ledger, fwd = _forwarder(tmp_path, [await peer.start()])
+        for domain in ("a.example", "b.example"):
+            ledger.queue_forwards(domain, fwd.cluster.peers)
+        real = ledger.forward_done
+
+        def slow_done(*args):
+            time.sleep(0.3)
+            real(*args)
+        monkeypatch.setattr(ledger, "forward_done", slow_done)
+        stop = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(fwd.run(stop))
+        while len(peer.etrns()) < 2:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.15)           # a's ack is being written
+        stop.set()
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        await asyncio.sleep(0.5)
+        peer.server.close()
+        return ledger.forwards()
+    assert asyncio.run(run()) == []

@@ -77,3 +77,22 @@ def test_a_message_that_moves_during_the_listing_is_still_counted(heldmail, monk
     monkeypatch.setattr(QueueLayout, "ids", listing_that_missed_one)
     assert _figures(heldmail) == WANT
     assert os.path.exists(layout.path("hold", "4jfQW04Wb7zJ9WB"))
+
+
+def test_of_refusals_at_the_same_time_both_ways_show_the_same_reply(heldmail, monkeypatch):
+    """Review finding: the listing counts hold first, the stat pass reads
+    rows by arrival; with one batch's refusals at the same moment the two
+    showed different replies."""
+    # a message in the deferred queue that arrived before the held ones
+    early = "4jfQW04Wb7zJ9W0"
+    path = heldmail.layout.path("deferred", early)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    open(path, "w").close()
+    heldmail.ledger.record(early, "a.test", 50, arrival=1.0)
+    heldmail.ledger.set_outcomes([(early, "550 deferred one"),
+                                  ("4jfQW04Wb7zJ9WA", "552 hold one")], 1000.0)
+    replies = []
+    for list_from in (1, 10**9):
+        monkeypatch.setattr(status_mod, "LIST_FROM", list_from)
+        replies.append(heldmail.status_all()[0].refused_reply)
+    assert replies[0] == replies[1]

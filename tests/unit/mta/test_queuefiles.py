@@ -231,3 +231,15 @@ def test_queue_watch_lists_a_big_changed_directory_again_only_now_and_then(tmp_p
     (tmp_path / "hold" / "4jcczJ2xwpzJ9C4").write_bytes(b"")
     os.utime(tmp_path / "hold", ns=(2, 2))
     assert len(small.ids(0.5)) == 3
+
+
+def test_queue_watch_sees_a_change_after_the_clock_stepped_back(tmp_path):
+    """Review finding: with the clock stepped back, every changed directory
+    waited out the step before being listed again."""
+    layout = QueueLayout(str(tmp_path), frozenset(), 1)
+    (tmp_path / "hold").mkdir()
+    watch = QueueWatch(layout, "hold", full_every=3600)
+    assert watch.ids(10_000.0) == set()
+    (tmp_path / "hold" / "4jcczJ2wnFzJ9C2").write_bytes(b"")
+    os.utime(tmp_path / "hold", ns=(1, 1))
+    assert watch.ids(6_400.0) == {"4jcczJ2wnFzJ9C2"}     # an hour earlier
