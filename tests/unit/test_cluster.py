@@ -395,6 +395,15 @@ class SlowReplyPeer(ScriptedPeer):
         return [c for c in self.commands if c.startswith("ETRN")]
 
 
+async def _stop_as_the_gateway_does(stop: asyncio.Event, task: asyncio.Task) -> None:
+    stop.set()
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
+
 def test_rows_read_while_the_peers_session_ends_are_not_sent_again(tmp_path):
     """A round whose read of the rows overlaps the end of a peer's session
     (the session acked the domain meanwhile) must not start a second
@@ -430,12 +439,7 @@ def test_stopping_mid_session_keeps_the_acks_it_got(tmp_path):
         stop = asyncio.Event()
         task = asyncio.get_running_loop().create_task(fwd.run(stop))
         await asyncio.sleep(1.0)               # a acked, b waiting for its reply
-        stop.set()
-        task.cancel()                          # as the gateway does when it stops
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
+        await _stop_as_the_gateway_does(stop, task)
         await asyncio.sleep(0.1)
         peer.server.close()
         return ledger.forwards()
@@ -516,12 +520,7 @@ def test_stopping_while_replies_are_being_settled_keeps_them(tmp_path, monkeypat
         while len(peer.etrns()) < 2:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.15)           # a's ack is being written
-        stop.set()
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
+        await _stop_as_the_gateway_does(stop, task)
         await asyncio.sleep(0.5)
         peer.server.close()
         return ledger.forwards()
