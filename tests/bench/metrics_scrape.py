@@ -11,11 +11,10 @@ that grouping.
 
 from __future__ import annotations
 
-import json
 import time
 import urllib.request
 
-from common import Report, alternate, build_stack, fill, log, median
+from common import Report, alternate, build_stack, fill, grouped, log, median
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -48,14 +47,6 @@ def run(report: Report, quick: bool) -> None:
                     for f in text_string_to_metric_families(fetch()) for s in f.samples
                     if s.name == "flushctl_held_messages"}
 
-        def grouped() -> dict:
-            out = stack.pf.run("postqueue", "-c", str(stack.pf.config_directory), "-j").stdout
-            counts: dict = {}
-            for line in out.splitlines():
-                dom = json.loads(line)["recipients"][0]["address"].rsplit("@", 1)[1]
-                counts[dom] = counts.get(dom, 0) + 1
-            return counts
-
         def ours():   # what Prometheus waits for: the answer, not our parsing of it
             start = time.perf_counter()
             text = fetch()
@@ -65,10 +56,10 @@ def run(report: Report, quick: bool) -> None:
 
         def baseline():
             start = time.perf_counter()
-            grouped()
+            grouped(stack)
             return time.perf_counter() - start
 
-        exact = {d: n for d, n in scrape().items() if n} == grouped()
+        exact = {d: n for d, n in scrape().items() if n} == grouped(stack)
         a, b = alternate(7, ours, baseline)
         ok = median(a) < 0.5 and exact
         report.add("P6", f"scrape, {CONFIGURED} domains, {holding * PER_DOMAIN} held",

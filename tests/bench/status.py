@@ -15,7 +15,8 @@ import os
 import subprocess
 import time
 
-from common import Report, alternate, build_stack, count_queue, fill, log, median, smtp_source
+from common import (Report, alternate, build_stack, count_queue, fill, log, median, queue_entries,
+                    smtp_source)
 from stack import FLUSHCTL
 
 DOMAIN = "customer.test"
@@ -44,10 +45,8 @@ def timings(stack, od, domain: str, held: int, rounds: int = 5):
 
     def baseline():
         start = time.perf_counter()
-        out = subprocess.run(["postqueue", "-c", str(stack.pf.config_directory), "-j"],
-                             capture_output=True, text=True, check=True, timeout=1800).stdout
-        count = sum(1 for line in out.splitlines()
-                    if json.loads(line)["recipients"][0]["address"].endswith("@" + domain))
+        count = sum(1 for entry in queue_entries(stack)
+                    if entry["recipients"][0]["address"].endswith("@" + domain))
         took = time.perf_counter() - start
         assert count == held, count
         return took
