@@ -92,21 +92,35 @@ class HeldMail(StatusPart, ReleasePart, IntakePart, HoldBackPart, AdminPart):
 
     def _take(self, ledger: Ledger) -> None:
         self._ledger = ledger
-        # a ledger file new to us (first run, removed, corrupt) is rebuilt
-        # from the queue's tag headers before it is trusted
-        self._rebuilt = 0 if ledger.fresh else ledger.generation
+        # a ledger file is trusted once it was rebuilt from the queue: by
+        # whichever process first could, whoever made the file (first run,
+        # removed, corrupt; see ``needs_rebuild``)
+        self._rebuilt = 0
 
     def needs_rebuild(self) -> bool:
-        """Is the ledger file new to us (removed, replaced, corrupt)? One stat."""
+        """Is the ledger file not rebuilt from the queue yet (new: a first
+        run, removed, replaced, corrupt)?  One stat; one row read per file."""
         self.ledger.check_file()
-        return self._rebuilt != self.ledger.generation
+        if self._rebuilt == self.ledger.generation:
+            return False
+        if self.ledger.rebuilt():
+            self._rebuilt = self.ledger.generation
+            return False
+        return True
 
     def rebuild_if_needed(self) -> dict[str, int]:
-        """Rebuild the ledger from the hold queue if its file is new to us."""
+        """Rebuild the ledger from the hold queue unless its file was."""
         if not self.needs_rebuild():
             return {}
+        # what this process remembers of the queue was looked up in a file
+        # that is gone: every id is looked up again, in this one
+        for seen in self._seen.values():
+            seen.clear()
+        self._ours_deferred.clear()
+        counts = self.take_in(queues=("hold",))
+        self.ledger.mark_rebuilt()
         self._rebuilt = self.ledger.generation
-        return self.take_in(queues=("hold",))
+        return counts
 
     # -- Postfix's settings, read once per process --------------------------
     def params(self) -> dict[str, str]:

@@ -246,6 +246,24 @@ def test_ledger_removed_or_corrupted_is_rebuilt_from_the_queue(stack):
     assert held == 7
 
 
+def test_a_ledger_the_milter_made_anew_is_rebuilt_before_it_is_trusted(stack):
+    """The milter makes a new ledger file on its next message when the old
+    one is gone; it cannot read the queue, so the file holds that message
+    only.  The first reader that can read the queue rebuilds it: status
+    counts the mail held before."""
+    for i in range(3):
+        stack.send([f"user{i}@customer.test"])
+    wait_until(lambda: len(stack.queue()) == 3, what="3 held")
+    for path in _ledger_files(stack):
+        path.unlink(missing_ok=True)
+    wait_until(lambda: "event=ledger_replaced" in (stack.state_dir / "milter.log").read_text(),
+               15, what="the milter noticed the ledger gone")
+    stack.send(["user9@customer.test"])
+    wait_until(lambda: len(stack.queue()) == 4, what="4 held")
+    assert (stack.state_dir / "ledger.sqlite3").exists()
+    assert stack.status("customer.test")[0]["messages"] == 4
+
+
 def _fill(path, leave: int) -> int:
     """Fill PATH's file system until about LEAVE bytes are free; returns the bytes written."""
     chunk = b"\0" * (1 << 20)

@@ -569,8 +569,15 @@ def test_a_lost_ledger_finds_the_mail_the_keeper_took_in(make_stack):
     wait_until(lambda: stack.status("customer.test")[0]["queues"] == {"hold": 1}, 20,
                what="taken in and held")
     stack.stop_poller()
+    time.sleep(2)         # a few passes of the keeper: it has seen the message held
     for suffix in ("", "-wal", "-shm"):
         (stack.state_dir / f"ledger.sqlite3{suffix}").unlink(missing_ok=True)
+    # the helper's keeper, still running, makes the new file on its next
+    # pass; the message is in what it remembers of the queue, yet it must
+    # look it up again in the new file, and no reader may trust that file
+    # before someone rebuilt it
+    wait_until((stack.state_dir / "ledger.sqlite3").exists, 20,
+               what="the keeper made a new ledger")
     # rebuilt from the queue: no tag, but its defer log shows it waited as a
     # customer's mail in the deferred queue before the keeper held it
     assert stack.status("customer.test")[0]["messages"] == 1

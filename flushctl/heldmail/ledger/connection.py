@@ -36,7 +36,6 @@ class LedgerFile:
         self._as_uid = as_uid
         self._lock = Guard()
         self.generation = 0
-        self.fresh = False  # did our last open create the file?
         self._open()
 
     def _open(self) -> None:
@@ -45,7 +44,6 @@ class LedgerFile:
             self._open_file()
 
     def _open_file(self) -> None:
-        self.fresh = not os.path.exists(self.path)
         try:
             self._create()
             self._connect()
@@ -57,7 +55,6 @@ class LedgerFile:
                 if os.path.exists(self.path + suffix):
                     os.replace(self.path + suffix, aside + suffix)
             log.warning("event=ledger_corrupt path=%s kept_as=%s", self.path, aside)
-            self.fresh = True
             self._create()
             self._connect()
         self.generation += 1
@@ -106,6 +103,20 @@ class LedgerFile:
             self._db.close()
             self._open()
         return True
+
+    def rebuilt(self) -> bool:
+        """Was this file rebuilt from the queue since it was made?  A file
+        any process made (the milter on its next message, the keeper, a
+        command) holds only what was recorded since, until one that can
+        read the queue rebuilds it and says so here."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT 1 FROM meta WHERE key = 'rebuilt'").fetchone() is not None
+
+    def mark_rebuilt(self) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('rebuilt', ?)",
+                       (repr(time.time()),))
 
     def close(self) -> None:
         with self._lock:

@@ -75,6 +75,10 @@ CREATE TABLE IF NOT EXISTS webhooks (
     taken     REAL,             -- handed to the poller then (not handed again for a while)
     last_error TEXT
 );
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,     -- "rebuilt": this file was rebuilt from the queue
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS counters (
     name   TEXT NOT NULL,
     labels TEXT NOT NULL,
