@@ -28,6 +28,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from flushctl.bulk import collector_paused
+
 log = logging.getLogger("flushctl.metrics")
 
 # ledger counter name -> (metric name without _total, help, label names)
@@ -98,7 +100,9 @@ def domain_lines(heldmail, now: float | None = None) -> str:
     (letters, digits, dots, hyphens): nothing to escape."""
     now = time.time() if now is None else now
     held, size, age, reachable, paused, refused = [], [], [], [], [], []
-    for name, located, state in heldmail.located_all():
+    with collector_paused():
+        located_all = list(heldmail.located_all())
+    for name, located, state in located_all:
         label = f'{{domain="{name}"}} '
         if located is None:
             held.append(label + "0")

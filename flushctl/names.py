@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 
-_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_NAME = re.compile(rf"(?:{_LABEL}\.)+{_LABEL}")   # two labels or more
 # Short ids are upper-case hex; long ids use Postfix's 52-letter safe alphabet
 # (digits and consonants) with a 'z' between time and inode number.
 _QUEUE_ID = re.compile(r"^[0-9A-Za-z]{6,32}$")
@@ -24,13 +25,11 @@ def domain(value: str) -> str:
         raise ValueError("empty domain name")
     if len(name) > 253:
         raise ValueError(f"domain name too long: {value[:40]!r}...")
-    labels = name.split(".")
-    if len(labels) < 2:
+    if "." not in name:
         raise ValueError(f"not a fully qualified domain name: {value!r}")
-    for label in labels:
-        if not _LABEL.fullmatch(label):
-            raise ValueError(f"invalid domain name: {value!r}")
-    if labels[-1].isdigit():
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"invalid domain name: {value!r}")
+    if name.rpartition(".")[2].isdigit():
         raise ValueError(f"invalid domain name (numeric top-level label): {value!r}")
     return name
 

@@ -37,13 +37,16 @@ def status(ctx, domain, as_json, of_cluster):
     if as_json:
         click.echo(json_rows([r.as_json() for r in rows]))
         return
-    click.echo(f"{'DOMAIN':<30} {'MESSAGES':>8} {'BYTES':>12} {'OLDEST':<19} "
-               f"{'REACHABLE':<9} {'LAST FLUSH':<19} STATE")
+    # one write of all the lines: a call per line took 0.4 s at 100,000 domains
+    lines = [f"{'DOMAIN':<30} {'MESSAGES':>8} {'BYTES':>12} {'OLDEST':<19} "
+             f"{'REACHABLE':<9} {'LAST FLUSH':<19} STATE"]
     for r in rows:
-        click.echo(f"{r.domain:<30} {r.messages:>8} {r.bytes:>12} {fmt_time(r.oldest_arrival):<19} "
-                   f"{fmt_bool(r.reachable):<9} {fmt_time(r.last_flush):<19} {_state_text(r)}")
+        lines.append(f"{r.domain:<30} {r.messages:>8} {r.bytes:>12} "
+                     f"{fmt_time(r.oldest_arrival):<19} {fmt_bool(r.reachable):<9} "
+                     f"{fmt_time(r.last_flush):<19} {_state_text(r)}")
         if domain or not r.configured:
-            _status_details(r)
+            lines.extend(_status_details(r))
+    click.echo("\n".join(lines))
 
 
 def _state_text(r) -> str:
@@ -61,26 +64,28 @@ def _state_text(r) -> str:
     return ",".join(states) or "-"
 
 
-def _status_details(r) -> None:
+def _status_details(r) -> list[str]:
     """The lines under one domain's row: why it is as it is."""
+    lines = []
     if not r.configured:
-        click.echo("  not configured any more: `flushctl return` or `purge` it, or "
-                   "`flushctl apply --release-removed` delivers it as ordinary mail")
+        lines.append("  not configured any more: `flushctl return` or `purge` it, or "
+                     "`flushctl apply --release-removed` delivers it as ordinary mail")
     if len(r.hosts) > 1 or (r.hosts and r.domain not in r.hosts):
-        click.echo("  per host: " + ", ".join(f"{h} {n}" for h, n in r.hosts.items()))
+        lines.append("  per host: " + ", ".join(f"{h} {n}" for h, n in r.hosts.items()))
     if r.last_flush_trigger:
         who = f" from {r.last_flush_client}" if r.last_flush_client else ""
-        click.echo(f"  last flush: {r.last_flush_trigger}{who}: {r.last_flush_result}")
+        lines.append(f"  last flush: {r.last_flush_trigger}{who}: {r.last_flush_result}")
     if r.last_error:
-        click.echo(f"  last probe: {r.last_error}")
+        lines.append(f"  last probe: {r.last_error}")
     if r.backoff_until:
-        click.echo(f"  the poller waits until {fmt_time(r.backoff_until)}: the last "
-                   "release's attempts tempfailed")
+        lines.append(f"  the poller waits until {fmt_time(r.backoff_until)}: the last "
+                     "release's attempts tempfailed")
     if r.refused:
-        click.echo(f"  refused by the customer's server: {r.refused} message(s); last reply: "
-                   f"{r.refused_reply}")
-        click.echo("  (the poller does not retry them; the customer's next finger or ETRN, "
-                   "or `flushctl flush`, does; `flushctl return --refused` returns them)")
+        lines.append(f"  refused by the customer's server: {r.refused} message(s); last reply: "
+                     f"{r.refused_reply}")
+        lines.append("  (the poller does not retry them; the customer's next finger or ETRN, "
+                     "or `flushctl flush`, does; `flushctl return --refused` returns them)")
+    return lines
 
 
 def _cluster_status(ctx, local, as_json) -> None:

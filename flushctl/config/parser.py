@@ -15,7 +15,10 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import rtoml
+
 from flushctl import names
+from flushctl.bulk import collector_paused
 from flushctl.config.fields import (_Section, _duration, _host_port, _host_ports, _is_ip,
                                     _listen, _networks, _policy_listen, _relay, _user,
                                     _users,
@@ -236,12 +239,30 @@ def _domain(path: str, name: str, table: Any) -> Domain:
     )
 
 
-def parse(text: str, path: str = "<config>") -> Config:
-    """Validate the TOML ``text``; ``path`` is used in error messages."""
+def _toml(text: str, path: str) -> dict:
+    """The TOML document, read by rtoml (a provider's 100,000 domains: 0.13 s,
+    against 1.05 s with tomllib, paid by every command); what rtoml refuses
+    is read again by tomllib, whose verdict stands and whose message the
+    admin sees (rtoml refuses a few things TOML allows, such as a float
+    too large for a double, which tomllib reads as infinity)."""
     try:
-        data = tomllib.loads(text)
+        return rtoml.loads(text)
+    except rtoml.TomlParsingError:
+        pass
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def parse(text: str, path: str = "<config>") -> Config:
+    """Validate the TOML ``text``; ``path`` is used in error messages."""
+    with collector_paused():
+        return _parse(text, path)
+
+
+def _parse(text: str, path: str) -> Config:
+    data = _toml(text, path)
     top = _Section(path, "", data)
     top.check_keys({"postfix", "state", "milter", "gateway", "poller", "helper", "relay",
                     "submission", "cluster", "metrics", "odmr", "portal", "notify",

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from flushctl import names
+from flushctl.bulk import collector_paused
 from flushctl.config import Domain, UnknownDomain
 from flushctl.heldmail import rules as rules
 from flushctl.heldmail.ledger.schema import DomainState, Entry
@@ -140,8 +141,9 @@ class StatusPart:
     def status_all(self) -> list[Status]:
         """Every configured domain's status, then held mail of removed ones."""
         empty = Snapshot((), time.time())
-        return [self._status(name, snap or empty, state)
-                for name, snap, state in self.located_all()]
+        with collector_paused():
+            return [self._status(name, snap or empty, state)
+                    for name, snap, state in self.located_all()]
 
     def located_all(self):
         """(domain, Snapshot or Tally or None, DomainState) for every
@@ -158,17 +160,44 @@ class StatusPart:
         removed = sorted(d for d, s in states.items()
                          if d not in self.config.domains and s.messages > 0)
         held = sum(s.messages for s in states.values() if s.messages > 0)
-        in_hold = frozenset(self.layout.ids("hold")) if held >= LIST_FROM else None
+        tallies = self._tallied(set(self.layout.ids("hold")), states) if held >= LIST_FROM else None
         for name in [*sorted(self.config.domains), *removed]:
             state = states.get(name)
             if state is None or state.messages <= 0:
                 yield name, None, state or DomainState(name)
-            elif in_hold is None:   # the row's other fields stand; the counts come from the queue
+            elif tallies is None:   # the row's other fields stand; the counts come from the queue
                 yield name, self.snapshot(name), state
             else:
-                yield name, self._listed(name, in_hold, state), state
+                yield name, tallies.get(name) or Tally(time.time(), state.releasing_until), state
 
-    def _listed(self, name: str, in_hold: frozenset[str], state: DomainState) -> Tally:
+    def _tallied(self, in_hold: set[str], states: dict[str, DomainState]) -> dict[str, Tally]:
+        """Each domain's held mail counted from the ledger's totals per
+        domain and route, all of it in the hold queue as listed; a domain
+        with rows the listing does not show (elsewhere in the queue, gone,
+        recorded or moved since) is counted row by row (``_listed``)."""
+        now = time.time()
+        missing, figures, refused = self.ledger.totals(in_hold)
+        uneven = {e.domain for e in self.ledger.entries_by_id(missing).values()} \
+            if missing else set()
+        tallies: dict[str, Tally] = {}
+
+        def tally(domain: str) -> Tally:
+            if domain not in tallies:
+                state = states.get(domain)
+                tallies[domain] = Tally(now, state.releasing_until if state else None)
+            return tallies[domain]
+        for domain, route, count, size, oldest in figures:
+            if domain not in uneven:
+                tally(domain).add("hold", route, size, oldest, count)
+        for row in refused:
+            if row[1] not in uneven:
+                tally(row[1]).add_item(_held_item(row))
+        for domain in uneven:
+            tallies[domain] = self._listed(domain, in_hold, states.get(domain)
+                                           or DomainState(domain))
+        return tallies
+
+    def _listed(self, name: str, in_hold: set[str], state: DomainState) -> Tally:
         tally = Tally(time.time(), state.releasing_until)
         missing = []
         for row in self.ledger.rows(name):
@@ -179,8 +208,7 @@ class StatusPart:
             elif row[7] is None:
                 tally.add("hold", row[5], row[2], row[3])
             else:
-                tally.add_item(Item(row[0], row[1], row[5], row[2], row[3], row[4], "hold",
-                                    released=row[6], refused=row[7], refused_since=row[8]))
+                tally.add_item(_held_item(row))
         if missing:
             for item in self._snapshot(missing, state.releasing_until).present:
                 tally.add_item(item)   # elsewhere in the queue, or moved meanwhile
@@ -230,3 +258,10 @@ class StatusPart:
             self.ledger.recounted(name, started)
             done.append(name)
         return done
+
+
+def _held_item(row: tuple) -> Item:
+    """An Item in the hold queue from a row of Entry's fields (queue_id,
+    domain, size, arrival, ctime, route, released, refused, refused_since)."""
+    return Item(row[0], row[1], row[5], row[2], row[3], row[4], "hold",
+                released=row[6], refused=row[7], refused_since=row[8])

@@ -136,8 +136,8 @@ class QueueLayout:
 def _ids_in(directory: str) -> list[str]:
     from flushctl.names import is_queue_id
     try:
-        with os.scandir(directory) as entries:
-            return [e.name for e in entries if is_queue_id(e.name)]
+        # names only: no DirEntry each (a fifth of a million held's listing)
+        return [name for name in os.listdir(directory) if is_queue_id(name)]
     except (FileNotFoundError, NotADirectoryError):
         return []
 

@@ -96,3 +96,32 @@ def test_of_refusals_at_the_same_time_both_ways_show_the_same_reply(heldmail, mo
         monkeypatch.setattr(status_mod, "LIST_FROM", list_from)
         replies.append(heldmail.status_all()[0].refused_reply)
     assert replies[0] == replies[1]
+
+
+def test_a_domain_all_in_hold_is_counted_from_the_ledgers_totals(heldmail, monkeypatch):
+    """A domain whose every row the listing shows is counted from the
+    ledger's totals per route (not row by row): every field as a stat per
+    message gives it, refused mail, routes and the oldest arrival included;
+    so is a domain whose only held mail was refused."""
+    held = [("4jfQW04Wb7zJ9X1", "c.test", 10, 50.0, None),
+            ("4jfQW04Wb7zJ9X2", "c.test", 20, 40.0, "mx.c.test"),
+            ("4jfQW04Wb7zJ9X3", "c.test", 30, 60.0, "mx.c.test"),
+            ("4jfQW04Wb7zJ9X4", "removed.test", 40, 70.0, None)]
+    for queue_id, domain, size, arrival, route in held:
+        path = heldmail.layout.path("hold", queue_id)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "w").close()
+        heldmail.ledger.record(queue_id, domain, size, arrival=arrival, route=route)
+    heldmail.ledger.set_outcomes([("4jfQW04Wb7zJ9X3", "550 5.1.1 gone"),
+                                  ("4jfQW04Wb7zJ9X4", "554 no")], 1000.0)
+    views = []
+    for list_from in (1, 10**9):
+        monkeypatch.setattr(status_mod, "LIST_FROM", list_from)
+        views.append([s.as_json() for s in heldmail.status_all()])
+    assert views[0] == views[1]
+    c, removed = views[0][2], views[0][3]
+    assert (c["messages"], c["bytes"], c["oldest_arrival"]) == (3, 60, 40.0)
+    assert c["hosts"] == {"c.test": 1, "mx.c.test": 2} and c["queues"] == {"hold": 3}
+    assert (c["refused"], c["refused_reply"]) == (1, "550 5.1.1 gone")
+    assert (removed["domain"], removed["messages"], removed["refused"],
+            removed["configured"]) == ("removed.test", 1, 1, False)
