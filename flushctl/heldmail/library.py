@@ -92,34 +92,42 @@ class HeldMail(StatusPart, ReleasePart, IntakePart, HoldBackPart, AdminPart):
 
     def _take(self, ledger: Ledger) -> None:
         self._ledger = ledger
-        # a ledger file is trusted once it was rebuilt from the queue: by
-        # whichever process first could, whoever made the file (first run,
-        # removed, corrupt; see ``needs_rebuild``)
+        # The file this process found is trusted once it was rebuilt from
+        # the queue, by whichever process could (it may have been made by
+        # one that cannot: the milter).  A file it sees replaced later (a
+        # removal, corruption, a backup put back) it rebuilds itself,
+        # whatever the new file says.
+        self._found = ledger.generation
         self._rebuilt = 0
 
     def needs_rebuild(self) -> bool:
-        """Is the ledger file not rebuilt from the queue yet (new: a first
-        run, removed, replaced, corrupt)?  One stat; one row read per file."""
+        """Is the ledger file one this process must rebuild from the queue
+        first?  One stat; one row read per file until it is trusted."""
         self.ledger.check_file()
         if self._rebuilt == self.ledger.generation:
             return False
-        if self.ledger.rebuilt():
-            self._rebuilt = self.ledger.generation
+        if self.ledger.marked_generation() == self._found:
+            self._rebuilt = self._found
             return False
         return True
 
     def rebuild_if_needed(self) -> dict[str, int]:
-        """Rebuild the ledger from the hold queue unless its file was."""
+        """Rebuild the ledger from the hold queue if ``needs_rebuild``."""
         if not self.needs_rebuild():
             return {}
+        generation = self.ledger.generation
+        # tried once per file: a process that cannot read the queue, or a
+        # full disk, does not make every call a rebuild
+        self._rebuilt = generation
         # what this process remembers of the queue was looked up in a file
-        # that is gone: every id is looked up again, in this one
+        # that is gone, and a watch's listing may be older than the file:
+        # every id is listed and looked up again, in this one
         for seen in self._seen.values():
             seen.clear()
         self._ours_deferred.clear()
+        self._watches.clear()
         counts = self.take_in(queues=("hold",))
-        self.ledger.mark_rebuilt()
-        self._rebuilt = self.ledger.generation
+        self.ledger.mark_rebuilt(generation)
         return counts
 
     # -- Postfix's settings, read once per process --------------------------

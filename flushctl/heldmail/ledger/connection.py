@@ -104,19 +104,25 @@ class LedgerFile:
             self._open()
         return True
 
-    def rebuilt(self) -> bool:
-        """Was this file rebuilt from the queue since it was made?  A file
-        any process made (the milter on its next message, the keeper, a
-        command) holds only what was recorded since, until one that can
-        read the queue rebuilds it and says so here."""
+    def marked_generation(self) -> int | None:
+        """This object's generation if its file says it was rebuilt from the
+        queue since it was made (None if not).  A file any process made
+        (the milter on its next message, the keeper, a command) holds only
+        what was recorded since, until one that can read the queue
+        rebuilds it and marks it (``mark_rebuilt``)."""
         with self._lock:
-            return self._db.execute(
-                "SELECT 1 FROM meta WHERE key = 'rebuilt'").fetchone() is not None
+            row = self._db.execute("SELECT 1 FROM meta WHERE key = 'rebuilt'").fetchone()
+            return self.generation if row is not None else None
 
-    def mark_rebuilt(self) -> None:
+    def mark_rebuilt(self, generation: int) -> bool:
+        """Mark the file rebuilt, if it is still the one of ``generation``
+        (a file swapped in meanwhile got none of the rebuild); True if so."""
         with self._tx() as db:
+            if self.generation != generation:
+                return False
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('rebuilt', ?)",
                        (repr(time.time()),))
+            return True
 
     def close(self) -> None:
         with self._lock:

@@ -50,24 +50,25 @@ class Records(LedgerFile):
         with self._lock:
             return self._db.execute(ENTRY_SELECT + " WHERE domain = ?", (domain,)).fetchall()
 
-    def totals(self, present: set[str]) -> tuple[list[str], list[tuple], list[tuple]]:
-        """One consistent read for the all-domains views: the recorded ids
-        not in ``present`` (a listing of the hold queue); (domain, route,
-        messages, bytes, oldest arrival) of the mail not refused; the
-        refused mail's rows as Entry's fields."""
+    def totals(self, present: set[str]) -> tuple[set[str], list[tuple], list[tuple]]:
+        """One consistent read for the all-domains views: the domains with a
+        recorded id not in ``present`` (a listing of the hold queue);
+        (domain, route, messages, bytes, oldest arrival) of the mail not
+        refused; the refused mail's rows as Entry's fields."""
         with self._lock:
             db = self._db
             db.execute("BEGIN")
             try:
-                missing = [qid for (qid,) in db.execute("SELECT queue_id FROM messages")
-                           if qid not in present]
+                uneven = {domain for qid, domain in
+                          db.execute("SELECT queue_id, domain FROM messages")
+                          if qid not in present}
                 figures = db.execute(
                     "SELECT domain, COALESCE(route, domain), COUNT(*), SUM(size), MIN(arrival)"
                     " FROM messages WHERE refused IS NULL GROUP BY 1, 2").fetchall()
                 refused = db.execute(ENTRY_SELECT + " WHERE refused IS NOT NULL").fetchall()
             finally:
                 db.execute("COMMIT")
-        return missing, figures, refused
+        return uneven, figures, refused
 
     def entries_by_id(self, queue_ids) -> dict[str, Entry]:
         return {row[0]: Entry(*row) for row in
