@@ -45,3 +45,11 @@ def test_rtoml_and_tomllib_read_a_config_alike():
             '[domains."a.test".hosts]\n"h.a.test" = "[192.0.2.2]"\n')
     assert list(_toml(text, "t.toml")["domains"]) == ["b.test", "a.test"]
     assert _toml(text, "t.toml") == tomllib.loads(text)
+
+
+def test_carriage_returns_and_a_byte_order_mark_are_tomllibs_to_judge():
+    """Review finding: rtoml keeps CRLF in multi-line strings and skips a
+    byte order mark; tomllib makes them LF and refuses the mark."""
+    assert _toml('a = """x\r\ny"""\r\n', "t.toml") == {"a": "x\ny"}
+    with pytest.raises(ConfigError):
+        _toml("\ufeffa = 1\n", "t.toml")
