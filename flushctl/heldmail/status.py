@@ -112,11 +112,18 @@ class StatusPart:
         state = self.ledger.state(dom)
         if state.messages > 0 or state.paused:
             return None
-        return self._status(dom, Snapshot((), time.time()), state)
+        return self._status(dom, None, state)
 
-    def _status(self, dom: str, snap: Snapshot, state: DomainState) -> Status:
-        messages, size, oldest = snap.figures()
-        refused = snap.refused()
+    def _status(self, dom: str, snap: Snapshot | Tally | None, state: DomainState,
+                now: float | None = None) -> Status:
+        """``snap`` None: nothing held (most of 100,000 domains: no figures
+        worked out for them)."""
+        if snap is None:
+            messages, size, oldest, refused, queues, hosts = 0, 0, None, [], {}, {}
+            now = time.time() if now is None else now
+        else:
+            messages, size, oldest = snap.figures()
+            refused, queues, hosts, now = snap.refused(), snap.per_queue(), snap.routes(), snap.now
         # the latest refusal; of equal times the same one whatever the order read
         last_refusal = max(refused, key=lambda i: (i.refused_since or 0, i.queue_id),
                            default=None)
@@ -129,20 +136,20 @@ class StatusPart:
             last_flush=state.last_flush, last_flush_trigger=state.last_flush_trigger,
             last_flush_result=state.last_flush_result,
             last_flush_client=state.last_flush_client, paused=state.paused,
-            queues=snap.per_queue(),
+            queues=queues,
             refused=len(refused),
             refused_reply=last_refusal.refused if last_refusal else None,
             backoff_until=(state.backoff_until if state.backoff_until
-                           and state.backoff_until > snap.now else None),
-            hosts=snap.routes(),
+                           and state.backoff_until > now else None),
+            hosts=hosts,
             configured=dom in self.config.domains,
         )
 
     def status_all(self) -> list[Status]:
         """Every configured domain's status, then held mail of removed ones."""
-        empty = Snapshot((), time.time())
+        now = time.time()
         with collector_paused():
-            return [self._status(name, snap or empty, state)
+            return [self._status(name, snap, state, now)
                     for name, snap, state in self.located_all()]
 
     def located_all(self):
@@ -171,28 +178,27 @@ class StatusPart:
                 yield name, tallies.get(name) or Tally(time.time(), state.releasing_until), state
 
     def _tallied(self, in_hold: set[str], states: dict[str, DomainState]) -> dict[str, Tally]:
-        """Each domain's held mail counted from the ledger's totals per
-        domain and route, all of it in the hold queue as listed; a domain
+        """Each holding domain's mail counted from the ledger's totals, all
+        of it in the hold queue as listed (``Records.totals``); a domain
         with rows the listing does not show (elsewhere in the queue, gone,
         recorded or moved since) is counted row by row (``_listed``)."""
         now = time.time()
-        uneven, figures, refused = self.ledger.totals(in_hold)
+        totals = self.ledger.totals(in_hold)
+        refused: dict[str, list[Item]] = {}
+        for row in totals.refused:
+            refused.setdefault(row[1], []).append(_held_item(row))
         tallies: dict[str, Tally] = {}
-
-        def tally(domain: str) -> Tally:
-            if domain not in tallies:
-                state = states.get(domain)
-                tallies[domain] = Tally(now, state.releasing_until if state else None)
-            return tallies[domain]
-        for domain, route, count, size, oldest in figures:
-            if domain not in uneven:
-                tally(domain).add("hold", route, size, oldest, count)
-        for row in refused:
-            if row[1] not in uneven:
-                tally(row[1]).add_item(_held_item(row))
-        for domain in uneven:
-            tallies[domain] = self._listed(domain, in_hold, states.get(domain)
-                                           or DomainState(domain))
+        for domain, (messages, size, oldest) in totals.held.items():
+            state = states.get(domain) or DomainState(domain)
+            if domain in totals.uneven:
+                tallies[domain] = self._listed(domain, in_hold, state)
+                continue
+            routed = totals.routed.get(domain, {})
+            own = messages - sum(routed.values())
+            hosts = dict(routed, **{domain: own}) if own else dict(routed)
+            tallies[domain] = Tally(now, state.releasing_until, messages, size, oldest,
+                                    {"hold": messages} if messages else {}, hosts,
+                                    refused.get(domain, []))
         return tallies
 
     def _listed(self, name: str, in_hold: set[str], state: DomainState) -> Tally:

@@ -10,7 +10,7 @@ import time
 
 from flushctl.heldmail.ledger.connection import LedgerFile
 from flushctl.heldmail.ledger.counters import count
-from flushctl.heldmail.ledger.schema import ENTRY_SELECT, Entry
+from flushctl.heldmail.ledger.schema import ENTRY_SELECT, Entry, Totals
 
 
 class Records(LedgerFile):
@@ -50,25 +50,46 @@ class Records(LedgerFile):
         with self._lock:
             return self._db.execute(ENTRY_SELECT + " WHERE domain = ?", (domain,)).fetchall()
 
-    def totals(self, present: set[str]) -> tuple[set[str], list[tuple], list[tuple]]:
-        """One consistent read for the all-domains views: the domains with a
-        recorded id not in ``present`` (a listing of the hold queue);
-        (domain, route, messages, bytes, oldest arrival) of the mail not
-        refused; the refused mail's rows as Entry's fields."""
+    def totals(self, present: set[str]) -> Totals:
+        """What the all-domains views count, in one read transaction and
+        without a row of Python per message: the domains with a recorded
+        id not in ``present`` (a listing of the hold queue); each holding
+        domain's messages (counted on its index), bytes (its running
+        total, kept with the rows; a domain whose running count is off is
+        counted row by row too) and oldest arrival; the mail routed
+        elsewhere than the domain, per route; the refused mail's rows."""
         with self._lock:
             db = self._db
             db.execute("BEGIN")
             try:
-                uneven = {domain for qid, domain in
-                          db.execute("SELECT queue_id, domain FROM messages")
-                          if qid not in present}
-                figures = db.execute(
-                    "SELECT domain, COALESCE(route, domain), COUNT(*), SUM(size), MIN(arrival)"
-                    " FROM messages WHERE refused IS NULL GROUP BY 1, 2").fetchall()
-                refused = db.execute(ENTRY_SELECT + " WHERE refused IS NOT NULL").fetchall()
+                # one string of all the ids, split in C: a third faster than a
+                # row each (queue ids have no spaces; one that had would only
+                # be missing, and its domain counted row by row)
+                (ids,) = db.execute("SELECT group_concat(queue_id, ' ') FROM messages"
+                                    ).fetchone()
+                missing = [qid for qid in (ids or "").split(" ") if qid not in present]
+                uneven = {domain for (domain,) in self._rows_in(
+                    "SELECT domain FROM messages WHERE queue_id IN ({})", missing)}
+                held = {}
+                for domain, messages, total in db.execute(
+                        "SELECT domain, messages, bytes FROM domains WHERE messages > 0"
+                ).fetchall():
+                    count, oldest = db.execute(
+                        "SELECT COUNT(*), MIN(arrival) FROM messages WHERE domain = ?",
+                        (domain,)).fetchone()
+                    held[domain] = (count, total, oldest)
+                    if count != messages:   # running totals off: its rows decide
+                        uneven.add(domain)
+                routed: dict[str, dict[str, int]] = {}
+                for domain, route, count in db.execute(
+                        "SELECT domain, route, COUNT(*) FROM messages WHERE route IS NOT NULL"
+                        " GROUP BY 1, 2"):
+                    routed.setdefault(domain, {})[route] = count
+                refused = db.execute(ENTRY_SELECT + " WHERE refused_since IS NOT NULL"
+                                     " AND refused IS NOT NULL").fetchall()
             finally:
                 db.execute("COMMIT")
-        return uneven, figures, refused
+        return Totals(uneven, held, routed, refused)
 
     def entries_by_id(self, queue_ids) -> dict[str, Entry]:
         return {row[0]: Entry(*row) for row in

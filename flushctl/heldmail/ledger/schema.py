@@ -7,6 +7,7 @@ types are what reads of it return.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 FILENAME = "ledger.sqlite3"
 
@@ -109,6 +110,9 @@ _ADDED_COLUMNS = (
 _ADDED_INDEXES = (
     "CREATE INDEX IF NOT EXISTS messages_refused ON messages (domain, refused_since)"
     " WHERE refused_since IS NOT NULL",
+    # the all-domains views count mail routed elsewhere than its domain (few rows)
+    "CREATE INDEX IF NOT EXISTS messages_routed ON messages (domain, route)"
+    " WHERE route IS NOT NULL",
 )
 
 
@@ -129,6 +133,14 @@ def migrate(db) -> None:
             db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
     for stmt in _ADDED_INDEXES:
         db.execute(stmt)
+
+
+class Totals(NamedTuple):
+    """What ``Records.totals`` reads for the all-domains views."""
+    uneven: set                 # domains to count row by row
+    held: dict                  # domain -> (messages, bytes, oldest arrival)
+    routed: dict                # domain -> {route: messages} (routes other than the domain)
+    refused: list               # rows (Entry's fields) of refused mail
 
 
 @dataclass(frozen=True)

@@ -160,3 +160,18 @@ def test_a_row_moved_to_another_domain_after_the_read_is_not_counted_as_held(
     assert a in (("a.test", 3, 600, {"deferred": 1, "hold": 2}),
                  ("a.test", 2, 300, {"hold": 2}))
     assert a[3].get("hold") == 2 and b == WANT[1]
+
+
+def test_a_domain_whose_running_totals_are_off_is_counted_by_its_rows(heldmail, monkeypatch):
+    """The views take a domain's bytes from its running totals; if its
+    running count disagrees with its rows, its rows decide, as a stat
+    pass would."""
+    path = heldmail.layout.path("hold", "4jfQW04Wb7zJ9X1")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    open(path, "w").close()
+    heldmail.ledger.record("4jfQW04Wb7zJ9X1", "c.test", 10)
+    with heldmail.ledger._tx() as db:
+        db.execute("UPDATE domains SET messages = 5, bytes = 999 WHERE domain = 'c.test'")
+    monkeypatch.setattr(status_mod, "LIST_FROM", 1)
+    c = heldmail.status_all()[2]
+    assert (c.domain, c.messages, c.bytes, c.queues) == ("c.test", 1, 10, {"hold": 1})
