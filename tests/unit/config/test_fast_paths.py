@@ -53,3 +53,20 @@ def test_carriage_returns_and_a_byte_order_mark_are_tomllibs_to_judge():
     assert _toml('a = """x\r\ny"""\r\n', "t.toml") == {"a": "x\ny"}
     with pytest.raises(ConfigError):
         _toml("\ufeffa = 1\n", "t.toml")
+
+
+@pytest.mark.parametrize("name, table", [
+    ("a.test", {}), ("a.test", {"relay": "[192.0.2.1]:2525"}),
+    ("a.test", {"relay": "mx.a.test"}), ("a.test", {"relay": "[2001:db8::1]"}),
+    ("a.test", {"relay": "192.0.2.1:25"}), ("a.test", {"relay": 25}),
+    ("a.test", {"relay": "[mx.a.test]:0"}), ("A.test", {}), ("a", {"relay": "x.test"}),
+    ("a.test", {"relay": "x.test", "odmr": True}), ("a.test", "not a table")])
+def test_a_domain_naming_a_relay_or_nothing_is_read_as_the_full_path_reads_it(name, table):
+    from flushctl.config.parser import _domain, _full_domain
+
+    def read(fn):
+        try:
+            return fn("t.toml", name, table)
+        except ConfigError as exc:
+            return str(exc)
+    assert read(_domain) == read(_full_domain)
