@@ -62,7 +62,7 @@ def test_carriage_returns_and_a_byte_order_mark_are_tomllibs_to_judge():
     ("a.test", {"relay": "[mx.a.test]:0"}), ("A.test", {}), ("a", {"relay": "x.test"}),
     ("a.test", {"relay": "x.test", "odmr": True}), ("a.test", "not a table")])
 def test_a_domain_naming_a_relay_or_nothing_is_read_as_the_full_path_reads_it(name, table):
-    from flushctl.config.parser import _domain, _full_domain
+    from flushctl.config.domains import _domain, _full_domain
 
     def read(fn):
         try:

@@ -175,3 +175,10 @@ def test_a_domain_whose_running_totals_are_off_is_counted_by_its_rows(heldmail, 
     monkeypatch.setattr(status_mod, "LIST_FROM", 1)
     c = heldmail.status_all()[2]
     assert (c.domain, c.messages, c.bytes, c.queues) == ("c.test", 1, 10, {"hold": 1})
+
+
+def test_a_status_as_json_is_every_field_in_order(heldmail):
+    import dataclasses
+    status = heldmail.status_all()[0]
+    assert list(status.as_json()) == [f.name for f in dataclasses.fields(status)]
+    assert status.as_json() == dataclasses.asdict(status)
