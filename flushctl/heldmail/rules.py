@@ -144,14 +144,13 @@ class Tally:
     hosts: dict = field(default_factory=dict)
     refused_items: list = field(default_factory=list)
 
-    def add(self, queue: str, route: str, size: int, arrival: float, count: int = 1) -> None:
-        """``count`` messages of ``size`` bytes in all, the oldest arrived then."""
-        self.messages += count
+    def add(self, queue: str, route: str, size: int, arrival: float) -> None:
+        self.messages += 1
         self.bytes += size
         if self.oldest is None or arrival < self.oldest:
             self.oldest = arrival
-        self.queues[queue] = self.queues.get(queue, 0) + count
-        self.hosts[route] = self.hosts.get(route, 0) + count
+        self.queues[queue] = self.queues.get(queue, 0) + 1
+        self.hosts[route] = self.hosts.get(route, 0) + 1
 
     def add_item(self, item: Item) -> None:
         self.add(item.queue, item.route, item.size, item.arrival)

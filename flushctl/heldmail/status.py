@@ -150,10 +150,9 @@ class StatusPart:
         read of all the domains' rows, and the queue looked at only for
         those whose totals show mail (None: nothing held).  With much held,
         one listing of the hold queue says which messages are there, and a
-        Tally counts each domain's rows, instead of a ``stat`` and an Item
-        per message (both only count: figures, queues, routes, refused);
-        rows the listing does not show (elsewhere in the queue, gone, or
-        moved during the listing) are settled one by one."""
+        Tally of each domain comes from the ledger's totals (``_tallied``),
+        instead of a ``stat`` and an Item per message; a domain with rows
+        the listing does not show is counted row by row."""
         self.rebuild_if_needed()
         states = self.ledger.states()
         removed = sorted(d for d, s in states.items()
