@@ -207,7 +207,9 @@ class ReleasePart:
         if old:
             back = self.refresh(dom, [i.queue_id for i in old])
             sent_early = max(0, len(old) - back)
-            snap = self.snapshot(dom)
+            # a copy another process recorded (the keeper: it records, then
+            # holds) may still lie in the deferred queue: held here first
+            snap = self.hold_back(dom, self.snapshot(dom))
             candidates = rules.releasable(snap, trigger, routes)
         # A message that failed an attempt once has its retry time (the
         # file's mtime) in the future, and a deferred-queue scan would pass

@@ -364,6 +364,38 @@ def test_renewal_while_others_record_the_copies_does_not_wait(make_stack):
     assert customer_losses(stack) == []
 
 
+def test_renewed_copies_another_process_recorded_but_not_yet_held_are_released(make_stack):
+    """The keeper records a requeued copy, then holds it: a renewal that
+    counts the copies in between must still send them (it sent none, and
+    the poller's release then shared that empty one)."""
+    from flushctl import config as config_mod
+    from flushctl.heldmail.library import HeldMail
+    from flushctl.heldmail.outcome import RELEASED
+    stack = make_stack(extra_main=SHORT_LIFETIMES)
+    for i in range(2):
+        stack.send([f"u{i}@customer.test"])
+    wait_until(lambda: len(stack.queue()) == 2, what="2 held")
+    time.sleep(3)        # older than half the lifetime: renewed before the release
+    cfg = config_mod.load(str(stack.config_path))
+
+    class Keeper(HeldMail):     # stopped between recording a copy and holding it
+        not_yet_held: list = []
+
+        def _hold(self, queue_ids):
+            Keeper.not_yet_held.extend(queue_ids)
+    keeper = Keeper(cfg)
+
+    class Releasing(HeldMail):  # whatever it would record, the keeper records first
+        def take_in(self, queues=("deferred", "hold")):
+            return keeper.take_in(queues)
+    stack.sink.start()
+    outcome = Releasing(cfg).flush("customer.test", trigger="admin")
+    assert Keeper.not_yet_held, "the keeper recorded no copy: the race was not set up"
+    assert (outcome.kind, outcome.released) == (RELEASED, 2), outcome
+    wait_until(lambda: len(stack.sink.messages()) == 2, 30, what="2 delivered")
+    assert customer_losses(stack) == []
+
+
 def test_held_mail_that_is_not_ours_is_read_once(make_stack):
     from flushctl import config as config_mod
     from flushctl.heldmail.library import HeldMail
