@@ -211,7 +211,7 @@ def _ledger(od: HeldMail, report: Report) -> None:
             "holds them as its own")
     for dom in sorted(od.config.domains):
         od.snapshot(dom)  # prunes rows whose message is gone
-    for status in od.status_all():
+    for status in od.status_all(exact=True):
         if not status.configured:
             report.problems.append(
                 f"ledger: {status.domain}: {status.messages} held message(s), "

@@ -69,4 +69,20 @@ def json_rows(rows: list) -> str:
     reader still sees one row per line."""
     if not rows:
         return "[]"
-    return "[\n" + ",\n".join("  " + json.dumps(row) for row in rows) + "\n]"
+    encode = row_encoder()
+    return "[\n" + ",\n".join("  " + encode(row) for row in rows) + "\n]"
+
+
+def row_encoder():
+    """``json.dumps`` for one row, with one C encoder made for all of them
+    (``json.dumps`` makes one per call: most of its cost for a small row).
+    The encoder's maker is the json module's own, not public: where it is
+    missing or called differently, ``json.dumps`` itself."""
+    from json import encoder
+    try:
+        make = encoder.c_make_encoder(None, json.JSONEncoder().default,
+                                      encoder.encode_basestring_ascii, None, ": ", ", ",
+                                      False, False, True)
+    except TypeError:   # None (no C encoder) or another signature
+        return json.dumps
+    return lambda row: "".join(make(row, 0))

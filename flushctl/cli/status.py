@@ -29,7 +29,9 @@ def fmt_bool(value: bool | None) -> str:
 @pass_ctx
 @guard
 def status(ctx, domain, as_json, of_cluster):
-    """What is held, per domain (exact against Postfix's queue)."""
+    """What is held, per domain (one domain: exact against Postfix's queue;
+    every domain, from 1,000 held: as the release helper last checked the
+    ledger against it, at most about a minute ago)."""
     od = ctx.heldmail
     rows = [od.status(ctx.domain_or_removed(domain))] if domain else od.status_all()
     if of_cluster:

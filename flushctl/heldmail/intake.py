@@ -79,6 +79,8 @@ class IntakePart:
             if watch is None:
                 watch = self._watches[queue] = QueueWatch(self.layout, queue)
             present = watch.ids(now)
+            if queue == "hold":
+                self._hold_listing = (present, watch.current_at, watch.version)
             seen = self._seen.setdefault(queue, set())
             if watch.last_full == now:
                 seen.clear()   # look everything up again now and then: rows can be lost

@@ -6,6 +6,8 @@ Every few seconds it
   notices) and held mail of ours the ledger lacks: ``HeldMail.take_in``;
 - puts mail that failed after a release back on hold, marked refused on a
   5xx, backing the domain off after tempfails: ``HeldMail.sweep_all``;
+- checks every ledger row against its listing of the hold queue, for the
+  all-domains views: ``HeldMail.verify_ledger``;
 - returns refused mail to its senders once a domain's
   ``refused_return_after`` has passed;
 - samples each domain's held count once an hour (the portal's chart) and
@@ -58,6 +60,7 @@ class Keeper:
         od = self.heldmail
         steps = [("rebuilt", od.rebuild_if_needed, {}), ("nudged", od.nudge_incoming, 0),
                  ("taken_in", od.take_in, {}), ("swept", od.sweep_all, {}),
+                 ("verified", od.verify_ledger, 0),
                  ("returned", self.return_refused, {}), ("recounted", od.recount_asked, []),
                  ("sampled", lambda: od.ledger.sample_history(time.time()), False),
                  ("notified", self.notifier.tick if self.notifier else dict, {})]

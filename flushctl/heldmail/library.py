@@ -8,7 +8,9 @@
 - ``intake``: taking in and holding mail the milter did not see;
 - ``holdback``: putting mail that failed after a release back on hold;
 - ``admin``: pause, resume, purge, return to senders, let a removed
-  domain's mail go.
+  domain's mail go;
+- ``verify``: the keeper's check of every row against the queue, which
+  the all-domains views count from.
 
 What they share lives here: the ledger, Postfix's settings and queue
 layout, the configured domains, holding mail, and probing (our own hosts
@@ -30,6 +32,7 @@ from flushctl.heldmail.intake import IntakePart
 from flushctl.heldmail.ledger.store import Ledger
 from flushctl.heldmail.release import ReleasePart
 from flushctl.heldmail.status import StatusPart
+from flushctl.heldmail.verify import VerifyPart
 from flushctl.mta.commands import Postfix, PostfixError
 from flushctl.mta.queuefiles import QueueLayout, QueueWatch, parse_duration
 from flushctl.mta.relays import Overrides
@@ -47,7 +50,7 @@ def interface_addresses() -> list[str]:
             if a.family in (socket.AF_INET, socket.AF_INET6)]
 
 
-class HeldMail(StatusPart, ReleasePart, IntakePart, HoldBackPart, AdminPart):
+class HeldMail(StatusPart, ReleasePart, IntakePart, HoldBackPart, AdminPart, VerifyPart):
     """The held mail of this host: one object per process, its parts mixed in."""
 
     def __init__(self, config: Config, postfix: Postfix | None = None,
@@ -63,6 +66,11 @@ class HeldMail(StatusPart, ReleasePart, IntakePart, HoldBackPart, AdminPart):
         self._watches: dict[str, QueueWatch] = {}
         self._seen: dict[str, set[str]] = {}      # ids take_in has looked up, per queue
         self._ours_deferred: set[str] = set()     # ours, in the deferred queue at last look
+        # the hold queue at intake's last look: (ids, as of when, listing version)
+        self._hold_listing: tuple[set[str], float, int] | None = None
+        self._verified_key: tuple | None = None   # the listing and file last checked
+        self._verified_written: float | None = None
+        self._outside: list[str] = []
         self._fingerprint: tuple | None = None
         self._nudged_at = float("-inf")
         self._domains_text: str | None = None
@@ -126,6 +134,7 @@ class HeldMail(StatusPart, ReleasePart, IntakePart, HoldBackPart, AdminPart):
             seen.clear()
         self._ours_deferred.clear()
         self._watches.clear()
+        self._hold_listing = None
         counts = self.take_in(queues=("hold",))
         self.ledger.mark_rebuilt(generation)
         return counts

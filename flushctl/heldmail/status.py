@@ -24,7 +24,7 @@ from flushctl.mta.queuefiles import FORCED_EXPIRE_BIT
 LIST_FROM = 1000
 
 
-@dataclass(frozen=True)
+@dataclass   # not frozen: a frozen one's fields cost a call each to set (100,000 rows)
 class Status:
     domain: str
     messages: int
@@ -111,54 +111,57 @@ class StatusPart:
         """``snap`` None: nothing held (most of 100,000 domains: no figures
         worked out for them)."""
         if snap is None:
-            messages, size, oldest, refused, queues, hosts = 0, 0, None, [], {}, {}
+            messages, size, oldest, refused, reply, queues, hosts = 0, 0, None, 0, None, {}, {}
             now = time.time() if now is None else now
         else:
             messages, size, oldest = snap.figures()
-            refused, queues, hosts, now = snap.refused(), snap.per_queue(), snap.routes(), snap.now
-        # the latest refusal; of equal times the same one whatever the order read
-        last_refusal = max(refused, key=lambda i: (i.refused_since or 0, i.queue_id),
-                           default=None)
+            items, queues, hosts, now = snap.refused(), snap.per_queue(), snap.routes(), snap.now
+            # the latest refusal; of equal times the same one whatever the order read
+            last_refusal = max(items, key=lambda i: (i.refused_since or 0, i.queue_id),
+                               default=None)
+            refused, reply = len(items), last_refusal.refused if last_refusal else None
+        backoff = state.backoff_until
+        # by position, in the order of Status's fields: 100,000 of them
         return Status(
-            domain=dom,
-            messages=messages,
-            bytes=size,
-            oldest_arrival=oldest,
-            reachable=state.reachable, last_probe=state.last_probe, last_error=state.last_error,
-            last_flush=state.last_flush, last_flush_trigger=state.last_flush_trigger,
-            last_flush_result=state.last_flush_result,
-            last_flush_client=state.last_flush_client, paused=state.paused,
-            queues=queues,
-            refused=len(refused),
-            refused_reply=last_refusal.refused if last_refusal else None,
-            backoff_until=(state.backoff_until if state.backoff_until
-                           and state.backoff_until > now else None),
-            hosts=hosts,
-            configured=dom in self.config.domains,
-        )
+            dom, messages, size, oldest, state.reachable, state.last_probe, state.last_error,
+            state.last_flush, state.last_flush_trigger, state.last_flush_result,
+            state.last_flush_client, state.paused, queues, refused, reply,
+            backoff if backoff and backoff > now else None, hosts,
+            dom in self.config.domains)
 
-    def status_all(self) -> list[Status]:
-        """Every configured domain's status, then held mail of removed ones."""
+    def status_all(self, exact: bool = False) -> list[Status]:
+        """Every configured domain's status, then held mail of removed ones
+        (``exact``: see ``located_all``)."""
         now = time.time()
         with collector_paused():
             return [self._status(name, snap, state, now)
-                    for name, snap, state in self.located_all()]
+                    for name, snap, state in self.located_all(exact)]
 
-    def located_all(self):
+    def located_all(self, exact: bool = False):
         """(domain, Snapshot or Tally or None, DomainState) for every
         configured domain and every removed one that still holds mail: one
         read of all the domains' rows, and the queue looked at only for
         those whose totals show mail (None: nothing held).  With much held,
-        one listing of the hold queue says which messages are there, and a
-        Tally of each domain comes from the ledger's totals (``_tallied``),
-        instead of a ``stat`` and an Item per message; a domain with rows
-        the listing does not show is counted row by row."""
+        a Tally of each domain comes from the ledger's totals (``_tallied``)
+        instead of a ``stat`` and an Item per message: checked against one
+        listing of the hold queue, or, unless ``exact``, against the
+        keeper's recent check of every row (``verify``), with no listing;
+        a domain with rows not in the hold queue is counted row by row."""
         self.rebuild_if_needed()
         states = self.ledger.states()
         removed = sorted(d for d, s in states.items()
                          if d not in self.config.domains and s.messages > 0)
         held = sum(s.messages for s in states.values() if s.messages > 0)
-        tallies = self._tallied(set(self.layout.ids("hold")), states) if held >= LIST_FROM else None
+        tallies = None
+        if held >= LIST_FROM:
+            outside = None if exact else self.verified_outside(time.time())
+            if outside is None:
+                tallies = self._tallied(set(self.layout.ids("hold")), states)
+            else:
+                # the keeper's check: rows of domains in a release (or with
+                # mail elsewhere at the check) are looked up one by one
+                tallies = self._tallied(None, states, outside.union(
+                    d for d, s in states.items() if s.releasing_until and s.messages > 0))
         for name in [*sorted(self.config.domains), *removed]:
             state = states.get(name)
             if state is None or state.messages <= 0:
@@ -168,13 +171,17 @@ class StatusPart:
             else:
                 yield name, tallies.get(name) or Tally(time.time(), state.releasing_until), state
 
-    def _tallied(self, in_hold: set[str], states: dict[str, DomainState]) -> dict[str, Tally]:
+    def _tallied(self, in_hold: set[str] | None, states: dict[str, DomainState],
+                 looked_up: frozenset[str] = frozenset()) -> dict[str, Tally]:
         """Each holding domain's mail counted from the ledger's totals, all
-        of it in the hold queue as listed (``Records.totals``); a domain
-        with rows the listing does not show (elsewhere in the queue, gone,
-        recorded or moved since) is counted row by row (``_listed``)."""
+        of it in the hold queue as listed (``Records.totals``; ``in_hold``
+        None: as the keeper's check found it); a domain with rows the
+        listing does not show (elsewhere in the queue, gone, recorded or
+        moved since), or in ``looked_up``, is counted row by row
+        (``_listed``)."""
         now = time.time()
         totals = self.ledger.totals(in_hold)
+        totals.uneven.update(looked_up)
         refused: dict[str, list[Item]] = {}
         for row in totals.refused:
             refused.setdefault(row[1], []).append(_held_item(row))
@@ -192,13 +199,13 @@ class StatusPart:
                                     refused.get(domain, []))
         return tallies
 
-    def _listed(self, name: str, in_hold: set[str], state: DomainState) -> Tally:
+    def _listed(self, name: str, in_hold: set[str] | None, state: DomainState) -> Tally:
         tally = Tally(time.time(), state.releasing_until)
         missing = []
         for row in self.ledger.rows(name):
             # Entry's fields: queue_id, domain, size, arrival, ctime, route,
             # released, refused, refused_since, origin
-            if row[0] not in in_hold:
+            if in_hold is None or row[0] not in in_hold:
                 missing.append(Entry(*row))
             elif row[7] is None:
                 tally.add("hold", row[5], row[2], row[3])

@@ -29,7 +29,7 @@ def held_removed(config: Config) -> dict[str, tuple[int, int]]:
         return {}   # no ledger yet: nothing of ours recorded (and apply creates none)
     od = HeldMail(config)
     try:
-        return {st.domain: (st.messages, st.bytes) for st in od.status_all()
+        return {st.domain: (st.messages, st.bytes) for st in od.status_all(exact=True)
                 if not st.configured and st.messages}
     finally:
         od.ledger.close()

@@ -5,6 +5,8 @@ restarts of every daemon."""
 
 import subprocess
 
+import pytest
+
 from conftest import wait_until
 
 
@@ -105,3 +107,40 @@ def test_metrics_follow_status_through_every_trigger_and_restarts(make_stack):
     print(f"scraped {len(after)} samples; held per domain equal to status; releases "
           f"counted per trigger {sorted(released().values())}; counters kept over restarts")
 
+
+
+@pytest.mark.parametrize("hashed", [False, True])
+def test_the_all_domains_views_count_from_the_keepers_check_and_see_deletions(
+        make_stack, monkeypatch, hashed):
+    """With much held, the status of every domain and the scrape count from
+    the ledger as the release helper's keeper last checked it against the
+    hold queue (no listing of their own): mail an admin deletes behind our
+    back must leave them within a keeper pass, in a hashed hold queue too."""
+    from flushctl import config as config_mod
+    from flushctl.heldmail import status as status_mod
+    from flushctl.heldmail.library import HeldMail
+    from flushctl.mta.queuefiles import QueueLayout
+    stack = make_stack(extra_main={"hash_queue_names": "deferred, defer, hold"}
+                       if hashed else None)
+    for i in range(3):
+        stack.send([f"u{i}@customer.test"])
+    wait_until(lambda: len(stack.queue()) == 3, what="3 held")
+    stack.start_helper()
+    monkeypatch.setattr(status_mod, "LIST_FROM", 1)   # "much held", in this process
+    listed = []
+    real = QueueLayout.ids
+    monkeypatch.setattr(QueueLayout, "ids", lambda self, q: listed.append(q) or real(self, q))
+    od = HeldMail(config_mod.load(str(stack.config_path)))
+    wait_until(lambda: od.ledger.verified() is not None, 20, what="the keeper's check")
+
+    def held():
+        return {s.domain: s.messages for s in od.status_all() if s.messages}
+    assert held() == {"customer.test": 3} and listed == []
+    victim = stack.queue()[0]["queue_id"]
+    stack.pf.run("postsuper", "-c", str(stack.pf.config_directory), "-d", victim)
+    wait_until(lambda: held() == {"customer.test": 2}, 20, what="the deletion counted")
+    assert listed == [] and victim not in od.ledger.all_ids()   # the keeper forgot it
+    assert {s.domain: s.messages for s in od.status_all(exact=True) if s.messages} == \
+        {"customer.test": 2} and listed == ["hold"]
+    print(f"hashed={hashed}: a held message deleted with postsuper -d left the all-domains "
+          "view within a keeper pass, with no listing of its own")

@@ -6,6 +6,7 @@ running totals (``domains``) change in the same transaction as its rows.
 
 from __future__ import annotations
 
+import json
 import time
 
 from flushctl.heldmail.ledger.connection import LedgerFile
@@ -50,24 +51,20 @@ class Records(LedgerFile):
         with self._lock:
             return self._db.execute(ENTRY_SELECT + " WHERE domain = ?", (domain,)).fetchall()
 
-    def totals(self, present: set[str]) -> Totals:
+    def totals(self, present: set[str] | None) -> Totals:
         """What the all-domains views count, in one read transaction and
         without a row of Python per message: the domains with a recorded
-        id not in ``present`` (a listing of the hold queue); each holding
-        domain's messages (counted on its index), bytes (its running
-        total, kept with the rows; a domain whose running count is off is
-        counted row by row too) and oldest arrival; the mail routed
+        id not in ``present`` (a listing of the hold queue; None: the rows
+        stand, as the keeper checked them lately, see ``verified``); each
+        holding domain's messages (counted on its index), bytes (its
+        running total, kept with the rows; a domain whose running count is
+        off is counted row by row too) and oldest arrival; the mail routed
         elsewhere than the domain, per route; the refused mail's rows."""
         with self._lock:
             db = self._db
             db.execute("BEGIN")
             try:
-                # one string of all the ids, split in C: a third faster than a
-                # row each (queue ids have no spaces; one that had would only
-                # be missing, and its domain counted row by row)
-                (ids,) = db.execute("SELECT group_concat(queue_id, ' ') FROM messages"
-                                    ).fetchone()
-                missing = [qid for qid in (ids or "").split(" ") if qid not in present]
+                missing = () if present is None else _missing(db, present)
                 uneven = {domain for (domain,) in self._rows_in(
                     "SELECT domain FROM messages WHERE queue_id IN ({})", missing)}
                 held = {}
@@ -90,6 +87,33 @@ class Records(LedgerFile):
             finally:
                 db.execute("COMMIT")
         return Totals(uneven, held, routed, refused)
+
+    def missing_from(self, present: set[str]) -> set[str]:
+        """The recorded ids not in ``present`` (a listing of the hold queue)."""
+        with self._lock:
+            return _missing(self._db, present)
+
+    def set_verified(self, at: float, outside: list[str]) -> None:
+        """Every row was checked against the queue as it was at ``at`` (the
+        ones whose message was gone forgotten); ``outside``: the domains
+        with mail elsewhere than the hold queue then.  The keeper's."""
+        value = json.dumps({"at": at, "outside": outside})
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('verified', ?)",
+                       (value,))
+
+    def verified(self) -> tuple[float, frozenset[str]] | None:
+        """(when, the domains with mail outside the hold queue) of the last
+        check ``set_verified`` wrote in this file; None if none."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'verified'").fetchone()
+        if row is None:
+            return None
+        try:
+            data = json.loads(row[0])
+            return float(data["at"]), frozenset(str(d) for d in data["outside"])
+        except (ValueError, KeyError, TypeError):
+            return None
 
     def entries_by_id(self, queue_ids) -> dict[str, Entry]:
         return {row[0]: Entry(*row) for row in
@@ -193,3 +217,14 @@ class Records(LedgerFile):
                 db.execute("UPDATE domains SET messages = messages - 1, bytes = bytes - ?"
                            " WHERE domain = ?", (row[1], row[0]))
         return removed
+
+
+def _missing(db, present: set[str]) -> set[str]:
+    """The recorded ids not in ``present``: one string of all the ids, split
+    in C and compared as sets (a third of reading a row each; queue ids
+    have no spaces, and one that had would only be missing)."""
+    (ids,) = db.execute("SELECT group_concat(queue_id, ' ') FROM messages").fetchone()
+    missing = set(ids.split(" ")) if ids else set()
+    missing.difference_update(present)
+    missing.discard("")
+    return missing

@@ -55,3 +55,18 @@ def test_json_rows_is_the_same_json_one_row_a_line():
     assert text.splitlines()[1:-1] == ["  " + json.dumps(r) + ("," if i == 0 else "")
                                         for i, r in enumerate(rows)]
     assert json.loads(json_rows([])) == []
+
+
+def test_the_row_encoder_writes_what_json_dumps_writes_and_refuses_what_it_refuses():
+    import math
+
+    import pytest
+
+    from flushctl.cli.context import row_encoder
+    encode = row_encoder()
+    assert encode is not json.dumps          # the one C encoder, on this Python
+    for row in [{"a": 1.5, "b": [1, None, True], "c": {"x": "\u2603\ud83d\ude00"}},
+                {"f": 1e300, "g": -0.0, "h": math.inf, "i": 10**30, "j": ""}, {}]:
+        assert encode(row) == json.dumps(row)
+    with pytest.raises(TypeError):
+        encode({"a": {1, 2}})

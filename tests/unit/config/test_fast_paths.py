@@ -70,3 +70,19 @@ def test_a_domain_naming_a_relay_or_nothing_is_read_as_the_full_path_reads_it(na
         except ConfigError as exc:
             return str(exc)
     assert read(_domain) == read(_full_domain)
+
+
+def test_a_domain_read_the_short_way_is_a_whole_domain_of_its_own():
+    """The short path sets the fields without Domain's __init__: every
+    field there, hashing and equality as Domain's, no dict shared."""
+    import dataclasses
+
+    from flushctl.config.domains import _domain, _full_domain
+    a, b = (_domain("t.toml", "a.test", {"relay": "[192.0.2.1]:2525"}) for _ in range(2))
+    full = _full_domain("t.toml", "a.test", {"relay": "[192.0.2.1]:2525"})
+    assert a.__dict__ == full.__dict__ and list(a.__dict__) == [
+        f.name for f in dataclasses.fields(full)]
+    assert a == full and hash(a) == hash(full) and {a: 1}[full] == 1
+    assert a.hosts is not b.hosts
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.relay = None

@@ -243,3 +243,38 @@ def test_queue_watch_sees_a_change_after_the_clock_stepped_back(tmp_path):
     (tmp_path / "hold" / "4jcczJ2wnFzJ9C2").write_bytes(b"")
     os.utime(tmp_path / "hold", ns=(1, 1))
     assert watch.ids(6_400.0) == {"4jcczJ2wnFzJ9C2"}     # an hour earlier
+
+
+def test_queue_watch_says_as_of_when_its_answer_holds(tmp_path):
+    """The keeper's check of the ledger (``heldmail.verify``) is as good as
+    the listing it used: as of now while no directory changed since its
+    listing, as of that listing once one did and was not listed again, and
+    never "now" for a directory changed within a tick of its listing."""
+    layout = QueueLayout(str(tmp_path), frozenset(), 1)
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    (hold / "4jcczJ2wnFzJ9C2").write_bytes(b"")
+    os.utime(hold, (100.0, 100.0))
+    watch = QueueWatch(layout, "hold", full_every=3600, share=1e-12)   # each listing "costly"
+    watch.ids(1000.0)
+    assert (watch.current_at, watch.version) == (1000.0, 1)
+    watch.ids(1500.0)                      # unchanged: holds now, same listing
+    assert (watch.current_at, watch.version) == (1500.0, 1)
+    os.utime(hold, (1600.0, 1600.0))       # changed: not listed again yet (costly)
+    watch.ids(1601.0)
+    assert (watch.current_at, watch.version) == (1000.0, 1)
+    watch.full_every = 0                   # listed again, all of it
+    watch.ids(10**9)
+    assert (watch.current_at, watch.version) == (10**9, 2)
+    watch.full_every = 3600
+    os.utime(hold, (10**9 - 0.5, 10**9 - 0.5))
+    watch.ids(10**9 + 1.0)                 # changed, not listed again: as of the listing
+    assert (watch.current_at, watch.version) == (10**9, 2)
+    fresh = QueueWatch(layout, "hold", full_every=3600)
+    fresh.ids(10**9)                       # its listing within a tick of the change
+    fresh.ids(10**9 + 30.0)
+    assert fresh.current_at == 10**9 and fresh.version == 1
+    (hold / "4jcczJ2wnFzJ9C2").unlink()
+    hold.rmdir()
+    fresh.ids(10**9 + 31.0)                # the directory went away: a new answer
+    assert fresh.version == 2
