@@ -24,12 +24,14 @@ log = logging.getLogger("flushctl.release")
 class HoldBackPart:
     """``HeldMail``'s part that holds back failed mail (see ``library``)."""
 
-    def hold_back(self, dom: str, snap: Snapshot) -> Snapshot:
+    def hold_back(self, dom: str, snap: Snapshot, releasing: bool = False) -> Snapshot:
         """Put back on hold what failed after a release or lies in the
         deferred queue unreleased; mark it refused (5xx) or not; back the
         domain off after tempfails.  What the defer log shows waiting only
         for recipients that are no customer's is not ours any more: Postfix
-        keeps trying it as ordinary mail.  Returns the snapshot afterwards."""
+        keeps trying it as ordinary mail.  ``releasing``: called by a
+        release under way, whose claim the domain's result must keep.
+        Returns the snapshot afterwards."""
         items = snap.to_rehold()
         if not items:
             return snap
@@ -83,7 +85,7 @@ class HoldBackPart:
             self.ledger.reassign(qid, domain, route)
         if tempfailed:
             self._back_off(dom, now)
-        if interrupted:
+        if interrupted and not releasing:
             # the release never reached Postfix's delivery (a restart took its
             # scan request): it shares nothing with the next trigger
             self.ledger.set_flush_result(dom, f"interrupted: {interrupted} not attempted")

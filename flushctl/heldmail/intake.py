@@ -20,6 +20,7 @@ import time
 
 from flushctl import names
 from flushctl.heldmail.holdtag import TAG_HEADER, tag_of
+from flushctl.heldmail.release import claimant_alive
 from flushctl.mta.queuefiles import (FORCED_EXPIRE_BIT, SET_ASIDE_AFTER, QueuedMessage, QueueWatch,
                                      parse_postcat, read_defer_log)
 from flushctl.mta.routing import route_of
@@ -109,6 +110,7 @@ class IntakePart:
         rest.  Returns (taken in per domain, the ids classified)."""
         counts: dict[str, int] = {}
         mine, other, to_hold, classified = [], [], [], []
+        releasing: dict[str, bool] = {}
         for msg in parse_postcat(self.postfix.read_messages(unknown)):
             if msg.queue != queue:
                 continue   # it moved meanwhile: the next pass sees it where it is
@@ -128,7 +130,8 @@ class IntakePart:
                     other.append((msg.queue_id, dom))
             elif dom is not None and not self._forced(queue, msg.queue_id):
                 mine.append((msg, dom, route, "queue"))
-                to_hold.append(msg.queue_id)
+                if not self._release_under_way(dom, releasing):
+                    to_hold.append(msg.queue_id)
             else:
                 other.append((msg.queue_id, dom))
             classified.append(msg.queue_id)
@@ -145,6 +148,18 @@ class IntakePart:
         if other:
             self.ledger.add_foreign(queue, other)
         return counts, classified
+
+    def _release_under_way(self, dom: str, known: dict[str, bool]) -> bool:
+        """Is a release of the domain at work in some process (its claim
+        alive)?  The copies its renewal sends through the deferred queue
+        are its own to hold and send (``ReleasePart._release``): held here
+        as well, a hold landing after its ``postsuper -H`` would take them
+        back.  Recorded all the same; if that release dies, the sweep holds
+        them (``_ours_deferred``)."""
+        if dom not in known:
+            result = self.ledger.state(dom).last_flush_result or ""
+            known[dom] = result.startswith("releasing") and claimant_alive(result)
+        return known[dom]
 
     def recheck_owners(self) -> int:
         """Forget every ledger row whose message has no pending recipient in

@@ -126,11 +126,12 @@ class Keeper:
             stop.wait(interval)
 
 
-def start_thread(config):
+def start_thread(config, heldmail: HeldMail | None = None):
     """The keeper, in a thread of its own, on its own HeldMail (its own
-    ledger connection and caches); returns a function that stops it."""
+    ledger connection and caches; the helper makes it, to ask it for its
+    check of the ledger); returns a function that stops it."""
     stop = threading.Event()
-    thread = threading.Thread(target=Keeper(HeldMail(config)).run, args=(stop,),
+    thread = threading.Thread(target=Keeper(heldmail or HeldMail(config)).run, args=(stop,),
                               name="keeper", daemon=True)
     thread.start()
 

@@ -32,7 +32,7 @@ from flushctl.heldmail.intake import IntakePart
 from flushctl.heldmail.ledger.store import Ledger
 from flushctl.heldmail.release import ReleasePart
 from flushctl.heldmail.status import StatusPart
-from flushctl.heldmail.verify import VerifyPart
+from flushctl.heldmail.verify import VerifyPart, ask_helper
 from flushctl.mta.commands import Postfix, PostfixError
 from flushctl.mta.queuefiles import QueueLayout, QueueWatch, parse_duration
 from flushctl.mta.relays import Overrides
@@ -68,9 +68,13 @@ class HeldMail(StatusPart, ReleasePart, IntakePart, HoldBackPart, AdminPart, Ver
         self._ours_deferred: set[str] = set()     # ours, in the deferred queue at last look
         # the hold queue at intake's last look: (ids, as of when, listing version)
         self._hold_listing: tuple[set[str], float, int] | None = None
+        # the keeper's check of every row (verify): its own, and where a
+        # process gets one (the helper's, asked over its socket)
+        self._check = None
         self._verified_key: tuple | None = None   # the listing and file last checked
-        self._verified_written: float | None = None
-        self._outside: list[str] = []
+        self._checked_at = float("-inf")
+        self._check_cost = 0.0
+        self.check_source = lambda: ask_helper(self.config)
         self._fingerprint: tuple | None = None
         self._nudged_at = float("-inf")
         self._domains_text: str | None = None

@@ -209,7 +209,7 @@ class ReleasePart:
             sent_early = max(0, len(old) - back)
             # a copy another process recorded (the keeper: it records, then
             # holds) may still lie in the deferred queue: held here first
-            snap = self.hold_back(dom, self.snapshot(dom))
+            snap = self.hold_back(dom, self.snapshot(dom), releasing=True)
             candidates = rules.releasable(snap, trigger, routes)
         # A message that failed an attempt once has its retry time (the
         # file's mtime) in the future, and a deferred-queue scan would pass

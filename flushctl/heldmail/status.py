@@ -72,11 +72,11 @@ class StatusPart:
         return self._snapshot(self.ledger.entries(domain),
                               self.ledger.state(domain).releasing_until)
 
-    def _snapshot(self, entries: list[Entry], releasing_until: float | None = None
-                  ) -> Snapshot:
+    def _snapshot(self, entries: list[Entry], releasing_until: float | None = None,
+                  prune: bool = True) -> Snapshot:
         items = tuple(_item(e, self.layout.locate(e.queue_id)) for e in entries)
         snap = Snapshot(items, time.time(), releasing_until)
-        if snap.gone:
+        if snap.gone and prune:
             self.ledger.forget(snap.gone)
         return snap
 
@@ -154,14 +154,15 @@ class StatusPart:
         held = sum(s.messages for s in states.values() if s.messages > 0)
         tallies = None
         if held >= LIST_FROM:
-            outside = None if exact else self.verified_outside(time.time())
-            if outside is None:
+            check = None if exact else self.trusted_check(time.time())
+            if check is None:
                 tallies = self._tallied(set(self.layout.ids("hold")), states)
             else:
-                # the keeper's check: rows of domains in a release (or with
-                # mail elsewhere at the check) are looked up one by one
-                tallies = self._tallied(None, states, outside.union(
-                    d for d, s in states.items() if s.releasing_until and s.messages > 0))
+                # the keeper's check: rows of domains with mail elsewhere at
+                # the check, in a release or released since are looked up
+                tallies = self._tallied(None, states, check.outside.union(
+                    d for d, s in states.items() if s.messages > 0 and (
+                        s.releasing_until or (s.last_flush or 0) >= check.at - 1)))
         for name in [*sorted(self.config.domains), *removed]:
             state = states.get(name)
             if state is None or state.messages <= 0:

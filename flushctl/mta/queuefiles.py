@@ -177,7 +177,8 @@ class QueueWatch:
         self.version = 0
 
     def ids(self, now: float) -> set[str]:
-        full = now - self.last_full >= self.full_every
+        # (a clock stepped back since the last full listing: one now)
+        full = not 0 <= now - self.last_full < self.full_every
         if full:
             self.last_full = now
         result: set[str] = set()

@@ -328,7 +328,9 @@ def run_forever(config, heldmail: HeldMail | None = None) -> None:
     server = metrics.listen(config)   # bound first: the port may be a privileged one
     if root and entry is None:
         heldmail = heldmail or HeldMail(config)
-        end_keeper = start_thread(config)
+        kept = HeldMail(config)   # the keeper's; the scrape counts from its check
+        kept.check_source = heldmail.check_source = kept.current_check
+        end_keeper = start_thread(config, kept)
         metrics.start(server, metrics.scrape_of(heldmail), config.metrics_listen)
         try:
             asyncio.run(_loop(Poller.local(heldmail)))

@@ -45,8 +45,12 @@ _LOCKS: list[int] = []   # the helper's lock file, open for as long as it runs
 # -- what an admin may ask --------------------------------------------------------
 
 def answer_admin(heldmail, request: dict) -> dict:
-    """An admin's request: a release, or one look while ``--wait`` waits."""
+    """An admin's request: a release, one look while ``--wait`` waits, or
+    the keeper's check of the ledger (the all-domains views count from it)."""
     op = request.get("op")
+    if request == {"op": "check"}:
+        check = heldmail.check_source()
+        return {"check": check.as_json() if check is not None else None}
     if op not in ("flush", "wait") or set(request) != {"op", "domain"}:
         raise Malformed(f"not a request an admin sends: {op!r:.40}")
     name = request["domain"]
@@ -111,6 +115,7 @@ class Helper:
         self.roles: dict[str, int] = {}           # connections per role, once said
         self.waiting: dict[int, int] = {}         # connections per uid not yet said
         self.gate = None                          # the gateways' gate, made in serve()
+        self.keeper_check = lambda: None          # the keeper's check, once it runs
         self.listeners: list[socket.socket] | None = None   # the gateway's, once asked for
         from flushctl.logins.tokens import Tokens
         self.odmr_logins = Tokens(config.odmr.session_timeout * 2 + 600,
@@ -285,6 +290,7 @@ class Helper:
         from flushctl.poller import loop as poller
         from flushctl.heldmail.library import HeldMail
         od = HeldMail(self.config)
+        od.check_source = self.keeper_check   # the keeper's, in this process
         if role == "poller":
             ops = poller.LocalOps(od)
             handle, limit = (lambda r: poller.answer(ops, r)), poller.MAX_REQUEST
@@ -355,7 +361,10 @@ def run(config: Config) -> None:
         stopsignals.on_stop(loop, stop.set)
         await helper.serve(stop)
 
-    end_keeper = start_thread(config)
+    from flushctl.heldmail.library import HeldMail
+    kept = HeldMail(config)
+    kept.check_source = helper.keeper_check = kept.current_check
+    end_keeper = start_thread(config, kept)
     try:
         asyncio.run(main())
     finally:

@@ -104,6 +104,12 @@ class LedgerFile:
             self._open()
         return True
 
+    @property
+    def file_id(self) -> int:
+        """The inode of the file this object has open (a check of another
+        file, a backup put back, says nothing of this one)."""
+        return self._inode
+
     def marked_generation(self) -> int | None:
         """This object's generation if its file says it was rebuilt from the
         queue since it was made (None if not).  A file any process made

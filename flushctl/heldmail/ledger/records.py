@@ -6,7 +6,6 @@ running totals (``domains``) change in the same transaction as its rows.
 
 from __future__ import annotations
 
-import json
 import time
 
 from flushctl.heldmail.ledger.connection import LedgerFile
@@ -64,7 +63,7 @@ class Records(LedgerFile):
             db = self._db
             db.execute("BEGIN")
             try:
-                missing = () if present is None else _missing(db, present)
+                missing = () if present is None else _missing(db, present)[0]
                 uneven = {domain for (domain,) in self._rows_in(
                     "SELECT domain FROM messages WHERE queue_id IN ({})", missing)}
                 held = {}
@@ -88,32 +87,11 @@ class Records(LedgerFile):
                 db.execute("COMMIT")
         return Totals(uneven, held, routed, refused)
 
-    def missing_from(self, present: set[str]) -> set[str]:
-        """The recorded ids not in ``present`` (a listing of the hold queue)."""
+    def missing_from(self, present: set[str]) -> tuple[set[str], int]:
+        """The recorded ids not in ``present`` (a listing of the hold
+        queue), and how many rows there are."""
         with self._lock:
-            return _missing(self._db, present)
-
-    def set_verified(self, at: float, outside: list[str]) -> None:
-        """Every row was checked against the queue as it was at ``at`` (the
-        ones whose message was gone forgotten); ``outside``: the domains
-        with mail elsewhere than the hold queue then.  The keeper's."""
-        value = json.dumps({"at": at, "outside": outside})
-        with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('verified', ?)",
-                       (value,))
-
-    def verified(self) -> tuple[float, frozenset[str]] | None:
-        """(when, the domains with mail outside the hold queue) of the last
-        check ``set_verified`` wrote in this file; None if none."""
-        with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE key = 'verified'").fetchone()
-        if row is None:
-            return None
-        try:
-            data = json.loads(row[0])
-            return float(data["at"]), frozenset(str(d) for d in data["outside"])
-        except (ValueError, KeyError, TypeError):
-            return None
+            return _missing(self._db, present, count=True)
 
     def entries_by_id(self, queue_ids) -> dict[str, Entry]:
         return {row[0]: Entry(*row) for row in
@@ -219,12 +197,14 @@ class Records(LedgerFile):
         return removed
 
 
-def _missing(db, present: set[str]) -> set[str]:
-    """The recorded ids not in ``present``: one string of all the ids, split
-    in C and compared as sets (a third of reading a row each; queue ids
-    have no spaces, and one that had would only be missing)."""
+def _missing(db, present: set[str], count: bool = False) -> tuple[set[str], int]:
+    """The recorded ids not in ``present``, and (``count``) how many rows
+    there are: one string of all the ids, split in C and compared as sets
+    (a third of reading a row each; queue ids have no spaces, and one
+    that had would only be missing)."""
     (ids,) = db.execute("SELECT group_concat(queue_id, ' ') FROM messages").fetchone()
-    missing = set(ids.split(" ")) if ids else set()
-    missing.difference_update(present)
-    missing.discard("")
-    return missing
+    recorded = set(ids.split(" ")) if ids else set()
+    recorded.discard("")
+    rows = len(recorded) if count else 0
+    recorded.difference_update(present)
+    return recorded, rows

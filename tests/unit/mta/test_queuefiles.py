@@ -278,3 +278,16 @@ def test_queue_watch_says_as_of_when_its_answer_holds(tmp_path):
     hold.rmdir()
     fresh.ids(10**9 + 31.0)                # the directory went away: a new answer
     assert fresh.version == 2
+
+
+def test_queue_watch_lists_everything_again_after_the_clock_stepped_back(tmp_path):
+    """Review finding: after a step back of S seconds no full listing came
+    for S + full_every seconds (a change within one tick went unseen that
+    long, and the keeper's check of the ledger trusted it)."""
+    layout = QueueLayout(str(tmp_path), frozenset(), 1)
+    (tmp_path / "hold").mkdir()
+    watch = QueueWatch(layout, "hold", full_every=60)
+    watch.ids(10_000.0)
+    assert watch.last_full == 10_000.0
+    watch.ids(6_400.0)                                   # an hour earlier
+    assert watch.last_full == 6_400.0
