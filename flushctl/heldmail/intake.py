@@ -27,6 +27,10 @@ from flushctl.mta.routing import route_of
 
 log = logging.getLogger("flushctl.release")
 
+# How long after a release's claim the copies its renewal sends through
+# the deferred queue are left to it (its wait for them is a minute at most).
+RENEWAL_CLAIM = 120.0
+
 
 class IntakePart:
     """``HeldMail``'s intake part (see ``library``)."""
@@ -130,7 +134,7 @@ class IntakePart:
                     other.append((msg.queue_id, dom))
             elif dom is not None and not self._forced(queue, msg.queue_id):
                 mine.append((msg, dom, route, "queue"))
-                if not self._release_under_way(dom, releasing):
+                if not self._renewal_copy(msg, dom, releasing, now):
                     to_hold.append(msg.queue_id)
             else:
                 other.append((msg.queue_id, dom))
@@ -149,17 +153,23 @@ class IntakePart:
             self.ledger.add_foreign(queue, other)
         return counts, classified
 
-    def _release_under_way(self, dom: str, known: dict[str, bool]) -> bool:
-        """Is a release of the domain at work in some process (its claim
-        alive)?  The copies its renewal sends through the deferred queue
-        are its own to hold and send (``ReleasePart._release``): held here
-        as well, a hold landing after its ``postsuper -H`` would take them
-        back.  Recorded all the same; if that release dies, the sweep holds
-        them (``_ours_deferred``)."""
-        if dom not in known:
-            result = self.ledger.state(dom).last_flush_result or ""
-            known[dom] = result.startswith("releasing") and claimant_alive(result)
-        return known[dom]
+    def _renewal_copy(self, msg: QueuedMessage, dom: str, claims: dict[str, float | None],
+                      now: float) -> bool:
+        """Is this a copy that a release of the domain under way (its claim
+        alive, made moments ago) renewed (``postsuper -r`` keeps the
+        arrival: it came before the claim)?  Such copies are that release's
+        to hold and send (``ReleasePart._release``): held here as well, a
+        hold landing after its ``postsuper -H`` would take them back.
+        Recorded all the same; if that release dies or hangs, the sweep
+        holds them (``_ours_deferred``)."""
+        if dom not in claims:
+            state = self.ledger.state(dom)
+            result = state.last_flush_result or ""
+            claims[dom] = state.last_flush if result.startswith("releasing") \
+                and claimant_alive(result) else None
+        started = claims[dom]
+        return started is not None and now - started < RENEWAL_CLAIM \
+            and msg.arrival is not None and msg.arrival < started
 
     def recheck_owners(self) -> int:
         """Forget every ledger row whose message has no pending recipient in
