@@ -19,17 +19,13 @@ import os
 import time
 
 from flushctl import names
+from flushctl.heldmail import rules
 from flushctl.heldmail.holdtag import TAG_HEADER, tag_of
-from flushctl.heldmail.release import claimant_alive
 from flushctl.mta.queuefiles import (FORCED_EXPIRE_BIT, SET_ASIDE_AFTER, QueuedMessage, QueueWatch,
                                      parse_postcat, read_defer_log)
 from flushctl.mta.routing import route_of
 
 log = logging.getLogger("flushctl.release")
-
-# How long after a release's claim the copies its renewal sends through
-# the deferred queue are left to it (its wait for them is a minute at most).
-RENEWAL_CLAIM = 120.0
 
 
 class IntakePart:
@@ -155,21 +151,15 @@ class IntakePart:
 
     def _renewal_copy(self, msg: QueuedMessage, dom: str, claims: dict[str, float | None],
                       now: float) -> bool:
-        """Is this a copy that a release of the domain under way (its claim
-        alive, made moments ago) renewed (``postsuper -r`` keeps the
-        arrival: it came before the claim)?  Such copies are that release's
-        to hold and send (``ReleasePart._release``): held here as well, a
-        hold landing after its ``postsuper -H`` would take them back.
-        Recorded all the same; if that release dies or hangs, the sweep
-        holds them (``_ours_deferred``)."""
+        """Is this a copy that a release of the domain under way renewed?
+        Such copies are that release's to hold and send
+        (``ReleasePart._release``): held here as well, a hold landing after
+        its ``postsuper -H`` would take them back.  Recorded all the same;
+        if that release dies or hangs, the sweep holds them
+        (``_ours_deferred``; ``rules.left_to_release``)."""
         if dom not in claims:
-            state = self.ledger.state(dom)
-            result = state.last_flush_result or ""
-            claims[dom] = state.last_flush if result.startswith("releasing") \
-                and claimant_alive(result) else None
-        started = claims[dom]
-        return started is not None and now - started < RENEWAL_CLAIM \
-            and msg.arrival is not None and msg.arrival < started
+            claims[dom] = self.live_claim(dom)
+        return rules.left_to_release(claims[dom], msg.arrival, now)
 
     def recheck_owners(self) -> int:
         """Forget every ledger row whose message has no pending recipient in

@@ -43,10 +43,12 @@ COST_SHARE = 20
 # A check that found more domains than this with mail elsewhere (an admin's
 # postsuper -H ALL, say) vouches for nothing: the views list the queue.
 MAX_OUTSIDE = 10_000
-# A check that would forget more rows than this share (and this many) first
-# reads Postfix's queue layout again: a hold queue hashed since (an admin's
+# A check that would forget more than this share of the rows first reads
+# Postfix's queue layout again: a hold queue hashed since (an admin's
 # hash_queue_names) looks empty through the old one.
-SUSPECT_SHARE, SUSPECT_ROWS = 0.5, 100
+SUSPECT_SHARE = 0.5
+# How long a CLI waits for the helper's answer (a helper that stalls: list).
+ASK_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -78,12 +80,15 @@ def ask_helper(config) -> Check | None:
     except (PrivsepError, OSError):
         return None
     try:
+        sock.settimeout(ASK_TIMEOUT)
         reply = wire.Channel(sock).call({"op": "check"})
-    except (PrivsepError, OSError, ValueError):
+    except (PrivsepError, OSError, ValueError, TypeError):   # TimeoutError, garbage
         return None
     finally:
         sock.close()
-    return Check.from_json(reply.get("check")) if reply.get("check") else None
+    if not isinstance(reply, dict) or not reply.get("check"):
+        return None
+    return Check.from_json(reply["check"])
 
 
 class VerifyPart:
@@ -115,14 +120,15 @@ class VerifyPart:
         key = (version, self.ledger.generation)
         started = time.time()
         since = started - self._checked_at
-        if not (key != self._verified_key and since >= max(MIN_GAP, COST_SHARE * self._check_cost)
-                or since >= RECHECK_EVERY or since < 0):
+        gap = COST_SHARE * self._check_cost
+        if not (key != self._verified_key and since >= max(MIN_GAP, gap)
+                or since >= max(RECHECK_EVERY, gap) or since < 0):
             return 0
         missing, rows = self.ledger.missing_from(present)
         entries = list(self.ledger.entries_by_id(missing).values())
         snap = self._snapshot(entries, prune=False)
         gone = snap.gone
-        if len(gone) >= SUSPECT_ROWS and len(gone) > SUSPECT_SHARE * rows:
+        if gone and len(gone) > SUSPECT_SHARE * rows:
             # first, Postfix's queue layout again (the listing goes with it)
             log.warning("event=verify_suspect rows=%d reason=reading_the_queue_layout_again",
                         len(gone))

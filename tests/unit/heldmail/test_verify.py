@@ -5,7 +5,9 @@ the keeper's next check, and list the queue themselves when no recent
 check of this very ledger file vouches for the rows."""
 
 import os
+import socket
 import sqlite3
+import threading
 import time
 
 import pytest
@@ -16,6 +18,7 @@ from flushctl.heldmail import verify as verify_mod
 from flushctl.heldmail.ledger.store import Ledger
 from flushctl.heldmail.library import HeldMail
 from flushctl.mta.queuefiles import QueueLayout, relative_path
+from flushctl.privsep import client as client_mod
 from tests.unit.heldmail.test_status_listing import WANT, _figures, heldmail  # noqa: F401
 
 
@@ -176,7 +179,6 @@ def test_a_hold_queue_hashed_under_the_keeper_loses_no_row(heldmail, listings, m
     moves the held files into subdirectories; through its old layout the
     keeper saw them all gone and forgot every row."""
     keeper_pass(heldmail)
-    monkeypatch.setattr(verify_mod, "SUSPECT_ROWS", 1)
     monkeypatch.setattr(verify_mod, "RECHECK_EVERY", 0.0)
     queue = heldmail.layout.queue_directory
     hashed = frozenset({"deferred", "defer", "hold"})
@@ -200,3 +202,60 @@ def test_no_helper_no_check(tmp_path):
     assert verify_mod.Check.from_json({"at": 1.0, "ledger": 2, "outside": ["a.test"]}) == \
         verify_mod.Check(1.0, 2, frozenset({"a.test"}))
     assert verify_mod.Check.from_json({"at": "x"}) is None
+
+
+def _fake_helper(path, answer):
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(4)
+    conns = []
+
+    def serve():
+        conn, _ = srv.accept()
+        conns.append(conn)
+        f = conn.makefile("rwb")
+        f.readline()
+        f.write(b'{"role": "admin"}\n')
+        f.flush()
+        f.readline()                     # the check request
+        if answer is not None:
+            f.write(answer + b"\n")
+            f.flush()
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, conns
+
+
+def _cfg(tmp_path):
+    return config_mod.parse(f'[state]\ndirectory = "{tmp_path / "state"}"\n'
+                            f'[helper]\nsocket = "{tmp_path / "h.sock"}"\n'
+                            '[domains."a.test"]\n', "t.toml")
+
+
+def test_ask_helper_gives_up_on_a_helper_that_never_answers(tmp_path, monkeypatch):
+    """Review finding: once the role was granted, a helper that stalled
+    left `flushctl status` waiting for ever; now it lists the queue."""
+    monkeypatch.setattr(client_mod, "HELLO_TIMEOUT", 1.0)
+    cfg = _cfg(tmp_path)
+    srv, conns = _fake_helper(str(tmp_path / "h.sock"), None)   # grants, then silent
+    result = []
+    t = threading.Thread(target=lambda: result.append(verify_mod.ask_helper(cfg)), daemon=True)
+    t.start()
+    t.join(5.0)
+    hung = t.is_alive()
+    for c in conns:
+        c.close()
+    srv.close()
+    t.join(5.0)
+    assert not hung, "ask_helper (flushctl status) still waiting 5 s after the grant"
+
+
+@pytest.mark.parametrize("answer", [b"[]", b'"x"', b"1"])
+def test_ask_helper_survives_an_answer_that_is_not_an_object(tmp_path, answer):
+    cfg = _cfg(tmp_path)
+    srv, conns = _fake_helper(str(tmp_path / "h.sock"), answer)
+    try:
+        assert verify_mod.ask_helper(cfg) is None
+    finally:
+        for c in conns:
+            c.close()
+        srv.close()
