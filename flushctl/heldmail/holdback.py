@@ -33,11 +33,6 @@ class HoldBackPart:
         release under way, whose claim the domain's result must keep.
         Returns the snapshot afterwards."""
         items = snap.to_rehold()
-        if items and not releasing:
-            # a release under way holds and sends its renewal's copies itself
-            claim = self.live_claim(dom)
-            items = [i for i in items if i.released is not None
-                     or not rules.left_to_release(claim, i.arrival, snap.now)]
         if not items:
             return snap
         # a release may have sent them since the snapshot read their rows:

@@ -19,7 +19,6 @@ import os
 import time
 
 from flushctl import names
-from flushctl.heldmail import rules
 from flushctl.heldmail.holdtag import TAG_HEADER, tag_of
 from flushctl.mta.queuefiles import (FORCED_EXPIRE_BIT, SET_ASIDE_AFTER, QueuedMessage, QueueWatch,
                                      parse_postcat, read_defer_log)
@@ -110,7 +109,6 @@ class IntakePart:
         rest.  Returns (taken in per domain, the ids classified)."""
         counts: dict[str, int] = {}
         mine, other, to_hold, classified = [], [], [], []
-        releasing: dict[str, bool] = {}
         for msg in parse_postcat(self.postfix.read_messages(unknown)):
             if msg.queue != queue:
                 continue   # it moved meanwhile: the next pass sees it where it is
@@ -130,8 +128,7 @@ class IntakePart:
                     other.append((msg.queue_id, dom))
             elif dom is not None and not self._forced(queue, msg.queue_id):
                 mine.append((msg, dom, route, "queue"))
-                if not self._renewal_copy(msg, dom, releasing, now):
-                    to_hold.append(msg.queue_id)
+                to_hold.append(msg.queue_id)
             else:
                 other.append((msg.queue_id, dom))
             classified.append(msg.queue_id)
@@ -148,18 +145,6 @@ class IntakePart:
         if other:
             self.ledger.add_foreign(queue, other)
         return counts, classified
-
-    def _renewal_copy(self, msg: QueuedMessage, dom: str, claims: dict[str, float | None],
-                      now: float) -> bool:
-        """Is this a copy that a release of the domain under way renewed?
-        Such copies are that release's to hold and send
-        (``ReleasePart._release``): held here as well, a hold landing after
-        its ``postsuper -H`` would take them back.  Recorded all the same;
-        if that release dies or hangs, the sweep holds them
-        (``_ours_deferred``; ``rules.left_to_release``)."""
-        if dom not in claims:
-            claims[dom] = self.live_claim(dom)
-        return rules.left_to_release(claims[dom], msg.arrival, now)
 
     def recheck_owners(self) -> int:
         """Forget every ledger row whose message has no pending recipient in

@@ -147,14 +147,6 @@ class ReleasePart:
             return self._shared(name, target, forwarded, unreachable)
         return Outcome(RELEASED, released, target, forwarded=forwarded, unreachable=unreachable)
 
-    def live_claim(self, dom: str) -> float | None:
-        """When the domain's release under way (its claimant alive, in any
-        process) was claimed; None if none is."""
-        state = self.ledger.state(dom)
-        result = state.last_flush_result or ""
-        return state.last_flush if result.startswith("releasing") \
-            and claimant_alive(result) else None
-
     def _shared(self, name: str, target: str = "", forwarded: int = 0,
                 unreachable: tuple = ()) -> Outcome:
         """A release that started moments ago, by any trigger, answers for this one."""

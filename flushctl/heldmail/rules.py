@@ -179,20 +179,6 @@ def releasable(snapshot: Snapshot, trigger: str, routes: set[str] | None = None)
             if (explicit or i.refused is None) and (routes is None or i.route in routes)]
 
 
-# How long after a release's claim the copies its renewal sends through
-# the deferred queue are left to it (its wait for them is a minute at most).
-RENEWAL_CLAIM = 120.0
-
-
-def left_to_release(claim: float | None, arrival: float | None, now: float) -> bool:
-    """Is unreleased deferred mail that arrived then a copy that a release
-    claimed at ``claim`` (its claimant alive; None: no such release) renewed
-    (``postsuper -r`` keeps the arrival: before the claim), and so that
-    release's own to hold and send, for a while?"""
-    return claim is not None and 0 <= now - claim < RENEWAL_CLAIM \
-        and arrival is not None and arrival < claim
-
-
 def stale(items: list[Item], now: float, stale_after: float) -> list[Item]:
     """Held mail whose lifetime clock is too old to survive a failed attempt:
     Postfix returns a message once an attempt fails after its creation time
