@@ -126,16 +126,19 @@ class Keeper:
             stop.wait(interval)
 
 
-def start_thread(config, heldmail: HeldMail | None = None):
+def start_thread(config):
     """The keeper, in a thread of its own, on its own HeldMail (its own
-    ledger connection and caches; the helper makes it, to ask it for its
-    check of the ledger); returns a function that stops it."""
+    ledger connection and caches); returns a function that stops it, and
+    that HeldMail, whose ``current_check`` the process's scrape and its
+    admins' requests read (``verify``)."""
     stop = threading.Event()
-    thread = threading.Thread(target=Keeper(heldmail or HeldMail(config)).run, args=(stop,),
+    heldmail = HeldMail(config)
+    heldmail.check_source = heldmail.current_check
+    thread = threading.Thread(target=Keeper(heldmail).run, args=(stop,),
                               name="keeper", daemon=True)
     thread.start()
 
     def end():
         stop.set()
         thread.join(10)
-    return end
+    return end, heldmail

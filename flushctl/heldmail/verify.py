@@ -136,18 +136,13 @@ class VerifyPart:
             self._watches.clear()
             self._hold_listing = None
             self._check = None
-            gone = self._snapshot(entries, prune=False).gone
-            return self._forget_gone(gone)
-        forgotten = self._forget_gone(gone)
+            return len(self._snapshot(entries).gone)   # those gone all the same, forgotten
+        if gone:
+            self.ledger.forget(gone)
         outside = frozenset(i.domain for i in snap.present if i.queue != "hold")
         self._verified_key = key
         self._checked_at = started
         self._check_cost = time.time() - started
         self._check = Check(min(current_at, started), self.ledger.file_id, outside) \
             if len(outside) <= MAX_OUTSIDE else None
-        return forgotten
-
-    def _forget_gone(self, gone: list[str]) -> int:
-        if gone:
-            self.ledger.forget(gone)
         return len(gone)

@@ -137,12 +137,10 @@ class QueueLayout:
 
 
 def _ids_in(directory: str) -> list[str]:
+    from flushctl.names import is_queue_id
     try:
-        # names only: no DirEntry each (a fifth of a million held's listing);
-        # names.is_queue_id's test written out (a call per name costs as
-        # much as the test, for a million names)
-        return [name for name in os.listdir(directory)
-                if 6 <= len(name) <= 32 and name.isascii() and name.isalnum()]
+        # names only: no DirEntry each (a fifth of a million held's listing)
+        return list(filter(is_queue_id, os.listdir(directory)))
     except (FileNotFoundError, NotADirectoryError):
         return []
 

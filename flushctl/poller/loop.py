@@ -328,9 +328,8 @@ def run_forever(config, heldmail: HeldMail | None = None) -> None:
     server = metrics.listen(config)   # bound first: the port may be a privileged one
     if root and entry is None:
         heldmail = heldmail or HeldMail(config)
-        kept = HeldMail(config)   # the keeper's; the scrape counts from its check
-        kept.check_source = heldmail.check_source = kept.current_check
-        end_keeper = start_thread(config, kept)
+        end_keeper, kept = start_thread(config)
+        heldmail.check_source = kept.current_check   # the scrape counts from its check
         metrics.start(server, metrics.scrape_of(heldmail), config.metrics_listen)
         try:
             asyncio.run(_loop(Poller.local(heldmail)))

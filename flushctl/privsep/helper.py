@@ -361,10 +361,8 @@ def run(config: Config) -> None:
         stopsignals.on_stop(loop, stop.set)
         await helper.serve(stop)
 
-    from flushctl.heldmail.library import HeldMail
-    kept = HeldMail(config)
-    kept.check_source = helper.keeper_check = kept.current_check
-    end_keeper = start_thread(config, kept)
+    end_keeper, kept = start_thread(config)
+    helper.keeper_check = kept.current_check
     try:
         asyncio.run(main())
     finally:

@@ -54,7 +54,7 @@ class Records(LedgerFile):
         """What the all-domains views count, in one read transaction and
         without a row of Python per message: the domains with a recorded
         id not in ``present`` (a listing of the hold queue; None: the rows
-        stand, as the keeper checked them lately, see ``verified``); each
+        stand, as the keeper checked them lately: ``heldmail.verify``); each
         holding domain's messages (counted on its index), bytes (its
         running total, kept with the rows; a domain whose running count is
         off is counted row by row too) and oldest arrival; the mail routed
@@ -91,7 +91,7 @@ class Records(LedgerFile):
         """The recorded ids not in ``present`` (a listing of the hold
         queue), and how many rows there are."""
         with self._lock:
-            return _missing(self._db, present, count=True)
+            return _missing(self._db, present)
 
     def entries_by_id(self, queue_ids) -> dict[str, Entry]:
         return {row[0]: Entry(*row) for row in
@@ -197,14 +197,14 @@ class Records(LedgerFile):
         return removed
 
 
-def _missing(db, present: set[str], count: bool = False) -> tuple[set[str], int]:
-    """The recorded ids not in ``present``, and (``count``) how many rows
-    there are: one string of all the ids, split in C and compared as sets
-    (a third of reading a row each; queue ids have no spaces, and one
-    that had would only be missing)."""
+def _missing(db, present: set[str]) -> tuple[set[str], int]:
+    """The recorded ids not in ``present``, and how many rows there are:
+    one string of all the ids, split in C and compared as sets (a third
+    of reading a row each; queue ids have no spaces, and one that had
+    would only be missing)."""
     (ids,) = db.execute("SELECT group_concat(queue_id, ' ') FROM messages").fetchone()
     recorded = set(ids.split(" ")) if ids else set()
     recorded.discard("")
-    rows = len(recorded) if count else 0
+    rows = len(recorded)
     recorded.difference_update(present)
     return recorded, rows
