@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 from flushctl import names
 
 from flushctl.protocols import finger
-from flushctl.protocols.finger import DOMAIN, EMPTY, FORWARD, INVALID, Query
+from flushctl.protocols.finger import DOMAIN, EMPTY, FORWARD, INVALID, REPORT, Query
 
-KINDS = {EMPTY, DOMAIN, FORWARD, INVALID}
+KINDS = {EMPTY, DOMAIN, FORWARD, INVALID, REPORT}
 
 
 # -- named cases ---------------------------------------------------------------
@@ -186,7 +186,7 @@ def test_parse_never_raises_and_domain_is_argv_safe(line):
     query = finger.parse(line)
     assert isinstance(query, Query)
     assert query.kind in KINDS
-    if query.kind == DOMAIN:
+    if query.kind in (DOMAIN, REPORT):
         dom = query.domain
         assert _SAFE.match(dom), dom
         assert not dom.startswith("-")
