@@ -42,16 +42,19 @@ def apply(ctx, dry_run, no_reload, removed):
               help='print a JSON object: {"path", "ok", "domains"} or {"path", "ok", "error"}')
 @pass_ctx
 def check_config(ctx, as_json):
-    """Validate the config file and say so (exit 1 if it is not valid)."""
-    if not as_json:
-        cfg = ctx.config
-        click.echo(f"{cfg.path}: ok, {len(cfg.domains)} domain(s)")
-        return
+    """Validate the config file and say so (exit 1 if it is not valid).
+    It is parsed, never taken from its compiled copy, and leaves none
+    (it checks candidate files too)."""
     try:
-        cfg = config_mod.load(ctx.path)
+        cfg = config_mod.load(ctx.path, compiled_copy=False)
     except config_mod.ConfigError as exc:
+        if not as_json:
+            raise CliError(str(exc)) from None
         click.echo(json.dumps({"path": ctx.path, "ok": False, "error": str(exc)}))
         raise SystemExit(EXIT_ERROR) from None
+    if not as_json:
+        click.echo(f"{cfg.path}: ok, {len(cfg.domains)} domain(s)")
+        return
     click.echo(json.dumps({"path": cfg.path, "ok": True, "domains": sorted(cfg.domains)}))
 
 

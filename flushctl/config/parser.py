@@ -12,12 +12,12 @@ import ipaddress
 import os
 import re
 import tomllib
-from pathlib import Path
 
 import rtoml
 
 from flushctl import names
 from flushctl.bulk import collector_paused
+from flushctl.config import compiled
 from flushctl.config.domains import _domain
 from flushctl.config.fields import (_Section, _host_port, _host_ports, _is_ip, _listen,
                                     _networks, _policy_listen, _user, split_host_port)
@@ -253,11 +253,11 @@ def _parse(text: str, path: str) -> Config:
             po.fail("own_hosts", str(exc))
     nameservers = []
     for item in po.get("nameservers", list, []):
-        text = str(item)
-        host, port, _ = split_host_port(po, "nameservers", text,
+        spec = str(item)   # not ``text``: the file's text is the digest's, below
+        host, port, _ = split_host_port(po, "nameservers", spec,
                                         "an IP address (with optional :port)", 53)
         if not _is_ip(host):
-            po.fail("nameservers", f"not an IP address (with optional :port): {text!r}")
+            po.fail("nameservers", f"not an IP address (with optional :port): {spec!r}")
         nameservers.append(HostPort(host, port))
 
     transport = pf.get("transport", str, "ondemand")
@@ -313,15 +313,32 @@ def _parse(text: str, path: str) -> Config:
         odmr=odmr,
         portal=_portal(path, data),
         notify=notify,
-        digest=hashlib.sha256(text.encode()).hexdigest(),
+        digest=_digest(text),
     )
 
 
-def load(path: str) -> Config:
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def load(path: str, compiled_copy: bool = True) -> Config:
+    """The config of the file at ``path``: its compiled copy when that was
+    made from this very text by this very code, else parsed (and the copy
+    made, when this process owns the file).  ``compiled_copy=False``
+    parses, and leaves nothing beside the file (check-config)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            raw = fh.read()
+        # as text mode reads it: universal newlines
+        text = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file (give --config PATH or set {ENV_VAR})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
-    return parse(text, path)
+    config = compiled.read(path, st, _digest(text)) if compiled_copy else None
+    if config is None:
+        config = parse(text, path)
+        if compiled_copy:
+            compiled.write(path, st, config)
+    return config

@@ -388,3 +388,16 @@ def test_host_and_port_are_read_alike_everywhere(section, key, value, says):
     assert f"{section}.{key}" in str(err.value)
     if says:
         assert says in str(err.value), str(err.value)
+
+
+def test_the_digest_is_the_whole_files_even_with_nameservers():
+    """Found by the compiled copy's tests: a nameserver loop reused the
+    name of the file's text, so the digest (which config an apply made
+    live) was that of the last nameserver.  Two configs that differ in a
+    domain then looked alike, and a config not yet applied looked live."""
+    import hashlib
+    base = '[poller]\nnameservers = ["192.0.2.53"]\n'
+    one, two = parse(base), parse(base + with_domain('relay = "[192.0.2.7]:25"'))
+    assert one.digest != two.digest
+    assert two.digest == hashlib.sha256((base + with_domain(
+        'relay = "[192.0.2.7]:25"')).encode()).hexdigest()
