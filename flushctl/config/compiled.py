@@ -20,10 +20,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib.metadata
 import ipaddress
 import marshal
 import os
 import stat
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -50,24 +52,38 @@ def path_of(config_path: str) -> str:
 
 @functools.cache
 def code_key() -> str:
-    """Which parser made it: the sources of this package and of the name rules."""
+    """Which parser made it: the sources of this package and of the name
+    rules, and what else judges the text (Python and its standard library:
+    tomllib, ipaddress; rtoml)."""
     here = Path(__file__).resolve().parent
-    digest = hashlib.sha256(marshal.version.to_bytes(4, "big"))
+    digest = hashlib.sha256("\0".join(_judges()).encode())
     for source in sorted(here.glob("*.py")) + [here.parent / "names.py"]:
-        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+        digest.update(b"\0" + source.name.encode() + b"\0" + source.read_bytes())
     return digest.hexdigest()
+
+
+def _judges() -> tuple[str, ...]:
+    return (sys.version, str(marshal.version), importlib.metadata.version("rtoml"))
 
 
 def read(config_path: str, config_stat: os.stat_result, digest: str) -> model.Config | None:
     """The compiled Config of the text with ``digest``, or None."""
-    try:
-        fd = os.open(path_of(config_path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:   # O_NONBLOCK: a FIFO in its place must not hang the load
+        fd = os.open(path_of(config_path),
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
     try:
         st = os.fstat(fd)
-        if (not stat.S_ISREG(st.st_mode) or st.st_uid != config_stat.st_uid
-                or st.st_mode & 0o022):
+        if not (stat.S_ISREG(st.st_mode)
+                # written by the file's owner, and by root or by this user: a
+                # root process never takes values that only parse() would
+                # have judged from a copy someone else wrote
+                and st.st_uid == config_stat.st_uid and st.st_uid in (0, os.geteuid())
+                # readable as the file is now, by nobody more (a chmod or
+                # chgrp of the file since makes the owner write it again)
+                and st.st_gid == config_stat.st_gid
+                and stat.S_IMODE(st.st_mode) == _mode(config_stat)):
             return None
         with os.fdopen(fd, "rb", closefd=False) as fh:
             blob = fh.read()
@@ -97,8 +113,8 @@ def write(config_path: str, config_stat: os.stat_result, config: model.Config) -
         return
     try:
         blob = marshal.dumps((_MAGIC, code_key(), config.digest, _encode(config)))
-    except (TypeError, ValueError):   # a shape this schema does not know: no copy
-        return
+    except (TypeError, ValueError, OSError, importlib.metadata.PackageNotFoundError):
+        return   # a shape this schema does not know, or sources being replaced: no copy
     target = path_of(config_path)
     directory, name = os.path.split(target)
     try:
@@ -108,14 +124,21 @@ def write(config_path: str, config_stat: os.stat_result, config: model.Config) -
     try:
         with os.fdopen(fd, "wb") as fh:
             os.fchown(fh.fileno(), -1, config_stat.st_gid)
-            os.fchmod(fh.fileno(), stat.S_IMODE(config_stat.st_mode) & 0o644)
+            os.fchmod(fh.fileno(), _mode(config_stat))
             fh.write(blob)
         os.replace(tmp, target)
-    except OSError:
+    except BaseException as exc:   # an interrupt too: no temporary file left behind
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if not isinstance(exc, OSError):
+            raise
+
+
+def _mode(config_stat: os.stat_result) -> int:
+    """The copy's mode: the file's read bits, written by the owner alone."""
+    return stat.S_IMODE(config_stat.st_mode) & 0o444 | 0o200
 
 
 def _encode(value: Any) -> Any:

@@ -286,3 +286,80 @@ def test_check_config_parses_and_leaves_no_copy(tmp_path):
     result = CliRunner().invoke(main, ["--config", candidate, "check-config"])
     assert result.exit_code == 0 and "4 domain(s)" in result.stdout
     assert os.listdir(tmp_path / "new") == ["flushctl.toml"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the files to another user")
+def test_root_never_takes_a_copy_another_user_wrote_for_their_own_config(tmp_path):
+    """Review finding: a config owned by a delegated admin, with a copy of
+    theirs beside it: root loaded values parse() refuses (the milter as
+    root, a transport name with a newline) from the copy."""
+    path = write(tmp_path)
+    config.load(path)
+    blob = forged(path, "evil.example")
+    with open(path + ".compiled", "wb") as fh:
+        fh.write(blob)
+    nobody = pwd.getpwnam("nobody").pw_uid
+    os.chown(path, nobody, -1)
+    os.chown(path + ".compiled", nobody, -1)
+    assert "evil.example" not in config.load(path).domains
+    assert os.stat(path + ".compiled").st_uid == nobody   # and root wrote none for them
+
+
+def test_a_file_made_more_private_makes_its_copy_so_too(tmp_path):
+    """Review finding: the copy kept the mode it was written with; a
+    chmod 600 of the unchanged file left the copy readable by all."""
+    path = write(tmp_path)
+    config.load(path)
+    assert os.stat(path + ".compiled").st_mode & 0o777 == 0o644
+    os.chmod(path, 0o600)
+    config.load(path)
+    assert os.stat(path + ".compiled").st_mode & 0o777 == 0o600
+    os.chmod(path + ".compiled", 0o640)   # and a copy opened wider is a miss
+    config.load(path)
+    assert os.stat(path + ".compiled").st_mode & 0o777 == 0o600
+
+
+def test_a_fifo_in_its_place_does_not_hang_the_load(tmp_path):
+    """Review finding: open() of a FIFO waited for a writer."""
+    import threading
+    path = write(tmp_path)
+    os.mkfifo(path + ".compiled", 0o644)
+    done = []
+    worker = threading.Thread(target=lambda: done.append(config.load(path)), daemon=True)
+    worker.start()
+    worker.join(10)
+    assert done and "bare.example" in done[0].domains
+
+
+def test_the_key_names_what_else_judges_the_text(monkeypatch):
+    """Review finding: an upgrade of rtoml or of Python (ipaddress,
+    tomllib) kept a copy trusted that the new parse might refuse."""
+    compiled.code_key.cache_clear()
+    before = compiled.code_key()
+    monkeypatch.setattr(compiled, "_judges", lambda: ("3.11.99", "4", "0.0.1"))
+    compiled.code_key.cache_clear()
+    try:
+        assert compiled.code_key() != before
+    finally:
+        monkeypatch.undo()
+        compiled.code_key.cache_clear()
+
+
+def test_sources_being_replaced_make_no_copy_and_no_error(tmp_path, monkeypatch):
+    """Review finding: a source file gone mid-upgrade raised out of load()."""
+    def gone():
+        raise FileNotFoundError("names.py")
+    monkeypatch.setattr(compiled, "code_key", gone)
+    path = write(tmp_path)
+    assert "bare.example" in config.load(path).domains
+    assert not os.path.exists(path + ".compiled")
+
+
+def test_an_interrupted_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(compiled.os, "replace", interrupted)
+    path = write(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        config.load(path)
+    assert os.listdir(tmp_path) == ["flushctl.toml"]
