@@ -22,6 +22,7 @@ from flushctl import names
 from flushctl.heldmail.holdtag import TAG_HEADER, tag_of
 from flushctl.mta.queuefiles import (FORCED_EXPIRE_BIT, SET_ASIDE_AFTER, QueuedMessage, QueueWatch,
                                      parse_postcat, read_defer_log)
+from flushctl.mta.commands import PostfixError
 from flushctl.mta.routing import route_of
 
 log = logging.getLogger("flushctl.release")
@@ -141,10 +142,28 @@ class IntakePart:
         if queue == "deferred":
             self._ours_deferred.update(m.queue_id for m, *_ in mine)
         if to_hold:
-            self._hold(to_hold)
+            self._hold_taken_in(to_hold)
         if other:
             self.ledger.add_foreign(queue, other)
         return counts, classified
+
+    def _hold_taken_in(self, queue_ids: list[str]) -> None:
+        """Hold what this pass just recorded, then look whether a release
+        took it meanwhile.  A release marks its messages, then releases
+        them (``postsuper -H``); a hold of ours that lands after that
+        release would keep the copy back until the next trigger.  Hold,
+        then read the marks: whichever of the two came last, the message
+        ends up released (rows recorded just now carry no older mark)."""
+        self._hold(queue_ids)
+        entries = self.ledger.entries_by_id(queue_ids)
+        taken = [q for q, e in entries.items() if e.released is not None]
+        if taken:
+            log.info("event=hold_undone messages=%d reason=released_meanwhile", len(taken))
+            try:
+                self.postfix.release(taken)
+            except PostfixError as exc:
+                log.warning("event=release_failed messages=%d error=%r", len(taken), str(exc))
+            self.postfix.scan_deferred()
 
     def recheck_owners(self) -> int:
         """Forget every ledger row whose message has no pending recipient in

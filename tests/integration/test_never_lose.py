@@ -396,6 +396,65 @@ def test_renewed_copies_another_process_recorded_but_not_yet_held_are_released(m
     assert customer_losses(stack) == []
 
 
+def test_a_hold_of_a_copy_that_lands_after_the_release_is_undone(make_stack):
+    """The keeper records a renewed copy and asks Postfix to hold it; a
+    release marks and releases the copy before that hold lands.  The copy
+    was then kept back until the next trigger, the release having said it
+    sent it.  qmgr is stopped from the release's ``postsuper -H`` until the
+    late hold has landed, so the copy cannot go out in between."""
+    import psutil
+
+    from flushctl import config as config_mod
+    from flushctl.heldmail.library import HeldMail
+    from flushctl.heldmail.outcome import RELEASED
+    from flushctl.mta.commands import Postfix
+    stack = make_stack(extra_main=SHORT_LIFETIMES)
+    for i in range(2):
+        stack.send([f"u{i}@customer.test"])
+    wait_until(lambda: len(stack.queue()) == 2, what="2 held")
+    time.sleep(3)        # older than half the lifetime: renewed before the release
+    cfg = config_mod.load(str(stack.config_path))
+    master = int((stack.pf.queue_directory / "pid" / "master.pid").read_text().split()[0])
+
+    def qmgr():
+        [proc] = [p for p in psutil.Process(master).children() if p.name() == "qmgr"]
+        return proc
+
+    class Late(Postfix):         # the keeper's hold, not landed yet
+        asked: list = []
+
+        def hold(self, ids):
+            Late.asked.extend(ids)
+            return 0
+    keeper = HeldMail(cfg, postfix=Late(cfg.config_directory))
+
+    class QmgrStopped(Postfix):  # no delivery from the release's -H on, and no kick
+        def release(self, ids):  # (postkick would wait for the stopped qmgr)
+            qmgr().suspend()
+            return super().release(ids)
+
+        def scan_deferred(self):
+            pass
+
+    class Releasing(HeldMail):   # whatever it would record, the keeper records first
+        def take_in(self, queues=("deferred", "hold")):
+            return keeper.take_in(queues)
+    stack.sink.start()
+    try:
+        outcome = Releasing(cfg, postfix=QmgrStopped(cfg.config_directory)).flush(
+            "customer.test", trigger="admin")
+        assert Late.asked, "the keeper recorded no copy: the race was not set up"
+        assert (outcome.kind, outcome.released) == (RELEASED, 2), outcome
+        # the keeper's hold lands now, after the release
+        keeper.postfix = QmgrStopped(cfg.config_directory)
+        keeper._hold_taken_in(list(Late.asked))
+    finally:
+        qmgr().resume()
+    Postfix(cfg.config_directory).scan_deferred()   # the kicks held back above
+    wait_until(lambda: len(stack.sink.messages()) == 2, 30, what="2 delivered")
+    assert customer_losses(stack) == []
+
+
 def test_held_mail_that_is_not_ours_is_read_once(make_stack):
     from flushctl import config as config_mod
     from flushctl.heldmail.library import HeldMail
