@@ -73,7 +73,16 @@ class HoldBackPart:
             other = self._remaining_owner(mine, item)
             if other is not None:
                 moved.append((item.queue_id, *other))
-        self._hold(to_hold)
+        # a release that marked one after the snapshot may have released it
+        # before this hold landed: it goes out again, and its outcome here
+        # (which would clear the new mark) is not written
+        holding = set(to_hold)
+        again = self._hold_unless_released(
+            to_hold, {i.queue_id: i.released for i in items if i.queue_id in holding})
+        if again:
+            outcomes = [o for o in outcomes if o[0] not in again]
+            moved = [m for m in moved if m[0] not in again]
+            to_hold = [q for q in to_hold if q not in again]
         now = time.time()
         if let_go:
             self.ledger.forget(let_go)

@@ -22,7 +22,6 @@ from flushctl import names
 from flushctl.heldmail.holdtag import TAG_HEADER, tag_of
 from flushctl.mta.queuefiles import (FORCED_EXPIRE_BIT, SET_ASIDE_AFTER, QueuedMessage, QueueWatch,
                                      parse_postcat, read_defer_log)
-from flushctl.mta.commands import PostfixError
 from flushctl.mta.routing import route_of
 
 log = logging.getLogger("flushctl.release")
@@ -133,37 +132,23 @@ class IntakePart:
             else:
                 other.append((msg.queue_id, dom))
             classified.append(msg.queue_id)
+        recorded = set()
         for msg, dom, route, origin in mine:
             if self.ledger.record(msg.queue_id, dom, msg.size, msg.arrival or now,
                                   msg.created or now, route=route, origin=origin):
+                recorded.add(msg.queue_id)
                 counts[dom] = counts.get(dom, 0) + 1
                 log.info("event=taken_in queue_id=%s domain=%s from=%s origin=%s",
                          msg.queue_id, dom, queue, origin)
         if queue == "deferred":
             self._ours_deferred.update(m.queue_id for m, *_ in mine)
         if to_hold:
-            self._hold_taken_in(to_hold)
+            # the rows this pass recorded had no mark; one another process
+            # recorded first, that process holds (and looks at) itself
+            self._hold_unless_released(to_hold, dict.fromkeys(recorded))
         if other:
             self.ledger.add_foreign(queue, other)
         return counts, classified
-
-    def _hold_taken_in(self, queue_ids: list[str]) -> None:
-        """Hold what this pass just recorded, then look whether a release
-        took it meanwhile.  A release marks its messages, then releases
-        them (``postsuper -H``); a hold of ours that lands after that
-        release would keep the copy back until the next trigger.  Hold,
-        then read the marks: whichever of the two came last, the message
-        ends up released (rows recorded just now carry no older mark)."""
-        self._hold(queue_ids)
-        entries = self.ledger.entries_by_id(queue_ids)
-        taken = [q for q, e in entries.items() if e.released is not None]
-        if taken:
-            log.info("event=hold_undone messages=%d reason=released_meanwhile", len(taken))
-            try:
-                self.postfix.release(taken)
-            except PostfixError as exc:
-                log.warning("event=release_failed messages=%d error=%r", len(taken), str(exc))
-            self.postfix.scan_deferred()
 
     def recheck_owners(self) -> int:
         """Forget every ledger row whose message has no pending recipient in

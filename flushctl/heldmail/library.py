@@ -275,3 +275,30 @@ class HeldMail(StatusPart, ReleasePart, IntakePart, HoldBackPart, AdminPart, Ver
             self.postfix.hold(queue_ids)
         except PostfixError as exc:
             log.warning("event=hold_failed messages=%d error=%r", len(queue_ids), str(exc))
+
+    def _hold_unless_released(self, queue_ids: list[str],
+                              seen: dict[str, float | None]) -> set[str]:
+        """Hold ``queue_ids``, then read the release marks of those in
+        ``seen`` (the mark each hold was decided on: None for none).  A
+        release marks its messages, then releases them (``postsuper -H``):
+        a mark other than the one seen is a release that came meanwhile,
+        and this hold may have landed after its -H.  Read after the hold,
+        the marks show every such release, whichever came last: those
+        messages go out again, unless their domain was paused since.
+        Returns them."""
+        self._hold(queue_ids)
+        if not seen:
+            return set()
+        fresh = self.ledger.entries_by_id(list(seen))
+        again = [q for q, e in fresh.items()
+                 if e.released is not None and e.released != seen[q]]
+        paused = {d for d in {fresh[q].domain for q in again} if self.ledger.state(d).paused}
+        again = [q for q in again if fresh[q].domain not in paused]
+        if again:
+            log.info("event=hold_undone messages=%d reason=released_meanwhile", len(again))
+            try:
+                self.postfix.release(again)
+                self.postfix.scan_deferred()
+            except PostfixError as exc:
+                log.warning("event=release_failed messages=%d error=%r", len(again), str(exc))
+        return set(again)

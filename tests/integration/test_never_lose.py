@@ -396,14 +396,38 @@ def test_renewed_copies_another_process_recorded_but_not_yet_held_are_released(m
     assert customer_losses(stack) == []
 
 
-def test_a_hold_of_a_copy_that_lands_after_the_release_is_undone(make_stack):
+def _qmgr_of(stack):
+    import psutil
+    master = int((stack.pf.queue_directory / "pid" / "master.pid").read_text().split()[0])
+    [proc] = [p for p in psutil.Process(master).children() if p.name() == "qmgr"]
+    return proc
+
+
+def _qmgr_stopped_postfix(stack):
+    """A Postfix whose ``release`` (-H) stops qmgr first, and which sends no
+    kick (postkick would wait for the stopped qmgr): released mail waits in
+    the deferred queue until the test resumes qmgr."""
+    from flushctl.mta.commands import Postfix
+
+    class QmgrStopped(Postfix):
+        def release(self, ids):
+            _qmgr_of(stack).suspend()
+            return super().release(ids)
+
+        def scan_deferred(self):
+            pass
+    return QmgrStopped(str(stack.pf.config_directory))
+
+
+@pytest.mark.parametrize("paused", [False, True], ids=["released", "paused_meanwhile"])
+def test_a_hold_of_a_copy_that_lands_after_the_release_is_undone(make_stack, paused):
     """The keeper records a renewed copy and asks Postfix to hold it; a
     release marks and releases the copy before that hold lands.  The copy
     was then kept back until the next trigger, the release having said it
     sent it.  qmgr is stopped from the release's ``postsuper -H`` until the
-    late hold has landed, so the copy cannot go out in between."""
-    import psutil
-
+    late hold has landed, so the copy cannot go out in between.  And when
+    the admin paused the domain meanwhile (review finding), the copies
+    stay held: undoing the hold must not undo the pause."""
     from flushctl import config as config_mod
     from flushctl.heldmail.library import HeldMail
     from flushctl.heldmail.outcome import RELEASED
@@ -414,11 +438,6 @@ def test_a_hold_of_a_copy_that_lands_after_the_release_is_undone(make_stack):
     wait_until(lambda: len(stack.queue()) == 2, what="2 held")
     time.sleep(3)        # older than half the lifetime: renewed before the release
     cfg = config_mod.load(str(stack.config_path))
-    master = int((stack.pf.queue_directory / "pid" / "master.pid").read_text().split()[0])
-
-    def qmgr():
-        [proc] = [p for p in psutil.Process(master).children() if p.name() == "qmgr"]
-        return proc
 
     class Late(Postfix):         # the keeper's hold, not landed yet
         asked: list = []
@@ -428,30 +447,72 @@ def test_a_hold_of_a_copy_that_lands_after_the_release_is_undone(make_stack):
             return 0
     keeper = HeldMail(cfg, postfix=Late(cfg.config_directory))
 
-    class QmgrStopped(Postfix):  # no delivery from the release's -H on, and no kick
-        def release(self, ids):  # (postkick would wait for the stopped qmgr)
-            qmgr().suspend()
-            return super().release(ids)
-
-        def scan_deferred(self):
-            pass
-
     class Releasing(HeldMail):   # whatever it would record, the keeper records first
         def take_in(self, queues=("deferred", "hold")):
             return keeper.take_in(queues)
     stack.sink.start()
     try:
-        outcome = Releasing(cfg, postfix=QmgrStopped(cfg.config_directory)).flush(
+        outcome = Releasing(cfg, postfix=_qmgr_stopped_postfix(stack)).flush(
             "customer.test", trigger="admin")
         assert Late.asked, "the keeper recorded no copy: the race was not set up"
         assert (outcome.kind, outcome.released) == (RELEASED, 2), outcome
+        if paused:
+            HeldMail(cfg).pause("customer.test")
         # the keeper's hold lands now, after the release
-        keeper.postfix = QmgrStopped(cfg.config_directory)
-        keeper._hold_taken_in(list(Late.asked))
+        keeper.postfix = _qmgr_stopped_postfix(stack)
+        keeper._hold_unless_released(list(Late.asked), dict.fromkeys(Late.asked))
     finally:
-        qmgr().resume()
+        _qmgr_of(stack).resume()
     Postfix(cfg.config_directory).scan_deferred()   # the kicks held back above
-    wait_until(lambda: len(stack.sink.messages()) == 2, 30, what="2 delivered")
+    if paused:
+        time.sleep(3)
+        assert stack.sink.messages() == []
+        assert sorted(m["queue_name"] for m in stack.queue()) == ["hold", "hold"]
+    else:
+        wait_until(lambda: len(stack.sink.messages()) == 2, 30, what="2 delivered")
+    assert customer_losses(stack) == []
+
+
+def test_a_sweep_that_holds_mail_a_release_took_after_its_look_sends_it_again(make_stack):
+    """Review finding: hold_back decides on a snapshot (and a second look
+    at the marks of what it means to hold), then holds.  A release that
+    marked and released a message in between had it taken back by that
+    hold, to wait for the next trigger.  Here the message waits unreleased
+    in the deferred queue; the release runs just before the sweep's hold
+    lands (qmgr stopped from its -H on, so the message waits for the
+    hold)."""
+    from flushctl import config as config_mod
+    from flushctl.heldmail.library import HeldMail
+    from flushctl.heldmail.outcome import RELEASED
+    from flushctl.mta.commands import Postfix
+    stack = make_stack()
+    stack.send(["u@customer.test"])
+    wait_until(lambda: [m for m in stack.queue() if m["queue_name"] == "hold"], what="held")
+    [queue_id] = [m["queue_id"] for m in stack.queue()]
+    cfg = config_mod.load(str(stack.config_path))
+    pf = Postfix(cfg.config_directory)
+    pf.release([queue_id])    # out of hold by hand, unreleased: a sweep holds it back
+    wait_until(lambda: [m for m in stack.queue() if m["queue_name"] == "deferred"],
+               what="the message in the deferred queue")
+    outcomes = []
+
+    class Sweeper(HeldMail):
+        def _hold(self, queue_ids):
+            if not outcomes:   # the release comes between the look and the hold
+                outcomes.append(HeldMail(cfg, postfix=_qmgr_stopped_postfix(stack)).flush(
+                    "customer.test", trigger="admin"))
+            super()._hold(queue_ids)
+    sweeper = Sweeper(cfg, postfix=_qmgr_stopped_postfix(stack))
+    snap = sweeper.snapshot("customer.test")
+    assert [i.released for i in snap.present] == [None]
+    stack.sink.start()
+    try:
+        sweeper.hold_back("customer.test", snap)
+        assert [(o.kind, o.released) for o in outcomes] == [(RELEASED, 1)], outcomes
+    finally:
+        _qmgr_of(stack).resume()
+    pf.scan_deferred()
+    wait_until(lambda: len(stack.sink.messages()) == 1, 30, what="delivered")
     assert customer_losses(stack) == []
 
 
