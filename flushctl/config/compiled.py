@@ -157,7 +157,7 @@ def _encode(value: Any) -> Any:
     cls = type(value)
     if _CLASSES.get(cls.__name__) is not cls:
         raise TypeError(f"not part of a Config: {cls.__name__}")
-    defaults, factories = _defaults(cls)
+    _, defaults, factories, _ = _PLANS[cls.__name__]
     fields = {}
     for name, field_value in value.__dict__.items():
         if cls is model.Config and name == "domains":
@@ -192,7 +192,7 @@ def _decode(value: Any) -> Any:
         made = object.__new__(cls)
         attrs = made.__dict__
         attrs.update(defaults)
-        for name, factory in factories:
+        for name, factory in factories.items():
             attrs[name] = factory()
         for name, field_value in body.items():
             attrs[name] = field_value if type(field_value) in _SCALAR_TYPES \
@@ -223,7 +223,7 @@ def _encode_domains(domains: dict) -> list:
         short = dom.__dict__.keys() == _DOMAIN_DEFAULTS.keys() and all(
             _same(dom.__dict__[k], v) for k, v in _DOMAIN_DEFAULTS.items()
             if k not in ("name", "relay"))
-        if short and dom.name == name and dom.hosts == {}:
+        if short and dom.name == name:
             relay = dom.relay
             relays.append(None if relay is None else (relay.host, relay.port, relay.mx_lookup))
         else:
@@ -261,18 +261,16 @@ def _decode_domains(names: tuple, relays: tuple, whole: dict) -> dict:
     return out
 
 
-def _defaults(cls: type) -> tuple[dict, dict]:
-    """The field defaults of ``cls``, and the factories of those made fresh each time."""
+def _plan(cls: type) -> tuple[type, dict, dict, frozenset]:
+    """How ``cls`` is made again: the class, its field defaults, the
+    factories of the fields made fresh each time, and its field names."""
     defaults, factories = {}, {}
     for f in dataclasses.fields(cls):
         if f.default is not dataclasses.MISSING:
             defaults[f.name] = f.default
         elif f.default_factory is not dataclasses.MISSING:
             factories[f.name] = f.default_factory
-    return defaults, factories
+    return cls, defaults, factories, frozenset(f.name for f in dataclasses.fields(cls))
 
 
-# how each class is made again: (class, defaults, factories, its field names)
-_PLANS = {name: (cls, *_defaults(cls)[:1], tuple(_defaults(cls)[1].items()),
-                 frozenset(f.name for f in dataclasses.fields(cls)))
-          for name, cls in _CLASSES.items()}
+_PLANS = {name: _plan(cls) for name, cls in _CLASSES.items()}

@@ -364,19 +364,25 @@ def test_renewal_while_others_record_the_copies_does_not_wait(make_stack):
     assert customer_losses(stack) == []
 
 
-def test_renewed_copies_another_process_recorded_but_not_yet_held_are_released(make_stack):
-    """The keeper records a requeued copy, then holds it: a renewal that
-    counts the copies in between must still send them (it sent none, and
-    the poller's release then shared that empty one)."""
+def _two_held_due_for_renewal(make_stack):
+    """A stack with short lifetimes holding two messages old enough that a
+    release renews them first; and its config."""
     from flushctl import config as config_mod
-    from flushctl.heldmail.library import HeldMail
-    from flushctl.heldmail.outcome import RELEASED
     stack = make_stack(extra_main=SHORT_LIFETIMES)
     for i in range(2):
         stack.send([f"u{i}@customer.test"])
     wait_until(lambda: len(stack.queue()) == 2, what="2 held")
     time.sleep(3)        # older than half the lifetime: renewed before the release
-    cfg = config_mod.load(str(stack.config_path))
+    return stack, config_mod.load(str(stack.config_path))
+
+
+def test_renewed_copies_another_process_recorded_but_not_yet_held_are_released(make_stack):
+    """The keeper records a requeued copy, then holds it: a renewal that
+    counts the copies in between must still send them (it sent none, and
+    the poller's release then shared that empty one)."""
+    from flushctl.heldmail.library import HeldMail
+    from flushctl.heldmail.outcome import RELEASED
+    stack, cfg = _two_held_due_for_renewal(make_stack)
 
     class Keeper(HeldMail):     # stopped between recording a copy and holding it
         not_yet_held: list = []
@@ -428,16 +434,10 @@ def test_a_hold_of_a_copy_that_lands_after_the_release_is_undone(make_stack, pau
     late hold has landed, so the copy cannot go out in between.  And when
     the admin paused the domain meanwhile (review finding), the copies
     stay held: undoing the hold must not undo the pause."""
-    from flushctl import config as config_mod
     from flushctl.heldmail.library import HeldMail
     from flushctl.heldmail.outcome import RELEASED
     from flushctl.mta.commands import Postfix
-    stack = make_stack(extra_main=SHORT_LIFETIMES)
-    for i in range(2):
-        stack.send([f"u{i}@customer.test"])
-    wait_until(lambda: len(stack.queue()) == 2, what="2 held")
-    time.sleep(3)        # older than half the lifetime: renewed before the release
-    cfg = config_mod.load(str(stack.config_path))
+    stack, cfg = _two_held_due_for_renewal(make_stack)
 
     class Late(Postfix):         # the keeper's hold, not landed yet
         asked: list = []
