@@ -132,10 +132,28 @@ class Sink:
         return self.start(refuse)
 
     def messages(self) -> list[str]:
-        out = []
-        for path in sorted(self.dir.rglob("*")):
-            if path.is_file():
-                out.append(path.read_text(errors="replace"))
+        """What the sink has received whole: a file smtp-sink still has open
+        is a transaction under way (it writes as the data comes). Listed
+        first, then its open files read: a file it closed is never opened
+        again, so one listed and not open then is complete."""
+        paths = sorted(p for p in self.dir.rglob("*") if p.is_file())
+        writing = self._open_files()
+        return [p.read_text(errors="replace") for p in paths if str(p) not in writing]
+
+    def _open_files(self) -> set[str]:
+        if self.proc is None:
+            return set()
+        fds = f"/proc/{self.proc.pid}/fd"
+        out = set()
+        try:
+            names = os.listdir(fds)
+        except OSError:   # it ended: nothing open
+            return out
+        for fd in names:
+            try:
+                out.add(os.readlink(f"{fds}/{fd}"))
+            except OSError:
+                pass
         return out
 
     def cleanup(self):
