@@ -10,6 +10,10 @@ One instance, one customer domain, several ways in turn, round by round:
   tags by recipient can ask for (RCPT unanswered, the end of the
   message, where it adds a header and holds the message as ours does),
   the limit any milter in our place comes to;
+- P1b's minimal pymilter milter (pyminmilter.py): the same in Python on
+  pymilter, the limit any milter built as ours is comes to; and the same
+  with ours' protocol steps, or with ours' ledger record, added: what
+  each part of ours costs;
 - ours: the milter tags, records and holds every message.
 (Against an access rule that HOLDs the domain's mail instead, Postfix
 alone is faster still, and the do-nothing milter reaches only about
@@ -25,8 +29,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
+
+import psutil
 
 from common import (Report, build_stack, compile_c, count_queue, log, median, paired_ratio,
                     rotate, smtp_source)
@@ -34,7 +41,10 @@ from miltertrace import Trace
 
 DOMAIN = "customer.test"
 C_MILTERS = {"null": "nullmilter.c", "min": "minmilter.c"}
-HOLDING = ("ours", "min")   # the milters that hold the domain's mail (the others: deferred)
+# pyminmilter.py, alone and with one part of ours each (its options)
+PY_MILTERS = {"pymin": (), "pysteps": ("--steps",), "pyledger": ("--ledger", "{dir}/ledger")}
+# the milters that hold the domain's mail (the others: deferred)
+HOLDING = ("ours", "min", *PY_MILTERS)
 
 
 class Intake:
@@ -47,12 +57,23 @@ class Intake:
         os.chmod(self.dir, 0o755)
         self.procs = []
         self.sockets = {"alone": None}
+        self.pids: dict[str, int] = {}   # each milter's process
+        self.cpu: dict[str, list[float]] = {}   # its CPU seconds per message, each run
         try:
             for name, source in C_MILTERS.items():
                 sock = os.path.join(self.dir, f"{name}.sock")
                 self.procs.append(subprocess.Popen(
                     [compile_c(source, "-lmilter", "-lpthread"), sock]))
                 self.sockets[name] = sock
+                self.pids[name] = self.procs[-1].pid
+            for name, options in PY_MILTERS.items():
+                sock = os.path.join(self.dir, f"{name}.sock")
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, os.path.join(os.path.dirname(__file__), "pyminmilter.py"),
+                     *(o.format(dir=self.dir) for o in options), sock]))
+                self.sockets[name] = sock
+                self.pids[name] = self.procs[-1].pid
+            self.pids["ours"] = self.stack.milter.pid
             ours = self.stack.pf.postconf("-h", "smtpd_milters").strip()
             path = ours.split(":", 1)[1]
             self.sockets["ours"] = path if path.startswith("/") else \
@@ -60,7 +81,7 @@ class Intake:
             deadline = time.monotonic() + 10
             while not all(os.path.exists(s) for s in self.sockets.values() if s):
                 if time.monotonic() > deadline:
-                    raise RuntimeError("the C milters did not start")
+                    raise RuntimeError("the benchmark's milters did not start")
                 time.sleep(0.1)
         except BaseException:
             self.close()
@@ -76,7 +97,13 @@ class Intake:
         """Messages per second through ``which``, every one where it belongs."""
         self.use(which)
         held = count_queue(self.stack, "hold")
+        proc = psutil.Process(self.pids[which]) if which in self.pids else None
+        before = proc.cpu_times() if proc else None
         rate = messages / smtp_source(self.stack, f"user@{DOMAIN}", messages, sessions)
+        if proc:
+            after = proc.cpu_times()
+            self.cpu.setdefault(which, []).append(
+                (after.user + after.system - before.user - before.system) / messages)
         got = count_queue(self.stack, "hold") - held
         if got != (messages if which in HOLDING else 0):
             raise RuntimeError(f"intake: {which}: {got} of {messages} held")
@@ -126,28 +153,45 @@ def run(report: Report, quick: bool) -> None:
 
 
 def run_floor(report: Report, quick: bool) -> None:
-    """P1b: ours against the minimal milter, and what each costs a message."""
+    """P1b: ours against the minimal milter, in C and in Python (pymilter),
+    and what each costs a message."""
     bench = Intake()
     try:
-        for which in ("min", "ours"):
+        for which in ("min", "pymin", "pysteps", "ours"):
             report.add("P1b", f"protocol per message, {which}", bench.trace(which), "-", "-",
                        "-", None)
         rounds = 3 if quick else 7
         for sessions, messages in ((20, 400 if quick else 1000), (1, 50 if quick else 150)):
             log(f"P1b: {sessions} session(s), {messages} messages, {rounds} rounds")
             runs = rotate(rounds, {w: (lambda w=w: bench.rate(w, messages, sessions))
-                                   for w in ("alone", "min", "ours")})
+                                   for w in ("alone", "min", *PY_MILTERS, "ours")})
             what = f"intake, {sessions} session(s) x {messages} msgs"
             vs_min = paired_ratio(runs["ours"], runs["min"])
             report.add("P1b", what + ", ours / minimal C milter",
                        f"{median(runs['ours']):.0f} msg/s", f"{median(runs['min']):.0f} msg/s "
                        "(minimal)", f"{vs_min:.2f}", ">= 0.95", vs_min >= 0.95)
+            floor = paired_ratio(runs["pymin"], runs["min"])
+            report.add("P1b", what + ", minimal pymilter / minimal C milter",
+                       f"{median(runs['pymin']):.0f} msg/s", f"{median(runs['min']):.0f} msg/s "
+                       "(minimal)", f"{floor:.2f}", "(any pymilter milter)", None)
+            for which, label in (("pysteps", "minimal pymilter with ours' steps"),
+                                 ("pyledger", "minimal pymilter with ours' ledger record"),
+                                 ("ours", "ours")):
+                vs_py = paired_ratio(runs[which], runs["pymin"])
+                report.add("P1b", f"{what}, {label} / minimal pymilter",
+                           f"{median(runs[which]):.0f} msg/s",
+                           f"{median(runs['pymin']):.0f} msg/s (pymilter)", f"{vs_py:.2f}", "-",
+                           None)
+            for which in ("min", *PY_MILTERS, "ours"):   # steadier than the rates
+                report.add("P1b", f"{what}, milter CPU per message, {which}",
+                           f"{median(bench.cpu[which]) * 1e6:.0f} us", "-", "-", "-", None)
+            bench.cpu.clear()
             alone = paired_ratio(runs["ours"], runs["alone"])
             report.add("P1b", what + ", ours / Postfix alone", f"{median(runs['ours']):.0f} msg/s",
                        f"{median(runs['alone']):.0f} msg/s", f"{alone:.2f}",
                        ">= 0.95" if sessions > 1 else "-", alone >= 0.95 if sessions > 1 else None)
             if sessions == 1:
-                for which in ("min", "ours"):
+                for which in ("min", *PY_MILTERS, "ours"):
                     added = median([(1 / x - 1 / a) * 1e6
                                     for x, a in zip(runs[which], runs["alone"])])
                     report.add("P1b", f"added latency per message, {which}, 1 session",

@@ -15,7 +15,12 @@ def test_quick_benchmarks_run():
     table = proc.stdout.split("| measure |", 1)[1]
     assert "measure failed" not in table
     for row in ("protocol per message, min", "protocol per message, ours",
-                "ours / minimal C milter", "added latency per message, ours",
+                "protocol per message, pymin", "ours / minimal C milter",
+                "minimal pymilter / minimal C milter", "ours / minimal pymilter",
+                "with ours' steps / minimal pymilter", "with ours' ledger record",
+                "milter CPU per message, ours", "milter CPU per message, pymin",
+                "protocol per message, pysteps", "added latency per message, pyledger",
+                "added latency per message, pymin", "added latency per message, ours",
                 "status,", "status in-process", "finger queries/s", "1000 triggers",
                 "scrape, 10000 domains", "beside 2000 foreign held", "keeper pass",
                 "fill to", "poller cycle, 5003 domains", "status, all 5003 domains",
