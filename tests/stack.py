@@ -136,24 +136,37 @@ class Sink:
         is a transaction under way (it writes as the data comes). Listed
         first, then its open files read: a file it closed is never opened
         again, so one listed and not open then is complete."""
-        paths = sorted(p for p in self.dir.rglob("*") if p.is_file())
+        paths = sorted(p for p in Path(os.path.realpath(self.dir)).rglob("*") if p.is_file())
         writing = self._open_files()
-        return [p.read_text(errors="replace") for p in paths if str(p) not in writing]
+        out = []
+        for path in paths:
+            if str(path) in writing:
+                continue
+            try:
+                out.append(path.read_text(errors="replace"))
+            except FileNotFoundError:   # an aborted transaction, removed by smtp-sink
+                pass
+        return out
 
     def _open_files(self) -> set[str]:
+        """The files smtp-sink has open. It runs as nobody, so reading its
+        fds takes root's CAP_SYS_PTRACE: without it this says so rather
+        than see nothing open."""
         if self.proc is None:
             return set()
         fds = f"/proc/{self.proc.pid}/fd"
         out = set()
         try:
             names = os.listdir(fds)
-        except OSError:   # it ended: nothing open
+        except (FileNotFoundError, ProcessLookupError):   # it ended: nothing open
             return out
         for fd in names:
             try:
                 out.add(os.readlink(f"{fds}/{fd}"))
-            except OSError:
+            except (FileNotFoundError, ProcessLookupError):   # closed meanwhile
                 pass
+            except PermissionError as exc:
+                raise RuntimeError(f"cannot see smtp-sink's open files: {exc}") from None
         return out
 
     def cleanup(self):

@@ -78,27 +78,28 @@ def settle(stack, timeout: float = 300) -> str:
     """Wait until our daemons rest (each under 5% of a core over 2 s): the
     figures are of a host at rest, not of one still starting up or taking
     in the fill. Says how long it took, and who was busy."""
-    procs = {name: psutil.Process(proc.pid) for name, proc in
-             (("milter", stack.milter), ("gateway", stack.gateway), ("helper", stack.helper),
-              ("poller", stack.poller)) if proc is not None}
+    daemons = {name: proc for name, proc in
+               (("milter", stack.milter), ("gateway", stack.gateway), ("helper", stack.helper),
+                ("poller", stack.poller)) if proc is not None}
 
     def used() -> dict[str, float]:
         out = {}
-        for name, proc in procs.items():
-            times = proc.cpu_times()
+        for name, proc in daemons.items():
+            if proc.poll() is not None:   # a dead daemon is not one at rest
+                raise RuntimeError(f"P7: the {name} ended: {stack.daemon_log(name)[-2000:]}")
+            times = psutil.Process(proc.pid).cpu_times()
             out[name] = times.user + times.system
         return out
 
-    start, busy = time.monotonic(), {}
-    while time.monotonic() - start < timeout:
+    start, busy, rested = time.monotonic(), {}, False
+    while not rested and time.monotonic() - start < timeout:
         before = used()
         time.sleep(2)
         hot = {n: (t - before[n]) / 2 for n, t in used().items() if t - before[n] >= 0.1}
-        if not hot:
-            break
+        rested = not hot
         for name, share in hot.items():
             busy[name] = max(share, busy.get(name, 0))
-    return f"{time.monotonic() - start:.0f} s" + "".join(
+    return ("" if rested else "NOT at rest, ") + f"{time.monotonic() - start:.0f} s" + "".join(
         f", {name} up to {share:.2f} core" for name, share in busy.items())
 
 
@@ -206,7 +207,7 @@ class Scale:
             wait_until(lambda: "event=cycle" in stack.daemon_log("poller"), 600, 1,
                        what="the poller's first cycle")
         stack.sink.start()
-        log(f"P7: the daemons at rest after {settle(stack)}")
+        log(f"P7: waited for the daemons to rest: {settle(stack)}")
 
         cli, base, inproc = status.timings(stack, od, STATUS, HELD, rounds=3)
         add("P7", f"status DOMAIN, {at}", f"{median(cli) * 1000:.0f} ms",
