@@ -95,7 +95,8 @@ def test_every_field_comes_back_as_parsed(tmp_path):
     assert os.path.exists(path + ".compiled")
     kept = config.load(path)
     assert kept is not parsed
-    assert kept == parsed and repr(kept) == repr(parsed)
+    # equal, not the same repr: a frozenset's repr follows its hash table's order
+    assert kept == parsed
 
     # the same types all the way down (a tuple is no list, a network no string)
     def shape(value):
