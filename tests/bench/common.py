@@ -136,6 +136,12 @@ def fill(stack: Stack, domains: list[str], per_domain: int, parallel: int = 8) -
                what=f"{want} messages held")
 
 
+def cpu_seconds(pid: int) -> float:
+    """A process's CPU time so far (user and system), seconds."""
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
 def peak_rss(pid: int) -> int:
     """VmHWM of a process and its children, bytes."""
     total = 0

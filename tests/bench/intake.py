@@ -33,10 +33,8 @@ import sys
 import tempfile
 import time
 
-import psutil
-
-from common import (Report, build_stack, compile_c, count_queue, log, median, paired_ratio,
-                    rotate, smtp_source)
+from common import (Report, build_stack, compile_c, count_queue, cpu_seconds, log, median,
+                    paired_ratio, rotate, smtp_source)
 from miltertrace import Trace
 
 DOMAIN = "customer.test"
@@ -97,13 +95,11 @@ class Intake:
         """Messages per second through ``which``, every one where it belongs."""
         self.use(which)
         held = count_queue(self.stack, "hold")
-        proc = psutil.Process(self.pids[which]) if which in self.pids else None
-        before = proc.cpu_times() if proc else None
+        pid = self.pids.get(which)
+        before = cpu_seconds(pid) if pid else 0.0
         rate = messages / smtp_source(self.stack, f"user@{DOMAIN}", messages, sessions)
-        if proc:
-            after = proc.cpu_times()
-            self.cpu.setdefault(which, []).append(
-                (after.user + after.system - before.user - before.system) / messages)
+        if pid:
+            self.cpu.setdefault(which, []).append((cpu_seconds(pid) - before) / messages)
         got = count_queue(self.stack, "hold") - held
         if got != (messages if which in HOLDING else 0):
             raise RuntimeError(f"intake: {which}: {got} of {messages} held")
@@ -182,7 +178,7 @@ def run_floor(report: Report, quick: bool) -> None:
                            f"{median(runs[which]):.0f} msg/s",
                            f"{median(runs['pymin']):.0f} msg/s (pymilter)", f"{vs_py:.2f}", "-",
                            None)
-            for which in ("min", *PY_MILTERS, "ours"):   # steadier than the rates
+            for which in ("min", *PY_MILTERS, "ours"):   # the milter's own share
                 report.add("P1b", f"{what}, milter CPU per message, {which}",
                            f"{median(bench.cpu[which]) * 1e6:.0f} us", "-", "-", "-", None)
             bench.cpu.clear()

@@ -37,8 +37,8 @@ import psutil
 import poller_cycle
 import release
 import status
-from common import (Report, alternate, build_stack, count_queue, fill, grouped, log, median,
-                    peak_rss, smtp_source)
+from common import (Report, alternate, build_stack, count_queue, cpu_seconds, fill, grouped,
+                    log, median, peak_rss, smtp_source)
 from stack import FLUSHCTL, wait_until
 
 STATUS = "status.test"     # holds exactly HELD, a quarter through sendmail
@@ -87,8 +87,7 @@ def settle(stack, timeout: float = 300) -> str:
         for name, proc in daemons.items():
             if proc.poll() is not None:   # a dead daemon is not one at rest
                 raise RuntimeError(f"P7: the {name} ended: {stack.daemon_log(name)[-2000:]}")
-            times = psutil.Process(proc.pid).cpu_times()
-            out[name] = times.user + times.system
+            out[name] = cpu_seconds(proc.pid)
         return out
 
     start, busy, rested = time.monotonic(), {}, False
@@ -244,11 +243,9 @@ class Scale:
         add("P7", f"intake, 20 sessions x {self.batch}, {at}", f"{median(rates):.0f} msg/s",
             f"{median(alone):.0f} msg/s", f"{median(rates) / median(alone):.2f}", "-", None)
 
-        helper = psutil.Process(stack.helper.pid)
-        before = helper.cpu_times()
+        before = cpu_seconds(stack.helper.pid)
         time.sleep(20)
-        after = helper.cpu_times()
-        idle = (after.user - before.user + after.system - before.system) / 20
+        idle = (cpu_seconds(stack.helper.pid) - before) / 20
         add("P7", f"release helper idle (keeper passes), {at}", f"{idle:.2f} core", "-", "-",
             "-", None)
         return {"status": median(cli), "intake": median(rates), "release": median(ours),
