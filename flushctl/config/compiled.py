@@ -237,6 +237,7 @@ def _decode_domains(names: tuple, relays: tuple, whole: dict) -> dict:
         raise ValueError("domains: the columns differ in length")
     new, domain_cls, relay_cls = object.__new__, model.Domain, model.Relay
     out = {}
+    made_relays: dict[tuple, model.Relay] = {}   # frozen: domains with one relay share it
     for name, relay in zip(names, relays):
         if type(name) is not str:
             raise ValueError("domains: a name that is not a string")
@@ -252,11 +253,17 @@ def _decode_domains(names: tuple, relays: tuple, whole: dict) -> dict:
         attrs["name"] = name
         attrs["hosts"] = {}
         if relay is not None:
-            host, port, mx_lookup = relay
-            if type(host) is not str or type(port) is not int or type(mx_lookup) is not bool:
-                raise ValueError(f"domains: {name}: not a relay")
-            made = attrs["relay"] = new(relay_cls)
-            made.__dict__.update(host=host, port=port, mx_lookup=mx_lookup)
+            made = made_relays.get(relay)
+            if made is None:
+                if type(relay) is not tuple or len(relay) != 3:
+                    raise ValueError(f"domains: {name}: not a relay")
+                host, port, mx_lookup = relay
+                if type(host) is not str or type(port) is not int \
+                        or type(mx_lookup) is not bool:
+                    raise ValueError(f"domains: {name}: not a relay")
+                made = made_relays[relay] = new(relay_cls)
+                made.__dict__.update(host=host, port=port, mx_lookup=mx_lookup)
+            attrs["relay"] = made
         out[name] = dom
     return out
 

@@ -327,3 +327,26 @@ def test_apply_follows_no_link_to_the_milters_directory(stack):
         assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o700)
     finally:
         stack.config_path.write_text(text)
+
+
+
+def test_twenty_sessions_at_once_are_each_recorded_and_counted_once(stack):
+    """Twenty sessions at once, each message's row committed before its
+    end is answered: every message Postfix accepted is held and recorded
+    once, under its own queue id, in the domain's totals and in the held
+    counter."""
+    import subprocess
+
+    from flushctl import config as config_mod
+    from flushctl.heldmail.library import HeldMail
+    sent = 400
+    subprocess.run(["smtp-source", "-s", "20", "-m", str(sent), "-f", "load@sender.test",
+                    "-t", "user@customer.test", f"127.0.0.1:{stack.pf.smtpd_port}"],
+                   check=True, capture_output=True, timeout=300)
+    wait_until(lambda: len(stack.queue()) == sent, 60, what=f"{sent} queued")
+    held = {m["queue_id"] for m in stack.queue() if m["queue_name"] == "hold"}
+    assert len(held) == sent
+    ledger = HeldMail(config_mod.load(str(stack.config_path))).ledger
+    assert {e.queue_id for e in ledger.entries("customer.test")} == held
+    assert stack.status("customer.test")[0]["messages"] == sent
+    assert ("milter_decisions", ("held",), sent) in ledger.counters()

@@ -218,6 +218,10 @@ def test_a_damaged_copy_is_a_miss_not_an_error(tmp_path, damage):
     ["!domains", (("a.example",), (), {})],               # columns of different lengths
     ["!domains", (("a.example",), (("h.example", "25", True),), {})],   # not a relay
     ["!domains", ((7,), (None,), {})],                    # not a name
+    ["!domains", (("a.example",), (("h.example", 25),), {})],   # a relay cut short
+    ["!domains", (("a.example", "b.example"),                  # valid once, then not
+                  (("h.example", 25, True), ("h.example", 25, "yes")), {})],
+    ["!domains", (("a.example",), (["h.example", 25, True],), {})],   # a list
     ["!domains", (("a.example",), (False,), {"a.example": ["Domain", {"name": "b.example"}]})],
     ["os.system", {}],                                    # a class the schema does not know
     ["Domain", {"name": "x.example", "exec": "rm"}],      # a field a Domain does not have
@@ -227,6 +231,23 @@ def test_a_damaged_copy_is_a_miss_not_an_error(tmp_path, damage):
 def test_what_the_schema_does_not_know_is_refused(payload):
     with pytest.raises((KeyError, ValueError, TypeError)):
         compiled._decode(payload)
+
+
+def test_domains_with_one_relay_share_it_and_read_as_parsed(tmp_path):
+    """100,000 domains behind one relay: one Relay object (frozen) for
+    all, the fields each as parsed."""
+    text = "".join(f'[domains."c{i}.example"]\nrelay = "[10.0.0.{i % 2}]:2525"\n'
+                   for i in range(6)) + '[domains."d.example"]\n'
+    path = str(tmp_path / "flushctl.toml")
+    with open(path, "w") as fh:
+        fh.write(text)
+    parsed = config.load(path)
+    loaded = config.load(path)
+    assert os.path.exists(path + ".compiled") and loaded == parsed
+    relays = {id(d.relay) for d in loaded.domains.values() if d.relay is not None}
+    assert len(relays) == 2
+    assert [d.relay.host for d in loaded.domains.values() if d.relay] == ["10.0.0.0", "10.0.0.1"] * 3
+    assert loaded.domains["d.example"].relay is None
 
 
 def test_a_copy_that_decodes_to_something_else_is_a_miss(tmp_path):
