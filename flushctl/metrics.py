@@ -115,6 +115,8 @@ def domain_lines(heldmail, now: float | None = None) -> str:
             size.append(label + str(held_bytes))
             age.append(label + (f"{max(0.0, now - oldest):.3f}" if oldest else "0"))
             refused.append(label + str(len(located.refused())))
+        if state is None:   # no row in the ledger: never probed nor paused
+            continue
         if state.reachable is not None:
             reachable.append(label + ("1" if state.reachable else "0"))
         if state.paused:

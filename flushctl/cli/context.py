@@ -70,7 +70,20 @@ def json_rows(rows: list) -> str:
     if not rows:
         return "[]"
     encode = row_encoder()
-    return "[\n" + ",\n".join("  " + encode(row) for row in rows) + "\n]"
+    return json_lines(encode(row) for row in rows)
+
+
+def json_lines(texts) -> str:
+    """A JSON array of values already encoded, one per line."""
+    body = ",\n".join("  " + text for text in texts)
+    return "[\n" + body + "\n]" if body else "[]"
+
+
+def string_encoder():
+    """``json.dumps`` of one string as ``row_encoder`` writes strings (ASCII,
+    escaped), in C where the json module has it."""
+    from json import encoder
+    return encoder.encode_basestring_ascii
 
 
 def row_encoder():

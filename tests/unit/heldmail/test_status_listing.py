@@ -182,3 +182,27 @@ def test_a_status_as_json_is_every_field_in_order(heldmail):
     status = heldmail.status_all()[0]
     assert list(status.as_json()) == [f.name for f in dataclasses.fields(status)]
     assert status.as_json() == dataclasses.asdict(status)
+
+
+def test_a_domain_the_ledger_has_no_row_for_is_idle_and_reads_as_any_status(heldmail):
+    """c.test has no ledger row: its row is an IdleStatus (made from a
+    template), with every field what the general path gives; a domain with
+    a row but nothing held (probed, paused) is not idle; and the CLI's JSON
+    of all of them is json_rows' own, byte for byte."""
+    from flushctl.cli.context import json_rows
+    from flushctl.cli.status import status_json
+    from flushctl.heldmail.ledger.schema import DomainState
+    heldmail.ledger.forget(["4jfQW04Wb7zJ9WD", "4jfQW04Wb7zJ9WE"])   # b.test: a row, nothing held
+    heldmail.ledger.set_paused("b.test", True)
+    rows = {s.domain: s for s in heldmail.status_all()}
+    assert [type(rows[d]) is status_mod.IdleStatus for d in ("a.test", "b.test", "c.test")] \
+        == [False, False, True]
+    general = heldmail._status("c.test", None, DomainState("c.test"))
+    assert rows["c.test"].__dict__ == general.__dict__
+    assert rows["b.test"].paused is True
+    other = status_mod.IdleStatus.of("d.test")   # its own containers, not a shared one
+    other.queues["hold"] = 1
+    assert rows["c.test"].queues == {} and status_mod.IdleStatus.of("e.test").hosts == {}
+    listed = list(rows.values()) + [status_mod.IdleStatus.of("x-y.example")]
+    assert status_json(listed) == json_rows([r.as_json() for r in listed])
+    assert status_json([]) == "[]"
