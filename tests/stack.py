@@ -148,6 +148,12 @@ class Sink:
                 pass
         return out
 
+    def started(self) -> int:
+        """Transactions the sink has taken data for, whole or still being
+        written: what a check that nothing was delivered counts (messages()
+        leaves out a delivery under way)."""
+        return sum(1 for p in Path(os.path.realpath(self.dir)).rglob("*") if p.is_file())
+
     def _open_files(self) -> set[str]:
         """The files smtp-sink has open. It runs as nobody, so reading its
         fds takes root's CAP_SYS_PTRACE: without it this says so rather

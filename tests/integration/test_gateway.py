@@ -103,7 +103,7 @@ def test_unauthorised_client_is_refused_on_both_paths(make_stack):
         code, msg = smtp.docmd("ETRN", "guarded.test")
     assert code == 459, (code, msg)
     time.sleep(1)
-    assert stack.sink.messages() == []
+    assert stack.sink.started() == 0
     assert stack.queue()[0]["queue_name"] == "hold"
     # the same answer as for a domain we do not serve: nothing leaks
     assert run_finger(stack, "nothere.test").replace("nothere", "guarded") == out
@@ -493,7 +493,7 @@ def test_the_release_helper_decides_again_whatever_the_gateway_asks(make_stack):
     assert "rate limited" in answers[1]["detail"] and "rate limited" in answers[3]["detail"]
     assert answers[2]["kind"] == "failed" and "refused" in answers[2]["detail"]
     assert stack.queue()[0]["queue_name"] == "hold"      # nothing was released
-    assert stack.sink.messages() == []
+    assert stack.sink.started() == 0
 
 
 def test_a_domain_the_helper_does_not_know_yet_leaves_the_gateway_up(make_stack):

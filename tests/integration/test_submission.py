@@ -94,7 +94,7 @@ def test_submission_is_no_open_relay(sub_stack):
     # AUTH is not even offered before TLS
     out = swaks(sub_stack, "--quit-after", "EHLO")
     assert "AUTH" not in out.split("EHLO", 1)[1], out
-    assert sub_stack.sink.messages() == [] and sub_stack.queue() == []
+    assert sub_stack.sink.started() == 0 and sub_stack.queue() == []
 
 
 def test_submission_entry_is_ours_and_goes_away(sub_stack):
@@ -169,7 +169,7 @@ def test_etrn_after_auth_releases_the_logins_domain(etrn_stack):
     code, _ = _etrn(stack, "notyours.test")
     assert code >= 400
     time.sleep(2)
-    assert stack.sink.messages() == []
+    assert stack.sink.started() == 0
     code, text = _etrn(stack, "authed.test")
     assert code == 250, text
     wait_until(lambda: len(stack.sink.messages()) == 1, 30, what="released by the login")
