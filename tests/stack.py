@@ -100,7 +100,7 @@ class Sink:
         self.host = host
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="flushctl-sink-"))
-        os.chmod(self.dir, 0o777)
+        os.chmod(self.dir, 0o1777)   # smtp-sink writes as nobody; sticky: only owners remove
         self.proc = None
 
     def start(self, refuse: str | None = None, options: tuple[str, ...] = ()):
