@@ -253,14 +253,15 @@ def _decode_domains(names: tuple, relays: tuple, whole: dict) -> dict:
         attrs["name"] = name
         attrs["hosts"] = {}
         if relay is not None:
+            # checked each time: (h, 25, 1) equals (h, 25, True), and would
+            # find the Relay of the latter
+            if type(relay) is not tuple or len(relay) != 3:
+                raise ValueError(f"domains: {name}: not a relay")
+            host, port, mx_lookup = relay
+            if type(host) is not str or type(port) is not int or type(mx_lookup) is not bool:
+                raise ValueError(f"domains: {name}: not a relay")
             made = made_relays.get(relay)
             if made is None:
-                if type(relay) is not tuple or len(relay) != 3:
-                    raise ValueError(f"domains: {name}: not a relay")
-                host, port, mx_lookup = relay
-                if type(host) is not str or type(port) is not int \
-                        or type(mx_lookup) is not bool:
-                    raise ValueError(f"domains: {name}: not a relay")
                 made = made_relays[relay] = new(relay_cls)
                 made.__dict__.update(host=host, port=port, mx_lookup=mx_lookup)
             attrs["relay"] = made

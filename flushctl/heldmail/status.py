@@ -57,6 +57,12 @@ class IdleStatus(Status):
     same but its name: most of a provider's 100,000 domains, made without
     a call per field (``of``), and written as JSON from one template."""
 
+    def __setattr__(self, name, value):
+        # written as its template (``cli.status.status_json``): a changed
+        # one would be written wrong, so none is changed (nor made by
+        # ``dataclasses.replace``)
+        raise AttributeError(f"an idle domain's status is not changed: {name}")
+
     @classmethod
     def of(cls, domain: str) -> IdleStatus:
         row = object.__new__(cls)

@@ -221,6 +221,10 @@ def test_a_damaged_copy_is_a_miss_not_an_error(tmp_path, damage):
     ["!domains", (("a.example",), (("h.example", 25),), {})],   # a relay cut short
     ["!domains", (("a.example", "b.example"),                  # valid once, then not
                   (("h.example", 25, True), ("h.example", 25, "yes")), {})],
+    ["!domains", (("a.example", "b.example"),                  # equal to a valid one
+                  (("h.example", 25, True), ("h.example", 25, 1)), {})],
+    ["!domains", (("a.example", "b.example"),
+                  (("h.example", 25, True), ("h.example", 25.0, True)), {})],
     ["!domains", (("a.example",), (["h.example", 25, True],), {})],   # a list
     ["!domains", (("a.example",), (False,), {"a.example": ["Domain", {"name": "b.example"}]})],
     ["os.system", {}],                                    # a class the schema does not know

@@ -200,6 +200,11 @@ def test_a_domain_the_ledger_has_no_row_for_is_idle_and_reads_as_any_status(held
     general = heldmail._status("c.test", None, DomainState("c.test"))
     assert rows["c.test"].__dict__ == general.__dict__
     assert rows["b.test"].paused is True
+    with pytest.raises(AttributeError):   # written from its template: never changed
+        rows["c.test"].messages = 1
+    import dataclasses
+    with pytest.raises(AttributeError):
+        dataclasses.replace(rows["c.test"], messages=1)
     other = status_mod.IdleStatus.of("d.test")   # its own containers, not a shared one
     other.queues["hold"] = 1
     assert rows["c.test"].queues == {} and status_mod.IdleStatus.of("e.test").hosts == {}
