@@ -127,7 +127,7 @@ def _daemons(config: Config, report: Report) -> None:
             report.problems.append(f"portal: nothing accepts connections on "
                                    f"{config.portal.listen} ({why}): is `flushctl portal` "
                                    "running?")
-    if any(d.relay_editable for d in config.domains.values()):
+    if config.domains_where("relay_editable"):
         from flushctl.mta.relay_change import live
         report.checks.append("relays")
         if not live(config):
@@ -156,7 +156,7 @@ def _notify(config: Config, report: Report) -> None:
     """Notices: the webhook's secret readable (the helper signs with it);
     links only with the portal's public address."""
     settings = config.notify
-    if settings.webhook_secret_file and any(d.notify_webhook for d in config.domains.values()):
+    if settings.webhook_secret_file and config.domains_where("notify_webhook"):
         report.checks.append("notify")
         path = settings.webhook_secret_file
         try:
@@ -185,7 +185,7 @@ def _odmr(config: Config, report: Report) -> None:
             report.problems.append(f"odmr: nothing accepts connections on {where} ({why}): "
                                    "is `flushctl odmr` running?")
     from flushctl.mta.routing import odmr_address
-    for address in sorted({odmr_address(d.name) for d in config.domains.values() if d.odmr}):
+    for address in sorted({odmr_address(d.name) for d in config.domains_where("odmr")}):
         why = _connectable(HostPort(address, settings.relay_port))
         if why:
             report.problems.append(f"odmr: nothing answers the relay {address}:"

@@ -33,6 +33,7 @@ from typing import Any
 from flushctl.bulk import collector_paused
 from flushctl.config import model
 from flushctl.config.domains import _DEFAULTS as _DOMAIN_DEFAULTS
+from flushctl.config.table import DomainTable
 
 SUFFIX = ".compiled"
 _MAGIC = "flushctl-config-1"
@@ -232,41 +233,12 @@ def _encode_domains(domains: dict) -> list:
     return [_DOMAINS, (tuple(names), tuple(relays), whole)]
 
 
-def _decode_domains(names: tuple, relays: tuple, whole: dict) -> dict:
-    if len(names) != len(relays):
-        raise ValueError("domains: the columns differ in length")
-    new, domain_cls, relay_cls = object.__new__, model.Domain, model.Relay
-    out = {}
-    made_relays: dict[tuple, model.Relay] = {}   # frozen: domains with one relay share it
-    for name, relay in zip(names, relays):
-        if type(name) is not str:
-            raise ValueError("domains: a name that is not a string")
-        if relay is False:
-            dom = _decode(whole[name])
-            if type(dom) is not domain_cls or dom.name != name:
-                raise ValueError(f"domains: {name}: not that domain")
-            out[name] = dom
-            continue
-        dom = new(domain_cls)
-        attrs = dom.__dict__
-        attrs.update(_DOMAIN_DEFAULTS)
-        attrs["name"] = name
-        attrs["hosts"] = {}
-        if relay is not None:
-            # checked each time: (h, 25, 1) equals (h, 25, True), and would
-            # find the Relay of the latter
-            if type(relay) is not tuple or len(relay) != 3:
-                raise ValueError(f"domains: {name}: not a relay")
-            host, port, mx_lookup = relay
-            if type(host) is not str or type(port) is not int or type(mx_lookup) is not bool:
-                raise ValueError(f"domains: {name}: not a relay")
-            made = made_relays.get(relay)
-            if made is None:
-                made = made_relays[relay] = new(relay_cls)
-                made.__dict__.update(host=host, port=port, mx_lookup=mx_lookup)
-            attrs["relay"] = made
-        out[name] = dom
-    return out
+def _decode_domains(names: tuple, relays: tuple, whole: dict) -> DomainTable:
+    """The columns as a ``DomainTable``: checked whole now, each domain
+    built when it is first asked for."""
+    if type(whole) is not dict:
+        raise ValueError("domains: not the columns")
+    return DomainTable(names, relays, {name: _decode(table) for name, table in whole.items()})
 
 
 def _plan(cls: type) -> tuple[type, dict, dict, frozenset]:

@@ -321,7 +321,7 @@ def reconcile(config: Config, pf: Postfix) -> list[str]:
     change cut short), and reload when they did not or a change is still
     pending.  Returns the domains whose held mail is to be routed anew
     (then ``settled``).  Nothing when the config is not the applied one."""
-    if not any(d.relay_editable for d in config.domains.values()):
+    if not config.domains_where("relay_editable"):
         return []
     with maps_lock(config):
         if not live(config):

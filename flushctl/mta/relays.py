@@ -230,7 +230,7 @@ class Overrides:
 
     def __init__(self, config: Config):
         self.config = config
-        self.editable = any(d.relay_editable for d in config.domains.values())
+        self.editable = bool(config.domains_where("relay_editable"))
         self._seen: tuple | None = None
         self._domains = config.domains
 

@@ -221,7 +221,7 @@ def wanted_services(config: Config, data: dict, values: dict[str, str],
 
 
 def odmr_enabled(config: Config) -> bool:
-    return config.odmr is not None and any(d.odmr for d in config.domains.values())
+    return config.odmr is not None and bool(config.domains_where("odmr"))
 
 
 def plan(config: Config, data: dict, raw: dict[str, str], expanded: dict[str, str],

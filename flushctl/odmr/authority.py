@@ -63,7 +63,7 @@ def answer(heldmail, tokens: Tokens, request: dict) -> dict:
             return {"token": None}
         return {"token": tokens.grant(user, logins.get(user).scrypt)}
     user = tokens.user(request.get("token"), store.load(config.logins_path))
-    mine = {d.name for d in config.domains.values() if d.odmr and user in d.users}
+    mine = {d.name for d in config.domains_where("odmr") if user in d.users}
     if op == "held":
         domains = request.get("domains")
         if not isinstance(domains, list) or not all(isinstance(d, str) for d in domains):

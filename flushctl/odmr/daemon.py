@@ -41,7 +41,7 @@ def bind(config: Config) -> list[tuple[socket.socket, str]]:
     """(listening socket, kind) for every [odmr] address and relay address."""
     out = []
     settings = config.odmr
-    relays = sorted({odmr_address(d.name) for d in config.domains.values() if d.odmr})
+    relays = sorted({odmr_address(d.name) for d in config.domains_where("odmr")})
     for (host, port), kind in [((w.host, w.port), PLAIN) for w in settings.listen] + \
             [((w.host, w.port), TLS) for w in settings.tls_listen] + \
             [((a, settings.relay_port), RELAY) for a in relays]:

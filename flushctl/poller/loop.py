@@ -169,7 +169,7 @@ class Poller:
                  self.config.poller_concurrency)
         from flushctl.notify.webhook import deliver
         hooks = asyncio.get_running_loop().create_task(deliver(self.ops, self.config, stop)) \
-            if any(d.notify_webhook for d in self.config.domains.values()) else None
+            if self.config.domains_where("notify_webhook") else None
         while not stop.is_set():
             started = time.monotonic()
             try:

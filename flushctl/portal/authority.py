@@ -59,7 +59,7 @@ def visible(config, user: str) -> list[str]:
     """The domains ``user`` may see and steer, sorted."""
     if user in config.portal.admins:
         return sorted(config.domains)
-    return sorted(d.name for d in config.domains.values() if user in d.users)
+    return sorted(d.name for d in config.domains_where("users") if user in d.users)
 
 
 def quota(dom, status) -> dict:

@@ -6,11 +6,13 @@ import dataclasses
 import marshal
 import os
 import pwd
+from collections.abc import Mapping
 
 import pytest
 
 from flushctl import config
 from flushctl.config import ConfigError, compiled
+from flushctl.config.table import DomainTable
 
 # every section and every kind of value a Config holds: networks, frozensets,
 # nested hosts, optional sections, fields left at their defaults and not
@@ -105,7 +107,7 @@ def test_every_field_comes_back_as_parsed(tmp_path):
                                        for f in dataclasses.fields(value)))
         if isinstance(value, (tuple, frozenset)):
             return (type(value), tuple(sorted(map(repr, map(shape, value)))))
-        if isinstance(value, dict):
+        if isinstance(value, Mapping):   # the domains: a DomainTable (config.table)
             return (dict, tuple((k, shape(v)) for k, v in value.items()))
         return type(value)
     assert shape(kept) == shape(parsed)
@@ -227,6 +229,16 @@ def test_a_damaged_copy_is_a_miss_not_an_error(tmp_path, damage):
                   (("h.example", 25, True), ("h.example", 25.0, True)), {})],
     ["!domains", (("a.example",), (["h.example", 25, True],), {})],   # a list
     ["!domains", (("a.example",), (False,), {"a.example": ["Domain", {"name": "b.example"}]})],
+    ["!domains", (("a.example", "a.example"), (None, None), {})],   # a name twice
+    ["!domains", (("a.example",), ((),), {})],             # an empty relay
+    ["!domains", (("a.example",), (True,), {})],           # neither a relay nor "whole"
+    ["!domains", (("a.example",), (0,), {})],              # equal to False, not False
+    ["!domains", (("a.example",), (("h.example", True, True),), {})],   # a port that is a bool
+    ["!domains", (("a.example",), (False,), {})],          # whole, but not there
+    ["!domains", (("a.example",), (None,),                 # there, but not named whole
+                  {"a.example": ["Domain", {"name": "a.example"}]})],
+    ["!domains", (("a.example",), (False,), [("a.example", ["Domain", {"name": "a.example"}])])],
+    ["!domains", (["a.example"], (None,), {})],            # a list of names
     ["os.system", {}],                                    # a class the schema does not know
     ["Domain", {"name": "x.example", "exec": "rm"}],      # a field a Domain does not have
     ["Relay", {"host": "x.example"}],                     # a field missing
@@ -252,6 +264,54 @@ def test_domains_with_one_relay_share_it_and_read_as_parsed(tmp_path):
     assert len(relays) == 2
     assert [d.relay.host for d in loaded.domains.values() if d.relay] == ["10.0.0.0", "10.0.0.1"] * 3
     assert loaded.domains["d.example"].relay is None
+
+
+def test_domains_are_built_when_asked_for_the_same_one_every_time(tmp_path):
+    """From the copy, a domain is made when first asked for (a command
+    that needs one of 100,000 builds one), then the same object, whichever
+    thread asked first; the questions asked at every start (any domain
+    editable? any with a webhook?) build none of the plain ones."""
+    import threading
+    text = EVERY + "".join(f'\n[domains."c{i}.example"]\nrelay = "[10.0.0.{i % 3}]:2525"\n'
+                           for i in range(50))
+    path = str(tmp_path / "flushctl.toml")
+    with open(path, "w") as fh:
+        fh.write(text)
+    parsed = config.load(path)
+    loaded = config.load(path)
+    table = loaded.domains
+    assert type(table) is DomainTable and list(table) == list(parsed.domains)
+    assert len(table) == len(parsed.domains) and "c7.example" in table
+    assert "nowhere.example" not in table and table.get("nowhere.example") is None
+    with pytest.raises(KeyError):
+        table["nowhere.example"]
+    assert table._built.keys() == {n for n, d in parsed.domains.items()
+                                   if d != _plain(n, d.relay)}   # only the whole ones so far
+    for field in ("relay_editable", "notify_webhook", "odmr", "users", "notify"):
+        assert loaded.domains_where(field) == parsed.domains_where(field) == \
+            [d for d in parsed.domains.values() if getattr(d, field)]
+    assert "c7.example" not in table._built   # asked nothing of it yet
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(table["c7.example"]))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(d) for d in got}) == 1 and got[0] is table["c7.example"]
+    assert loaded.domain("c7.example") is got[0] and loaded.domain(got[0]) is got[0]
+    assert got[0] == parsed.domains["c7.example"]
+    assert loaded.domains_where("relay") == parsed.domains_where("relay")
+    assert table == parsed.domains and parsed.domains == table and loaded == parsed
+    assert dict(table) == parsed.domains
+
+
+def _plain(name, relay):
+    from flushctl.config.domains import _DEFAULTS
+    from flushctl.config.model import Domain
+    dom = object.__new__(Domain)
+    dom.__dict__.update(_DEFAULTS, name=name, relay=relay, hosts={})
+    return dom
 
 
 def test_a_copy_that_decodes_to_something_else_is_a_miss(tmp_path):

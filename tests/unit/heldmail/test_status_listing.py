@@ -197,12 +197,15 @@ def test_a_domain_the_ledger_has_no_row_for_is_idle_and_reads_as_any_status(held
     rows = {s.domain: s for s in heldmail.status_all()}
     assert [type(rows[d]) is status_mod.IdleStatus for d in ("a.test", "b.test", "c.test")] \
         == [False, False, True]
+    import dataclasses
     general = heldmail._status("c.test", None, DomainState("c.test"))
-    assert rows["c.test"].__dict__ == general.__dict__
+    assert rows["c.test"].as_json() == general.as_json()
+    assert dataclasses.asdict(rows["c.test"]) == dataclasses.asdict(general)
+    assert [getattr(rows["c.test"], f.name) for f in dataclasses.fields(general)] == \
+        [getattr(general, f.name) for f in dataclasses.fields(general)]
     assert rows["b.test"].paused is True
     with pytest.raises(AttributeError):   # written from its template: never changed
         rows["c.test"].messages = 1
-    import dataclasses
     with pytest.raises(AttributeError):
         dataclasses.replace(rows["c.test"], messages=1)
     other = status_mod.IdleStatus.of("d.test")   # its own containers, not a shared one
