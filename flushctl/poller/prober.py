@@ -22,12 +22,6 @@ import ipaddress
 import time
 from dataclasses import dataclass
 
-import dns.asyncresolver
-import dns.exception
-import dns.nameserver
-import dns.rdatatype
-import dns.resolver
-
 from flushctl.config import Domain, Relay
 from flushctl.mta.routing import host_is_ours, mx_targets, relay_of
 
@@ -73,6 +67,12 @@ class Prober:
         self.record_types = tuple(record_types)   # Postfix's inet_protocols
         self.own_hosts = frozenset(h.rstrip(".").lower() for h in own_hosts)
         self.own_addresses = frozenset(own_addresses)
+        # dnspython when a Prober is made, not when this module is imported:
+        # every CLI call imports it (through the release), and dnspython's
+        # resolver was a tenth of `flushctl status DOMAIN`
+        import dns.asyncresolver
+        import dns.nameserver
+        import dns.resolver
         if nameservers:
             resolver = dns.asyncresolver.Resolver(configure=False)
             resolver.nameservers = [dns.nameserver.Do53Nameserver(n.host, n.port)
@@ -88,6 +88,8 @@ class Prober:
 
     async def query(self, name: str, rdtype: str):
         """(answer or None, problem text); NoAnswer is (None, '')."""
+        import dns.exception
+        import dns.resolver
         try:
             return await self.resolver.resolve(name, rdtype), ""
         except dns.resolver.NXDOMAIN:
