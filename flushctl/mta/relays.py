@@ -110,7 +110,7 @@ def read(config: Config) -> dict[str, dict]:
 
 def effective(domains: dict[str, Domain], entries: dict[str, dict]) -> dict[str, Domain]:
     """``domains`` with each customer's chosen relay where it holds (pure)."""
-    out = dict(domains)
+    out = dict(domains.items())   # a DomainTable's pairs at once, not a lookup a name
     for name, entry in entries.items():
         dom = domains.get(name)
         if entry.get("relay") is not None and holds(dom, entry):

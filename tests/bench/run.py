@@ -56,8 +56,8 @@ def installed_bytecode() -> str:
     0.1-0.15 s of each figure that no installed flushctl spends."""
     import compileall
     root = Path(__file__).resolve().parent.parent.parent
-    ok = all(compileall.compile_dir(str(root / package), quiet=1)
-             for package in ("flushctl", "milter"))
+    ok = all([compileall.compile_dir(str(root / package), quiet=1)
+              for package in ("flushctl", "milter")])
     return "bytecode of flushctl and milter written, as an install writes it" if ok else \
         "bytecode of flushctl and milter: NOT all written (CLI figures include compiling)"
 

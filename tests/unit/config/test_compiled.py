@@ -304,6 +304,23 @@ def test_domains_are_built_when_asked_for_the_same_one_every_time(tmp_path):
     assert loaded.domains_where("relay") == parsed.domains_where("relay")
     assert table == parsed.domains and parsed.domains == table and loaded == parsed
     assert dict(table) == parsed.domains
+    # a pass over them all builds the rest once, then reads a dict's own
+    # views (the keeper's pass, a scrape, the poller's cycle: as fast as
+    # before), the same objects as a lookup gives
+    assert type(table.values()) is type({}.values()) and type(table.items()) is type({}.items())
+    assert [d.name for d in table.values()] == list(parsed.domains)
+    assert all(table[name] is dom for name, dom in table.items())
+    assert got[0] is table["c7.example"] and table.keys() == parsed.domains.keys()
+    with pytest.raises(AttributeError):
+        loaded.domains_where("no_such_field")
+
+
+def test_where_follows_the_tables_order_whatever_order_the_whole_tables_came_in():
+    whole = {name: ["Domain", {"name": name, "odmr": True}] for name in ("b.example", "a.example")}
+    table = compiled._decode(["!domains", (("a.example", "c.example", "b.example"),
+                                           (False, None, False), whole)])
+    assert list(table) == ["a.example", "c.example", "b.example"]
+    assert [d.name for d in table.where("odmr")] == ["a.example", "b.example"]
 
 
 def _plain(name, relay):
