@@ -7,6 +7,12 @@ or carries a shell metacharacter gets through.
 
 from __future__ import annotations
 
+# The "idna" codec and the "punycode" codec it uses, loaded now:
+# str.encode("idna") below and every getaddrinfo of a name need them, and
+# a daemon that has given up root may not be able to read the
+# interpreter's library when it first asks.
+import encodings.idna  # noqa: F401
+import encodings.punycode  # noqa: F401
 import re
 
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"

@@ -18,3 +18,25 @@ def test_the_cli_does_not_import_the_resolver_until_a_prober_is_made():
     assert not {m for m in loaded if m == "dns" or m.startswith("dns.")}
     made = _modules_after("from flushctl.poller.prober import Prober\nProber()")
     assert {"dns.asyncresolver", "dns.resolver", "dns.nameserver"} <= made
+
+
+def test_what_a_daemon_needs_after_giving_up_root_is_loaded_before():
+    """A daemon that has given up root may not read the interpreter's
+    library any more (installed under /root, a unit's ProtectHome): what
+    it needs later must be loaded at start.  The idna codec (a finger or
+    an ETRN for an international domain, getaddrinfo of a peer's name)
+    came with dnspython, which the CLI and the daemons no longer import
+    at start; it is loaded by the name rules themselves."""
+    code = """
+import sys, socket
+import flushctl.cli.main, flushctl.heldmail.library, flushctl.gateway.daemon
+sys.meta_path[:] = [m for m in sys.meta_path if getattr(m, "__name__", "") == "BuiltinImporter"]
+sys.path_importer_cache.clear(); sys.path[:] = []   # no file can be imported now
+from flushctl import names
+print(names.wire_domain("b\u00fccher.example"))
+print(bool(socket.getaddrinfo("localhost", 25, proto=socket.IPPROTO_TCP)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["xn--bcher-kva.example", "True"]
