@@ -16,13 +16,17 @@ def _domain(path: str, name: str, table: Any) -> Domain:
     of the config's load), to the same Domain (tests compare the two)."""
     if isinstance(table, dict) and table.keys() <= {"relay"}:
         key = _domain_name(path, name)
-        relay = _relay(_Section(path, f'domains."{name}"', table), "relay")
-        # Domain(name=key, relay=relay), its fields set at once: a frozen
-        # dataclass's __init__ sets each by a call (a tenth of the load)
-        made = object.__new__(Domain)
-        made.__dict__.update(_DEFAULTS, name=key, relay=relay, hosts={})
-        return made
+        return plain_domain(key, _relay(_Section(path, f'domains."{name}"', table), "relay"))
     return _full_domain(path, name, table)
+
+
+def plain_domain(name: str, relay) -> Domain:
+    """Domain(name=name, relay=relay), its fields set at once: a frozen
+    dataclass's __init__ sets each by a call (a tenth of the load).  The
+    parser's short path and the compiled copy's columns both make them."""
+    made = object.__new__(Domain)
+    made.__dict__.update(_DEFAULTS, name=name, relay=relay, hosts={})
+    return made
 
 
 # every field of a Domain as its defaults make it (hosts: a dict of its own each)

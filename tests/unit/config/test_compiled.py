@@ -12,6 +12,7 @@ import pytest
 
 from flushctl import config
 from flushctl.config import ConfigError, compiled
+from flushctl.config.domains import plain_domain
 from flushctl.config.table import DomainTable
 
 # every section and every kind of value a Config holds: networks, frozensets,
@@ -286,7 +287,7 @@ def test_domains_are_built_when_asked_for_the_same_one_every_time(tmp_path):
     with pytest.raises(KeyError):
         table["nowhere.example"]
     assert table._built.keys() == {n for n, d in parsed.domains.items()
-                                   if d != _plain(n, d.relay)}   # only the whole ones so far
+                                   if d != plain_domain(n, d.relay)}   # only the whole ones so far
     for field in ("relay_editable", "notify_webhook", "odmr", "users", "notify"):
         assert loaded.domains_where(field) == parsed.domains_where(field) == \
             [d for d in parsed.domains.values() if getattr(d, field)]
@@ -321,14 +322,6 @@ def test_where_follows_the_tables_order_whatever_order_the_whole_tables_came_in(
                                            (False, None, False), whole)])
     assert list(table) == ["a.example", "c.example", "b.example"]
     assert [d.name for d in table.where("odmr")] == ["a.example", "b.example"]
-
-
-def _plain(name, relay):
-    from flushctl.config.domains import _DEFAULTS
-    from flushctl.config.model import Domain
-    dom = object.__new__(Domain)
-    dom.__dict__.update(_DEFAULTS, name=name, relay=relay, hosts={})
-    return dom
 
 
 def test_a_copy_that_decodes_to_something_else_is_a_miss(tmp_path):
