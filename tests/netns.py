@@ -157,6 +157,7 @@ class Lan:
     def __exit__(self, *exc) -> None:
         for dns in [self.dns, *self.extra]:
             dns.stop()
+            shutil.rmtree(dns.dir, ignore_errors=True)
         subprocess.run(["umount", "/etc/resolv.conf"], capture_output=True)
         if self.resolv:
             os.unlink(self.resolv)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -96,13 +98,17 @@ def compile_c(source: str, *libs: str) -> str:
     """Compile tests/bench/SOURCE with the system's cc into a temporary
     directory, once per run; the program's path."""
     if source not in _COMPILED:
-        out = Path(tempfile.mkdtemp(prefix="flushctl-bench-")) / Path(source).stem
+        if not _BUILT:   # one directory for the run's programs, gone when it ends
+            _BUILT.append(tempfile.mkdtemp(prefix="flushctl-bench-"))
+            atexit.register(shutil.rmtree, _BUILT[0], True)
+        out = Path(_BUILT[0]) / Path(source).stem
         subprocess.run(["cc", "-O2", "-o", str(out), str(HERE / source), *libs], check=True)
         _COMPILED[source] = str(out)
     return _COMPILED[source]
 
 
 _COMPILED: dict[str, str] = {}
+_BUILT: list[str] = []
 
 
 def smtp_source(stack: Stack, rcpt: str, messages: int, sessions: int,

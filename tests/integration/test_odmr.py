@@ -9,6 +9,7 @@ mail reaches it is over the customer's own connection, turned around.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import smtplib
 import socket
@@ -86,7 +87,7 @@ def fetchmail(stack, port: int, user="cust1", password=PASSWORD, domains="odmr.t
               timeout=120, background=False):
     """fetchmail -p ODMR as a customer runs it: the password in its rc file,
     its MTA at 127.0.0.1:``port``."""
-    home = tempfile.mkdtemp(prefix="fetchmail-")
+    home = tempfile.mkdtemp(prefix="fetchmail-", dir=stack.pf.root)   # goes with it
     rc = f'poll 127.0.0.1 user "{user}" password "{password}"\n'
     argv = ["fetchmail", "-f", "-", "--nosyslog", "-v", "-p", "ODMR",
             "--pidfile", os.path.join(home, "pid"),
@@ -568,7 +569,7 @@ def test_customer_behind_a_network_this_host_cannot_reach():
             stack.start_odmr()
             hold(stack, 3)
             rc = f'poll 10.99.0.1 user "cust1" password "{PASSWORD}"\n'
-            home = tempfile.mkdtemp(prefix="fetchmail-")
+            home = tempfile.mkdtemp(prefix="fetchmail-", dir=stack.pf.root)
             proc = subprocess.run(
                 there("fetchmail", "-f", "-", "--nosyslog", "-v", "-p", "ODMR",
                       "--pidfile", home + "/pid", "-P", str(port),
@@ -592,6 +593,7 @@ def test_customer_behind_a_network_this_host_cannot_reach():
             sink.wait(10)
         customer.kill()
         customer.wait(10)
+        shutil.rmtree(sink_dir, ignore_errors=True)
 
 
 # -- the cluster --------------------------------------------------------------------
@@ -618,7 +620,7 @@ def test_in_a_cluster_the_customer_polls_each_mx(make_stack):
     for n, stack in enumerate(stacks):
         hold(stack, 2, prefix=f"mx{n}-")
     mta = stacks[0].sink.start()
-    home = tempfile.mkdtemp(prefix="fetchmail-")
+    home = tempfile.mkdtemp(prefix="fetchmail-", dir=stacks[0].pf.root)
 
     def poll(*hosts):
         rc = "".join(f'poll {h} user "cust1" password "{PASSWORD}"\n' for h in hosts)
