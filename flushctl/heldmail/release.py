@@ -198,9 +198,9 @@ class ReleasePart:
                      client or "-")
             return None
         # Held mail whose lifetime clock is old gets a new one first.  A
-        # copy may go out on its own meanwhile: right after an earlier
-        # release, qmgr's next scan of new mail ignores defer_transports
-        # (Postfix's flush does that), and the copies pass through it.
+        # copy may go out on its own meanwhile: while another release's
+        # scan of new mail ignores defer_transports (a release asks for
+        # one, scan_deferred), a copy that lands in it passes through.
         # Those are part of this release too.
         old = rules.stale(candidates, now, self.stale_after())
         sent_early = 0

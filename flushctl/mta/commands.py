@@ -187,9 +187,14 @@ class Postfix:
         """Ask qmgr for a deferred-queue scan that ignores defer_transports once.
 
         Only messages whose retry time has come are taken (no 'A' flag, so
-        this is not ``postqueue -f``).
+        this is not ``postqueue -f``).  qmgr keeps the override ('F') for
+        the next incoming scan as well, whenever that starts: the first
+        mail to arrive after it, however much later, would go out past
+        defer_transports (a renewed copy of held mail, a paused or
+        offline customer's local mail).  'I' starts that scan now, so the
+        override covers only what is in the incoming queue at this moment.
         """
-        self._kick("qmgr", "FD")
+        self._kick("qmgr", "FDI")
 
     def scan_incoming(self) -> None:
         """Ask qmgr to look at the incoming queue now."""

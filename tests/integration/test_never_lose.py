@@ -364,6 +364,64 @@ def test_renewal_while_others_record_the_copies_does_not_wait(make_stack):
     assert customer_losses(stack) == []
 
 
+def test_a_renewal_right_after_a_release_brings_every_copy_back_held(make_stack):
+    """A release asks qmgr for a scan that ignores defer_transports; Postfix
+    keeps that override for the next incoming scan too, whenever it comes.
+    Left pending, it let the first renewed copy of the next release go out
+    on its own, before that release, and the renewal waited its quiet
+    period for a copy that never came back (5 s a release, measured in P9)."""
+    from flushctl import config as config_mod
+    from flushctl.heldmail.library import HeldMail
+    stack = make_stack(extra_main=SHORT_LIFETIMES)
+    stack.send(["first@customer.test"])
+    wait_until(lambda: len(stack.queue()) == 1, what="1 held")
+    stack.sink.start()
+    stack.flushctl("flush", "customer.test", "--wait", "--timeout", "60")
+    assert len(stack.sink.messages()) == 1
+    for i in range(3):
+        stack.send([f"u{i}@customer.test"])
+    wait_until(lambda: len(stack.queue()) == 3, what="3 more held")
+    time.sleep(3)        # older than half the lifetime: a release renews them
+    od = HeldMail(config_mod.load(str(stack.config_path)))
+    ids = [e.queue_id for e in od.ledger.entries("customer.test")]
+    assert len(ids) == 3
+    assert od.refresh("customer.test", ids) == 3
+    time.sleep(1)
+    assert len(stack.sink.messages()) == 1, "a renewed copy went out before its release"
+    assert [m["queue_name"] for m in stack.queue()] == ["hold"] * 3
+    stack.flushctl("flush", "customer.test", "--wait", "--timeout", "60")
+    assert len(stack.sink.messages()) == 4
+    assert customer_losses(stack) == []
+
+
+def test_after_a_release_a_paused_customers_local_mail_still_waits(make_stack):
+    """The same leftover override, met by another path into the queue: mail
+    the milter leaves to the keeper (a local submission for two customers,
+    one of them paused: it waits under defer_transports until the keeper
+    holds each part) arriving after another domain's release went straight
+    to the customers' servers."""
+    stack = make_stack()
+    stack.sink.start()
+    stack.flushctl("pause", "customer.test")
+    stack.send(["alice@listed.test"], subject="listed")
+    wait_until(lambda: len(stack.queue()) == 1, what="held")
+    stack.flushctl("flush", "listed.test", "--wait", "--timeout", "60")
+    assert len(stack.sink.messages()) == 1
+    time.sleep(1)   # long after the release's own scans
+    subprocess.run(["/usr/sbin/sendmail", "-C", str(stack.pf.config_directory), "-f",
+                    "someone@sender.test", "u@customer.test", "x@small.test"],
+                   input="Subject: paused\n\nhello\n", text=True, check=True, timeout=30)
+
+    def settled():
+        return len(stack.sink.messages()) > 1 or [
+            m["queue_name"] for m in hold_queue(stack) if m["queue_name"] in ("deferred", "hold")]
+    wait_until(settled, 30, what="the local mail deferred, held or delivered")
+    time.sleep(2)
+    print("LOG", stack.pf.log()[-6000:])
+    assert len(stack.sink.messages()) == 1, "a paused customer's mail went out"
+    assert [m["queue_name"] in ("deferred", "hold") for m in hold_queue(stack)] == [True]
+
+
 def _two_held_due_for_renewal(make_stack, **extra_main):
     """A stack with short lifetimes holding two messages old enough that a
     release renews them first; and its config."""
