@@ -188,11 +188,14 @@ class Postfix:
 
         Only messages whose retry time has come are taken (no 'A' flag, so
         this is not ``postqueue -f``).  qmgr keeps the override ('F') for
-        the next incoming scan as well, whenever that starts: the first
-        mail to arrive after it, however much later, would go out past
+        its next incoming scan as well, whenever that starts (the next
+        mail to arrive, or the master's wakeup of qmgr, every 300 s by
+        default): mail arriving meanwhile would go out past
         defer_transports (a renewed copy of held mail, a paused or
         offline customer's local mail).  'I' starts that scan now, so the
-        override covers only what is in the incoming queue at this moment.
+        override covers what is in the incoming queue at this moment (and,
+        when a scan is under way, what comes in before it ends and its
+        one rescan; while the active queue is full, until it drains).
         """
         self._kick("qmgr", "FDI")
 
