@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import shutil
@@ -98,17 +99,21 @@ def compile_c(source: str, *libs: str) -> str:
     """Compile tests/bench/SOURCE with the system's cc into a temporary
     directory, once per run; the program's path."""
     if source not in _COMPILED:
-        if not _BUILT:   # one directory for the run's programs, gone when it ends
-            _BUILT.append(tempfile.mkdtemp(prefix="flushctl-bench-"))
-            atexit.register(shutil.rmtree, _BUILT[0], True)
-        out = Path(_BUILT[0]) / Path(source).stem
+        out = _build_dir() / Path(source).stem
         subprocess.run(["cc", "-O2", "-o", str(out), str(HERE / source), *libs], check=True)
         _COMPILED[source] = str(out)
     return _COMPILED[source]
 
 
 _COMPILED: dict[str, str] = {}
-_BUILT: list[str] = []
+
+
+@functools.cache
+def _build_dir() -> Path:
+    """One directory for the run's programs, gone when the run ends."""
+    path = tempfile.mkdtemp(prefix="flushctl-bench-")
+    atexit.register(shutil.rmtree, path, True)
+    return Path(path)
 
 
 def smtp_source(stack: Stack, rcpt: str, messages: int, sessions: int,

@@ -53,10 +53,13 @@ def hold_queue(stack, domain: str = "customer.test") -> list[dict]:
             if any(r["address"].endswith("@" + domain) for r in m["recipients"])]
 
 
-def sendmail(stack, sender: str, rcpt: str, subject: str) -> None:
-    """A local submission: Postfix's sendmail, through pickup (no smtpd, no milter)."""
+def sendmail(stack, sender: str, rcpt: str, subject: str, *more: str) -> None:
+    """A local submission: Postfix's sendmail, through pickup (no smtpd);
+    ``more``: further recipients of the same message."""
+    rcpts = [rcpt, *more]
     subprocess.run(["/usr/sbin/sendmail", "-C", str(stack.pf.config_directory), "-f", sender,
-                    rcpt], input=f"From: {sender}\nTo: {rcpt}\nSubject: {subject}\n\nhello\n",
+                    *rcpts],
+                   input=f"From: {sender}\nTo: {', '.join(rcpts)}\nSubject: {subject}\n\nhello\n",
                    text=True, check=True, timeout=30)
 
 
@@ -409,9 +412,7 @@ def test_after_a_release_a_paused_customers_local_mail_still_waits(make_stack):
     stack.flushctl("flush", "listed.test", "--wait", "--timeout", "60")
     assert len(stack.sink.messages()) == 1
     time.sleep(1)   # long after the release's own scans
-    subprocess.run(["/usr/sbin/sendmail", "-C", str(stack.pf.config_directory), "-f",
-                    "someone@sender.test", "u@customer.test", "x@small.test"],
-                   input="Subject: paused\n\nhello\n", text=True, check=True, timeout=30)
+    sendmail(stack, "someone@sender.test", "u@customer.test", "paused", "x@small.test")
 
     def settled():
         return len(stack.sink.messages()) > 1 or [
